@@ -1,0 +1,254 @@
+"""Constants against the tables of vmci-sdk.md, written out literally."""
+
+import struct
+
+import pytest
+
+from vsockcompat import constants as C
+
+ERROR_TABLE = {  # vmci-sdk.md 2.4
+    "VMCI_SUCCESS_QUEUEPAIR_ATTACH": 5,
+    "VMCI_SUCCESS_QUEUEPAIR_CREATE": 4,
+    "VMCI_SUCCESS_LAST_DETACH": 3,
+    "VMCI_SUCCESS_ACCESS_GRANTED": 2,
+    "VMCI_SUCCESS_ENTRY_DEAD": 1,
+    "VMCI_SUCCESS": 0,
+    "VMCI_ERROR_INVALID_RESOURCE": -1,
+    "VMCI_ERROR_INVALID_ARGS": -2,
+    "VMCI_ERROR_NO_MEM": -3,
+    "VMCI_ERROR_DATAGRAM_FAILED": -4,
+    "VMCI_ERROR_MORE_DATA": -5,
+    "VMCI_ERROR_NO_MORE_DATAGRAMS": -6,
+    "VMCI_ERROR_NO_ACCESS": -7,
+    "VMCI_ERROR_NO_HANDLE": -8,
+    "VMCI_ERROR_DUPLICATE_ENTRY": -9,
+    "VMCI_ERROR_DST_UNREACHABLE": -10,
+    "VMCI_ERROR_PAYLOAD_TOO_LARGE": -11,
+    "VMCI_ERROR_INVALID_PRIV": -12,
+    "VMCI_ERROR_GENERIC": -13,
+    "VMCI_ERROR_PAGE_ALREADY_SHARED": -14,
+    "VMCI_ERROR_CANNOT_SHARE_PAGE": -15,
+    "VMCI_ERROR_CANNOT_UNSHARE_PAGE": -16,
+    "VMCI_ERROR_NO_PROCESS": -17,
+    "VMCI_ERROR_NO_DATAGRAM": -18,
+    "VMCI_ERROR_NO_RESOURCES": -19,
+    "VMCI_ERROR_UNAVAILABLE": -20,
+    "VMCI_ERROR_NOT_FOUND": -21,
+    "VMCI_ERROR_ALREADY_EXISTS": -22,
+    "VMCI_ERROR_NOT_PAGE_ALIGNED": -23,
+    "VMCI_ERROR_INVALID_SIZE": -24,
+    "VMCI_ERROR_REGION_ALREADY_SHARED": -25,
+    "VMCI_ERROR_TIMEOUT": -26,
+    "VMCI_ERROR_DATAGRAM_INCOMPLETE": -27,
+    "VMCI_ERROR_INCORRECT_IRQL": -28,
+    "VMCI_ERROR_EVENT_UNKNOWN": -29,
+    "VMCI_ERROR_OBSOLETE": -30,
+    "VMCI_ERROR_QUEUEPAIR_MISMATCH": -31,
+    "VMCI_ERROR_QUEUEPAIR_NOTSET": -32,
+    "VMCI_ERROR_QUEUEPAIR_NOTOWNER": -33,
+    "VMCI_ERROR_QUEUEPAIR_NOTATTACHED": -34,
+    "VMCI_ERROR_QUEUEPAIR_NOSPACE": -35,
+    "VMCI_ERROR_QUEUEPAIR_NODATA": -36,
+    "VMCI_ERROR_BUSMEM_INVALIDATION": -37,
+    "VMCI_ERROR_MODULE_NOT_LOADED": -38,
+    "VMCI_ERROR_DEVICE_NOT_FOUND": -39,
+    "VMCI_ERROR_QUEUEPAIR_NOT_READY": -40,
+    "VMCI_ERROR_WOULD_BLOCK": -41,
+    "VMCI_SHAREDMEM_ERROR_BAD_CONTEXT": -1000,
+}
+
+VALUE_TABLE = {
+    # 2.1
+    "VMCI_INVALID_ID": 0xFFFFFFFF,
+    "VMCI_ANON_SRC_CONTEXT_ID": 0xFFFFFFFF,
+    "VMCI_ANON_SRC_RESOURCE_ID": 0xFFFFFFFF,
+    "VMCI_CONTEXT_RESOURCE_ID": 0,
+    "VMCI_RESERVED_RESOURCE_ID_MAX": 1023,
+    "VMCI_RESERVED_CID_LIMIT": 16,
+    "VMCI_PATH_MAX": 256,
+    "VMCI_DOMAIN_NAME_MAXLEN": 32,
+    # 2.2
+    "VMCI_HYPERVISOR_CONTEXT_ID": 0,
+    "VMCI_WELL_KNOWN_CONTEXT_ID": 1,
+    "VMCI_HOST_CONTEXT_ID": 2,
+    # 2.3, 2008 column
+    "VMCI_RESOURCES_QUERY": 0,
+    "VMCI_GET_CONTEXT_ID": 1,
+    "VMCI_SHAREDMEM_CREATE": 2,
+    "VMCI_SHAREDMEM_ATTACH": 3,
+    "VMCI_SHAREDMEM_DETACH": 4,
+    "VMCI_SHAREDMEM_QUERY": 5,
+    "VMCI_DATAGRAM_REQUEST_MAP": 6,
+    "VMCI_DATAGRAM_REMOVE_MAP": 7,
+    "VMCI_EVENT_SUBSCRIBE": 8,
+    "VMCI_EVENT_UNSUBSCRIBE": 9,
+    "VMCI_QUEUEPAIR_ALLOC": 10,
+    "VMCI_QUEUEPAIR_DETACH": 11,
+    "VMCI_RESOURCE_MAX": 12,
+    "VMCI_DS_RESOURCE_ID": 1,
+    "VMCI_EVENT_HANDLER": 0,
+    # 2.4
+    "VMCI_ERROR_CLIENT_MIN": -500,
+    "VMCI_ERROR_CLIENT_MAX": -550,
+    # 2.5
+    "VMCI_EVENT_CTX_ID_UPDATE": 0,
+    "VMCI_EVENT_CTX_REMOVED": 1,
+    "VMCI_EVENT_QP_RESUMED": 2,
+    "VMCI_EVENT_QP_PEER_ATTACH": 3,
+    "VMCI_EVENT_QP_PEER_DETACH": 4,
+    "VMCI_EVENT_MEM_ACCESS_ON": 5,
+    "VMCI_EVENT_MEM_ACCESS_OFF": 6,
+    "VMCI_EVENT_GUEST_PAUSED": 7,
+    "VMCI_EVENT_GUEST_UNPAUSED": 8,
+    "VMCI_EVENT_MAX": 5,
+    "VMCI_FLAG_EVENT_NONE": 0,
+    "VMCI_FLAG_EVENT_DELAYED_CB": 0x1,
+    # 2.6
+    "VMCI_NO_PRIVILEGE_FLAGS": 0x00,
+    "VMCI_PRIVILEGE_FLAG_RESTRICTED": 0x01,
+    "VMCI_PRIVILEGE_FLAG_TRUSTED": 0x02,
+    "VMCI_PRIVILEGE_ALL_FLAGS": 0x03,
+    "VMCI_DEFAULT_PROC_PRIVILEGE_FLAGS": 0x00,
+    "VMCI_LEAST_PRIVILEGE_FLAGS": 0x01,
+    "VMCI_MAX_PRIVILEGE_FLAGS": 0x02,
+    # 2.7, 2008 column
+    "VMCI_PRIV_CH_PRIV": 0,
+    "VMCI_PRIV_DESTROY_RESOURCE": 1,
+    "VMCI_PRIV_ASSIGN_CLIENT": 2,
+    "VMCI_PRIV_DG_CREATE": 3,
+    "VMCI_PRIV_DG_SEND": 4,
+    "VMCI_PRIV_SM_CREATE": 5,
+    "VMCI_PRIV_SM_ATTACH": 6,
+    "VMCI_NUM_PRIVILEGES": 7,
+    "VMCI_PRIV_ALLOW": 0x1000,
+    "VMCI_PRIV_DENY": 0x1001,
+    "VMCI_PRIV_VALID": 0x1002,
+    "VMCI_PRIV_NOT_SET": 0x1003,
+    "VMCI_RESOURCE_TYPE_ANY": 0,
+    "VMCI_RESOURCE_TYPE_API": 1,
+    "VMCI_RESOURCE_TYPE_GROUP": 2,
+    "VMCI_RESOURCE_TYPE_DATAGRAM": 3,
+    "VMCI_RESOURCE_TYPE_SHAREDMEM": 4,
+    # 2.8
+    "VMCI_FLAG_DG_NONE": 0,
+    "VMCI_FLAG_WELLKNOWN_DG_HND": 0x1,
+    "VMCI_FLAG_ANYCID_DG_HND": 0x2,
+    "VMCI_FLAG_DG_DELAYED_CB": 0x4,
+    "VMCI_MAX_DG_SIZE": 69632,
+    "VMCI_DG_HEADERSIZE": 24,
+    "VMCI_MAX_DG_PAYLOAD_SIZE": 69608,
+    "VMCI_MAX_DATAGRAM_QUEUE_SIZE": 139264,
+    # 2.9
+    "VMCI_QPFLAG_ATTACH_ONLY": 0x1,
+    "VMCI_QPFLAG_LOCAL": 0x2,
+    "VMCI_QPFLAG_NONBLOCK": 0x4,
+    "VMCI_QPFLAG_PINNED": 0x8,
+    "VMCI_QP_ALL_FLAGS": 0x3,
+    "VMCI_MAX_GUEST_QP_MEMORY": 128 * 1024 * 1024,
+    # 2.10
+    "VMCI_VERSION_SHIFT_WIDTH": 16,
+    "VMCI_VERSION": 0x00080000,
+    "VMCI_VERSION_PREVERS2": 0x00010000,
+    "VMCI_VERSION_PREHOSTQP": 0x00080000,
+    "VMCI_VERSION_HOSTQP": 0x00090000,
+    "VMCI_VERSION_NOTIFY": 0x000A0000,
+    "VMCI_VERSION_NOVMVM": 0x000B0000,
+    # 3.2, 3.3
+    "VMCI_RESOURCE_QUERY_MAX_NUM": 31,
+    "VMCI_DS_ACTION_LOOKUP": 0,
+    "VMCI_DS_ACTION_REGISTER": 1,
+    "VMCI_DS_ACTION_UNREGISTER": 2,
+    "VMCI_DS_MAX_MSG_SIZE": 300,
+    "VMCI_DS_MAX_NAME_LEN": 300,
+    "VMCI_DS_REQUEST_HEADER_SIZE": 24,
+    "VMCI_DS_REPLY_HEADER_SIZE": 24,
+    # 10.1
+    "AF_VSOCK": 40,
+    "VMADDR_CID_ANY": 0xFFFFFFFF,
+    "VMADDR_PORT_ANY": 0xFFFFFFFF,
+    "VMADDR_CID_HYPERVISOR": 0,
+    "VMADDR_CID_LOCAL": 1,
+    "VMADDR_CID_HOST": 2,
+    "VMADDR_FLAG_TO_HOST": 0x01,
+    "IOCTL_VM_SOCKETS_GET_LOCAL_CID": 1977,
+    "SO_VM_SOCKETS_BUFFER_SIZE": 0,
+    "SO_VM_SOCKETS_BUFFER_MIN_SIZE": 1,
+    "SO_VM_SOCKETS_BUFFER_MAX_SIZE": 2,
+    "SO_VM_SOCKETS_PEER_HOST_VM_ID": 3,
+    "SO_VM_SOCKETS_TRUSTED": 5,
+    "SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD": 6,
+    "SO_VM_SOCKETS_NONBLOCK_TXRX": 7,
+    "SO_VM_SOCKETS_CONNECT_TIMEOUT_NEW": 8,
+    # 3 (struct sizes without trailing variable fields)
+    "DG_HEADER_SIZE": 24,
+    "DS_REQUEST_HEADER_SIZE": 20,
+    "DS_REPLY_HEADER_SIZE": 20,
+    "QUEUE_HEADER_SIZE": 24,
+}
+
+
+@pytest.mark.parametrize("name,value", sorted({**ERROR_TABLE, **VALUE_TABLE}.items()))
+def test_value(name, value):
+    assert getattr(C, name) == value
+    assert C.ALL_INT_CONSTANTS[name] == value
+
+
+def test_error_codes_exact():
+    assert C.ERROR_CODES == ERROR_TABLE
+
+
+def test_error_codes_complete_for_minus_1_to_minus_41():
+    assert sorted(v for v in C.ERROR_CODES.values() if -41 <= v <= -1) == list(range(-41, 0))
+
+
+def test_error_codes_unique():
+    assert len(set(C.ERROR_CODES.values())) == len(C.ERROR_CODES)
+
+
+def test_strings():
+    assert C.VMCI_PUBLIC_GROUP_NAME == "vmci public group"
+    assert C.VMCI_LGPFX == "VMCI: "
+
+
+def test_all_int_constants_is_every_int_in_definition_order():
+    ints = [n for n, v in vars(C).items()
+            if n.isupper() and type(v) is int]
+    assert list(C.ALL_INT_CONSTANTS) == ints
+    assert all(type(v) is int for v in C.ALL_INT_CONSTANTS.values())
+    assert "VMCI_PUBLIC_GROUP_NAME" not in C.ALL_INT_CONSTANTS
+
+
+def test_every_public_name_is_exported():
+    assert set(C.__all__) == {n for n in vars(C) if n.isupper() and not n.startswith("_")}
+
+
+def test_formats():
+    assert C.DG_HEADER_FORMAT == "<IIIIQ"
+    assert C.DS_REQUEST_HEADER_FORMAT == "<iiIIi"
+    assert C.DS_REPLY_HEADER_FORMAT == "<iiIIi"
+    assert C.QUEUE_HEADER_FORMAT == "<IIQQ"
+    assert struct.calcsize(C.DG_HEADER_FORMAT) == C.VMCI_DG_HEADERSIZE
+    for fmt, fields in [(C.DG_HEADER_FORMAT, C.DG_HEADER_FIELDS),
+                        (C.DS_REQUEST_HEADER_FORMAT, C.DS_REQUEST_HEADER_FIELDS),
+                        (C.DS_REPLY_HEADER_FORMAT, C.DS_REPLY_HEADER_FIELDS),
+                        (C.QUEUE_HEADER_FORMAT, C.QUEUE_HEADER_FIELDS)]:
+        assert len(fmt) - 1 == len(fields)
+
+
+def test_dg_header_bytes():
+    raw = struct.pack(C.DG_HEADER_FORMAT, 2, 1024, 3, 1025, 5)
+    assert raw == bytes.fromhex("02000000" "00040000" "03000000" "01040000" "0500000000000000")
+
+
+def test_ds_request_layout():
+    name = b"vmci public group"
+    raw = struct.pack(C.DS_REQUEST_HEADER_FORMAT, C.VMCI_DS_ACTION_LOOKUP, 7,
+                      0xFFFFFFFF, 0xFFFFFFFF, len(name)) + name + b"\0"
+    assert raw[20:20 + len(name)] == name
+    assert raw[16:20] == struct.pack("<i", len(name))
+    assert C.VMCI_DS_REQUEST_HEADER_SIZE + C.VMCI_DS_MAX_NAME_LEN == 324
+
+
+def test_datagram_size_relations():
+    assert C.VMCI_MAX_DG_PAYLOAD_SIZE == C.VMCI_MAX_DG_SIZE - C.VMCI_DG_HEADERSIZE
+    assert C.VMCI_MAX_DATAGRAM_QUEUE_SIZE == 2 * C.VMCI_MAX_DG_SIZE
