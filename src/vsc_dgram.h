@@ -1,0 +1,85 @@
+/*
+ * vsockcompat C core: the datagram data plane shared by the Cython extension
+ * and the libvmci.so.0 preload library.
+ *
+ * A frame on the wire is exactly a VMCI datagram: the 24-byte header of
+ * vmci-sdk.md section 3.1 (little-endian) followed by payloadSize bytes.
+ *
+ * Every receiving endpoint owns a queue account: a small shared file that all
+ * senders map. It makes the SDK's per-endpoint queue bound
+ * (VMCI_MAX_DATAGRAM_QUEUE_SIZE bytes, header included) exact across any
+ * number of sending processes.
+ */
+#ifndef VSC_DGRAM_H
+#define VSC_DGRAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "vsc_constants.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes of the core that are not VMCI codes (below the VMCI range). */
+#define VSC_AGAIN      (-2001) /* nothing to receive right now */
+#define VSC_PEER_GONE  (-2002) /* the connection or the receiving endpoint is gone */
+#define VSC_BAD_FRAME  (-2003) /* a frame whose length disagrees with its header */
+
+/* Queue account layout (one page, shared by the receiver and its senders). */
+#define VSC_ACCT_MAGIC        0x51435356u /* "VSCQ" */
+#define VSC_ACCT_VERSION      1u
+#define VSC_ACCT_OFF_MAGIC    0
+#define VSC_ACCT_OFF_VERSION  4
+#define VSC_ACCT_OFF_LIMIT    8
+#define VSC_ACCT_OFF_PRODUCED 16  /* written only by senders, under flock */
+#define VSC_ACCT_OFF_CONSUMED 24  /* written only by the receiver */
+#define VSC_ACCT_OFF_CLOSED   32  /* set once by the receiver when it goes away */
+#define VSC_ACCT_SIZE         4096
+
+typedef struct {
+    uint32_t context;
+    uint32_t resource;
+} vsc_handle;
+
+typedef struct {
+    vsc_handle dst;
+    vsc_handle src;
+    uint64_t payload_size;
+} vsc_dg_header;
+
+void vsc_dg_encode_header(uint8_t out[VMCI_DG_HEADERSIZE], const vsc_dg_header *h);
+void vsc_dg_decode_header(const uint8_t in[VMCI_DG_HEADERSIZE], vsc_dg_header *h);
+
+/* Initialise a fresh account page for an endpoint with the given byte limit. */
+void vsc_acct_init(uint8_t *acct, uint64_t limit);
+void vsc_acct_close(uint8_t *acct);
+uint64_t vsc_acct_queued(const uint8_t *acct);
+
+/*
+ * Send one datagram on a connected SOCK_SEQPACKET socket without blocking.
+ * Reserves the frame in the receiver's account first (under flock(acct_fd)),
+ * so the receiver can never observe a frame that is not yet counted.
+ * Returns the frame size (header included) on success, VMCI_ERROR_NO_RESOURCES
+ * when the receiver's queue is full, VSC_PEER_GONE when the receiver is gone,
+ * another VMCI error code otherwise; *sys_errno receives errno (0 if none).
+ */
+int vsc_dg_send(int sock_fd, int acct_fd, uint8_t *acct, const vsc_dg_header *h,
+                const void *payload, int *sys_errno);
+
+/*
+ * Receive one frame without blocking. The payload is scattered into buf, then
+ * spill (so a datagram larger than buf is never truncated). Returns the frame
+ * size (>= 24) with *h filled, VSC_AGAIN, VSC_PEER_GONE (orderly close),
+ * VSC_BAD_FRAME, or a VMCI error code with *sys_errno set. Every received frame
+ * is released from the account (clamped so the account never goes negative).
+ */
+ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, size_t buf_len,
+                    void *spill, size_t spill_len, int *sys_errno);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

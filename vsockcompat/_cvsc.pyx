@@ -1,0 +1,200 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Cython data-plane core: the contract of ``_core.pyi`` over the C core (src/vsc_dgram.c)."""
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+
+cdef extern from "vsc_dgram.h" nogil:
+    ctypedef struct vsc_handle:
+        uint32_t context
+        uint32_t resource
+
+    ctypedef struct vsc_dg_header:
+        vsc_handle dst
+        vsc_handle src
+        uint64_t payload_size
+
+    int VSC_AGAIN
+    int VSC_PEER_GONE
+    int VSC_BAD_FRAME
+    int VSC_ACCT_SIZE
+    unsigned int VSC_ACCT_MAGIC
+    unsigned int VSC_ACCT_VERSION
+    int VSC_ACCT_OFF_LIMIT
+    int VSC_ACCT_OFF_CLOSED
+    int VMCI_DG_HEADERSIZE
+    int VMCI_ERROR_INVALID_ARGS
+
+    void vsc_dg_encode_header(uint8_t *out, const vsc_dg_header *h)
+    void vsc_dg_decode_header(const uint8_t *inp, vsc_dg_header *h)
+    void vsc_acct_init(uint8_t *acct, uint64_t limit)
+    void vsc_acct_close(uint8_t *acct)
+    uint64_t vsc_acct_queued(const uint8_t *acct)
+    int vsc_dg_send(int sock_fd, int acct_fd, uint8_t *acct, const vsc_dg_header *h,
+                    const void *payload, int *sys_errno)
+    ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, size_t buf_len,
+                        void *spill, size_t spill_len, int *sys_errno)
+
+
+NAME = "cython"
+AGAIN = VSC_AGAIN
+PEER_GONE = VSC_PEER_GONE
+BAD_FRAME = VSC_BAD_FRAME
+ACCOUNT_SIZE = VSC_ACCT_SIZE
+ACCOUNT_MAGIC = VSC_ACCT_MAGIC
+ACCOUNT_VERSION = VSC_ACCT_VERSION
+
+
+cdef inline void _fill(vsc_dg_header *h, uint32_t dc, uint32_t dr, uint32_t sc, uint32_t sr, uint64_t n):
+    h.dst.context = dc
+    h.dst.resource = dr
+    h.src.context = sc
+    h.src.resource = sr
+    h.payload_size = n
+
+
+def encode_header(uint32_t dst_context, uint32_t dst_resource, uint32_t src_context,
+                  uint32_t src_resource, uint64_t payload_size):
+    """Return the 24-byte VMCI datagram header."""
+    cdef vsc_dg_header h
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, VMCI_DG_HEADERSIZE)
+    _fill(&h, dst_context, dst_resource, src_context, src_resource, payload_size)
+    vsc_dg_encode_header(<uint8_t *>PyBytes_AS_STRING(out), &h)
+    return out
+
+
+def decode_header(frame):
+    """Return ``(dst_context, dst_resource, src_context, src_resource, payload_size)``.
+
+    Raises ValueError if ``frame`` is shorter than a header.
+    """
+    cdef Py_buffer view
+    cdef vsc_dg_header h
+    PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+    try:
+        if view.len < VMCI_DG_HEADERSIZE:
+            raise ValueError("a datagram header needs %d bytes, got %d" % (VMCI_DG_HEADERSIZE, view.len))
+        vsc_dg_decode_header(<const uint8_t *>view.buf, &h)
+    finally:
+        PyBuffer_Release(&view)
+    return (h.dst.context, h.dst.resource, h.src.context, h.src.resource, h.payload_size)
+
+
+def encode_datagram(uint32_t dst_context, uint32_t dst_resource, uint32_t src_context,
+                    uint32_t src_resource, payload):
+    """Return header and payload as one frame."""
+    cdef Py_buffer view
+    cdef vsc_dg_header h
+    cdef bytes out
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        out = PyBytes_FromStringAndSize(NULL, VMCI_DG_HEADERSIZE + view.len)
+        _fill(&h, dst_context, dst_resource, src_context, src_resource, <uint64_t>view.len)
+        vsc_dg_encode_header(<uint8_t *>PyBytes_AS_STRING(out), &h)
+        memcpy(PyBytes_AS_STRING(out) + VMCI_DG_HEADERSIZE, view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return out
+
+
+cdef class Account:
+    """A receiving endpoint's queue account: one shared page, see vsc_dgram.h."""
+
+    cdef readonly int fd
+    cdef Py_buffer _view
+    cdef uint8_t *_page
+    cdef bint _held
+
+    def __cinit__(self, int fd, page):
+        PyObject_GetBuffer(page, &self._view, PyBUF_WRITABLE)
+        self._held = True
+        if self._view.len < VSC_ACCT_SIZE:
+            self.release_memory()
+            raise ValueError("an account page needs %d bytes" % VSC_ACCT_SIZE)
+        self._page = <uint8_t *>self._view.buf
+        self.fd = fd
+
+    def __dealloc__(self):
+        self.release_memory()
+
+    cdef inline uint8_t *page(self) except NULL:
+        if not self._held:
+            raise ValueError("the account's memory was released")
+        return self._page
+
+    def initialise(self, uint64_t limit):
+        vsc_acct_init(self.page(), limit)
+
+    def is_valid(self):
+        cdef uint8_t *p = self.page()
+        return (<uint32_t *>p)[0] == VSC_ACCT_MAGIC and (<uint32_t *>p)[1] == VSC_ACCT_VERSION
+
+    def mark_closed(self):
+        vsc_acct_close(self.page())
+
+    @property
+    def closed(self):
+        return (<uint64_t *>(self.page() + VSC_ACCT_OFF_CLOSED))[0] != 0
+
+    @property
+    def limit(self):
+        return (<uint64_t *>(self.page() + VSC_ACCT_OFF_LIMIT))[0]
+
+    def queued(self):
+        return vsc_acct_queued(self.page())
+
+    def release_memory(self):
+        if self._held:
+            self._held = False
+            self._page = NULL
+            PyBuffer_Release(&self._view)
+
+
+def send_datagram(sock, Account account not None, uint32_t dst_context, uint32_t dst_resource,
+                  uint32_t src_context, uint32_t src_resource, payload, Py_ssize_t length):
+    """Send one datagram without blocking; see ``vsc_dg_send``."""
+    cdef Py_buffer view
+    cdef vsc_dg_header h
+    cdef int rc, err, fd = sock.fileno()
+    cdef uint8_t *page = account.page()
+    cdef int acct_fd = account.fd
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        if length < 0 or length > view.len:
+            return VMCI_ERROR_INVALID_ARGS
+        _fill(&h, dst_context, dst_resource, src_context, src_resource, <uint64_t>length)
+        with nogil:
+            rc = vsc_dg_send(fd, acct_fd, page, &h, view.buf, &err)
+    finally:
+        PyBuffer_Release(&view)
+    return rc
+
+
+def recv_datagram(sock, Account account not None, buf, spill):
+    """Receive one frame without blocking; see ``vsc_dg_recv``.
+
+    The payload lands in ``buf`` and, past its end, in ``spill``. Returns ``(status, fields)``:
+    status is the frame size or a core status; fields is the decoded header
+    tuple when status >= 0, else None.
+    """
+    cdef Py_buffer bview, sview
+    cdef vsc_dg_header h
+    cdef ssize_t n
+    cdef int err, fd = sock.fileno()
+    cdef uint8_t *page = account.page()
+    PyObject_GetBuffer(buf, &bview, PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(spill, &sview, PyBUF_WRITABLE)
+        try:
+            with nogil:
+                n = vsc_dg_recv(fd, page, &h, bview.buf, <size_t>bview.len, sview.buf,
+                                <size_t>sview.len, &err)
+        finally:
+            PyBuffer_Release(&sview)
+    finally:
+        PyBuffer_Release(&bview)
+    if n < 0:
+        return n, None
+    return n, (h.dst.context, h.dst.resource, h.src.context, h.src.resource, h.payload_size)

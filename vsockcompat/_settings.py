@@ -1,0 +1,74 @@
+"""Every VSOCKCOMPAT_* environment setting, parsed strictly in this one place.
+
+Standard library only: setup.py loads this file directly to decide whether to
+build the extension.
+"""
+import os
+from typing import Mapping, NamedTuple, Optional
+
+TRANSPORTS = ("auto", "local", "vsock", "hybrid")
+DEFAULT_CID = 2  # VMCI_HOST_CONTEXT_ID: a process on the host
+MAX_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMCI_INVALID_ID
+
+
+class SettingError(ValueError):
+    """An environment setting has a value vsockcompat cannot use."""
+
+
+def parse_flag(name: str, value: Optional[str], default: bool = False) -> bool:
+    """``"1"`` is true, ``"0"`` or empty is false, unset is ``default``; anything else is an error."""
+    if value is None:
+        return default
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise SettingError("%s must be 0 or 1, not %r" % (name, value))
+
+
+def parse_cid(value: Optional[str]) -> int:
+    if value is None or value == "":
+        return DEFAULT_CID
+    try:
+        cid = int(value, 10)
+    except ValueError:
+        raise SettingError("VSOCKCOMPAT_CID must be a decimal context id, not %r" % value) from None
+    if not 0 <= cid <= MAX_CID:
+        raise SettingError("VSOCKCOMPAT_CID must be in 0..%d, not %d" % (MAX_CID, cid))
+    return cid
+
+
+def default_rundir(environ: Mapping[str, str]) -> str:
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "vsockcompat")
+    return "/tmp/vsockcompat-%d" % os.getuid()
+
+
+class Settings(NamedTuple):
+    """The effective settings of this process."""
+
+    no_extensions: bool
+    rundir: str
+    cid: int
+    transport: str
+    ds_autostart: bool
+
+    @classmethod
+    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        transport = env.get("VSOCKCOMPAT_TRANSPORT") or "auto"
+        if transport not in TRANSPORTS:
+            raise SettingError(
+                "VSOCKCOMPAT_TRANSPORT must be one of %s, not %r" % ("|".join(TRANSPORTS), transport)
+            )
+        rundir = env.get("VSOCKCOMPAT_RUNDIR") or default_rundir(env)
+        return cls(
+            no_extensions=parse_flag("VSOCKCOMPAT_NO_EXTENSIONS", env.get("VSOCKCOMPAT_NO_EXTENSIONS")),
+            rundir=os.path.abspath(rundir),
+            cid=parse_cid(env.get("VSOCKCOMPAT_CID")),
+            transport=transport,
+            ds_autostart=parse_flag(
+                "VSOCKCOMPAT_DS_AUTOSTART", env.get("VSOCKCOMPAT_DS_AUTOSTART"), default=True
+            ),
+        )
