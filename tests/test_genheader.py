@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "src" / "vsc_constants.h"
 
 
-def test_default_path_is_repo_src():
-    assert G.DEFAULT_PATH == HEADER
+def test_default_path_is_src_beside_the_package():
+    assert G.DEFAULT_PATH == Path(G.__file__).resolve().parent.parent / "src" / "vsc_constants.h"
 
 
 def test_committed_header_is_fresh(tmp_path):

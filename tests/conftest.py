@@ -1,0 +1,120 @@
+"""Fixtures shared by the whole suite.
+
+Every behavioural test takes ``core`` (directly or through ``runtime``) and so
+runs against both the Cython core (id ``cython``) and the pure core (``py``).
+Each test gets its own short runtime directory; any discovery daemon started
+in it is stopped at teardown.
+"""
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from vsockcompat._backend import load_core
+from vsockcompat._settings import Settings
+from vsockcompat.runtime import Runtime
+
+import vsockcompat
+
+# Children import vsockcompat from where this process did (source tree or site-packages).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(vsockcompat.__file__)))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--no-c-extensions", action="store_true", default=False,
+                     help="run only the pure-Python core")
+
+
+def _cython_available():
+    try:
+        load_core("cython")
+    except ImportError:
+        return False
+    return True
+
+
+CYTHON_AVAILABLE = _cython_available()
+
+
+@pytest.fixture(params=["cython", "pure"], ids=["c", "py"])
+def core(request):
+    if request.param == "cython":
+        if request.config.getoption("--no-c-extensions"):
+            pytest.skip("--no-c-extensions given")
+        if not CYTHON_AVAILABLE:
+            pytest.skip("the Cython core is not built (pure install)")
+    return load_core(request.param)
+
+
+def _stop_daemons(rundir):
+    pidfile = os.path.join(rundir, "ds.pid")
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(5)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def rundir():
+    """A fresh, short runtime directory (Unix socket paths are limited to 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="vsc", dir="/tmp")
+    yield path
+    _stop_daemons(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_settings(rundir, cid=2, no_extensions=False, ds_autostart=True):
+    return Settings(no_extensions=no_extensions, rundir=rundir, cid=cid, transport="local",
+                    ds_autostart=ds_autostart)
+
+
+@pytest.fixture
+def make_runtime(core, rundir):
+    """``make_runtime(cid=2)``: a runtime on the test's core and runtime directory."""
+    def make(cid=2, **kwargs):
+        return Runtime(make_settings(rundir, cid=cid, **kwargs), core=core)
+    return make
+
+
+@pytest.fixture
+def runtime(make_runtime):
+    return make_runtime()
+
+
+def child_env(rundir, core_name, cid=2, **extra):
+    """Environment for a subprocess that uses vsockcompat on the same runtime directory and core."""
+    env = dict(os.environ)
+    env.update(VSOCKCOMPAT_RUNDIR=rundir, VSOCKCOMPAT_CID=str(cid), VSOCKCOMPAT_TRANSPORT="local",
+               VSOCKCOMPAT_NO_EXTENSIONS="1" if core_name == "pure" else "0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def fd_guard():
+    """Fails the test if it leaves file descriptors open."""
+    proc = psutil.Process()
+    before = proc.num_fds()
+    yield
+    deadline = time.monotonic() + 2
+    while proc.num_fds() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.num_fds() <= before, "file descriptors leaked: %d -> %d" % (before, proc.num_fds())
+
+
+PYTHON = sys.executable

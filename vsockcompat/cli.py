@@ -1,0 +1,167 @@
+"""The ``vsockcompat`` command: demo, info, ds, datagram-app, bench."""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from ._version import __version__
+
+_COMMANDS = ("demo", "info", "ds", "datagram-app", "bench")
+
+
+def _package_env(extra):
+    env = dict(os.environ)
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+def _stop_daemon(rundir):
+    try:
+        with open(os.path.join(rundir, "ds.pid")) as f:
+            pid = int(f.read().split()[0])
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError, IndexError):
+        return
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.05)
+
+
+def demo(argv):
+    """Run datagramApp's server (context 2, the host) and three clients (context 3, a guest)."""
+    parser = argparse.ArgumentParser(prog="vsockcompat demo", description=demo.__doc__)
+    parser.add_argument("--core", choices=("cython", "pure"), help="data-plane core (default: the best available)")
+    args = parser.parse_args(argv)
+    from .runtime import default_runtime
+
+    core = args.core or default_runtime().backend
+    rundir = tempfile.mkdtemp(prefix="vscdemo", dir="/tmp")
+    base = {"VSOCKCOMPAT_RUNDIR": rundir, "VSOCKCOMPAT_TRANSPORT": "local",
+            "VSOCKCOMPAT_NO_EXTENSIONS": "1" if core == "pure" else "0"}
+    command = [sys.executable, "-m", "vsockcompat", "datagram-app"]
+    print("vsockcompat %s demo: datagramApp over the local transport, %s core, runtime dir %s"
+          % (__version__, core, rundir), flush=True)
+    server = subprocess.Popen(command + ["-s"], env=_package_env(dict(base, VSOCKCOMPAT_CID="2")),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ok = True
+    try:
+        line = server.stdout.readline().decode(errors="replace").rstrip("\n")
+        print("[server, context 2] %s" % line, flush=True)
+        if not line.startswith("Running datagram server"):
+            return 1
+        for _ in range(3):
+            client = subprocess.run(command + ["-c"], env=_package_env(dict(base, VSOCKCOMPAT_CID="3")),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+            text = client.stdout.decode(errors="replace").rstrip("\n")
+            print("[client, context 3] %s" % text, flush=True)
+            ok = ok and client.returncode == 0 and text == "Received message: HELLO, CLIENT!"
+            print("[server, context 2] %s" % server.stdout.readline().decode(errors="replace").rstrip("\n"),
+                  flush=True)
+        ok = server.wait(timeout=30) == 0 and ok
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        _stop_daemon(rundir)
+        shutil.rmtree(rundir, ignore_errors=True)
+    print("demo %s" % ("succeeded" if ok else "FAILED"), flush=True)
+    return 0 if ok else 1
+
+
+def _info_data():
+    from .handles import VMCI_DS_HANDLE
+    from .runtime import default_runtime
+
+    runtime = default_runtime()
+    settings = runtime.settings
+    data = {
+        "version": __version__,
+        "backend": runtime.backend,
+        "transport": settings.transport,
+        "rundir": settings.rundir,
+        "context_id": settings.cid,
+        "discovery": {"address": list(VMCI_DS_HANDLE), "running": False, "pid": None, "entries": []},
+        "contexts": {},
+    }
+    transport = runtime.transport
+    data["transport"] = transport.name
+    data["discovery"]["running"] = transport.endpoint_alive(VMCI_DS_HANDLE)
+    try:
+        with open(os.path.join(settings.rundir, "ds.pid")) as f:
+            data["discovery"]["pid"] = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    if data["discovery"]["running"]:
+        try:
+            with open(os.path.join(settings.rundir, "ds.registry.json")) as f:
+                data["discovery"]["entries"] = json.load(f)
+        except (OSError, ValueError):
+            pass
+    for cid in transport.contexts():
+        data["contexts"][str(cid)] = [h.resource for h in transport.endpoints(cid)]
+    return data
+
+
+def info(argv):
+    """Show the backend, the transport, this context and the discovery registry."""
+    parser = argparse.ArgumentParser(prog="vsockcompat info", description=info.__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    data = _info_data()
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    ds = data["discovery"]
+    print("vsockcompat %s" % data["version"])
+    print("backend:           %s" % data["backend"])
+    print("transport:         %s (runtime dir %s)" % (data["transport"], data["rundir"]))
+    print("context id:        %d" % data["context_id"])
+    print("discovery service: %s %s" % (tuple(ds["address"]),
+                                        "running (pid %s)" % ds["pid"] if ds["running"] else "not running"))
+    for entry in ds["entries"]:
+        print("  %-30s -> %s" % (json.dumps(entry.get("name")), entry.get("handle")))
+    for cid, rids in sorted(data["contexts"].items(), key=lambda kv: int(kv[0])):
+        print("context %s: %s" % (cid, ", ".join(str(r) for r in rids) or "no endpoints"))
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: vsockcompat {%s} ...  |  vsockcompat --version" % ",".join(_COMMANDS))
+        print("  demo          run the datagramApp sample: server and clients over the local transport")
+        print("  info          show backend, transport, context and the discovery registry (--json)")
+        print("  ds            run the discovery-service daemon")
+        print("  datagram-app  the SDK's datagramApp sample: -s (server) or -c (client) [-d DEV]")
+        print("  bench         measure datagram round trips and rates against raw sockets")
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        return demo(rest)
+    if command == "info":
+        return info(rest)
+    if command == "ds":
+        from .ds_server import main as ds_main
+        return ds_main(rest)
+    if command == "datagram-app":
+        from .apps.datagram_app import main as app_main
+        return app_main(rest)
+    if command == "bench":
+        from .bench import main as bench_main
+        return bench_main(rest)
+    print("vsockcompat: unknown command %r (choose from %s)" % (command, ", ".join(_COMMANDS)), file=sys.stderr)
+    return 2

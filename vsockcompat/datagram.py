@@ -1,0 +1,435 @@
+"""Datagram endpoints with the SDK's semantics, over any core and transport.
+
+An endpoint owns a handle ``(context, resource)``, the connections other
+endpoints opened to it, and the links it opened to them. Semantics
+(vmci-sdk.md section 5): datagrams are never split or merged; FIFO per
+sender; at most VMCI_MAX_DG_PAYLOAD_SIZE payload bytes; the receiving queue
+holds less than VMCI_MAX_DATAGRAM_QUEUE_SIZE bytes and a sender that would
+overflow it gets VMCI_ERROR_NO_RESOURCES at once; the source of every
+datagram is the one the kernel vouches for.
+"""
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
+
+from .constants import (
+    VMCI_DG_HEADERSIZE,
+    VMCI_ERROR_INVALID_ARGS,
+    VMCI_ERROR_INVALID_RESOURCE,
+    VMCI_ERROR_NO_MEM,
+    VMCI_ERROR_NO_MORE_DATAGRAMS,
+    VMCI_ERROR_TIMEOUT,
+    VMCI_MAX_DG_PAYLOAD_SIZE,
+)
+from .errors import VMCIError, check, error_for
+from .handles import VMCIHandle, as_handle
+from .runtime import Runtime, default_runtime
+
+log = logging.getLogger("vsockcompat")
+
+_SPILL_SIZE = VMCI_MAX_DG_PAYLOAD_SIZE + 1
+#: Links (cached connections to destinations) an endpoint keeps at most; the oldest go first.
+MAX_LINKS = 256
+
+
+class Datagram(NamedTuple):
+    """A received datagram: who sent it and what it carried."""
+
+    src: VMCIHandle
+    payload: bytes
+
+
+class EndpointStats:
+    """Counters of one endpoint (what was received, dropped and why)."""
+
+    __slots__ = ("received", "sent", "bad_frames", "forged", "refused_connections")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self):
+        return "EndpointStats(%s)" % ", ".join("%s=%d" % kv for kv in self.as_dict().items())
+
+
+class _LinkState:
+    __slots__ = ("link", "lock")
+
+    def __init__(self, link):
+        self.link = link
+        self.lock = threading.Lock()
+
+
+def _byte_view(buf, writable: bool) -> memoryview:
+    view = memoryview(buf)
+    if writable and view.readonly:
+        raise error_for(VMCI_ERROR_INVALID_ARGS, "the receive buffer is read-only")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+class DatagramEndpoint:
+    """A datagram endpoint: ``send`` to any handle, ``recv`` what was sent to ours.
+
+    Use as a context manager, iterate to receive until closed, or pass a
+    callback to ``on_receive`` to receive on a thread. ``fileno()`` is
+    readable when a receive may make progress (for select/poll/asyncio).
+    Errors raise the VMCIError subclass of the SDK code.
+    """
+
+    def __init__(self, resource: Optional[int] = None, *, runtime: Optional[Runtime] = None):
+        if resource is not None and (not isinstance(resource, int) or isinstance(resource, bool)
+                                     or not 0 <= resource < 0xFFFFFFFF):
+            raise error_for(VMCI_ERROR_INVALID_ARGS, "resource id must be an int in 0..0xFFFFFFFE")
+        self._runtime = runtime if runtime is not None else default_runtime()
+        self._core = self._runtime.core
+        self._transport = self._runtime.transport
+        self._bound = self._transport.bind(resource)
+        self.handle: VMCIHandle = self._bound.handle
+        self.stats = EndpointStats()
+        self._listener = self._bound.listener
+        self._listener_fd = self._listener.fileno()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._epoll = select.epoll()
+        self._epoll.register(self._listener_fd, select.EPOLLIN)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._conns: Dict[int, tuple] = {}
+        self._links: Dict[VMCIHandle, _LinkState] = {}
+        self._link_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._ready: list = []
+        self._accepted = 0
+        self._held: Optional[Datagram] = None
+        self._spill = bytearray(_SPILL_SIZE)
+        self._closing = False
+        self._closed = False
+        self._receiver: Optional[threading.Thread] = None
+        #: The kernel-verified sender (handle, pid, uid) of the last datagram received.
+        self.last_peer = None
+
+    # Sending
+
+    def send_status(self, dst: VMCIHandle, buf, length: int) -> int:
+        """Send ``length`` bytes of ``buf`` to ``dst``; the frame size or a VMCI error code.
+
+        ``dst`` must already be a VMCIHandle; ``length`` must fit in ``buf``.
+        """
+        if self._closing:
+            return VMCI_ERROR_INVALID_ARGS
+        state = self._links.get(dst)
+        for _ in range(2):  # a cached link whose receiver went away gets one fresh attempt
+            if state is None:
+                try:
+                    state = self._open_link(dst)
+                except VMCIError as exc:
+                    return exc.code
+            rc = self._send_on(state, dst, buf, length)
+            if rc != self._core.PEER_GONE:
+                if rc >= 0:
+                    self.stats.sent += 1
+                return rc
+            self._close_link(dst, state)
+            state = None
+        return VMCI_ERROR_INVALID_RESOURCE
+
+    def _send_on(self, state: _LinkState, dst: VMCIHandle, buf, length: int) -> int:
+        handle = self.handle
+        with state.lock:
+            return self._core.send_datagram(
+                state.link.sock, state.link.account, dst[0], dst[1], handle[0], handle[1], buf, length)
+
+    def send(self, dst, data, length: Optional[int] = None) -> int:
+        """Send a datagram to ``dst``; return the payload length sent. Raises VMCIError."""
+        dst = as_handle(dst)
+        view = _byte_view(data, writable=False)
+        if length is None:
+            length = len(view)
+        elif not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= len(view):
+            raise error_for(VMCI_ERROR_INVALID_ARGS, "length must be an int in 0..len(data)")
+        if length > VMCI_MAX_DG_PAYLOAD_SIZE:
+            raise error_for(VMCI_ERROR_INVALID_ARGS, "payload of %d bytes exceeds %d"
+                            % (length, VMCI_MAX_DG_PAYLOAD_SIZE))
+        if self._closing:
+            raise error_for(VMCI_ERROR_INVALID_ARGS, "endpoint %s is closed" % (self.handle,))
+        check(self.send_status(dst, view, length))
+        return length
+
+    def _open_link(self, dst: VMCIHandle) -> _LinkState:
+        with self._link_lock:
+            state = self._links.get(dst)
+            if state is not None:
+                return state
+            stale = self._stale_links()
+        for old_dst, old_state in stale:
+            self._close_link(old_dst, old_state)
+        with self._link_lock:
+            state = self._links.get(dst)
+            if state is None:
+                state = _LinkState(self._transport.connect(self.handle, dst))
+                self._links[dst] = state
+            return state
+
+    def _stale_links(self) -> list:
+        """Links whose receiver hung up, then the oldest ones past MAX_LINKS. Under _link_lock."""
+        poller = select.poll()
+        by_fd = {}
+        for dst, state in self._links.items():
+            fd = state.link.sock.fileno()
+            by_fd[fd] = (dst, state)
+            poller.register(fd, select.POLLIN)
+        # A receiver never writes on a link: any event is a hang-up or an error.
+        stale = [by_fd[fd] for fd, _ in poller.poll(0)]
+        excess = len(self._links) - len(stale) - (MAX_LINKS - 1)
+        if excess > 0:
+            gone = {dst for dst, _ in stale}
+            stale.extend([item for item in self._links.items() if item[0] not in gone][:excess])
+        return stale
+
+    def forget(self, dst) -> None:
+        """Close the cached link to ``dst``, if any (the next send opens a fresh one)."""
+        dst = as_handle(dst)
+        state = self._links.get(dst)
+        if state is not None:
+            self._close_link(dst, state)
+
+    def _close_link(self, dst: VMCIHandle, state: _LinkState) -> None:
+        with self._link_lock:
+            if self._links.get(dst) is state:
+                del self._links[dst]
+            else:
+                return
+        with state.lock:
+            self._transport.disconnect(self.handle, state.link)
+
+    # Receiving
+
+    def recv_status(self, buf, timeout: Optional[float] = None) -> Tuple[int, Optional[VMCIHandle]]:
+        """Receive one datagram into ``buf`` (a writable 1-D byte view).
+
+        Returns ``(payload_length, src)`` or ``(negative VMCI code, None)``:
+        VMCI_ERROR_NO_MEM if the next datagram does not fit (it stays queued),
+        VMCI_ERROR_TIMEOUT when ``timeout`` seconds pass, VMCI_ERROR_NO_MORE_DATAGRAMS
+        if the endpoint is closed meanwhile. ``timeout=None`` blocks.
+        """
+        with self._recv_lock:
+            if self._closing:
+                return VMCI_ERROR_NO_MORE_DATAGRAMS, None
+            if self._held is not None:
+                return self._deliver_held(buf)
+            deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+            core = self._core
+            ready = self._ready
+            me = self.handle
+            polled = False
+            while True:
+                while ready:
+                    fd = ready.pop()
+                    entry = self._conns.get(fd)
+                    if entry is None:
+                        if fd == self._listener_fd:
+                            ready[:0] = self._accept()[::-1]
+                        elif fd == self._wake_r:
+                            self._drain_wake()
+                            if self._closing:
+                                return VMCI_ERROR_NO_MORE_DATAGRAMS, None
+                        continue
+                    sock, peer, _ = entry
+                    status, fields = core.recv_datagram(sock, self._bound.account, buf, self._spill)
+                    if status >= 0:
+                        src = peer.handle
+                        if fields[2] != src[0] or fields[3] != src[1] or fields[0] != me[0] or fields[1] != me[1]:
+                            self.stats.forged += 1
+                            self._drop_conn(fd)
+                            continue
+                        self.stats.received += 1
+                        self.last_peer = peer
+                        n = status - VMCI_DG_HEADERSIZE
+                        if n > len(buf):
+                            self._held = Datagram(src, bytes(buf) + bytes(self._spill[: n - len(buf)]))
+                            return VMCI_ERROR_NO_MEM, None
+                        return n, src
+                    if status == core.AGAIN:
+                        continue
+                    if status == core.BAD_FRAME:
+                        self.stats.bad_frames += 1
+                    self._drop_conn(fd)
+                if deadline is None:
+                    wait = -1.0
+                else:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        if polled:
+                            return VMCI_ERROR_TIMEOUT, None
+                        wait = 0.0
+                events = self._epoll.poll(wait)
+                if len(events) == 1:
+                    ready.append(events[0][0])
+                else:
+                    ready.extend(sorted((fd for fd, _ in events), key=self._age, reverse=True))
+                polled = True
+
+    def _age(self, fd: int) -> int:
+        """Service order: wake-up, then new connections, then connections oldest first.
+
+        A sender that reconnects may still have datagrams queued on its old
+        connection; serving older connections first keeps its order.
+        """
+        entry = self._conns.get(fd)
+        if entry is not None:
+            return entry[2]
+        return -2 if fd == self._wake_r else -1
+
+    def _deliver_held(self, buf):
+        held = self._held
+        if len(held.payload) > len(buf):
+            return VMCI_ERROR_NO_MEM, None
+        buf[: len(held.payload)] = held.payload
+        self._held = None
+        return len(held.payload), held.src
+
+    def recv_into(self, buf, timeout: Optional[float] = None) -> Tuple[int, VMCIHandle]:
+        """Receive into ``buf``; return ``(payload_length, src)``. Raises VMCIError."""
+        n, src = self.recv_status(_byte_view(buf, writable=True), timeout)
+        check(n)
+        return n, src
+
+    def recv(self, timeout: Optional[float] = None) -> Datagram:
+        """Receive one datagram. Raises ``errors.Timeout`` after ``timeout`` seconds."""
+        buf = bytearray(_SPILL_SIZE)
+        n, src = self.recv_status(memoryview(buf), timeout)
+        check(n)
+        return Datagram(src, bytes(buf[:n]))
+
+    def __iter__(self) -> Iterator[Datagram]:
+        """Yield datagrams until the endpoint is closed."""
+        buf = bytearray(_SPILL_SIZE)
+        view = memoryview(buf)
+        while True:
+            n, src = self.recv_status(view)
+            if n == VMCI_ERROR_NO_MORE_DATAGRAMS:
+                return
+            check(n)
+            yield Datagram(src, bytes(buf[:n]))
+
+    def on_receive(self, callback: Callable[[Datagram], None]) -> threading.Thread:
+        """Call ``callback(datagram)`` on a receive thread until the endpoint is closed."""
+        if self._receiver is not None:
+            raise error_for(VMCI_ERROR_INVALID_ARGS, "a receive callback is already set")
+
+        def run():
+            for datagram in self:
+                try:
+                    callback(datagram)
+                except Exception:
+                    log.exception("receive callback of endpoint %s failed", self.handle)
+
+        self._receiver = threading.Thread(target=run, name="vsockcompat-recv-%d" % self.handle.resource,
+                                          daemon=True)
+        self._receiver.start()
+        return self._receiver
+
+    def _accept(self) -> list:
+        """Accept every pending connection from an identifiable peer; return their fds."""
+        accepted = []
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return accepted
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("endpoint %s cannot accept a connection: %s", self.handle, exc)
+                    return accepted
+                raise
+            try:
+                peer = self._transport.identify(conn, self.handle)
+            except OSError:
+                peer = None
+            if peer is None:
+                self.stats.refused_connections += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self._accepted += 1
+            self._conns[conn.fileno()] = (conn, peer, self._accepted)
+            self._epoll.register(conn.fileno(), select.EPOLLIN)
+            accepted.append(conn.fileno())
+
+    def _drop_conn(self, fd: int) -> None:
+        conn = self._conns.pop(fd)[0]
+        self._epoll.unregister(fd)
+        conn.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+
+    # Life cycle
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes (headers included) queued for this endpoint and not yet received."""
+        return self._bound.account.queued()
+
+    def close(self) -> None:
+        """Destroy the endpoint: pending datagrams are dropped, senders see it gone."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+        receiver = self._receiver
+        if receiver is not None and receiver is not threading.current_thread():
+            receiver.join()
+        with self._recv_lock:
+            self._transport.unbind(self._bound)
+            for entry in self._conns.values():
+                entry[0].close()
+            self._conns.clear()
+            with self._link_lock:
+                links, self._links = self._links, {}
+            for state in links.values():
+                with state.lock:
+                    self._transport.disconnect(self.handle, state.link)
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._closed = True
+
+    def __enter__(self) -> "DatagramEndpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self):
+        return "<DatagramEndpoint %s%s>" % (tuple(self.handle), " closed" if self._closed else "")
+
+    def __del__(self):
+        if not getattr(self, "_closing", True):
+            try:
+                self.close()
+            except Exception:
+                pass

@@ -1,0 +1,54 @@
+"""A runtime: the settings, the data-plane core and the transport one program uses.
+
+Most programs use the default runtime, built from the environment on first
+use. Tests build their own, one per core, to run the same behaviour on both.
+"""
+import threading
+from typing import Optional
+
+from ._backend import load_core, select_core
+from ._settings import Settings
+from .transport import open_transport
+
+
+class Runtime:
+    """Settings + core + transport. The transport is opened on first use."""
+
+    def __init__(self, settings: Optional[Settings] = None, core=None):
+        self.settings = settings if settings is not None else Settings.from_environ()
+        if isinstance(core, str):
+            core = load_core(core)
+        self.core = core if core is not None else select_core(self.settings.no_extensions)
+        self._transport = None
+        self._lock = threading.Lock()
+
+    @property
+    def backend(self) -> str:
+        return self.core.NAME
+
+    @property
+    def transport(self):
+        if self._transport is None:
+            with self._lock:
+                if self._transport is None:
+                    self._transport = open_transport(self.settings, self.core)
+        return self._transport
+
+    def __repr__(self):
+        s = self.settings
+        return "<Runtime backend=%s transport=%s cid=%d rundir=%r>" % (
+            self.backend, s.transport, s.cid, s.rundir)
+
+
+_default: Optional[Runtime] = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> Runtime:
+    """The process-wide runtime built from the environment."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Runtime()
+    return _default

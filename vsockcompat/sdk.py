@@ -1,0 +1,212 @@
+"""The legacy SDK calls, under their SDK names, returning SDK codes.
+
+Out-parameters of the C API are returned: ``VMCIDatagram_RecvFrom(h, buf)``
+returns ``(rv, src)`` and ``VMCIDs_Lookup(name)`` returns ``(rv, handle)``.
+Nothing here raises for bad input: every failure is a VMCI code (or
+``VMCI_INVALID_HANDLE`` where the SDK returns a handle). Choices where the SDK
+is silent are listed in README.rst ("Where the SDK is silent").
+
+``VMCILibrary`` holds what the C library kept in globals: whether
+``VMCI_InitApp`` ran, and the handles created since. The module-level
+functions are the methods of one default instance.
+"""
+import threading
+from typing import Dict, Optional, Tuple
+
+from . import ds_client
+from .constants import (
+    VMCI_ERROR_DEVICE_NOT_FOUND,
+    VMCI_ERROR_INVALID_ARGS,
+    VMCI_ERROR_NOT_FOUND,
+    VMCI_ERROR_UNAVAILABLE,
+    VMCI_INVALID_ID,
+    VMCI_MAX_DG_PAYLOAD_SIZE,
+    VMCI_SUCCESS,
+)
+from .datagram import DatagramEndpoint
+from .errors import VMCIError
+from .handles import VMCI_INVALID_HANDLE, VMCIHandle, as_handle
+from .runtime import Runtime, default_runtime
+from .transport import TransportUnavailable
+
+_NO_HANDLE = (VMCI_ERROR_INVALID_ARGS, VMCI_INVALID_HANDLE)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _handle_or_none(obj) -> Optional[VMCIHandle]:
+    try:
+        return as_handle(obj)
+    except VMCIError:
+        return None
+
+
+class VMCILibrary:
+    """One instance of the SDK library state (the C library's globals)."""
+
+    def __init__(self, runtime: Optional[Runtime] = None):
+        self._runtime = runtime
+        self._initialised = False
+        self._endpoints: Dict[VMCIHandle, DatagramEndpoint] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = default_runtime()
+        return self._runtime
+
+    @property
+    def initialised(self) -> bool:
+        return self._initialised
+
+    # 4.1 Library setup
+
+    def VMCI_InitApp(self, devName=None) -> int:
+        """Initialise the library. ``devName`` (the SDK's device, e.g. "/dev/vmci") is accepted
+        for compatibility and not opened. VMCI_ERROR_DEVICE_NOT_FOUND if the transport cannot run."""
+        if devName is not None and not isinstance(devName, (str, bytes)):
+            return VMCI_ERROR_INVALID_ARGS
+        try:
+            self.runtime.transport
+        except (TransportUnavailable, ValueError, OSError):
+            return VMCI_ERROR_DEVICE_NOT_FOUND
+        self._initialised = True
+        return VMCI_SUCCESS
+
+    def VMCI_CleanupApp(self) -> None:
+        """Destroy every handle created through this library and forget the initialisation."""
+        with self._lock:
+            endpoints, self._endpoints = self._endpoints, {}
+            self._initialised = False
+        for endpoint in endpoints.values():
+            endpoint.close()
+
+    # 4.2 Datagram API
+
+    def VMCIDatagram_CreateHnd(self, resourceID=0) -> VMCIHandle:
+        """Create a datagram endpoint; VMCI_INVALID_HANDLE on failure.
+
+        The SDK passes 0: a fresh resource id >= 1024. Any other value
+        (except VMCI_INVALID_ID, also "fresh") asks for that resource id and
+        fails if it is taken.
+        """
+        if not self._initialised or not _is_int(resourceID) or not 0 <= resourceID <= VMCI_INVALID_ID:
+            return VMCI_INVALID_HANDLE
+        resource = None if resourceID in (0, VMCI_INVALID_ID) else resourceID
+        try:
+            endpoint = DatagramEndpoint(resource, runtime=self.runtime)
+        except (VMCIError, OSError):
+            return VMCI_INVALID_HANDLE
+        with self._lock:
+            self._endpoints[endpoint.handle] = endpoint
+        return endpoint.handle
+
+    def VMCIDatagram_DestroyHnd(self, handle) -> int:
+        """Destroy an endpoint created here; its pending datagrams are dropped."""
+        handle = _handle_or_none(handle)
+        if handle is None:
+            return VMCI_ERROR_INVALID_ARGS
+        with self._lock:
+            endpoint = self._endpoints.pop(handle, None)
+        if endpoint is None:
+            return VMCI_ERROR_NOT_FOUND
+        endpoint.close()
+        return VMCI_SUCCESS
+
+    def VMCIDatagram_SendTo(self, dst, src, length, buf) -> int:
+        """Send ``length`` bytes of ``buf`` from our endpoint ``src`` to ``dst`` (SDK order).
+
+        Returns the datagram's size including its 24-byte header, as the driver did.
+        """
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE
+        dst = _handle_or_none(dst)
+        src = _handle_or_none(src)
+        if dst is None or src is None or not _is_int(length):
+            return VMCI_ERROR_INVALID_ARGS
+        try:
+            view = memoryview(buf)
+        except TypeError:
+            return VMCI_ERROR_INVALID_ARGS
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if not 0 <= length <= len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
+            return VMCI_ERROR_INVALID_ARGS
+        endpoint = self._endpoints.get(src)
+        if endpoint is None:
+            return VMCI_ERROR_INVALID_ARGS
+        return endpoint.send_status(dst, view, length)
+
+    def VMCIDatagram_RecvFrom(self, handle, buf) -> Tuple[int, VMCIHandle]:
+        """Block until a datagram arrives at ``handle``; copy its payload into ``buf``.
+
+        Returns ``(payload_length, src)``, or ``(negative code, VMCI_INVALID_HANDLE)``;
+        VMCI_ERROR_NO_MEM if ``buf`` is too small (the datagram stays queued).
+        """
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE, VMCI_INVALID_HANDLE
+        handle = _handle_or_none(handle)
+        endpoint = None if handle is None else self._endpoints.get(handle)
+        if endpoint is None:
+            return _NO_HANDLE
+        try:
+            view = memoryview(buf)
+        except TypeError:
+            return _NO_HANDLE
+        if view.readonly:
+            return _NO_HANDLE
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        rv, src = endpoint.recv_status(view)
+        return (rv, src) if rv >= 0 else (rv, VMCI_INVALID_HANDLE)
+
+    # 4.5 Discovery service
+
+    def VMCIDs_Lookup(self, name) -> Tuple[int, VMCIHandle]:
+        """Look ``name`` up: ``(VMCI_SUCCESS, handle)`` or ``(VMCI_ERROR_NOT_FOUND, VMCI_INVALID_HANDLE)``."""
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE, VMCI_INVALID_HANDLE
+        return ds_client.lookup_status(name, runtime=self.runtime)
+
+    def VMCIDs_Register(self, name, handle) -> int:
+        """Publish ``name -> handle``; VMCI_ERROR_ALREADY_EXISTS if the name is taken."""
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE
+        handle = _handle_or_none(handle)
+        if handle is None:
+            return VMCI_ERROR_INVALID_ARGS
+        return ds_client.register_status(name, handle, runtime=self.runtime)
+
+    def VMCIDs_Unregister(self, name) -> int:
+        """Remove ``name``; VMCI_ERROR_NO_ACCESS if another context registered it."""
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE
+        return ds_client.unregister_status(name, runtime=self.runtime)
+
+
+_default = VMCILibrary()
+
+VMCI_InitApp = _default.VMCI_InitApp
+VMCI_CleanupApp = _default.VMCI_CleanupApp
+VMCIDatagram_CreateHnd = _default.VMCIDatagram_CreateHnd
+VMCIDatagram_DestroyHnd = _default.VMCIDatagram_DestroyHnd
+VMCIDatagram_SendTo = _default.VMCIDatagram_SendTo
+VMCIDatagram_RecvFrom = _default.VMCIDatagram_RecvFrom
+VMCIDs_Lookup = _default.VMCIDs_Lookup
+VMCIDs_Register = _default.VMCIDs_Register
+VMCIDs_Unregister = _default.VMCIDs_Unregister
+
+SDK_FUNCTIONS = (
+    "VMCI_InitApp",
+    "VMCI_CleanupApp",
+    "VMCIDatagram_CreateHnd",
+    "VMCIDatagram_DestroyHnd",
+    "VMCIDatagram_SendTo",
+    "VMCIDatagram_RecvFrom",
+    "VMCIDs_Lookup",
+    "VMCIDs_Register",
+    "VMCIDs_Unregister",
+)
