@@ -30,7 +30,7 @@ def extensions():
 
     core = Extension(
         "vsockcompat._cvsc",
-        sources=["vsockcompat/_cvsc.pyx", "src/vsc_dgram.c"],
+        sources=["vsockcompat/_cvsc.pyx", "src/vsc_dgram.c", "src/vsc_ring.c"],
         include_dirs=["src"],
         extra_compile_args=["-std=gnu11", "-O2", "-Wall"],
     )

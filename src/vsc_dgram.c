@@ -3,10 +3,15 @@
 #include "vsc_dgram.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <unistd.h>
+
+_Static_assert(sizeof(pthread_mutex_t) <= VSC_ACCT_LOCK_SIZE, "account lock does not fit");
 
 static inline void put32(uint8_t *p, uint32_t v)
 {
@@ -59,13 +64,32 @@ void vsc_dg_decode_header(const uint8_t in[VMCI_DG_HEADERSIZE], vsc_dg_header *h
     h->payload_size = get64(in + VSC_DG_OFF_PAYLOAD_SIZE);
 }
 
-void vsc_acct_init(uint8_t *acct, uint64_t limit)
+static pthread_mutex_t *account_lock(uint8_t *acct)
 {
+    return (pthread_mutex_t *)(acct + VSC_ACCT_OFF_LOCK);
+}
+
+int vsc_acct_init(uint8_t *acct, uint64_t limit)
+{
+    pthread_mutexattr_t attr;
+    int rc;
+
     memset(acct, 0, VSC_ACCT_SIZE);
     put32(acct + VSC_ACCT_OFF_VERSION, VSC_ACCT_VERSION);
     put64(acct + VSC_ACCT_OFF_LIMIT, limit);
+    if ((rc = pthread_mutexattr_init(&attr)) != 0)
+        return rc;
+    rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (rc == 0)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (rc == 0)
+        rc = pthread_mutex_init(account_lock(acct), &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (rc != 0)
+        return rc;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     put32(acct + VSC_ACCT_OFF_MAGIC, VSC_ACCT_MAGIC);
+    return 0;
 }
 
 void vsc_acct_close(uint8_t *acct)
@@ -80,13 +104,16 @@ uint64_t vsc_acct_queued(const uint8_t *acct)
     return produced > consumed ? produced - consumed : 0;
 }
 
-static int lock_account(int fd, int op)
+/* A holder that died leaves the lock to the next taker: PRODUCED may then count
+ * one frame that was never sent, which only makes the bound stricter. */
+static int lock_account(uint8_t *acct)
 {
-    while (flock(fd, op) < 0) {
-        if (errno != EINTR)
-            return -1;
-    }
-    return 0;
+    pthread_mutex_t *m = account_lock(acct);
+    int rc = pthread_mutex_lock(m);
+
+    if (rc == EOWNERDEAD)
+        rc = pthread_mutex_consistent(m);
+    return rc;
 }
 
 static int send_errno_to_status(int e)
@@ -112,8 +139,9 @@ static int send_errno_to_status(int e)
     }
 }
 
-int vsc_dg_send(int sock_fd, int acct_fd, uint8_t *acct, const vsc_dg_header *h,
-                const void *payload, int *sys_errno)
+/* Reserve, send, or roll back: the caller holds the account's lock. */
+static int send_locked(int sock_fd, uint8_t *acct, const vsc_dg_header *h, const void *payload,
+                       int *sys_errno)
 {
     uint8_t hdr[VMCI_DG_HEADERSIZE];
     uint64_t total = VMCI_DG_HEADERSIZE + h->payload_size;
@@ -121,31 +149,18 @@ int vsc_dg_send(int sock_fd, int acct_fd, uint8_t *acct, const vsc_dg_header *h,
     struct iovec iov[2];
     struct msghdr msg;
     ssize_t n;
-    int status;
 
-    *sys_errno = 0;
-    if (h->payload_size > VMCI_MAX_DG_PAYLOAD_SIZE)
-        return VMCI_ERROR_INVALID_ARGS;
-    vsc_dg_encode_header(hdr, h);
-
-    if (lock_account(acct_fd, LOCK_EX) < 0) {
-        *sys_errno = errno;
-        return VMCI_ERROR_GENERIC;
-    }
-    if (acct_load(acct, VSC_ACCT_OFF_CLOSED)) {
-        status = VSC_PEER_GONE;
-        goto out;
-    }
+    if (sock_fd < 0 || acct_load(acct, VSC_ACCT_OFF_CLOSED))
+        return VSC_PEER_GONE;
     produced = acct_load(acct, VSC_ACCT_OFF_PRODUCED);
     consumed = acct_load(acct, VSC_ACCT_OFF_CONSUMED);
     queued = produced > consumed ? produced - consumed : 0;
-    if (queued + total >= get64(acct + VSC_ACCT_OFF_LIMIT)) {
-        status = VMCI_ERROR_NO_RESOURCES;
-        goto out;
-    }
+    if (queued + total >= get64(acct + VSC_ACCT_OFF_LIMIT))
+        return VMCI_ERROR_NO_RESOURCES;
     /* Reserve before sending: the receiver may read the frame at once. */
     acct_store(acct, VSC_ACCT_OFF_PRODUCED, produced + total);
 
+    vsc_dg_encode_header(hdr, h);
     iov[0].iov_base = hdr;
     iov[0].iov_len = sizeof hdr;
     iov[1].iov_base = (void *)payload;
@@ -158,13 +173,62 @@ int vsc_dg_send(int sock_fd, int acct_fd, uint8_t *acct, const vsc_dg_header *h,
     } while (n < 0 && errno == EINTR);
     if (n < 0) {
         *sys_errno = errno;
-        status = send_errno_to_status(errno);
         acct_store(acct, VSC_ACCT_OFF_PRODUCED, produced);
-    } else {
-        status = (int)total;
+        return send_errno_to_status(errno);
     }
-out:
-    lock_account(acct_fd, LOCK_UN);
+    return (int)total;
+}
+
+int vsc_dg_send(int sock_fd, uint8_t *acct, const vsc_dg_header *h, const void *payload,
+                int *sys_errno)
+{
+    int status, rc;
+
+    *sys_errno = 0;
+    if (h->payload_size > VMCI_MAX_DG_PAYLOAD_SIZE)
+        return VMCI_ERROR_INVALID_ARGS;
+    if ((rc = lock_account(acct)) != 0) {
+        *sys_errno = rc;
+        return VMCI_ERROR_GENERIC;
+    }
+    status = send_locked(sock_fd, acct, h, payload, sys_errno);
+    pthread_mutex_unlock(account_lock(acct));
+    return status;
+}
+
+void vsc_link_init(vsc_link *link, int fd, uint8_t *acct, vsc_handle dst, vsc_handle src)
+{
+    link->fd = fd;
+    link->acct = acct;
+    link->header.dst = dst;
+    link->header.src = src;
+    link->header.payload_size = 0;
+}
+
+void vsc_link_close(vsc_link *link)
+{
+    int locked = lock_account(link->acct) == 0;
+
+    link->fd = -1;
+    if (locked)
+        pthread_mutex_unlock(account_lock(link->acct));
+}
+
+int vsc_link_send(vsc_link *link, const void *payload, uint64_t length, int *sys_errno)
+{
+    vsc_dg_header h = link->header;
+    int status, rc;
+
+    *sys_errno = 0;
+    if (length > VMCI_MAX_DG_PAYLOAD_SIZE)
+        return VMCI_ERROR_INVALID_ARGS;
+    h.payload_size = length;
+    if ((rc = lock_account(link->acct)) != 0) {
+        *sys_errno = rc;
+        return VMCI_ERROR_GENERIC;
+    }
+    status = send_locked(link->fd, link->acct, &h, payload, sys_errno);
+    pthread_mutex_unlock(account_lock(link->acct));
     return status;
 }
 
@@ -217,4 +281,183 @@ ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, siz
     if (h->payload_size != (uint64_t)(n - VMCI_DG_HEADERSIZE))
         return VSC_BAD_FRAME;
     return n;
+}
+
+/* Receiver */
+
+#define RX_KEY_WAKE     (-2)
+#define RX_KEY_LISTENER (-1)
+
+int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_handle self)
+{
+    struct epoll_event ev;
+
+    memset(rx, 0, sizeof *rx);
+    rx->listener_fd = listener_fd;
+    rx->wake_fd = wake_fd;
+    rx->acct = acct;
+    rx->self = self;
+    rx->last_fd = -1;
+    rx->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (rx->epfd < 0)
+        return errno;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.fd = listener_fd;
+    if (epoll_ctl(rx->epfd, EPOLL_CTL_ADD, listener_fd, &ev) < 0)
+        goto fail;
+    ev.data.fd = wake_fd;
+    if (epoll_ctl(rx->epfd, EPOLL_CTL_ADD, wake_fd, &ev) < 0)
+        goto fail;
+    return 0;
+fail:
+    {
+        int e = errno;
+        close(rx->epfd);
+        rx->epfd = -1;
+        return e;
+    }
+}
+
+void vsc_rx_destroy(vsc_rx *rx)
+{
+    if (rx->epfd >= 0)
+        close(rx->epfd);
+    rx->epfd = -1;
+    free(rx->conns);
+    rx->conns = NULL;
+    rx->nconns = 0;
+    rx->nready = 0;
+}
+
+int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src)
+{
+    struct epoll_event ev;
+
+    if (fd < 0)
+        return EBADF;
+    if (fd >= rx->nconns) {
+        int n = rx->nconns ? rx->nconns : 64, i;
+        vsc_rx_conn *grown;
+
+        while (n <= fd)
+            n *= 2;
+        grown = realloc(rx->conns, (size_t)n * sizeof *grown);
+        if (grown == NULL)
+            return ENOMEM;
+        for (i = rx->nconns; i < n; i++)
+            grown[i].fd = -1;
+        rx->conns = grown;
+        rx->nconns = n;
+    }
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (epoll_ctl(rx->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        return errno;
+    rx->conns[fd].fd = fd;
+    rx->conns[fd].src = src;
+    rx->conns[fd].seq = rx->next_seq++;
+    return 0;
+}
+
+void vsc_rx_remove(vsc_rx *rx, int fd)
+{
+    int i, j;
+
+    if (fd < 0 || fd >= rx->nconns || rx->conns[fd].fd < 0)
+        return;
+    epoll_ctl(rx->epfd, EPOLL_CTL_DEL, fd, NULL);
+    rx->conns[fd].fd = -1;
+    for (i = j = 0; i < rx->nready; i++)
+        if (rx->ready[i] != fd)
+            rx->ready[j++] = rx->ready[i];
+    rx->nready = j;
+}
+
+static int64_t rx_key(const vsc_rx *rx, int fd)
+{
+    if (fd == rx->wake_fd)
+        return RX_KEY_WAKE;
+    if (fd == rx->listener_fd)
+        return RX_KEY_LISTENER;
+    return (int64_t)rx->conns[fd].seq;
+}
+
+/* Sort ready so the smallest key is served first (it sits at the end). */
+static void rx_order(vsc_rx *rx)
+{
+    int i, j;
+
+    for (i = 1; i < rx->nready; i++) {
+        int fd = rx->ready[i];
+        int64_t key = rx_key(rx, fd);
+
+        for (j = i; j > 0 && rx_key(rx, rx->ready[j - 1]) < key; j--)
+            rx->ready[j] = rx->ready[j - 1];
+        rx->ready[j] = fd;
+    }
+}
+
+static int rx_wait(vsc_rx *rx, int timeout_ms, int *sys_errno)
+{
+    struct epoll_event events[VSC_RX_MAX_READY];
+    int n, i;
+
+    n = epoll_wait(rx->epfd, events, VSC_RX_MAX_READY, timeout_ms);
+    if (n < 0) {
+        if (errno == EINTR)
+            return VSC_INTR;
+        *sys_errno = errno;
+        return VMCI_ERROR_GENERIC;
+    }
+    if (n == 0)
+        return VSC_AGAIN;
+    rx->nready = 0;
+    for (i = 0; i < n; i++) {
+        int fd = events[i].data.fd;
+
+        if (fd == rx->wake_fd || fd == rx->listener_fd || (fd < rx->nconns && rx->conns[fd].fd >= 0))
+            rx->ready[rx->nready++] = fd;
+    }
+    if (rx->nready > 1)
+        rx_order(rx);
+    return 0;
+}
+
+ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
+                    int timeout_ms, int *sys_errno)
+{
+    vsc_dg_header h;
+    ssize_t n;
+    int fd, rc;
+
+    *sys_errno = 0;
+    for (;;) {
+        if (rx->nready == 0) {
+            rc = rx_wait(rx, timeout_ms, sys_errno);
+            if (rc != 0)
+                return rc;
+            if (rx->nready == 0)
+                continue;
+        }
+        fd = rx->ready[--rx->nready];
+        if (fd == rx->wake_fd)
+            return VSC_WAKE;
+        if (fd == rx->listener_fd)
+            return VSC_ACCEPT;
+        rx->last_fd = fd;
+        n = vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
+        if (n == VSC_AGAIN) {
+            if (rx->nready == 0)
+                return VSC_INTR; /* a spurious wake-up: the caller recomputes its timeout */
+            continue;
+        }
+        if (n < 0)
+            return n;
+        if (h.src.context != rx->conns[fd].src.context || h.src.resource != rx->conns[fd].src.resource
+            || h.dst.context != rx->self.context || h.dst.resource != rx->self.resource)
+            return VSC_FORGED;
+        return n;
+    }
 }

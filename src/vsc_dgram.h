@@ -24,9 +24,13 @@ extern "C" {
 #endif
 
 /* Status codes of the core that are not VMCI codes (below the VMCI range). */
-#define VSC_AGAIN      (-2001) /* nothing to receive right now */
+#define VSC_AGAIN      (-2001) /* nothing to receive right now (or the wait timed out) */
 #define VSC_PEER_GONE  (-2002) /* the connection or the receiving endpoint is gone */
 #define VSC_BAD_FRAME  (-2003) /* a frame whose length disagrees with its header */
+#define VSC_FORGED     (-2004) /* a frame whose handles disagree with the connection's */
+#define VSC_ACCEPT     (-2005) /* the listening socket has connections to accept */
+#define VSC_WAKE       (-2006) /* the wake-up descriptor is readable */
+#define VSC_INTR       (-2007) /* the wait was interrupted (signal, spurious wake-up): call again */
 
 /* Queue account layout (one page, shared by the receiver and its senders). */
 #define VSC_ACCT_MAGIC        0x51435356u /* "VSCQ" */
@@ -37,6 +41,8 @@ extern "C" {
 #define VSC_ACCT_OFF_PRODUCED 16  /* written only by senders, under flock */
 #define VSC_ACCT_OFF_CONSUMED 24  /* written only by the receiver */
 #define VSC_ACCT_OFF_CLOSED   32  /* set once by the receiver when it goes away */
+#define VSC_ACCT_OFF_LOCK     64  /* robust process-shared pthread mutex guarding PRODUCED */
+#define VSC_ACCT_LOCK_SIZE    64
 #define VSC_ACCT_SIZE         4096
 
 typedef struct {
@@ -53,21 +59,34 @@ typedef struct {
 void vsc_dg_encode_header(uint8_t out[VMCI_DG_HEADERSIZE], const vsc_dg_header *h);
 void vsc_dg_decode_header(const uint8_t in[VMCI_DG_HEADERSIZE], vsc_dg_header *h);
 
-/* Initialise a fresh account page for an endpoint with the given byte limit. */
-void vsc_acct_init(uint8_t *acct, uint64_t limit);
+/* Initialise a fresh account page for an endpoint with the given byte limit.
+ * Returns 0, or an errno value if the lock cannot be initialised. */
+int vsc_acct_init(uint8_t *acct, uint64_t limit);
 void vsc_acct_close(uint8_t *acct);
 uint64_t vsc_acct_queued(const uint8_t *acct);
 
 /*
  * Send one datagram on a connected SOCK_SEQPACKET socket without blocking.
- * Reserves the frame in the receiver's account first (under flock(acct_fd)),
- * so the receiver can never observe a frame that is not yet counted.
+ * Reserves the frame in the receiver's account first (under the account's
+ * lock), so the receiver can never observe a frame that is not yet counted.
  * Returns the frame size (header included) on success, VMCI_ERROR_NO_RESOURCES
  * when the receiver's queue is full, VSC_PEER_GONE when the receiver is gone,
  * another VMCI error code otherwise; *sys_errno receives errno (0 if none).
  */
-int vsc_dg_send(int sock_fd, int acct_fd, uint8_t *acct, const vsc_dg_header *h,
-                const void *payload, int *sys_errno);
+int vsc_dg_send(int sock_fd, uint8_t *acct, const vsc_dg_header *h, const void *payload,
+                int *sys_errno);
+
+/* A link: one sender endpoint's connection to one receiver, with its header template. */
+typedef struct {
+    int fd;         /* -1 once closed; changed only under the account's lock */
+    uint8_t *acct;  /* the receiver's account page */
+    vsc_dg_header header;
+} vsc_link;
+
+void vsc_link_init(vsc_link *link, int fd, uint8_t *acct, vsc_handle dst, vsc_handle src);
+/* Mark the link closed; waits for a send in progress on it. The caller then closes the fd. */
+void vsc_link_close(vsc_link *link);
+int vsc_link_send(vsc_link *link, const void *payload, uint64_t length, int *sys_errno);
 
 /*
  * Receive one frame without blocking. The payload is scattered into buf, then
@@ -78,6 +97,45 @@ int vsc_dg_send(int sock_fd, int acct_fd, uint8_t *acct, const vsc_dg_header *h,
  */
 ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, size_t buf_len,
                     void *spill, size_t spill_len, int *sys_errno);
+
+/*
+ * A receiver: the connections senders opened to one endpoint, multiplexed with
+ * epoll. The oldest connection is served first, so a sender that reconnects
+ * cannot overtake its own datagrams still queued on the old connection.
+ */
+typedef struct {
+    int fd;          /* -1: slot unused */
+    vsc_handle src;  /* the kernel-verified sender */
+    uint64_t seq;    /* accept order */
+} vsc_rx_conn;
+
+#define VSC_RX_MAX_READY 64
+
+typedef struct {
+    int epfd, listener_fd, wake_fd;
+    uint8_t *acct;
+    vsc_handle self;
+    vsc_rx_conn *conns;  /* indexed by fd */
+    int nconns;          /* slots allocated */
+    int ready[VSC_RX_MAX_READY];
+    int nready;          /* ready[nready - 1] is served next */
+    uint64_t next_seq;
+    int last_fd;         /* the connection of the last status that names one */
+} vsc_rx;
+
+int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_handle self);
+void vsc_rx_destroy(vsc_rx *rx);
+int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src);
+void vsc_rx_remove(vsc_rx *rx, int fd);
+/*
+ * Wait up to timeout_ms (-1: forever) and receive one frame into buf, then spill.
+ * Returns the frame size (>= 24; rx->last_fd names its connection, whose
+ * handles the frame carries), VSC_AGAIN on timeout, VSC_ACCEPT, VSC_WAKE,
+ * VSC_INTR, or VSC_PEER_GONE / VSC_BAD_FRAME / VSC_FORGED / a VMCI error code
+ * for the connection rx->last_fd (the caller removes it).
+ */
+ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
+                    int timeout_ms, int *sys_errno);
 
 #ifdef __cplusplus
 }

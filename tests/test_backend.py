@@ -59,8 +59,13 @@ def test_both_cores_have_the_same_signatures():
             assert _parameters(a) == _parameters(b), name
         elif not inspect.isclass(b) and name != "NAME":
             assert a == b, name
-    for method in ("initialise", "is_valid", "mark_closed", "queued", "release_memory"):
-        assert _parameters(getattr(cy.Account, method)) == _parameters(getattr(py.Account, method)), method
+    methods = {"Account": ("initialise", "is_valid", "mark_closed", "queued", "release_memory"),
+               "Link": ("send", "close"),
+               "Receiver": ("fileno", "add", "remove", "recv", "close")}
+    for cls, names in methods.items():
+        for method in names:
+            a, b = getattr(getattr(cy, cls), method), getattr(getattr(py, cls), method)
+            assert _parameters(a) == _parameters(b), "%s.%s" % (cls, method)
 
 
 def test_unknown_core_name():

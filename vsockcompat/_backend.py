@@ -8,6 +8,9 @@ CORE_API = (
     "AGAIN",
     "PEER_GONE",
     "BAD_FRAME",
+    "FORGED",
+    "ACCEPT",
+    "WAKE",
     "ACCOUNT_SIZE",
     "ACCOUNT_MAGIC",
     "ACCOUNT_VERSION",
@@ -17,6 +20,13 @@ CORE_API = (
     "Account",
     "send_datagram",
     "recv_datagram",
+    "Link",
+    "Receiver",
+    "QP_PAGE_SIZE",
+    "QP_MAX_RING_SIZE",
+    "QP_WAITING_READ",
+    "QP_WAITING_WRITE",
+    "Ring",
 )
 
 _MODULES = {"cython": "vsockcompat._cvsc", "pure": "vsockcompat._pure"}

@@ -15,6 +15,9 @@ NAME: str  # "cython" or "pure"
 AGAIN: int
 PEER_GONE: int
 BAD_FRAME: int
+FORGED: int
+ACCEPT: int
+WAKE: int
 ACCOUNT_SIZE: int
 ACCOUNT_MAGIC: int
 ACCOUNT_VERSION: int
@@ -55,3 +58,81 @@ def send_datagram(
 def recv_datagram(
     sock: socket.socket, account: Account, buf: WritableBuffer, spill: WritableBuffer
 ) -> Tuple[int, Optional[HeaderFields]]: ...
+
+class Link:
+    def __init__(
+        self,
+        sock: socket.socket,
+        account: Account,
+        dst_context: int,
+        dst_resource: int,
+        src_context: int,
+        src_resource: int,
+    ) -> None: ...
+    def send(self, payload: Buffer, length: int) -> int: ...
+    def close(self) -> None: ...
+
+class Receiver:
+    last_fd: int
+    def __init__(
+        self, listener: socket.socket, wake_fd: int, account: Account, self_context: int, self_resource: int
+    ) -> None: ...
+    def fileno(self) -> int: ...
+    def add(self, sock: socket.socket, src_context: int, src_resource: int) -> None: ...
+    def remove(self, fd: int) -> None: ...
+    def recv(self, buf: WritableBuffer, spill: WritableBuffer, timeout: Optional[float]) -> int: ...
+    def close(self) -> None: ...
+
+# Queue-pair rings (vmci-sdk.md sections 3.4 and 11.2; layout in src/vsc_ring.h).
+# A queue is a 4096-byte header page (VMCIQueueHeader at offset 0: handle,
+# producerTail, consumerHead; a private u64 of waiting bits at offset 64)
+# followed by its data area; a queue of size S holds at most S - 1 bytes.
+QP_PAGE_SIZE: int  # 4096: header page, and offset of the data area in a queue
+QP_MAX_RING_SIZE: int  # sizes must be below this (2**62)
+QP_WAITING_READ: int  # waiting bit: the owner sleeps until its consume queue has data
+QP_WAITING_WRITE: int  # waiting bit: the owner sleeps until its produce queue has space
+
+class Ring:
+    """One endpoint's view of a queue pair over two writable, 8-byte aligned buffers.
+
+    ``produce_q`` (this end writes) and ``consume_q`` (the peer writes) each hold
+    a header page plus their size; the peer builds its Ring with the two swapped.
+    Every index read from shared memory is validated: an index >= its queue's
+    size gives VMCI_ERROR_INVALID_SIZE and nothing is copied. A zero-size queue
+    has no space and no data. Results are counts (>= 0) or negative VMCI codes.
+    Bad sizes or buffers raise TypeError, OverflowError, ValueError or BufferError.
+    Not thread-safe: one producer and one consumer per end.
+    """
+
+    produce_size: int
+    consume_size: int
+    def __init__(self, produce_q: WritableBuffer, consume_q: WritableBuffer,
+                 produce_size: int, consume_size: int) -> None: ...
+    def initialise(self, context: int, resource: int) -> None:
+        """Fresh headers in both queues: the handle, indexes 0, nobody waiting (creator only)."""
+    def produce_free_space(self) -> int: ...
+    def produce_buf_ready(self) -> int: ...
+    def consume_buf_ready(self) -> int: ...
+    def consume_free_space(self) -> int: ...
+    def enqueue(self, buf: Buffer) -> int:
+        """Write min(len, free) bytes; the count, or QUEUEPAIR_NOSPACE when free == 0."""
+    def enqueue_many(self, bufs: "list[Buffer]") -> int:
+        """Write whole buffers in order while each fits, publishing the tail once.
+
+        The number written (0 for an empty list), QUEUEPAIR_NOSPACE if the first does not fit.
+        """
+    def dequeue_into(self, buf: WritableBuffer) -> int:
+        """Read min(len, ready) bytes; the count, or QUEUEPAIR_NODATA when ready == 0."""
+    def peek_into(self, buf: WritableBuffer) -> int: ...
+    def dequeue(self, n: int) -> "bytes | int":
+        """min(n, ready) bytes, or a negative code (QUEUEPAIR_NODATA, INVALID_SIZE)."""
+    def peek(self, n: int) -> "bytes | int": ...
+    def produce_indexes(self) -> Tuple[int, int]:
+        """Raw (producerTail, peer's consumerHead) of the produce queue, not validated."""
+    def consume_indexes(self) -> Tuple[int, int]:
+        """Raw (peer's producerTail, our consumerHead) of the consume queue, not validated."""
+    def set_waiting(self, bits: int) -> None:
+        """Publish our waiting bits, then a full fence."""
+    def peer_waiting(self) -> int:
+        """A full fence, then the peer's waiting bits."""
+    def release_memory(self) -> None: ...

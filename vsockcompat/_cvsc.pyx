@@ -16,9 +16,20 @@ cdef extern from "vsc_dgram.h" nogil:
         vsc_handle src
         uint64_t payload_size
 
+    ctypedef struct vsc_link:
+        int fd
+
+    ctypedef struct vsc_rx:
+        int epfd
+        int last_fd
+
     int VSC_AGAIN
     int VSC_PEER_GONE
     int VSC_BAD_FRAME
+    int VSC_FORGED
+    int VSC_ACCEPT
+    int VSC_WAKE
+    int VSC_INTR
     int VSC_ACCT_SIZE
     unsigned int VSC_ACCT_MAGIC
     unsigned int VSC_ACCT_VERSION
@@ -29,19 +40,35 @@ cdef extern from "vsc_dgram.h" nogil:
 
     void vsc_dg_encode_header(uint8_t *out, const vsc_dg_header *h)
     void vsc_dg_decode_header(const uint8_t *inp, vsc_dg_header *h)
-    void vsc_acct_init(uint8_t *acct, uint64_t limit)
+    int vsc_acct_init(uint8_t *acct, uint64_t limit)
     void vsc_acct_close(uint8_t *acct)
     uint64_t vsc_acct_queued(const uint8_t *acct)
-    int vsc_dg_send(int sock_fd, int acct_fd, uint8_t *acct, const vsc_dg_header *h,
-                    const void *payload, int *sys_errno)
+    int vsc_dg_send(int sock_fd, uint8_t *acct, const vsc_dg_header *h, const void *payload,
+                    int *sys_errno)
     ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, size_t buf_len,
                         void *spill, size_t spill_len, int *sys_errno)
+    void vsc_link_init(vsc_link *link, int fd, uint8_t *acct, vsc_handle dst, vsc_handle src)
+    void vsc_link_close(vsc_link *link)
+    int vsc_link_send(vsc_link *link, const void *payload, uint64_t length, int *sys_errno)
+    int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_handle self)
+    void vsc_rx_destroy(vsc_rx *rx)
+    int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src)
+    void vsc_rx_remove(vsc_rx *rx, int fd)
+    ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
+                        int timeout_ms, int *sys_errno)
+
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals() except -1
 
 
 NAME = "cython"
 AGAIN = VSC_AGAIN
 PEER_GONE = VSC_PEER_GONE
 BAD_FRAME = VSC_BAD_FRAME
+FORGED = VSC_FORGED
+ACCEPT = VSC_ACCEPT
+WAKE = VSC_WAKE
 ACCOUNT_SIZE = VSC_ACCT_SIZE
 ACCOUNT_MAGIC = VSC_ACCT_MAGIC
 ACCOUNT_VERSION = VSC_ACCT_VERSION
@@ -125,7 +152,9 @@ cdef class Account:
         return self._page
 
     def initialise(self, uint64_t limit):
-        vsc_acct_init(self.page(), limit)
+        cdef int rc = vsc_acct_init(self.page(), limit)
+        if rc != 0:
+            raise OSError(rc, "cannot initialise the account lock")
 
     def is_valid(self):
         cdef uint8_t *p = self.page()
@@ -159,17 +188,158 @@ def send_datagram(sock, Account account not None, uint32_t dst_context, uint32_t
     cdef vsc_dg_header h
     cdef int rc, err, fd = sock.fileno()
     cdef uint8_t *page = account.page()
-    cdef int acct_fd = account.fd
     PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
     try:
         if length < 0 or length > view.len:
             return VMCI_ERROR_INVALID_ARGS
         _fill(&h, dst_context, dst_resource, src_context, src_resource, <uint64_t>length)
         with nogil:
-            rc = vsc_dg_send(fd, acct_fd, page, &h, view.buf, &err)
+            rc = vsc_dg_send(fd, page, &h, view.buf, &err)
     finally:
         PyBuffer_Release(&view)
     return rc
+
+
+cdef class Link:
+    """One endpoint's connection to one receiver: ``send`` is the datagram fast path.
+
+    Thread-safe: sends and ``close`` serialise on the receiver's account lock.
+    """
+
+    cdef vsc_link _link
+    cdef object _sock
+    cdef Account _account
+
+    def __cinit__(self, sock, Account account not None, uint32_t dst_context, uint32_t dst_resource,
+                  uint32_t src_context, uint32_t src_resource):
+        cdef vsc_handle dst, src
+        dst.context = dst_context
+        dst.resource = dst_resource
+        src.context = src_context
+        src.resource = src_resource
+        vsc_link_init(&self._link, sock.fileno(), account.page(), dst, src)
+        self._sock = sock
+        self._account = account
+
+    def send(self, payload, Py_ssize_t length):
+        """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``)."""
+        cdef Py_buffer view
+        cdef int rc, err
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        if length < 0 or length > view.len:
+            PyBuffer_Release(&view)
+            return VMCI_ERROR_INVALID_ARGS
+        with nogil:
+            rc = vsc_link_send(&self._link, view.buf, <uint64_t>length, &err)
+        PyBuffer_Release(&view)
+        return rc
+
+    def close(self):
+        """Stop sending (waits for a send in progress); the caller then closes the socket."""
+        with nogil:
+            vsc_link_close(&self._link)
+
+
+cdef class Receiver:
+    """The connections senders opened to one endpoint, served oldest first (``vsc_rx``)."""
+
+    cdef vsc_rx _rx
+    cdef bint _ready
+    cdef Account _account
+    cdef dict _socks
+
+    def __cinit__(self, listener, int wake_fd, Account account not None, uint32_t self_context,
+                  uint32_t self_resource):
+        cdef vsc_handle me
+        me.context = self_context
+        me.resource = self_resource
+        rc = vsc_rx_init(&self._rx, listener.fileno(), wake_fd, account.page(), me)
+        if rc != 0:
+            raise OSError(rc, "cannot create the receiver's epoll instance")
+        self._ready = True
+        self._account = account
+        self._socks = {}
+
+    def __dealloc__(self):
+        if self._ready:
+            vsc_rx_destroy(&self._rx)
+
+    @property
+    def last_fd(self):
+        return self._rx.last_fd
+
+    def fileno(self):
+        return self._rx.epfd
+
+    def add(self, sock, uint32_t src_context, uint32_t src_resource):
+        """Serve ``sock``, whose sender the kernel says is ``(src_context, src_resource)``."""
+        cdef vsc_handle src
+        cdef int fd = sock.fileno()
+        src.context = src_context
+        src.resource = src_resource
+        rc = vsc_rx_add(&self._rx, fd, src)
+        if rc != 0:
+            raise OSError(rc, "cannot watch connection %d" % fd)
+        self._socks[fd] = sock
+
+    def remove(self, int fd):
+        """Stop serving the connection ``fd`` (the caller closes it)."""
+        vsc_rx_remove(&self._rx, fd)
+        self._socks.pop(fd, None)
+
+    def recv(self, buf, spill, timeout):
+        """Receive one frame, waiting up to ``timeout`` seconds (None: forever).
+
+        Returns the frame size (``last_fd`` names the connection), AGAIN on
+        timeout, ACCEPT, WAKE, or PEER_GONE / BAD_FRAME / FORGED / a VMCI code
+        for the connection ``last_fd``.
+        """
+        cdef Py_buffer bview, sview
+        cdef ssize_t n
+        cdef int err, timeout_ms
+        cdef double deadline = 0
+        if not self._ready:
+            raise ValueError("the receiver is closed")
+        if timeout is None or timeout < 0:
+            timeout_ms = -1
+        else:
+            deadline = _monotonic() + timeout
+            timeout_ms = _millis(timeout)
+        PyObject_GetBuffer(buf, &bview, PyBUF_WRITABLE)
+        try:
+            PyObject_GetBuffer(spill, &sview, PyBUF_WRITABLE)
+            try:
+                while True:
+                    with nogil:
+                        n = vsc_rx_recv(&self._rx, bview.buf, <size_t>bview.len, sview.buf,
+                                        <size_t>sview.len, timeout_ms, &err)
+                    if n != VSC_INTR:
+                        return n
+                    PyErr_CheckSignals()
+                    if timeout_ms > 0:
+                        timeout_ms = _millis(deadline - _monotonic())
+            finally:
+                PyBuffer_Release(&sview)
+        finally:
+            PyBuffer_Release(&bview)
+
+    def close(self):
+        if self._ready:
+            self._ready = False
+            vsc_rx_destroy(&self._rx)
+            self._socks.clear()
+
+
+from time import monotonic as _monotonic
+
+
+cdef inline int _millis(double seconds):
+    """Milliseconds to wait, rounded up so a wait never ends early; 0 if the time is up."""
+    if seconds <= 0:
+        return 0
+    if seconds > 2000000:
+        return 2000000000
+    return <int>(seconds * 1000.0 + 0.999)
 
 
 def recv_datagram(sock, Account account not None, buf, spill):
@@ -198,3 +368,6 @@ def recv_datagram(sock, Account account not None, buf, spill):
     if n < 0:
         return n, None
     return n, (h.dst.context, h.dst.resource, h.src.context, h.src.resource, h.payload_size)
+
+
+include "_cring.pxi"

@@ -59,12 +59,14 @@ class EndpointStats:
         return "EndpointStats(%s)" % ", ".join("%s=%d" % kv for kv in self.as_dict().items())
 
 
-class _LinkState:
-    __slots__ = ("link", "lock")
+class _OpenLink:
+    """A cached link: the core's sender (the fast path) over the transport's connection."""
 
-    def __init__(self, link):
+    __slots__ = ("sender", "link")
+
+    def __init__(self, sender, link):
+        self.sender = sender
         self.link = link
-        self.lock = threading.Lock()
 
 
 def _byte_view(buf, writable: bool) -> memoryview:
@@ -96,19 +98,15 @@ class DatagramEndpoint:
         self.handle: VMCIHandle = self._bound.handle
         self.stats = EndpointStats()
         self._listener = self._bound.listener
-        self._listener_fd = self._listener.fileno()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._epoll = select.epoll()
-        self._epoll.register(self._listener_fd, select.EPOLLIN)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._rx = self._core.Receiver(self._listener, self._wake_r, self._bound.account,
+                                       self.handle.context, self.handle.resource)
         self._conns: Dict[int, tuple] = {}
-        self._links: Dict[VMCIHandle, _LinkState] = {}
+        self._links: Dict[VMCIHandle, _OpenLink] = {}
         self._link_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._ready: list = []
-        self._accepted = 0
         self._held: Optional[Datagram] = None
         self._spill = bytearray(_SPILL_SIZE)
         self._closing = False
@@ -133,7 +131,7 @@ class DatagramEndpoint:
                     state = self._open_link(dst)
                 except VMCIError as exc:
                     return exc.code
-            rc = self._send_on(state, dst, buf, length)
+            rc = state.sender.send(buf, length)
             if rc != self._core.PEER_GONE:
                 if rc >= 0:
                     self.stats.sent += 1
@@ -141,12 +139,6 @@ class DatagramEndpoint:
             self._close_link(dst, state)
             state = None
         return VMCI_ERROR_INVALID_RESOURCE
-
-    def _send_on(self, state: _LinkState, dst: VMCIHandle, buf, length: int) -> int:
-        handle = self.handle
-        with state.lock:
-            return self._core.send_datagram(
-                state.link.sock, state.link.account, dst[0], dst[1], handle[0], handle[1], buf, length)
 
     def send(self, dst, data, length: Optional[int] = None) -> int:
         """Send a datagram to ``dst``; return the payload length sent. Raises VMCIError."""
@@ -164,7 +156,7 @@ class DatagramEndpoint:
         check(self.send_status(dst, view, length))
         return length
 
-    def _open_link(self, dst: VMCIHandle) -> _LinkState:
+    def _open_link(self, dst: VMCIHandle) -> _OpenLink:
         with self._link_lock:
             state = self._links.get(dst)
             if state is not None:
@@ -175,8 +167,9 @@ class DatagramEndpoint:
         with self._link_lock:
             state = self._links.get(dst)
             if state is None:
-                state = _LinkState(self._transport.connect(self.handle, dst))
-                self._links[dst] = state
+                link = self._transport.connect(self.handle, dst)
+                sender = self._core.Link(link.sock, link.account, dst[0], dst[1], *self.handle)
+                state = self._links[dst] = _OpenLink(sender, link)
             return state
 
     def _stale_links(self) -> list:
@@ -202,14 +195,13 @@ class DatagramEndpoint:
         if state is not None:
             self._close_link(dst, state)
 
-    def _close_link(self, dst: VMCIHandle, state: _LinkState) -> None:
+    def _close_link(self, dst: VMCIHandle, state: _OpenLink) -> None:
         with self._link_lock:
-            if self._links.get(dst) is state:
-                del self._links[dst]
-            else:
+            if self._links.get(dst) is not state:
                 return
-        with state.lock:
-            self._transport.disconnect(self.handle, state.link)
+            del self._links[dst]
+        state.sender.close()
+        self._transport.disconnect(self.handle, state.link)
 
     # Receiving
 
@@ -227,67 +219,35 @@ class DatagramEndpoint:
             if self._held is not None:
                 return self._deliver_held(buf)
             deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-            core = self._core
-            ready = self._ready
-            me = self.handle
-            polled = False
+            core, rx = self._core, self._rx
+            wait = timeout
             while True:
-                while ready:
-                    fd = ready.pop()
-                    entry = self._conns.get(fd)
-                    if entry is None:
-                        if fd == self._listener_fd:
-                            ready[:0] = self._accept()[::-1]
-                        elif fd == self._wake_r:
-                            self._drain_wake()
-                            if self._closing:
-                                return VMCI_ERROR_NO_MORE_DATAGRAMS, None
-                        continue
-                    sock, peer, _ = entry
-                    status, fields = core.recv_datagram(sock, self._bound.account, buf, self._spill)
-                    if status >= 0:
-                        src = peer.handle
-                        if fields[2] != src[0] or fields[3] != src[1] or fields[0] != me[0] or fields[1] != me[1]:
-                            self.stats.forged += 1
-                            self._drop_conn(fd)
-                            continue
-                        self.stats.received += 1
-                        self.last_peer = peer
-                        n = status - VMCI_DG_HEADERSIZE
-                        if n > len(buf):
-                            self._held = Datagram(src, bytes(buf) + bytes(self._spill[: n - len(buf)]))
-                            return VMCI_ERROR_NO_MEM, None
-                        return n, src
-                    if status == core.AGAIN:
-                        continue
-                    if status == core.BAD_FRAME:
+                status = rx.recv(buf, self._spill, wait)
+                if status >= 0:
+                    peer = self._conns[rx.last_fd][1]
+                    self.last_peer = peer
+                    self.stats.received += 1
+                    n = status - VMCI_DG_HEADERSIZE
+                    if n > len(buf):
+                        self._held = Datagram(peer.handle, bytes(buf) + bytes(self._spill[: n - len(buf)]))
+                        return VMCI_ERROR_NO_MEM, None
+                    return n, peer.handle
+                if status == core.AGAIN:
+                    return VMCI_ERROR_TIMEOUT, None
+                if status == core.ACCEPT:
+                    self._accept()
+                elif status == core.WAKE:
+                    self._drain_wake()
+                    if self._closing:
+                        return VMCI_ERROR_NO_MORE_DATAGRAMS, None
+                else:
+                    if status == core.FORGED:
+                        self.stats.forged += 1
+                    elif status == core.BAD_FRAME:
                         self.stats.bad_frames += 1
-                    self._drop_conn(fd)
-                if deadline is None:
-                    wait = -1.0
-                else:
-                    wait = deadline - time.monotonic()
-                    if wait <= 0:
-                        if polled:
-                            return VMCI_ERROR_TIMEOUT, None
-                        wait = 0.0
-                events = self._epoll.poll(wait)
-                if len(events) == 1:
-                    ready.append(events[0][0])
-                else:
-                    ready.extend(sorted((fd for fd, _ in events), key=self._age, reverse=True))
-                polled = True
-
-    def _age(self, fd: int) -> int:
-        """Service order: wake-up, then new connections, then connections oldest first.
-
-        A sender that reconnects may still have datagrams queued on its old
-        connection; serving older connections first keeps its order.
-        """
-        entry = self._conns.get(fd)
-        if entry is not None:
-            return entry[2]
-        return -2 if fd == self._wake_r else -1
+                    self._drop_conn(rx.last_fd)
+                if deadline is not None:
+                    wait = max(deadline - time.monotonic(), 0.0)
 
     def _deliver_held(self, buf):
         held = self._held
@@ -338,18 +298,17 @@ class DatagramEndpoint:
         self._receiver.start()
         return self._receiver
 
-    def _accept(self) -> list:
-        """Accept every pending connection from an identifiable peer; return their fds."""
-        accepted = []
+    def _accept(self) -> None:
+        """Accept every pending connection; serve those whose sender the transport can identify."""
         while True:
             try:
                 conn, _ = self._listener.accept()
             except BlockingIOError:
-                return accepted
+                return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("endpoint %s cannot accept a connection: %s", self.handle, exc)
-                    return accepted
+                    return
                 raise
             try:
                 peer = self._transport.identify(conn, self.handle)
@@ -360,15 +319,12 @@ class DatagramEndpoint:
                 conn.close()
                 continue
             conn.setblocking(False)
-            self._accepted += 1
-            self._conns[conn.fileno()] = (conn, peer, self._accepted)
-            self._epoll.register(conn.fileno(), select.EPOLLIN)
-            accepted.append(conn.fileno())
+            self._conns[conn.fileno()] = (conn, peer)
+            self._rx.add(conn, *peer.handle)
 
     def _drop_conn(self, fd: int) -> None:
-        conn = self._conns.pop(fd)[0]
-        self._epoll.unregister(fd)
-        conn.close()
+        self._rx.remove(fd)
+        self._conns.pop(fd)[0].close()
 
     def _drain_wake(self) -> None:
         try:
@@ -380,7 +336,7 @@ class DatagramEndpoint:
     # Life cycle
 
     def fileno(self) -> int:
-        return self._epoll.fileno()
+        return self._rx.fileno()
 
     @property
     def closed(self) -> bool:
@@ -405,15 +361,15 @@ class DatagramEndpoint:
             receiver.join()
         with self._recv_lock:
             self._transport.unbind(self._bound)
-            for entry in self._conns.values():
-                entry[0].close()
+            self._rx.close()
+            for conn, _ in self._conns.values():
+                conn.close()
             self._conns.clear()
             with self._link_lock:
                 links, self._links = self._links, {}
             for state in links.values():
-                with state.lock:
-                    self._transport.disconnect(self.handle, state.link)
-            self._epoll.close()
+                state.sender.close()
+                self._transport.disconnect(self.handle, state.link)
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._closed = True
