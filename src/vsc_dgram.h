@@ -41,6 +41,8 @@ extern "C" {
 #define VSC_ACCT_OFF_PRODUCED 16  /* written only by senders, under flock */
 #define VSC_ACCT_OFF_CONSUMED 24  /* written only by the receiver */
 #define VSC_ACCT_OFF_CLOSED   32  /* set once by the receiver when it goes away */
+#define VSC_ACCT_OFF_OWNER_PID   40  /* u64: pid of the endpoint's owner */
+#define VSC_ACCT_OFF_OWNER_START 48  /* u64: its start time, /proc/<pid>/stat field 22 */
 #define VSC_ACCT_OFF_LOCK     64  /* robust process-shared pthread mutex guarding PRODUCED */
 #define VSC_ACCT_LOCK_SIZE    64
 #define VSC_ACCT_SIZE         4096

@@ -21,8 +21,6 @@ import socket
 import struct
 from typing import Callable, Dict, Iterator, List, Optional, TypeVar
 
-import psutil
-
 from ..constants import (
     VMCI_HYPERVISOR_CONTEXT_ID,
     VMCI_INVALID_ID,
@@ -39,7 +37,7 @@ _ID = r"(0|[1-9][0-9]{0,9})"
 _LINK_NAME = re.compile(r"%s/%s-%s\.%s" % (_ID, _ID, _ID, _ID))
 _ENDPOINT_NAME = re.compile(_ID)
 _FIRST_AUTO_RID = VMCI_RESERVED_RESOURCE_ID_MAX + 1
-_OWNER_PID_WORD, _OWNER_START_WORD = 5, 6
+_OWNER_PID_WORD, _OWNER_START_WORD = 5, 6  # VSC_ACCT_OFF_OWNER_PID / _START (src/vsc_dgram.h)
 _CREDS = struct.Struct("3i")
 _SNDBUF_WANTED = 4 << 20
 T = TypeVar("T")
@@ -53,8 +51,15 @@ def _sndbuf_size() -> int:
         return _SNDBUF_WANTED
 
 
-def _process_start_ms(pid: int) -> int:
-    return int(psutil.Process(pid).create_time() * 1000)
+def process_start_ticks(pid: int) -> int:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat).
+
+    Exact and stable, so a process id reused by another process never matches;
+    the C core reads the same field. Raises OSError if there is no such process.
+    """
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
 def _next_rid(rid: int) -> int:
@@ -79,7 +84,7 @@ class LocalTransport(Transport):
         self._cid = cid
         self._core = core
         self._sndbuf = _sndbuf_size()
-        self._my_start = _process_start_ms(os.getpid())
+        self._my_start = process_start_ticks(os.getpid())
         self._kinds: Dict[str, Callable[[str], bool]] = {}
 
     @property
@@ -338,6 +343,6 @@ class LocalTransport(Transport):
         if pid == os.getpid():
             return start == self._my_start
         try:
-            return _process_start_ms(pid) == start
-        except (psutil.Error, ValueError, OverflowError):
+            return pid > 0 and process_start_ticks(pid) == start
+        except (OSError, ValueError, IndexError):
             return False
