@@ -123,6 +123,9 @@ typedef struct {
     int nready;          /* ready[nready - 1] is served next */
     uint64_t next_seq;
     int last_fd;         /* the connection of the last status that names one */
+    int nlive;           /* connections being served */
+    int only_fd;         /* the connection, when nlive == 1 */
+    int skips;           /* epoll_wait calls skipped in a row (bounded) */
 } vsc_rx;
 
 int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_handle self);
