@@ -118,3 +118,28 @@ def fd_guard():
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shm_leak_guard():
+    """Fails the session if a /dev/shm/vsc.<uid>.* object made during it outlives its runtime
+    directory (nothing can reclaim it then); removes such objects. Objects of runtime
+    directories that still exist (other sessions running now) are left alone."""
+    from vsockcompat.sharedmem import SHM_DIR, shm_prefix
+
+    def objects():
+        prefix = "vsc.%d." % os.getuid()
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(prefix)} if os.path.isdir(SHM_DIR) else set()
+
+    before = objects()
+    yield
+    tmp = tempfile.gettempdir()
+    live = {shm_prefix(os.path.join(tmp, n)) for n in os.listdir(tmp) if os.path.isdir(os.path.join(tmp, n))}
+    leaked = sorted(n for n in objects() - before if not any(n.startswith(p) for p in live))
+    for name in leaked:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+    if leaked:
+        pytest.fail("shared memory objects left in %s: %s" % (SHM_DIR, ", ".join(leaked)), pytrace=False)

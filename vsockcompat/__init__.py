@@ -38,7 +38,12 @@ from .sdk import (
     VMCIDs_Register,
     VMCIDs_Unregister,
     VMCILibrary,
+    VMCISharedMem_Attach,
+    VMCISharedMem_Create,
+    VMCISharedMem_Detach,
+    VMCISharedMem_Query,
 )
+from .sharedmem import SharedRegion
 from ._version import __version__
 
 BACKEND = default_runtime().backend

@@ -1,4 +1,4 @@
-"""The ``vsockcompat`` command: demo, info, ds, datagram-app, bench."""
+"""The ``vsockcompat`` command: demo, info, ds, datagram-app, sharedmem-app, gc, bench."""
 import argparse
 import json
 import os
@@ -11,7 +11,7 @@ import time
 
 from ._version import __version__
 
-_COMMANDS = ("demo", "info", "ds", "datagram-app", "bench")
+_COMMANDS = ("demo", "info", "ds", "datagram-app", "sharedmem-app", "gc", "bench")
 
 
 def _package_env(extra):
@@ -144,6 +144,8 @@ def main(argv=None):
         print("  info          show backend, transport, context and the discovery registry (--json)")
         print("  ds            run the discovery-service daemon")
         print("  datagram-app  the SDK's datagramApp sample: -s (server) or -c (client) [-d DEV]")
+        print("  sharedmem-app the SDK's sharedMemApp sample: -s (server) or -c (client) [-d DEV]")
+        print("  gc            reclaim shared memory regions whose users all died")
         print("  bench         measure datagram round trips and rates against raw sockets")
         return 0 if argv else 2
     if argv[0] == "--version":
@@ -160,6 +162,12 @@ def main(argv=None):
     if command == "datagram-app":
         from .apps.datagram_app import main as app_main
         return app_main(rest)
+    if command == "sharedmem-app":
+        from .apps.sharedmem_app import main as app_main
+        return app_main(rest)
+    if command == "gc":
+        from .sharedmem import main as gc_main
+        return gc_main(rest)
     if command == "bench":
         from .bench import main as bench_main
         return bench_main(rest)

@@ -148,7 +148,8 @@ def _remove_files(base: str) -> None:
                 os.unlink(os.path.join(cdir, name))
 
 
-def _registered(transport) -> None:
+def register_kind(transport) -> None:
+    """Teach ``transport``'s id allocation about queue pairs (ids taken while an end lives)."""
     rundir = transport.rundir
 
     def alive(marker: str) -> bool:
@@ -272,7 +273,7 @@ class QueuePair:
         transport = runtime.transport
         if not hasattr(transport, "add_resource_kind"):
             raise Unavailable("the %s transport has no queue pairs" % transport.name)
-        _registered(transport)
+        register_kind(transport)
         for _ in range(3):
             if handle is not None:
                 qp = cls._attach(runtime, handle, produce_size, consume_size, flags)

@@ -31,7 +31,14 @@ class Runtime:
         if self._transport is None:
             with self._lock:
                 if self._transport is None:
-                    self._transport = open_transport(self.settings, self.core)
+                    transport = open_transport(self.settings, self.core)
+                    if hasattr(transport, "add_resource_kind"):
+                        # Every kind of resource shares one id space per context.
+                        from . import queuepair, sharedmem
+
+                        sharedmem.register_kind(transport)
+                        queuepair.register_kind(transport)
+                    self._transport = transport
         return self._transport
 
     def __repr__(self):

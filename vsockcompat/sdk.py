@@ -1,7 +1,9 @@
 """The legacy SDK calls, under their SDK names, returning SDK codes.
 
 Out-parameters of the C API are returned: ``VMCIDatagram_RecvFrom(h, buf)``
-returns ``(rv, src)`` and ``VMCIDs_Lookup(name)`` returns ``(rv, handle)``.
+returns ``(rv, src)`` and ``VMCIDs_Lookup(name)`` returns ``(rv, handle)``;
+``VMCISharedMem_Create(size)`` returns ``(handle, view)``, ``VMCISharedMem_Query(h)``
+``(rv, size)`` and ``VMCISharedMem_Attach(h, size)`` ``(rv, view)``.
 Nothing here raises for bad input: every failure is a VMCI code (or
 ``VMCI_INVALID_HANDLE`` where the SDK returns a handle). Choices where the SDK
 is silent are listed in README.rst ("Where the SDK is silent").
@@ -15,6 +17,7 @@ from typing import Dict, Optional, Tuple
 
 from . import ds_client
 from .constants import (
+    VMCI_ERROR_ALREADY_EXISTS,
     VMCI_ERROR_DEVICE_NOT_FOUND,
     VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_NOT_FOUND,
@@ -27,6 +30,7 @@ from .datagram import DatagramEndpoint
 from .errors import VMCIError
 from .handles import VMCI_INVALID_HANDLE, VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
+from .sharedmem import SharedRegion, query as _shm_query
 from .transport import TransportUnavailable
 
 _NO_HANDLE = (VMCI_ERROR_INVALID_ARGS, VMCI_INVALID_HANDLE)
@@ -50,6 +54,7 @@ class VMCILibrary:
         self._runtime = runtime
         self._initialised = False
         self._endpoints: Dict[VMCIHandle, DatagramEndpoint] = {}
+        self._regions: Dict[VMCIHandle, SharedRegion] = {}
         self._lock = threading.Lock()
 
     @property
@@ -77,12 +82,16 @@ class VMCILibrary:
         return VMCI_SUCCESS
 
     def VMCI_CleanupApp(self) -> None:
-        """Destroy every handle created through this library and forget the initialisation."""
+        """Destroy every handle created through this library, detach its shared memory regions
+        and forget the initialisation."""
         with self._lock:
             endpoints, self._endpoints = self._endpoints, {}
+            regions, self._regions = self._regions, {}
             self._initialised = False
         for endpoint in endpoints.values():
             endpoint.close()
+        for region in regions.values():
+            region.detach()
 
     # 4.2 Datagram API
 
@@ -186,6 +195,75 @@ class VMCILibrary:
             return VMCI_ERROR_UNAVAILABLE
         return ds_client.unregister_status(name, runtime=self.runtime)
 
+    # 4.3 Shared memory API
+
+    def VMCISharedMem_Create(self, size) -> Tuple[VMCIHandle, Optional[memoryview]]:
+        """Create a region of ``size`` bytes and map it: ``(handle, view of exactly size bytes)``,
+        or ``(VMCI_INVALID_HANDLE, None)``. See ``sharedmem`` for sizes, lifetime and who may attach."""
+        if not self._initialised:
+            return VMCI_INVALID_HANDLE, None
+        try:
+            region = SharedRegion.create(size, runtime=self.runtime)
+        except VMCIError:
+            return VMCI_INVALID_HANDLE, None
+        with self._lock:
+            self._regions[region.handle] = region
+        return region.handle, region.buffer
+
+    def VMCISharedMem_Query(self, handle) -> Tuple[int, int]:
+        """``(VMCI_SUCCESS, requested size)`` of a live region, or ``(error code, 0)``:
+        VMCI_ERROR_NOT_FOUND if no region lives at ``handle``."""
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE, 0
+        try:
+            return VMCI_SUCCESS, _shm_query(handle, runtime=self.runtime)
+        except VMCIError as exc:
+            return exc.code, 0
+
+    def VMCISharedMem_Attach(self, handle, size) -> Tuple[int, Optional[memoryview]]:
+        """Map the live region ``handle``: ``(VMCI_SUCCESS, view)`` or ``(error code, None)``.
+
+        ``size`` must be the region's size (VMCI_ERROR_INVALID_SIZE) or 0 for any; the view's
+        length is the size. VMCI_ERROR_NOT_FOUND if no region lives there,
+        VMCI_ERROR_ALREADY_EXISTS if this library has it mapped already.
+        """
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE, None
+        handle = _handle_or_none(handle)
+        if handle is None or not _is_int(size):
+            return VMCI_ERROR_INVALID_ARGS, None
+        with self._lock:
+            if handle in self._regions:
+                return VMCI_ERROR_ALREADY_EXISTS, None
+        try:
+            region = SharedRegion.attach(handle, size or None, runtime=self.runtime)
+        except VMCIError as exc:
+            return exc.code, None
+        with self._lock:
+            if handle not in self._regions:
+                self._regions[handle] = region
+                return VMCI_SUCCESS, region.buffer
+        region.detach()
+        return VMCI_ERROR_ALREADY_EXISTS, None
+
+    def VMCISharedMem_Detach(self, handle) -> int:
+        """Unmap a region this library created or attached; the last user's detach removes it.
+        VMCI_ERROR_NOT_FOUND if this library has no mapping of ``handle`` (e.g. twice)."""
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE
+        handle = _handle_or_none(handle)
+        if handle is None:
+            return VMCI_ERROR_INVALID_ARGS
+        with self._lock:
+            region = self._regions.pop(handle, None)
+        if region is None:
+            return VMCI_ERROR_NOT_FOUND
+        try:
+            region.detach()
+        except VMCIError as exc:
+            return exc.code
+        return VMCI_SUCCESS
+
 
 _default = VMCILibrary()
 
@@ -198,6 +276,10 @@ VMCIDatagram_RecvFrom = _default.VMCIDatagram_RecvFrom
 VMCIDs_Lookup = _default.VMCIDs_Lookup
 VMCIDs_Register = _default.VMCIDs_Register
 VMCIDs_Unregister = _default.VMCIDs_Unregister
+VMCISharedMem_Create = _default.VMCISharedMem_Create
+VMCISharedMem_Query = _default.VMCISharedMem_Query
+VMCISharedMem_Attach = _default.VMCISharedMem_Attach
+VMCISharedMem_Detach = _default.VMCISharedMem_Detach
 
 SDK_FUNCTIONS = (
     "VMCI_InitApp",
@@ -209,4 +291,8 @@ SDK_FUNCTIONS = (
     "VMCIDs_Lookup",
     "VMCIDs_Register",
     "VMCIDs_Unregister",
+    "VMCISharedMem_Create",
+    "VMCISharedMem_Query",
+    "VMCISharedMem_Attach",
+    "VMCISharedMem_Detach",
 )
