@@ -64,6 +64,12 @@ def as_handle(obj) -> VMCIHandle:
     Raises ``InvalidArgs`` for any other type, a tuple of another length, or
     ids that are bools, non-ints, negative or above 0xFFFFFFFF.
     """
+    if type(obj) is VMCIHandle or type(obj) is tuple:
+        if len(obj) == 2:
+            context, resource = obj
+            if (type(context) is int and type(resource) is int
+                    and 0 <= context <= _ID_MAX and 0 <= resource <= _ID_MAX):
+                return obj if type(obj) is VMCIHandle else VMCIHandle(context, resource)
     if not isinstance(obj, tuple):
         raise InvalidArgs("a handle is a (context, resource) tuple, got %s"
                           % type(obj).__name__)
