@@ -47,7 +47,7 @@ DAEMON_COMMAND = [sys.executable, "-m", "vsockcompat", "ds"]
 #: Seconds a call waits for its reply.
 REPLY_TIMEOUT = 10.0
 #: Seconds a call waits for a daemon it started to bind (1, 1).
-SPAWN_TIMEOUT = 10.0
+SPAWN_TIMEOUT = 30.0  # a bound, not a delay: a loaded machine can take seconds to start Python
 
 log = logging.getLogger("vsockcompat.ds")
 
@@ -70,6 +70,8 @@ def _call(action: int, name, handle, runtime: Optional[Runtime],
         handle = as_handle(handle)
     except VMCIError as exc:
         return exc.code, VMCI_INVALID_HANDLE, exc.detail or ""
+    if action == C.VMCI_DS_ACTION_REGISTER and handle.is_invalid:
+        return C.VMCI_ERROR_INVALID_ARGS, VMCI_INVALID_HANDLE, "cannot register the invalid handle"
     rt = runtime if runtime is not None else default_runtime()
     timeout = REPLY_TIMEOUT if timeout is None else timeout
     msgid = _next_msgid()
