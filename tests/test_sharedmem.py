@@ -407,3 +407,13 @@ def test_an_explicit_endpoint_id_never_takes_a_live_regions_id(make_runtime, run
             DatagramEndpoint(region.handle.resource, runtime=fresh)
     finally:
         region.detach()
+
+
+def test_the_transport_sees_regions_as_live_resources(runtime):
+    from vsockcompat.sharedmem import SharedRegion
+    region = SharedRegion.create(64, runtime=runtime)
+    handle = region.handle
+    assert runtime.transport.resource_alive(handle)
+    assert not runtime.transport.endpoint_alive(handle)
+    region.detach()
+    assert not runtime.transport.resource_alive(handle)

@@ -153,15 +153,15 @@ def register_kind(transport) -> None:
     rundir = transport.rundir
 
     def alive(marker: str) -> bool:
-        if _end_alive(marker + ".0") or _end_alive(marker + ".1"):
-            return True
+        return _end_alive(marker + ".0") or _end_alive(marker + ".1")
+
+    def reap(marker: str) -> None:
         cdir, name = os.path.split(marker)
         handle = VMCIHandle(int(os.path.basename(cdir)[1:]), int(name[:-3]))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_shm_path(rundir, handle))
-        return False
 
-    transport.add_resource_kind(".qp", alive)
+    transport.add_resource_kind(".qp", alive, reap)
 
 
 def _check_size(what: str, value) -> int:

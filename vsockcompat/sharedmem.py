@@ -117,7 +117,8 @@ def _transport(runtime: Optional[Runtime]):
 
 def register_kind(transport) -> None:
     """Teach ``transport``'s id allocation about regions (ids taken while alive, dead ones reclaimed)."""
-    transport.add_resource_kind(MARKER_SUFFIX, functools.partial(_alive_or_reap, transport.rundir))
+    transport.add_resource_kind(MARKER_SUFFIX, functools.partial(_region_in_use, transport.rundir),
+                                functools.partial(_reap_region, transport.rundir))
 
 
 @contextlib.contextmanager
@@ -157,16 +158,20 @@ def _unlink(*paths: str) -> None:
             os.unlink(path)
 
 
-def _alive_or_reap(rundir: str, marker: str) -> bool:
-    """``alive`` of the ``.shm`` resource kind: a dead region's shm object is removed here,
-    its marker by the transport. Called under the context lock."""
+def _marker_shm(rundir: str, marker: str) -> str:
     cdir, name = os.path.split(marker)
     handle = VMCIHandle(int(os.path.basename(cdir)[1:]), int(name[:-len(MARKER_SUFFIX)]))
-    path = _shm_path(rundir, handle)
-    if _in_use(path):
-        return True
-    _unlink(path)
-    return False
+    return _shm_path(rundir, handle)
+
+
+def _region_in_use(rundir: str, marker: str) -> bool:
+    """``alive`` of the ``.shm`` resource kind: some user still holds the region."""
+    return _in_use(_marker_shm(rundir, marker))
+
+
+def _reap_region(rundir: str, marker: str) -> None:
+    """``reap`` of the ``.shm`` resource kind: remove a dead region's shm object."""
+    _unlink(_marker_shm(rundir, marker))
 
 
 def _read_marker(path: str) -> int:

@@ -85,7 +85,7 @@ class LocalTransport(Transport):
         self._core = core
         self._sndbuf = _sndbuf_size()
         self._my_start = process_start_ticks(os.getpid())
-        self._kinds: Dict[str, Callable[[str], bool]] = {}
+        self._kinds: Dict[str, tuple] = {}
 
     @property
     def local_cid(self) -> int:
@@ -126,14 +126,17 @@ class LocalTransport(Transport):
             self._write_next(cdir, _next_rid(rid))
             return created
 
-    def add_resource_kind(self, suffix: str, alive: Callable[[str], bool]) -> None:
+    def add_resource_kind(self, suffix: str, alive: Callable[[str], bool],
+                          reap: Optional[Callable[[str], None]] = None) -> None:
         """Teach id allocation about another kind of resource.
 
         A resource of that kind at ``(cid, rid)`` keeps its state in files named
         ``c<cid>/<rid><suffix>*``; ``alive(path)`` with ``path`` = ``c<cid>/<rid><suffix>``
-        says whether it still lives. Dead ones are reclaimed (their files removed) on allocation.
+        says, without changing anything, whether it still lives. Dead ones are
+        reclaimed on allocation, under the context lock: ``reap(path)`` releases
+        what lives outside the runtime directory, then their files are removed.
         """
-        self._kinds[suffix] = alive
+        self._kinds[suffix] = (alive, reap)
 
     def unbind(self, bound: Bound) -> None:
         bound.account.mark_closed()
@@ -210,6 +213,14 @@ class LocalTransport(Transport):
         finally:
             self._unmap(account, page)
 
+    def resource_alive(self, handle: VMCIHandle) -> bool:
+        """Whether any live resource (endpoint, region, queue pair, ...) holds ``handle``."""
+        if self.endpoint_alive(handle):
+            return True
+        path = self.endpoint_path(handle)
+        return any(os.path.lexists(path + suffix) and alive(path + suffix)
+                   for suffix, (alive, _) in self._kinds.items())
+
     def contexts(self) -> List[int]:
         """Context ids that have a directory under the runtime directory."""
         try:
@@ -262,10 +273,12 @@ class LocalTransport(Transport):
             for name in (path, path + ".acct"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name)
-        for suffix, alive in self._kinds.items():
+        for suffix, (alive, reap) in self._kinds.items():
             if os.path.lexists(path + suffix):
                 if alive(path + suffix):
                     return True
+                if reap is not None:
+                    reap(path + suffix)
                 cdir, prefix = os.path.split(path + suffix)
                 for name in os.listdir(cdir):
                     if name.startswith(prefix):
