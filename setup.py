@@ -20,6 +20,7 @@ def _load(relpath, name):
 
 settings = _load("vsockcompat/_settings.py", "_vsc_settings")
 version = _load("vsockcompat/_version.py", "_vsc_version").__version__
+clib = _load("vsockcompat/clib.py", "_vsc_clib")
 no_extensions = settings.parse_flag("VSOCKCOMPAT_NO_EXTENSIONS", os.environ.get("VSOCKCOMPAT_NO_EXTENSIONS"))
 
 
@@ -50,6 +51,7 @@ setup(
     packages=find_packages(include=["vsockcompat", "vsockcompat.*"]),
     package_data={"vsockcompat": ["*.pyi", "py.typed"]},
     ext_modules=extensions(),
+    cmdclass={"build_ext": clib.BuildExtWithLibvmci},
     python_requires=">=3.9",
     install_requires=["psutil>=5.9"],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6"]},

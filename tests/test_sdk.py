@@ -48,6 +48,7 @@ def test_calls_before_init(runtime):
     assert library.VMCIDs_Lookup("x") == (VMCI_ERROR_UNAVAILABLE, VMCI_INVALID_HANDLE)
     assert library.VMCIDs_Register("x", (2, 1024)) == VMCI_ERROR_UNAVAILABLE
     assert library.VMCIDs_Unregister("x") == VMCI_ERROR_UNAVAILABLE
+    assert library.VMCIDatagram_DestroyHnd((2, 1024)) == VMCI_ERROR_UNAVAILABLE
 
 
 @pytest.mark.parametrize("dev", [None, "/dev/vmci", b"/dev/vmci"])

@@ -1,5 +1,6 @@
 """The ``vsockcompat`` command: demo, info, ds, datagram-app, sharedmem-app, gc, bench."""
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -11,7 +12,6 @@ import time
 
 from ._version import __version__
 
-_COMMANDS = ("demo", "info", "ds", "datagram-app", "sharedmem-app", "gc", "bench")
 
 
 def _package_env(extra):
@@ -136,40 +136,35 @@ def info(argv):
     return 0
 
 
+# name -> (module, function, help); modules are imported only when their command runs.
+COMMANDS = {
+    "demo": (__name__, "demo", "run the datagramApp sample: server and clients over the local transport"),
+    "info": (__name__, "info", "show backend, transport, context and the discovery registry (--json)"),
+    "ds": ("vsockcompat.ds_server", "main", "run the discovery-service daemon"),
+    "datagram-app": ("vsockcompat.apps.datagram_app", "main",
+                     "the SDK's datagramApp sample: -s (server) or -c (client) [-d DEV]"),
+    "sharedmem-app": ("vsockcompat.apps.sharedmem_app", "main",
+                      "the SDK's sharedMemApp sample: -s (server) or -c (client) [-d DEV]"),
+    "run": ("vsockcompat.run", "main", "run a legacy SDK binary on our libvmci.so.0 (--check: its SDK symbols)"),
+    "include-dir": ("vsockcompat.run", "include_dir_main", "print the directory holding vmcilib.h"),
+    "gc": ("vsockcompat.sharedmem", "main", "reclaim shared memory regions whose users all died"),
+    "bench": ("vsockcompat.bench", "main", "measure datagram round trips and rates against raw sockets"),
+}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: vsockcompat {%s} ...  |  vsockcompat --version" % ",".join(_COMMANDS))
-        print("  demo          run the datagramApp sample: server and clients over the local transport")
-        print("  info          show backend, transport, context and the discovery registry (--json)")
-        print("  ds            run the discovery-service daemon")
-        print("  datagram-app  the SDK's datagramApp sample: -s (server) or -c (client) [-d DEV]")
-        print("  sharedmem-app the SDK's sharedMemApp sample: -s (server) or -c (client) [-d DEV]")
-        print("  gc            reclaim shared memory regions whose users all died")
-        print("  bench         measure datagram round trips and rates against raw sockets")
+        print("usage: vsockcompat COMMAND [ARGS]  |  vsockcompat --version")
+        for name, (_, _, text) in COMMANDS.items():
+            print("  %-14s%s" % (name, text))
         return 0 if argv else 2
     if argv[0] == "--version":
         print(__version__)
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "demo":
-        return demo(rest)
-    if command == "info":
-        return info(rest)
-    if command == "ds":
-        from .ds_server import main as ds_main
-        return ds_main(rest)
-    if command == "datagram-app":
-        from .apps.datagram_app import main as app_main
-        return app_main(rest)
-    if command == "sharedmem-app":
-        from .apps.sharedmem_app import main as app_main
-        return app_main(rest)
-    if command == "gc":
-        from .sharedmem import main as gc_main
-        return gc_main(rest)
-    if command == "bench":
-        from .bench import main as bench_main
-        return bench_main(rest)
-    print("vsockcompat: unknown command %r (choose from %s)" % (command, ", ".join(_COMMANDS)), file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print("vsockcompat: unknown command %r (choose from %s)" % (command, ", ".join(COMMANDS)), file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module), function)(rest)

@@ -115,6 +115,8 @@ class VMCILibrary:
 
     def VMCIDatagram_DestroyHnd(self, handle) -> int:
         """Destroy an endpoint created here; its pending datagrams are dropped."""
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE
         handle = _handle_or_none(handle)
         if handle is None:
             return VMCI_ERROR_INVALID_ARGS

@@ -1,0 +1,326 @@
+/* vsockcompat C core: datagram endpoints (the semantics of vsockcompat/datagram.py). */
+#define _GNU_SOURCE
+#include "vsc_endpoint.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SPILL_SIZE (VMCI_MAX_DG_PAYLOAD_SIZE + 1)
+
+int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **out)
+{
+    vsc_endpoint *ep = calloc(1, sizeof *ep);
+    int pipefd[2], rc;
+
+    if (ep == NULL)
+        return VMCI_ERROR_NO_MEM;
+    ep->spill = malloc(SPILL_SIZE);
+    if (ep->spill == NULL) {
+        free(ep);
+        return VMCI_ERROR_NO_MEM;
+    }
+    if (pipe2(pipefd, O_NONBLOCK | O_CLOEXEC) != 0) {
+        free(ep->spill);
+        free(ep);
+        return VMCI_ERROR_NO_RESOURCES;
+    }
+    ep->wake_r = pipefd[0];
+    ep->wake_w = pipefd[1];
+    rc = vsc_local_bind(t, resource, &ep->bound);
+    if (rc != VMCI_SUCCESS)
+        goto fail;
+    ep->handle = ep->bound.handle;
+    ep->transport = t;
+    if (vsc_rx_init(&ep->rx, ep->bound.listener, ep->wake_r, ep->bound.acct, ep->handle) != 0) {
+        vsc_local_unbind(t, &ep->bound);
+        close(ep->bound.listener);
+        vsc_local_unmap(ep->bound.acct);
+        rc = VMCI_ERROR_NO_RESOURCES;
+        goto fail;
+    }
+    pthread_mutex_init(&ep->recv_lock, NULL);
+    pthread_mutex_init(&ep->link_lock, NULL);
+    ep->refs = 1;
+    *out = ep;
+    return VMCI_SUCCESS;
+fail:
+    close(ep->wake_r);
+    close(ep->wake_w);
+    free(ep->spill);
+    free(ep);
+    return rc;
+}
+
+void vsc_endpoint_close(vsc_endpoint *ep)
+{
+    ssize_t n;
+
+    if (__atomic_exchange_n(&ep->closing, 1, __ATOMIC_ACQ_REL))
+        return;
+    vsc_local_unbind(ep->transport, &ep->bound);
+    do {
+        n = write(ep->wake_w, "", 1);
+    } while (n < 0 && errno == EINTR);
+}
+
+static void close_fds(vsc_endpoint *ep, int unlink_links)
+{
+    int i;
+
+    for (i = 0; i < ep->rx.nconns; i++)
+        if (ep->rx.conns[i].fd >= 0)
+            close(ep->rx.conns[i].fd);
+    vsc_rx_destroy(&ep->rx);
+    for (i = 0; i < ep->nlinks; i++) {
+        if (unlink_links) {
+            vsc_local_disconnect(&ep->links[i].conn);
+        } else {
+            close(ep->links[i].conn.fd);
+            vsc_local_unmap(ep->links[i].conn.acct);
+        }
+    }
+    free(ep->links);
+    close(ep->bound.listener);
+    vsc_local_unmap(ep->bound.acct);
+    close(ep->wake_r);
+    close(ep->wake_w);
+    free(ep->spill);
+    free(ep->held);
+}
+
+void vsc_endpoint_free(vsc_endpoint *ep)
+{
+    vsc_endpoint_close(ep);
+    close_fds(ep, 1);
+    pthread_mutex_destroy(&ep->recv_lock);
+    pthread_mutex_destroy(&ep->link_lock);
+    free(ep);
+}
+
+void vsc_endpoint_abandon(vsc_endpoint *ep)
+{
+    /* The parent still owns the files, the account pages and (maybe) these mutexes. */
+    close_fds(ep, 0);
+    free(ep);
+}
+
+/* Sending */
+
+static void drop_link(vsc_endpoint *ep, int i)
+{
+    vsc_link_close(&ep->links[i].link);
+    vsc_local_disconnect(&ep->links[i].conn);
+    memmove(&ep->links[i], &ep->links[i + 1], (size_t)(ep->nlinks - i - 1) * sizeof ep->links[0]);
+    ep->nlinks--;
+}
+
+/* Links whose receiver hung up, then the oldest ones past VSC_MAX_LINKS. Under link_lock. */
+static void prune_links(vsc_endpoint *ep)
+{
+    struct pollfd fds[VSC_MAX_LINKS];
+    int i, n = ep->nlinks;
+
+    for (i = 0; i < n; i++) {
+        fds[i].fd = ep->links[i].conn.fd;
+        fds[i].events = POLLIN;
+        fds[i].revents = 0;
+    }
+    /* A receiver never writes on a link: any event is a hang-up or an error. */
+    if (n > 0 && poll(fds, (nfds_t)n, 0) > 0)
+        for (i = n - 1; i >= 0; i--)
+            if (fds[i].revents)
+                drop_link(ep, i);
+    while (ep->nlinks >= VSC_MAX_LINKS)
+        drop_link(ep, 0);
+}
+
+static int find_link(vsc_endpoint *ep, vsc_handle dst)
+{
+    int i;
+
+    for (i = ep->nlinks - 1; i >= 0; i--)
+        if (ep->links[i].dst.context == dst.context && ep->links[i].dst.resource == dst.resource)
+            return i;
+    return -1;
+}
+
+static int open_link(vsc_endpoint *ep, vsc_handle dst)
+{
+    vsc_ep_link *l;
+    int rc;
+
+    prune_links(ep);
+    if (ep->nlinks == ep->caplinks) {
+        int cap = ep->caplinks ? ep->caplinks * 2 : 8;
+        vsc_ep_link *grown = realloc(ep->links, (size_t)cap * sizeof *grown);
+        if (grown == NULL)
+            return VMCI_ERROR_NO_MEM;
+        ep->links = grown;
+        ep->caplinks = cap;
+    }
+    l = &ep->links[ep->nlinks];
+    rc = vsc_local_connect(ep->transport, ep->handle, dst, &l->conn);
+    if (rc != VMCI_SUCCESS)
+        return rc;
+    l->dst = dst;
+    vsc_link_init(&l->link, l->conn.fd, l->conn.acct, dst, ep->handle);
+    return ep->nlinks++;
+}
+
+int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_t len)
+{
+    int attempt, i, rc = VMCI_ERROR_INVALID_RESOURCE, sys_errno;
+
+    if (len > VMCI_MAX_DG_PAYLOAD_SIZE)
+        return VMCI_ERROR_INVALID_ARGS;
+    if (__atomic_load_n(&ep->closing, __ATOMIC_ACQUIRE))
+        return VMCI_ERROR_INVALID_ARGS;
+    pthread_mutex_lock(&ep->link_lock);
+    /* A cached link whose receiver went away gets one fresh attempt. */
+    for (attempt = 0; attempt < 2; attempt++) {
+        i = find_link(ep, dst);
+        if (i < 0 && (i = open_link(ep, dst)) < 0) {
+            rc = i;
+            break;
+        }
+        rc = vsc_link_send(&ep->links[i].link, buf, len, &sys_errno);
+        if (rc != VSC_PEER_GONE)
+            break;
+        drop_link(ep, i);
+        rc = VMCI_ERROR_INVALID_RESOURCE;
+    }
+    pthread_mutex_unlock(&ep->link_lock);
+    return rc;
+}
+
+/* Receiving */
+
+static void accept_all(vsc_endpoint *ep)
+{
+    for (;;) {
+        vsc_handle src;
+        int fd = accept4(ep->bound.listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            return; /* EAGAIN, or out of descriptors: the rest waits for the next accept */
+        }
+        if (vsc_local_identify(ep->transport, fd, ep->handle, &src) != 0
+            || vsc_rx_add(&ep->rx, fd, src) != 0)
+            close(fd);
+    }
+}
+
+static void drain_wake(vsc_endpoint *ep)
+{
+    char buf[64];
+
+    while (read(ep->wake_r, buf, sizeof buf) > 0)
+        ;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int deliver_held(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *src)
+{
+    int n = (int)ep->held_len;
+
+    if (ep->held_len > len)
+        return VMCI_ERROR_NO_MEM;
+    if (n > 0)
+        memcpy(buf, ep->held, (size_t)n);
+    *src = ep->held_src;
+    free(ep->held);
+    ep->held = NULL;
+    return n;
+}
+
+static int recv_locked(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *src, int timeout_ms)
+{
+    int64_t deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
+    int wait = timeout_ms, sys_errno;
+
+    if (__atomic_load_n(&ep->closing, __ATOMIC_ACQUIRE))
+        return VMCI_ERROR_NO_MORE_DATAGRAMS;
+    if (ep->held != NULL)
+        return deliver_held(ep, buf, len, src);
+    for (;;) {
+        ssize_t status;
+
+        ep->rx.last_fd = -1; /* set again only when a connection is read */
+        status = vsc_rx_recv(&ep->rx, buf, len, ep->spill, SPILL_SIZE, wait, &sys_errno);
+
+        if (status >= 0) {
+            uint64_t n = (uint64_t)status - VMCI_DG_HEADERSIZE;
+            vsc_handle from = ep->rx.conns[ep->rx.last_fd].src;
+
+            if (n > len) {
+                ep->held = malloc((size_t)n);
+                if (ep->held == NULL)
+                    return VMCI_ERROR_NO_MEM; /* the datagram is lost */
+                if (len > 0)
+                    memcpy(ep->held, buf, len);
+                memcpy(ep->held + len, ep->spill, (size_t)(n - len));
+                ep->held_len = n;
+                ep->held_src = from;
+                return VMCI_ERROR_NO_MEM;
+            }
+            *src = from;
+            return (int)n;
+        }
+        switch (status) {
+        case VSC_AGAIN:
+            if (timeout_ms >= 0)
+                return VMCI_ERROR_TIMEOUT;
+            break;
+        case VSC_ACCEPT:
+            accept_all(ep);
+            break;
+        case VSC_WAKE:
+            drain_wake(ep);
+            if (__atomic_load_n(&ep->closing, __ATOMIC_ACQUIRE))
+                return VMCI_ERROR_NO_MORE_DATAGRAMS;
+            break;
+        case VSC_INTR:
+            break;
+        case VSC_PEER_GONE:
+        case VSC_BAD_FRAME:
+        case VSC_FORGED:
+        default:
+            if (ep->rx.last_fd >= 0 && ep->rx.last_fd < ep->rx.nconns && ep->rx.conns[ep->rx.last_fd].fd >= 0) {
+                int fd = ep->rx.last_fd;
+                vsc_rx_remove(&ep->rx, fd);
+                close(fd);
+            } else {
+                return VMCI_ERROR_GENERIC; /* epoll itself failed */
+            }
+        }
+        if (timeout_ms >= 0) {
+            int64_t left = deadline - now_ms();
+            wait = left > 0 ? (int)left : 0;
+        }
+    }
+}
+
+int vsc_endpoint_recv(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *src, int timeout_ms)
+{
+    int rc;
+
+    pthread_mutex_lock(&ep->recv_lock);
+    rc = recv_locked(ep, buf, len, src, timeout_ms);
+    pthread_mutex_unlock(&ep->recv_lock);
+    return rc;
+}

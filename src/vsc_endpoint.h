@@ -1,0 +1,58 @@
+/*
+ * vsockcompat C core: datagram endpoints with the SDK's semantics
+ * (vsockcompat/datagram.py, in C) over the local transport.
+ */
+#ifndef VSC_ENDPOINT_H
+#define VSC_ENDPOINT_H
+
+#include <pthread.h>
+
+#include "vsc_local.h"
+
+#define VSC_MAX_LINKS 256
+
+typedef struct {
+    vsc_handle dst;
+    vsc_conn conn;
+    vsc_link link;
+} vsc_ep_link;
+
+typedef struct vsc_endpoint {
+    vsc_handle handle;
+    const vsc_local *transport;
+    vsc_bound bound;
+    int wake_r, wake_w;
+    int closing;             /* atomic; set once by vsc_endpoint_close */
+    int refs;                /* owned by the caller's table lock, not by this module */
+
+    pthread_mutex_t recv_lock; /* held by the one receiving thread, also while it blocks */
+    vsc_rx rx;
+    uint8_t *spill;          /* VMCI_MAX_DG_PAYLOAD_SIZE + 1 bytes */
+    uint8_t *held;           /* a datagram too large for the last buffer; NULL if none */
+    uint64_t held_len;
+    vsc_handle held_src;
+
+    pthread_mutex_t link_lock; /* guards links; held across a send (which never blocks) */
+    vsc_ep_link *links;      /* oldest first */
+    int nlinks, caplinks;
+} vsc_endpoint;
+
+/* A VMCI code; *out owns the endpoint (refs = 1). resource VMCI_INVALID_ID: auto-assign. */
+int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **out);
+/* Destroy the endpoint for everyone: senders see it gone, receivers return. Idempotent. */
+void vsc_endpoint_close(vsc_endpoint *ep);
+/* Release the memory and descriptors; no other thread may use ep any more. */
+void vsc_endpoint_free(vsc_endpoint *ep);
+/* In a forked child: drop the parent's endpoint without touching shared state or its locks. */
+void vsc_endpoint_abandon(vsc_endpoint *ep);
+
+/* The frame size (header included) or a VMCI code. */
+int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_t len);
+/*
+ * The payload length, or VMCI_ERROR_NO_MEM (too small a buffer; the datagram stays
+ * queued), VMCI_ERROR_TIMEOUT (timeout_ms >= 0 passed), VMCI_ERROR_NO_MORE_DATAGRAMS
+ * (closed meanwhile), another VMCI code. Retries on EINTR.
+ */
+int vsc_endpoint_recv(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *src, int timeout_ms);
+
+#endif

@@ -1,0 +1,366 @@
+/*
+ * libvmci.so.0: the VMCI SDK's user-level calls (vmci-sdk.md section 4) over the
+ * vsockcompat C core. Every choice where the SDK is silent is the Python
+ * side's (vsockcompat/sdk.py, README "Where the SDK is silent"), code for code.
+ *
+ * State: one handle table of this process's datagram endpoints, guarded by
+ * g_lock, which is only ever held for table operations (never while a call
+ * blocks or sends). The table holds one reference to each endpoint; a call
+ * using an endpoint holds another, so DestroyHnd/CleanupApp never free an
+ * endpoint another thread is receiving on: they close it (the receiver
+ * returns VMCI_ERROR_NO_MORE_DATAGRAMS) and the last reference frees it.
+ *
+ * fork(): a pthread_atfork child handler marks the table as inherited. The
+ * child's next call drops the parent's endpoints without touching their
+ * files, account pages or locks (their handles are then unknown in the child:
+ * SendTo/RecvFrom give VMCI_ERROR_INVALID_ARGS, DestroyHnd VMCI_ERROR_NOT_FOUND),
+ * and the child stays initialised, so it can create endpoints of its own.
+ *
+ * Shared memory (VMCISharedMem_*) is not implemented yet: the calls check their
+ * arguments and return VMCI_ERROR_UNAVAILABLE. VMCIResource_AddClientPrivileges
+ * validates its arguments and returns VMCI_SUCCESS without recording anything
+ * (access is not enforced, as in the 2011 host driver).
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vmcilib.h"
+#include "vsc_ds.h"
+#include "vsc_endpoint.h"
+#include "vsc_local.h"
+
+#define VSC_EXPORT __attribute__((visibility("default")))
+
+_Static_assert(sizeof(VMCIHandle) == 8 && sizeof(vsc_handle) == 8, "handle layout");
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static int g_initialised;          /* under g_lock */
+static int g_settings_read;        /* under g_lock; g_transport is fixed once read */
+static vsc_local g_transport;
+static vsc_endpoint **g_table;     /* under g_lock; each entry holds one reference */
+static int g_count, g_cap;
+static int g_inherited;            /* set in a forked child; under g_lock */
+
+static const VMCIHandle INVALID_HANDLE = {VMCI_INVALID_ID, VMCI_INVALID_ID};
+
+static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
+static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
+
+static void atfork_child(void)
+{
+    g_inherited = 1;
+    pthread_mutex_unlock(&g_lock);
+}
+
+__attribute__((constructor)) static void vsc_lib_load(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+static vsc_handle to_vsc(VMCIHandle h)
+{
+    vsc_handle v = {h.context, h.resource};
+    return v;
+}
+
+static VMCIHandle to_vmci(vsc_handle h)
+{
+    VMCIHandle v = {h.context, h.resource};
+    return v;
+}
+
+/* Lock the table; in a forked child, first drop what the parent owns. */
+static void table_lock(void)
+{
+    pthread_mutex_lock(&g_lock);
+    if (g_inherited) {
+        int i;
+
+        g_inherited = 0;
+        for (i = 0; i < g_count; i++)
+            vsc_endpoint_abandon(g_table[i]);
+        g_count = 0;
+        if (g_settings_read) {
+            g_transport.pid = getpid();
+            g_transport.start = vsc_local_start_ticks(g_transport.pid);
+        }
+    }
+}
+
+static int table_find(VMCIHandle h)
+{
+    int i;
+
+    for (i = 0; i < g_count; i++)
+        if (g_table[i]->handle.context == h.context && g_table[i]->handle.resource == h.resource)
+            return i;
+    return -1;
+}
+
+static int is_initialised(void)
+{
+    int init;
+
+    table_lock();
+    init = g_initialised;
+    pthread_mutex_unlock(&g_lock);
+    return init;
+}
+
+/* A reference to our endpoint h, or NULL; *init tells whether the library is initialised. */
+static vsc_endpoint *endpoint_get(VMCIHandle h, int *init)
+{
+    vsc_endpoint *ep = NULL;
+    int i;
+
+    table_lock();
+    *init = g_initialised;
+    if (g_initialised && (i = table_find(h)) >= 0) {
+        ep = g_table[i];
+        ep->refs++;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return ep;
+}
+
+static void endpoint_put(vsc_endpoint *ep)
+{
+    int last;
+
+    pthread_mutex_lock(&g_lock);
+    last = --ep->refs == 0;
+    pthread_mutex_unlock(&g_lock);
+    if (last)
+        vsc_endpoint_free(ep);
+}
+
+/* 4.1 Library setup */
+
+VSC_EXPORT int VMCI_InitApp(const char *devName)
+{
+    int rc = VMCI_SUCCESS;
+
+    (void)devName; /* accepted for compatibility, never opened */
+    table_lock();
+    if (!g_settings_read) {
+        if (vsc_local_open(&g_transport) == 0)
+            g_settings_read = 1;
+        else
+            rc = VMCI_ERROR_DEVICE_NOT_FOUND;
+    }
+    if (rc == VMCI_SUCCESS)
+        g_initialised = 1;
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
+
+VSC_EXPORT void VMCI_CleanupApp(void)
+{
+    vsc_endpoint **table;
+    int count, i;
+
+    table_lock();
+    table = g_table;
+    count = g_count;
+    g_table = NULL;
+    g_count = g_cap = 0;
+    g_initialised = 0;
+    pthread_mutex_unlock(&g_lock);
+    for (i = 0; i < count; i++) {
+        vsc_endpoint_close(table[i]);
+        endpoint_put(table[i]);
+    }
+    free(table);
+}
+
+/* 4.2 Datagrams */
+
+VSC_EXPORT VMCIHandle VMCIDatagram_CreateHnd(uint32 resourceID)
+{
+    uint32_t resource = resourceID == 0 ? VMCI_INVALID_ID : resourceID;
+    vsc_endpoint *ep;
+    int ok = 0;
+
+    if (!is_initialised())
+        return INVALID_HANDLE;
+    if (vsc_endpoint_create(&g_transport, resource, &ep) != VMCI_SUCCESS)
+        return INVALID_HANDLE;
+    table_lock();
+    if (g_initialised && g_count == g_cap) {
+        int cap = g_cap ? g_cap * 2 : 16;
+        vsc_endpoint **grown = realloc(g_table, (size_t)cap * sizeof *grown);
+        if (grown != NULL) {
+            g_table = grown;
+            g_cap = cap;
+        }
+    }
+    if (g_initialised && g_count < g_cap) {
+        g_table[g_count++] = ep;
+        ok = 1;
+    }
+    pthread_mutex_unlock(&g_lock);
+    if (!ok) {
+        vsc_endpoint_free(ep);
+        return INVALID_HANDLE;
+    }
+    return to_vmci(ep->handle);
+}
+
+VSC_EXPORT int VMCIDatagram_DestroyHnd(VMCIHandle handle)
+{
+    vsc_endpoint *ep = NULL;
+    int i, init;
+
+    table_lock();
+    init = g_initialised;
+    if (init && (i = table_find(handle)) >= 0) {
+        ep = g_table[i];
+        g_table[i] = g_table[--g_count];
+    }
+    pthread_mutex_unlock(&g_lock);
+    if (ep == NULL)
+        return init ? VMCI_ERROR_NOT_FOUND : VMCI_ERROR_UNAVAILABLE;
+    vsc_endpoint_close(ep);
+    endpoint_put(ep);
+    return VMCI_SUCCESS;
+}
+
+VSC_EXPORT int VMCIDatagram_SendTo(VMCIHandle dst, VMCIHandle src, uint32 len, const void *buf)
+{
+    vsc_endpoint *ep;
+    int init, rc;
+
+    if (!is_initialised())
+        return VMCI_ERROR_UNAVAILABLE;
+    if ((buf == NULL && len > 0) || len > VMCI_MAX_DG_PAYLOAD_SIZE)
+        return VMCI_ERROR_INVALID_ARGS;
+    ep = endpoint_get(src, &init);
+    if (ep == NULL)
+        return init ? VMCI_ERROR_INVALID_ARGS : VMCI_ERROR_UNAVAILABLE;
+    rc = vsc_endpoint_send(ep, to_vsc(dst), buf, len);
+    endpoint_put(ep);
+    return rc;
+}
+
+VSC_EXPORT int VMCIDatagram_RecvFrom(VMCIHandle handle, VMCIHandle *srcOut, void *buf, uint32 len)
+{
+    vsc_endpoint *ep;
+    vsc_handle src;
+    int init, rc;
+
+    if (srcOut != NULL)
+        *srcOut = INVALID_HANDLE;
+    ep = endpoint_get(handle, &init);
+    if (ep == NULL)
+        return init ? VMCI_ERROR_INVALID_ARGS : VMCI_ERROR_UNAVAILABLE;
+    if (buf == NULL && len > 0) {
+        endpoint_put(ep);
+        return VMCI_ERROR_INVALID_ARGS;
+    }
+    rc = vsc_endpoint_recv(ep, buf, len, &src, -1);
+    endpoint_put(ep);
+    if (rc >= 0 && srcOut != NULL)
+        *srcOut = to_vmci(src);
+    return rc;
+}
+
+/* 4.3 Shared memory: not implemented yet. */
+
+VSC_EXPORT VMCIHandle VMCISharedMem_Create(uint32 size, void **addrOut)
+{
+    (void)size;
+    if (addrOut != NULL)
+        *addrOut = NULL;
+    return INVALID_HANDLE;
+}
+
+VSC_EXPORT int VMCISharedMem_Query(VMCIHandle handle, uint32 *sizeOut)
+{
+    (void)handle;
+    if (!is_initialised())
+        return VMCI_ERROR_UNAVAILABLE;
+    if (sizeOut == NULL)
+        return VMCI_ERROR_INVALID_ARGS;
+    *sizeOut = 0;
+    return VMCI_ERROR_UNAVAILABLE;
+}
+
+VSC_EXPORT int VMCISharedMem_Attach(VMCIHandle handle, void **addrOut, uint32 *sizeInOut)
+{
+    (void)handle;
+    if (!is_initialised())
+        return VMCI_ERROR_UNAVAILABLE;
+    if (addrOut == NULL || sizeInOut == NULL)
+        return VMCI_ERROR_INVALID_ARGS;
+    *addrOut = NULL;
+    return VMCI_ERROR_UNAVAILABLE;
+}
+
+VSC_EXPORT int VMCISharedMem_Detach(VMCIHandle handle)
+{
+    (void)handle;
+    return VMCI_ERROR_UNAVAILABLE;
+}
+
+/* 4.4 Access control: validated, not enforced. */
+
+static int privileges_valid(int n, const VMCIResourcePrivilegeType *privs)
+{
+    int i;
+
+    for (i = 0; i < n; i++)
+        if (privs[i] < VMCI_PRIV_CH_PRIV || privs[i] >= VMCI_NUM_PRIVILEGES)
+            return 0;
+    return 1;
+}
+
+VSC_EXPORT int VMCIResource_AddClientPrivileges(VMCIHandle resourceHandle, VMCIHandle clientHandle,
+                                                int numAllowPrivs, VMCIResourcePrivilegeType *allowPrivs,
+                                                int numDenyPrivs, VMCIResourcePrivilegeType *denyPrivs)
+{
+    if (!is_initialised())
+        return VMCI_ERROR_UNAVAILABLE;
+    if (VMCI_HANDLE_INVALID(resourceHandle) || VMCI_HANDLE_INVALID(clientHandle)
+        || numAllowPrivs < 0 || numDenyPrivs < 0 || (long long)numAllowPrivs + numDenyPrivs < 1
+        || (numAllowPrivs > 0 && allowPrivs == NULL) || (numDenyPrivs > 0 && denyPrivs == NULL))
+        return VMCI_ERROR_INVALID_ARGS;
+    if (!privileges_valid(numAllowPrivs, allowPrivs) || !privileges_valid(numDenyPrivs, denyPrivs))
+        return VMCI_ERROR_INVALID_PRIV;
+    return VMCI_SUCCESS;
+}
+
+/* 4.5 Discovery service */
+
+VSC_EXPORT int VMCIDs_Lookup(const char *name, VMCIHandle *out)
+{
+    vsc_handle found;
+    int rc;
+
+    if (out != NULL)
+        *out = INVALID_HANDLE;
+    if (!is_initialised())
+        return VMCI_ERROR_UNAVAILABLE;
+    if (out == NULL)
+        return VMCI_ERROR_INVALID_ARGS;
+    rc = vsc_ds_call(&g_transport, VMCI_DS_ACTION_LOOKUP, name, to_vsc(INVALID_HANDLE), &found);
+    if (rc == VMCI_SUCCESS)
+        *out = to_vmci(found);
+    return rc;
+}
+
+VSC_EXPORT int VMCIDs_Register(const char *name, VMCIHandle handle)
+{
+    if (!is_initialised())
+        return VMCI_ERROR_UNAVAILABLE;
+    return vsc_ds_call(&g_transport, VMCI_DS_ACTION_REGISTER, name, to_vsc(handle), NULL);
+}
+
+VSC_EXPORT int VMCIDs_Unregister(const char *name)
+{
+    if (!is_initialised())
+        return VMCI_ERROR_UNAVAILABLE;
+    return vsc_ds_call(&g_transport, VMCI_DS_ACTION_UNREGISTER, name, to_vsc(INVALID_HANDLE), NULL);
+}

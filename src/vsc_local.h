@@ -1,0 +1,64 @@
+/*
+ * vsockcompat C core: the local transport (vsockcompat/transport/local.py, in C).
+ *
+ *   <rundir>/c<cid>/                      one directory per context (0755)
+ *   <rundir>/c<cid>/<rid>                 listening SOCK_SEQPACKET socket of (cid, rid)
+ *   <rundir>/c<cid>/<rid>.acct            its queue account page (vsc_dgram.h)
+ *   <rundir>/c<cid>/<rid>-<dcid>.<drid>   bound socket of the link (cid, rid) -> (dcid, drid)
+ *   <rundir>/c<cid>/.lock, .next          allocation lock, next auto-assigned resource id
+ */
+#ifndef VSC_LOCAL_H
+#define VSC_LOCAL_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/un.h>
+
+#include "vsc_dgram.h"
+
+#define VSC_SUN_PATH_MAX 107
+#define VSC_LONGEST_NAME_LEN 45 /* strlen("/c4294967295/4294967295-4294967295.4294967295") */
+#define VSC_RUNDIR_MAX (VSC_SUN_PATH_MAX - VSC_LONGEST_NAME_LEN + 1)
+
+typedef struct {
+    char rundir[VSC_RUNDIR_MAX]; /* absolute, normalised as os.path.abspath does */
+    uint32_t cid;
+    int ds_autostart;
+    int sndbuf;
+    pid_t pid;          /* the process these settings were read in */
+    uint64_t start;     /* its start time, /proc/<pid>/stat field 22 */
+} vsc_local;
+
+typedef struct {
+    vsc_handle handle;
+    int listener;       /* non-blocking, close-on-exec */
+    uint8_t *acct;      /* mapped account page, VSC_ACCT_SIZE bytes */
+} vsc_bound;
+
+typedef struct {
+    int fd;             /* connected, non-blocking */
+    uint8_t *acct;      /* the receiver's account page */
+    char name[sizeof(((struct sockaddr_un *)0)->sun_path)]; /* the path our end is bound to */
+} vsc_conn;
+
+/* Read the VSOCKCOMPAT_* settings; 0, or -1 if they are bad or the transport cannot run. */
+int vsc_local_open(vsc_local *t);
+/* Start time of pid in clock ticks; 0 if there is no such process. */
+uint64_t vsc_local_start_ticks(pid_t pid);
+
+/* Create an endpoint at resource (VMCI_INVALID_ID: the next free id >= 1024). A VMCI code on failure. */
+int vsc_local_bind(const vsc_local *t, uint32_t resource, vsc_bound *out);
+/* Senders see the endpoint gone at once; the caller still owns (and closes) listener and acct. */
+void vsc_local_unbind(const vsc_local *t, const vsc_bound *b);
+void vsc_local_unmap(uint8_t *acct);
+
+int vsc_local_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_conn *out);
+void vsc_local_disconnect(vsc_conn *c);
+
+/* The kernel-verified sender of an accepted connection to self; 0, or -1 to refuse it. */
+int vsc_local_identify(const vsc_local *t, int fd, vsc_handle self, vsc_handle *src);
+int vsc_local_endpoint_alive(const vsc_local *t, vsc_handle h);
+/* mkdir -p with mode 0755. 0 or -1 (errno). */
+int vsc_local_makedirs(const char *path);
+
+#endif

@@ -1,0 +1,142 @@
+"""Building and locating libvmci.so.0, the C library legacy SDK binaries load.
+
+Standard library only and no relative imports: setup.py loads this file by
+path. ``build_libvmci`` compiles ``src/vsc_lib.c`` and the C core into a
+shared library with soname ``libvmci.so.0`` that exports exactly the SDK's
+entry points (``src/libvmci.map``); ``BuildExtWithLibvmci`` is a
+``build_ext`` that also builds it into ``vsockcompat/lib/`` and copies the
+SDK header into ``vsockcompat/include/`` whenever the extensions are built.
+"""
+import os
+import shlex
+import shutil
+import subprocess
+from typing import List, Optional, Sequence
+
+SONAME = "libvmci.so.0"
+LINK_NAME = "libvmci.so"
+SOURCES = ("vsc_lib.c", "vsc_endpoint.c", "vsc_local.c", "vsc_ds.c", "vsc_dgram.c")
+HEADERS = ("vmcilib.h", "vsc_constants.h")
+VERSION_SCRIPT = "libvmci.map"
+#: The names the library exports: the SDK's user-level calls (vmci-sdk.md section 4).
+EXPORTED = (
+    "VMCI_InitApp", "VMCI_CleanupApp",
+    "VMCIDatagram_CreateHnd", "VMCIDatagram_DestroyHnd", "VMCIDatagram_SendTo", "VMCIDatagram_RecvFrom",
+    "VMCISharedMem_Create", "VMCISharedMem_Query", "VMCISharedMem_Attach", "VMCISharedMem_Detach",
+    "VMCIDs_Lookup", "VMCIDs_Register", "VMCIDs_Unregister",
+    "VMCIResource_AddClientPrivileges",
+)
+CFLAGS = ("-std=c11", "-O2", "-g", "-Wall", "-Wextra", "-fPIC", "-fvisibility=hidden", "-pthread")
+#: Environment variable naming a libvmci.so.0 to use instead of the package's.
+LIBRARY_ENV = "VSOCKCOMPAT_LIBVMCI"
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+SOURCE_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "src")
+
+
+class BuildError(RuntimeError):
+    """The C compiler failed or is missing."""
+
+
+def find_compiler(compiler: Optional[str] = None) -> Optional[List[str]]:
+    """The C compiler command: ``compiler``, else ``$CC``, else cc/gcc/clang on PATH; None if none."""
+    for candidate in (compiler, os.environ.get("CC"), "cc", "gcc", "clang"):
+        if not candidate:
+            continue
+        argv = shlex.split(candidate)
+        if argv and shutil.which(argv[0]):
+            return argv
+    return None
+
+
+def build_libvmci(build_dir: str, compiler: Optional[str] = None, *, src_dir: Optional[str] = None,
+                  extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = ()) -> str:
+    """Compile ``<build_dir>/libvmci.so.0`` (and a ``libvmci.so`` symlink for ``-lvmci``).
+
+    Returns the library's path; raises BuildError with the compiler's output on failure.
+    ``extra_cflags``/``extra_ldflags`` are added last (e.g. ``-fsanitize=address,undefined``).
+    """
+    src_dir = src_dir or SOURCE_DIR
+    cc = find_compiler(compiler)
+    if cc is None:
+        raise BuildError("no C compiler found (set CC, or install cc)")
+    os.makedirs(build_dir, exist_ok=True)
+    out = os.path.join(build_dir, SONAME)
+    tmp = out + ".tmp%d" % os.getpid()
+    cmd = (cc + list(CFLAGS) + list(extra_cflags) + ["-I", src_dir]
+           + [os.path.join(src_dir, name) for name in SOURCES]
+           + ["-shared", "-Wl,-soname," + SONAME,
+              "-Wl,--version-script=" + os.path.join(src_dir, VERSION_SCRIPT),
+              "-o", tmp] + list(extra_ldflags))
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise BuildError("building %s failed:\n%s\n%s" % (SONAME, " ".join(cmd),
+                                                          result.stdout.decode(errors="replace")))
+    os.replace(tmp, out)
+    link = os.path.join(build_dir, LINK_NAME)
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink(SONAME, link)
+    return out
+
+
+def install_headers(include_dir: str, src_dir: Optional[str] = None) -> str:
+    """Copy vmcilib.h (and the constants header it includes) into ``include_dir``."""
+    src_dir = src_dir or SOURCE_DIR
+    os.makedirs(include_dir, exist_ok=True)
+    for name in HEADERS:
+        shutil.copyfile(os.path.join(src_dir, name), os.path.join(include_dir, name))
+    return include_dir
+
+
+def library_path() -> Optional[str]:
+    """Our libvmci.so.0: ``$VSOCKCOMPAT_LIBVMCI``, else the package's ``lib/``; None if not built."""
+    explicit = os.environ.get(LIBRARY_ENV)
+    if explicit:
+        return os.path.abspath(explicit) if os.path.isfile(explicit) else None
+    path = os.path.join(PACKAGE_DIR, "lib", SONAME)
+    return path if os.path.isfile(path) else None
+
+
+def include_dir() -> str:
+    """Where vmcilib.h is: the package's ``include/`` when installed, else the source tree's ``src/``."""
+    installed = os.path.join(PACKAGE_DIR, "include")
+    if os.path.isfile(os.path.join(installed, "vmcilib.h")):
+        return installed
+    return SOURCE_DIR
+
+
+try:
+    from setuptools.command.build_ext import build_ext as _build_ext
+except ImportError:  # pragma: no cover - only setup.py needs the command
+    _build_ext = object
+
+
+class BuildExtWithLibvmci(_build_ext):
+    """``build_ext`` that also builds ``vsockcompat/lib/libvmci.so.0`` and ships vmcilib.h.
+
+    It runs only when there are extensions to build, so the pure build
+    (VSOCKCOMPAT_NO_EXTENSIONS=1) installs no C library. Failures are loud.
+    """
+
+    def run(self):
+        super().run()
+        if not self.extensions:
+            return
+        target = PACKAGE_DIR if self.inplace else os.path.join(self.build_lib, "vsockcompat")
+        compiler = getattr(self.compiler, "compiler_so", None)
+        try:
+            build_libvmci(os.path.join(target, "lib"), shlex.quote(compiler[0]) if compiler else None)
+        except BuildError as exc:
+            raise SystemExit(str(exc))
+        install_headers(os.path.join(target, "include"))
+
+    def get_outputs(self):
+        outputs = list(super().get_outputs())
+        if self.extensions:
+            base = os.path.join(self.build_lib, "vsockcompat")
+            outputs.extend(os.path.join(base, "lib", name) for name in (SONAME, LINK_NAME))
+            outputs.extend(os.path.join(base, "include", name) for name in HEADERS)
+        return outputs

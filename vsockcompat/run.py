@@ -1,0 +1,251 @@
+"""``vsockcompat run``: run a legacy VMCI SDK binary on our libvmci.so.0.
+
+``vsockcompat run [--] PROGRAM [ARGS...]`` executes PROGRAM with
+``LD_LIBRARY_PATH`` starting with the directory of our libvmci.so.0 (so its
+``DT_NEEDED`` entry resolves to ours) and our library appended to
+``LD_PRELOAD`` (so it also interposes a libvmci found some other way, e.g.
+through an ``RPATH``; appended, so preloads already there, such as a
+sanitizer runtime, stay first). The VSOCKCOMPAT_* settings of the
+environment pass through; ``VSOCKCOMPAT_PYTHON`` defaults to this Python,
+which the library uses to start the discovery daemon.
+
+``vsockcompat run --check PROGRAM`` lists the SDK symbols (``VMCI*``) that
+PROGRAM leaves undefined and its ``DT_NEEDED`` entries, and says which of
+them our library provides; exit status 0 if it provides them all, 1 if not,
+2 if PROGRAM or the library cannot be read.
+
+``vsockcompat include-dir`` prints the directory holding ``vmcilib.h``.
+"""
+import os
+import struct
+import sys
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set
+
+from . import clib
+
+__all__ = ["main", "include_dir", "include_dir_main", "elf_info", "ElfInfo", "run_env", "USAGE"]
+
+USAGE = "usage: vsockcompat run [--check] [--] PROGRAM [ARGS...]"
+SDK_PREFIX = "VMCI"
+
+_SHT_DYNAMIC, _SHT_DYNSYM = 6, 11
+_DT_NEEDED, _DT_SONAME = 1, 14
+_STB_GLOBAL, _STB_WEAK = 1, 2
+
+
+class ElfError(ValueError):
+    """Not an ELF file we can read."""
+
+
+class ElfInfo(NamedTuple):
+    needed: List[str]      # DT_NEEDED entries, in order
+    soname: Optional[str]
+    undefined: Set[str]    # undefined dynamic symbols
+    defined: Set[str]      # defined, exported (global or weak, default or protected visibility)
+
+
+def elf_info(path: str) -> ElfInfo:
+    """The dynamic section and dynamic symbol table of an ELF file (stdlib only)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or len(data) < 64:
+        raise ElfError("%s is not an ELF file" % path)
+    klass, encoding = data[4], data[5]
+    if klass not in (1, 2) or encoding not in (1, 2):
+        raise ElfError("%s: unknown ELF class or data encoding" % path)
+    end = "<" if encoding == 1 else ">"
+    is64 = klass == 2
+    try:
+        if is64:
+            shoff, = struct.unpack_from(end + "Q", data, 0x28)
+            shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
+            shdr = struct.Struct(end + "IIQQQQIIQQ")
+            sym = struct.Struct(end + "IBBHQQ")
+            dyn = struct.Struct(end + "qQ")
+        else:
+            shoff, = struct.unpack_from(end + "I", data, 0x20)
+            shentsize, shnum = struct.unpack_from(end + "HH", data, 0x2E)
+            shdr = struct.Struct(end + "IIIIIIIIII")
+            sym = struct.Struct(end + "IIIBBH")
+            dyn = struct.Struct(end + "iI")
+        sections = []
+        for i in range(shnum):
+            f = shdr.unpack_from(data, shoff + i * shentsize)
+            # (type, offset, size, link)
+            sections.append((f[1], f[4], f[5], f[6]))
+    except struct.error:
+        raise ElfError("%s: truncated ELF headers" % path) from None
+    if not sections:
+        raise ElfError("%s has no section headers" % path)
+
+    def strtab(index: int):
+        _, off, size, _ = sections[index]
+        return data[off:off + size]
+
+    def string(table: bytes, offset: int) -> str:
+        stop = table.find(b"\0", offset)
+        return table[offset:stop if stop >= 0 else len(table)].decode("utf-8", "replace")
+
+    needed: List[str] = []
+    soname = None
+    undefined: Set[str] = set()
+    defined: Set[str] = set()
+    try:
+        for stype, off, size, link in sections:
+            if stype == _SHT_DYNAMIC:
+                names = strtab(link)
+                for pos in range(off, off + size - dyn.size + 1, dyn.size):
+                    tag, val = dyn.unpack_from(data, pos)
+                    if tag == 0:
+                        break
+                    if tag == _DT_NEEDED:
+                        needed.append(string(names, val))
+                    elif tag == _DT_SONAME:
+                        soname = string(names, val)
+            elif stype == _SHT_DYNSYM:
+                names = strtab(link)
+                for pos in range(off + sym.size, off + size - sym.size + 1, sym.size):
+                    fields = sym.unpack_from(data, pos)
+                    if is64:
+                        name, info, other, shndx = fields[0], fields[1], fields[2], fields[3]
+                    else:
+                        name, info, other, shndx = fields[0], fields[3], fields[4], fields[5]
+                    if not name:
+                        continue
+                    text = string(names, name)
+                    if shndx == 0:
+                        undefined.add(text)
+                    elif info >> 4 in (_STB_GLOBAL, _STB_WEAK) and other & 3 in (0, 3):
+                        defined.add(text)
+    except (struct.error, IndexError):
+        raise ElfError("%s: malformed dynamic section or symbol table" % path) from None
+    return ElfInfo(needed, soname, undefined, defined)
+
+
+def include_dir() -> str:
+    """The directory holding vmcilib.h (and the vsc_constants.h it includes)."""
+    return clib.include_dir()
+
+
+def include_dir_main(argv: Sequence[str] = ()) -> int:
+    """``vsockcompat include-dir``: print where vmcilib.h is (for ``cc -I``)."""
+    if list(argv):
+        print("usage: vsockcompat include-dir", file=sys.stderr)
+        return 2
+    print(include_dir())
+    return 0
+
+
+def _prepend(value: str, old: Optional[str]) -> str:
+    return value + ":" + old if old else value
+
+
+def run_env(library: str, environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment a legacy program runs with: ours first on LD_LIBRARY_PATH, ours in LD_PRELOAD."""
+    env = dict(os.environ if environ is None else environ)
+    env["LD_LIBRARY_PATH"] = _prepend(os.path.dirname(library), env.get("LD_LIBRARY_PATH"))
+    preload = env.get("LD_PRELOAD", "").strip()
+    env["LD_PRELOAD"] = preload + ":" + library if preload else library
+    env.setdefault("VSOCKCOMPAT_PYTHON", sys.executable)
+    return env
+
+
+def _resolve(program: str) -> Optional[str]:
+    if os.sep in program:
+        return program if os.path.isfile(program) else None
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def check(program: str, out=None) -> int:
+    """Report the SDK symbols and DT_NEEDED of ``program`` and whether our library provides them."""
+    out = out or sys.stdout
+    path = _resolve(program)
+    if path is None:
+        print("vsockcompat run --check: %s: no such program" % program, file=sys.stderr)
+        return 2
+    library = clib.library_path()
+    try:
+        info = elf_info(path)
+        if library is not None:
+            lib_info = elf_info(library)
+            provided, provider = lib_info.defined, library
+            provided_soname = lib_info.soname or clib.SONAME
+        else:
+            provided, provider = set(clib.EXPORTED), "the SDK list (libvmci.so.0 is not built)"
+            provided_soname = clib.SONAME
+    except (OSError, ElfError) as exc:
+        print("vsockcompat run --check: %s" % exc, file=sys.stderr)
+        return 2
+    wanted = sorted(name for name in info.undefined if name.startswith(SDK_PREFIX))
+    missing = [name for name in wanted if name not in provided]
+    width = max([len(n) for n in wanted] + [10])
+    print("%s" % path, file=out)
+    print("  DT_NEEDED: %s" % (", ".join(info.needed) or "(none)"), file=out)
+    if provided_soname in info.needed:
+        print("  %s: provided by %s" % (provided_soname, provider), file=out)
+    else:
+        others = [n for n in info.needed if n.startswith("libvmci")]
+        print("  %s: not needed%s" % (provided_soname, " (needs %s instead)" % ", ".join(others)
+                                      if others else ""), file=out)
+    print("  SDK symbols needed: %d" % len(wanted), file=out)
+    for name in wanted:
+        print("    %-*s  %s" % (width, name, "MISSING" if name in missing else "provided"), file=out)
+    if missing:
+        print("%d of %d SDK symbols are MISSING: %s" % (len(missing), len(wanted), ", ".join(missing)), file=out)
+        return 1
+    others = [n for n in info.needed if n.startswith("libvmci") and n != provided_soname]
+    if others:
+        print("needs %s, which vsockcompat does not provide" % ", ".join(others), file=out)
+        return 1
+    print("all %d SDK symbols are provided" % len(wanted), file=out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``vsockcompat run [--check] [--] PROGRAM [ARGS...]``; returns only if it cannot exec."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    do_check = False
+    while argv and argv[0].startswith("-"):
+        opt = argv.pop(0)
+        if opt == "--":
+            break
+        if opt == "--check":
+            do_check = True
+        elif opt in ("-h", "--help"):
+            print(USAGE)
+            print(__doc__.split("\n\n", 1)[1].rstrip())
+            return 0
+        else:
+            print("vsockcompat run: unknown option %r\n%s" % (opt, USAGE), file=sys.stderr)
+            return 2
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if do_check:
+        if len(argv) != 1:
+            print("vsockcompat run --check takes one PROGRAM\n%s" % USAGE, file=sys.stderr)
+            return 2
+        return check(argv[0])
+    library = clib.library_path()
+    if library is None:
+        where = os.environ.get(clib.LIBRARY_ENV) or os.path.join(clib.PACKAGE_DIR, "lib", clib.SONAME)
+        print("vsockcompat run: %s not found at %s (install vsockcompat with its C extensions, or set %s)"
+              % (clib.SONAME, where, clib.LIBRARY_ENV), file=sys.stderr)
+        return 2
+    env = run_env(library)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        print("vsockcompat run: cannot run %s: %s" % (argv[0], exc.strerror or exc), file=sys.stderr)
+        return 126 if isinstance(exc, PermissionError) else 127
+    return 127  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
