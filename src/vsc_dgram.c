@@ -3,6 +3,7 @@
 #include "vsc_dgram.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -139,6 +140,15 @@ static int send_errno_to_status(int e)
     }
 }
 
+/* A receiver never writes on a link, so any event on it is a hang-up: a receiver
+ * killed with its queue full never marks its account closed. */
+static int link_hung_up(int sock_fd)
+{
+    struct pollfd p = { .fd = sock_fd, .events = POLLIN };
+
+    return poll(&p, 1, 0) == 1;
+}
+
 /* Reserve, send, or roll back: the caller holds the account's lock. */
 static int send_locked(int sock_fd, uint8_t *acct, const vsc_dg_header *h, const void *payload,
                        int *sys_errno)
@@ -156,7 +166,7 @@ static int send_locked(int sock_fd, uint8_t *acct, const vsc_dg_header *h, const
     consumed = acct_load(acct, VSC_ACCT_OFF_CONSUMED);
     queued = produced > consumed ? produced - consumed : 0;
     if (queued + total >= get64(acct + VSC_ACCT_OFF_LIMIT))
-        return VMCI_ERROR_NO_RESOURCES;
+        return link_hung_up(sock_fd) ? VSC_PEER_GONE : VMCI_ERROR_NO_RESOURCES;
     /* Reserve before sending: the receiver may read the frame at once. */
     acct_store(acct, VSC_ACCT_OFF_PRODUCED, produced + total);
 

@@ -406,8 +406,6 @@ static int create_endpoint(const vsc_local *t, const char *cdir, uint32_t rid, v
     }
     if (vsc_acct_init(acct, VMCI_MAX_DATAGRAM_QUEUE_SIZE) != 0)
         goto fail_acct;
-    put64(acct + VSC_ACCT_OFF_OWNER_PID, (uint64_t)getpid());
-    put64(acct + VSC_ACCT_OFF_OWNER_START, getpid() == t->pid ? t->start : vsc_local_start_ticks(getpid()));
     listener = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (listener < 0)
         goto fail_acct;
@@ -423,6 +421,9 @@ static int create_endpoint(const vsc_local *t, const char *cdir, uint32_t rid, v
         unlink(addr.sun_path);
         goto fail_acct;
     }
+    /* Owned (so alive) only once it accepts connections. */
+    put64(acct + VSC_ACCT_OFF_OWNER_PID, (uint64_t)getpid());
+    put64(acct + VSC_ACCT_OFF_OWNER_START, getpid() == t->pid ? t->start : vsc_local_start_ticks(getpid()));
     out->handle.context = t->cid;
     out->handle.resource = rid;
     out->listener = listener;

@@ -188,6 +188,13 @@ def send_datagram(sock, account, dst_context, dst_resource, src_context, src_res
         _mutex_unlock(lock)
 
 
+def _hung_up(sock):
+    """A receiver never writes on a link, so any event on it is a hang-up (see vsc_dgram.c)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _send_locked(sock, account, header, view, length):
     words = account._words
     if words[_W_CLOSED]:
@@ -197,7 +204,7 @@ def _send_locked(sock, account, header, view, length):
     consumed = words[_W_CONSUMED]
     queued = produced - consumed if produced > consumed else 0
     if queued + total >= words[_W_LIMIT]:
-        return VMCI_ERROR_NO_RESOURCES
+        return PEER_GONE if _hung_up(sock) else VMCI_ERROR_NO_RESOURCES
     words[_W_PRODUCED] = produced + total
     try:
         if length:

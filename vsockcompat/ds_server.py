@@ -7,10 +7,30 @@ Files in the runtime directory while a daemon runs:
     ds.pid            the daemon's pid
     ds.registry.json  the registry, rewritten atomically after every change: a list of
                       {"name": str, "handle": [cid, rid], "owner": cid,
-                       "pid": int or null, "registered_at": unix time}
-                      (names are decoded from UTF-8 with surrogateescape)
+                       "pid": int or null, "start": int or null,
+                       "watch_endpoint": bool, "registered_at": unix time}
+                      (names are decoded from UTF-8 with surrogateescape; "start" is
+                      when "pid" started, in clock ticks since boot, as
+                      ``transport.local.process_start_ticks`` reads it)
 
 ds.pid and ds.registry.json are removed when the daemon exits cleanly.
+
+Restart after a crash: the daemon recovers the entries whose owners are alive.
+A daemon that dies without cleaning up (kill -9, OOM, power to the process
+only) leaves ds.registry.json behind. The next daemon on that runtime
+directory, once it holds ds.lock, reads it and keeps exactly the entries
+whose registering process is still the same process (its pid is alive and
+started at the recorded clock tick, so a reused pid never matches) and, for
+entries that named a live datagram endpoint at registration, whose endpoint
+still lives; it drops the rest, and the public group is always fresh. Clients
+need not re-register: a registration outlives a daemon crash as long as its
+owner does, and a LOOKUP after the restart answers as before the crash (an
+entry whose owner died during the outage is gone). A missing file means a
+clean previous exit (nothing to recover); a file that cannot be read or parsed,
+or an entry that is malformed or lacks its owner's identity, is dropped with a
+warning in the log and never stops the daemon. Temporary files of an
+interrupted rewrite (``ds.registry.json.<pid>.tmp``) are removed.
+``DiscoveryServer.recovery`` counts what was recovered and dropped.
 
 Access control is not enforced yet: any context may REGISTER and UNREGISTER
 (as the SDK's developer builds did); the release drivers' TRUSTED check is a
@@ -29,8 +49,6 @@ import sys
 import time
 from typing import Dict, NamedTuple, Optional
 
-import psutil
-
 from . import constants as C
 from ._settings import SettingError, Settings
 from .datagram import DatagramEndpoint
@@ -38,6 +56,7 @@ from .ds_protocol import MAX_REPLY_MSG_LEN, MalformedMessage, decode_request, en
 from .errors import VMCIError, code_name
 from .handles import VMCI_DS_HANDLE, VMCI_INVALID_HANDLE, VMCIHandle
 from .runtime import Runtime
+from .transport.local import process_start_ticks
 
 log = logging.getLogger("vsockcompat.ds")
 
@@ -61,16 +80,20 @@ class Entry(NamedTuple):
     handle: VMCIHandle
     owner: int  # context id of the registering endpoint
     pid: Optional[int]
-    start: Optional[float]  # psutil create_time of pid
+    start: Optional[int]  # when pid started, in clock ticks since boot (process_start_ticks)
     registered_at: float
     watch_endpoint: bool  # the handle was a live datagram endpoint at registration
 
 
-def _process_start(pid: int) -> Optional[float]:
+def _process_start(pid: int) -> Optional[int]:
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        return process_start_ticks(pid)
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def _u32(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFFFFFF
 
 
 class DiscoveryServer:
@@ -118,6 +141,8 @@ class DiscoveryServer:
                 PUBLIC_GROUP_HANDLE, C.VMCI_HOST_CONTEXT_ID, None, None, time.time(), False),
         }
         self._closed = False
+        #: What the start recovered from a crashed daemon's registry (see the module docstring).
+        self.recovery = {"recovered": 0, "dropped": 0}
         os.makedirs(rundir, mode=0o755, exist_ok=True)
         self._lock_fd = os.open(os.path.join(rundir, "ds.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -137,6 +162,7 @@ class DiscoveryServer:
             raise
         try:
             self._write_atomic(self._pidfile, "%d\n" % os.getpid())
+            self._recover()
             self._save()
         except BaseException:
             self.close()
@@ -298,9 +324,77 @@ class DiscoveryServer:
         if dead:
             self._save()
 
+    def _recover(self) -> None:
+        """Take back the live entries a crashed daemon left in ds.registry.json. Under ds.lock."""
+        rundir = os.path.dirname(self._regfile)
+        prefix = os.path.basename(self._regfile) + "."
+        for name in os.listdir(rundir):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(rundir, name))
+        try:
+            with open(self._regfile, "rb") as f:
+                records = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            log.warning("ignoring an unreadable %s: %s", self._regfile, exc)
+            return
+        if not isinstance(records, list):
+            log.warning("ignoring %s: not a list of entries", self._regfile)
+            return
+        public = C.VMCI_PUBLIC_GROUP_NAME.encode()
+        for record in records:
+            entry_name = self._recoverable(record)
+            if entry_name == public:
+                continue  # always fresh
+            if entry_name is None:
+                self.recovery["dropped"] += 1
+                continue
+            entry = Entry(VMCIHandle(*record["handle"]), record["owner"], record["pid"], record["start"],
+                          float(record["registered_at"]), record["watch_endpoint"])
+            if entry_name in self._registry or not self._alive(entry):
+                log.info("entry %r -> %s of the previous daemon died", entry_name, tuple(entry.handle))
+                self.recovery["dropped"] += 1
+                continue
+            self._registry[entry_name] = entry
+            self.recovery["recovered"] += 1
+        if self.recovery["recovered"] or self.recovery["dropped"]:
+            log.warning("recovered %d entries of the previous daemon, dropped %d",
+                        self.recovery["recovered"], self.recovery["dropped"])
+
+    @staticmethod
+    def _recoverable(record) -> Optional[bytes]:
+        """The name of a well-formed entry with its owner's identity, else None."""
+        if not isinstance(record, dict):
+            return None
+        name, handle = record.get("name"), record.get("handle")
+        if not isinstance(name, str):
+            return None
+        try:
+            name = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return None
+        if b"\0" in name or len(name) > C.VMCI_DS_MAX_NAME_LEN:
+            return None
+        if name == C.VMCI_PUBLIC_GROUP_NAME.encode():
+            return name
+        if not (isinstance(handle, list) and len(handle) == 2 and all(_u32(v) for v in handle)
+                and VMCIHandle(*handle) != VMCI_INVALID_HANDLE and _u32(record.get("owner"))):
+            return None
+        pid, start = record.get("pid"), record.get("start")
+        if not (_u32(pid) and pid > 0 and isinstance(start, int) and not isinstance(start, bool)
+                and start >= 0 and isinstance(record.get("watch_endpoint"), bool)):
+            return None
+        at = record.get("registered_at")
+        if isinstance(at, bool) or not isinstance(at, (int, float)):
+            return None
+        return name
+
     def _save(self) -> None:
         entries = [{"name": name.decode("utf-8", "surrogateescape"), "handle": list(e.handle),
-                    "owner": e.owner, "pid": e.pid, "registered_at": e.registered_at}
+                    "owner": e.owner, "pid": e.pid, "start": e.start,
+                    "watch_endpoint": e.watch_endpoint, "registered_at": e.registered_at}
                    for name, e in self._registry.items()]
         self._write_atomic(self._regfile, json.dumps(entries, indent=1) + "\n")
 

@@ -298,10 +298,6 @@ class LocalTransport(Transport):
             raise
         account = self._core.Account(fd, page)
         account.initialise(VMCI_MAX_DATAGRAM_QUEUE_SIZE)
-        words = memoryview(page).cast("Q")
-        words[_OWNER_PID_WORD] = os.getpid()
-        words[_OWNER_START_WORD] = self._my_start
-        words.release()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             listener.bind(path)
@@ -312,6 +308,11 @@ class LocalTransport(Transport):
             os.unlink(path + ".acct")
             self._unmap(account, page)
             raise
+        # Owned (so alive) only once it accepts connections.
+        words = memoryview(page).cast("Q")
+        words[_OWNER_PID_WORD] = os.getpid()
+        words[_OWNER_START_WORD] = self._my_start
+        words.release()
         return Bound(handle, listener, account, page)
 
     def _map_account(self, path: str):
