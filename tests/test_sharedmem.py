@@ -417,3 +417,15 @@ def test_the_transport_sees_regions_as_live_resources(runtime):
     assert not runtime.transport.endpoint_alive(handle)
     region.detach()
     assert not runtime.transport.resource_alive(handle)
+
+
+def test_a_name_dies_with_its_region(make_runtime, rundir, core):
+    from vsockcompat import ds_client
+    from vsockcompat.sharedmem import SharedRegion
+    runtime = make_runtime()
+    region = SharedRegion.create(128, runtime=runtime)
+    ds_client.register("HOST TIME", region.handle, runtime)
+    assert ds_client.lookup("HOST TIME", runtime) == region.handle
+    region.detach()
+    with pytest.raises(errors.NotFound):
+        ds_client.lookup("HOST TIME", runtime)

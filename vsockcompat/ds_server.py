@@ -82,7 +82,7 @@ class Entry(NamedTuple):
     pid: Optional[int]
     start: Optional[int]  # when pid started, in clock ticks since boot (process_start_ticks)
     registered_at: float
-    watch_endpoint: bool  # the handle was a live datagram endpoint at registration
+    watch_endpoint: bool  # the handle named a live resource (endpoint, region, queue pair) at registration
 
 
 def _process_start(pid: int) -> Optional[int]:
@@ -286,7 +286,7 @@ class DiscoveryServer:
         pid = peer.pid if peer is not None else None
         self._registry[req.name] = Entry(
             req.handle, src.context, pid, _process_start(pid) if pid is not None else None,
-            time.time(), self.runtime.transport.endpoint_alive(req.handle))
+            time.time(), self.runtime.transport.resource_alive(req.handle))
         self._save()
         return C.VMCI_SUCCESS
 
@@ -315,7 +315,7 @@ class DiscoveryServer:
             return True
         if entry.start is None or _process_start(entry.pid) != entry.start:
             return False
-        return not entry.watch_endpoint or self.runtime.transport.endpoint_alive(entry.handle)
+        return not entry.watch_endpoint or self.runtime.transport.resource_alive(entry.handle)
 
     def _prune(self) -> None:
         dead = [name for name, entry in self._registry.items() if not self._alive(entry)]
