@@ -30,3 +30,12 @@ def test_readme_example_runs(rundir, core, index):
     result = subprocess.run([PYTHON, "-c", code], env=child_env(rundir, core.NAME), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_is_valid_restructuredtext():
+    docutils_core = pytest.importorskip("docutils.core", reason="docutils is not installed")
+    if not os.path.exists(README):
+        pytest.skip("README.rst is not beside the tests")
+    with open(README) as f:
+        docutils_core.publish_string(f.read(), writer_name="null",
+                                     settings_overrides={"halt_level": 2, "report_level": 2})
