@@ -44,7 +44,7 @@ def _cc(args, cwd):
 def build(out_dir, extra=()):
     """Build libvmci.so.0 and the legacy programs into out_dir, as a user of the SDK would."""
     lib_dir = os.path.join(out_dir, "lib")
-    library = clib.build_libvmci(lib_dir, extra_cflags=list(extra), extra_ldflags=list(extra))
+    library = clib.build_libvmci(lib_dir, src_dir=SRC_DIR, extra_cflags=list(extra), extra_ldflags=list(extra))
     programs = {}
     for name in PROGRAMS:
         exe = os.path.join(out_dir, name)
