@@ -26,7 +26,7 @@
 #include "vsc_local.h"
 
 #define VSC_DS_REPLY_TIMEOUT_MS 10000
-#define VSC_DS_SPAWN_TIMEOUT_MS 10000
+#define VSC_DS_SPAWN_TIMEOUT_MS 30000 /* a bound, not a delay: as ds_client.SPAWN_TIMEOUT */
 
 /* action: VMCI_DS_ACTION_*; *out (may be NULL) gets the reply's handle on success, else invalid. */
 int vsc_ds_call(const vsc_local *t, int action, const char *name, vsc_handle handle, vsc_handle *out);
