@@ -68,10 +68,14 @@ def _stop_daemons(rundir):
         proc.kill()
 
 
+SESSION_RUNDIRS = []
+
+
 @pytest.fixture
 def rundir():
     """A fresh, short runtime directory (Unix socket paths are limited to 107 bytes)."""
     path = tempfile.mkdtemp(prefix="vsc", dir="/tmp")
+    SESSION_RUNDIRS.append(path)
     yield path
     _stop_daemons(path)
     shutil.rmtree(path, ignore_errors=True)
@@ -122,20 +126,15 @@ PYTHON = sys.executable
 
 @pytest.fixture(scope="session", autouse=True)
 def shm_leak_guard():
-    """Fails the session if a /dev/shm/vsc.<uid>.* object made during it outlives its runtime
-    directory (nothing can reclaim it then); removes such objects. Objects of runtime
-    directories that still exist (other sessions running now) are left alone."""
+    """Fails the session if a /dev/shm object of one of its runtime directories outlives the
+    directory (nothing can reclaim it then), and removes such objects. Only this session's
+    directories are judged, so sessions running at the same time do not disturb each other."""
     from vsockcompat.sharedmem import SHM_DIR, shm_prefix
 
-    def objects():
-        prefix = "vsc.%d." % os.getuid()
-        return {n for n in os.listdir(SHM_DIR) if n.startswith(prefix)} if os.path.isdir(SHM_DIR) else set()
-
-    before = objects()
     yield
-    tmp = tempfile.gettempdir()
-    live = {shm_prefix(os.path.join(tmp, n)) for n in os.listdir(tmp) if os.path.isdir(os.path.join(tmp, n))}
-    leaked = sorted(n for n in objects() - before if not any(n.startswith(p) for p in live))
+    prefixes = tuple(shm_prefix(path) for path in SESSION_RUNDIRS)
+    names = os.listdir(SHM_DIR) if os.path.isdir(SHM_DIR) else []
+    leaked = sorted(n for n in names if prefixes and n.startswith(prefixes))
     for name in leaked:
         try:
             os.unlink(os.path.join(SHM_DIR, name))
