@@ -51,7 +51,7 @@ setup(
     packages=find_packages(include=["vsockcompat", "vsockcompat.*"]),
     package_data={"vsockcompat": ["*.pyi", "py.typed"]},
     ext_modules=extensions(),
-    cmdclass={"build_ext": clib.BuildExtWithLibvmci},
+    cmdclass={"build_ext": clib.BuildExtWithLibvmci, "build_py": clib.BuildPyWithHeaders},
     python_requires=">=3.9",
     install_requires=["psutil>=5.9"],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6"]},

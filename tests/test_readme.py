@@ -37,5 +37,4 @@ def test_readme_is_valid_restructuredtext():
     if not os.path.exists(README):
         pytest.skip("README.rst is not beside the tests")
     with open(README) as f:
-        docutils_core.publish_string(f.read(), writer_name="null",
-                                     settings_overrides={"halt_level": 2, "report_level": 2})
+        docutils_core.publish_doctree(f.read(), settings_overrides={"halt_level": 2, "report_level": 2})

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 SONAME = "libvmci.so.0"
 LINK_NAME = "libvmci.so"
-SOURCES = ("vsc_lib.c", "vsc_endpoint.c", "vsc_local.c", "vsc_ds.c", "vsc_dgram.c")
+SOURCES = ("vsc_lib.c", "vsc_endpoint.c", "vsc_local.c", "vsc_ds.c", "vsc_dgram.c", "vsc_shm.c")
 HEADERS = ("vmcilib.h", "vsc_constants.h")
 VERSION_SCRIPT = "libvmci.map"
 #: The names the library exports: the SDK's user-level calls (vmci-sdk.md section 4).
@@ -110,12 +110,13 @@ def include_dir() -> str:
 
 try:
     from setuptools.command.build_ext import build_ext as _build_ext
-except ImportError:  # pragma: no cover - only setup.py needs the command
-    _build_ext = object
+    from setuptools.command.build_py import build_py as _build_py
+except ImportError:  # pragma: no cover - only setup.py needs the commands
+    _build_ext = _build_py = object
 
 
 class BuildExtWithLibvmci(_build_ext):
-    """``build_ext`` that also builds ``vsockcompat/lib/libvmci.so.0`` and ships vmcilib.h.
+    """``build_ext`` that also builds ``vsockcompat/lib/libvmci.so.0``.
 
     It runs only when there are extensions to build, so the pure build
     (VSOCKCOMPAT_NO_EXTENSIONS=1) installs no C library. Failures are loud.
@@ -131,12 +132,25 @@ class BuildExtWithLibvmci(_build_ext):
             build_libvmci(os.path.join(target, "lib"), shlex.quote(compiler[0]) if compiler else None)
         except BuildError as exc:
             raise SystemExit(str(exc))
-        install_headers(os.path.join(target, "include"))
+        if self.inplace:
+            install_headers(os.path.join(target, "include"))
 
     def get_outputs(self):
         outputs = list(super().get_outputs())
         if self.extensions:
             base = os.path.join(self.build_lib, "vsockcompat")
             outputs.extend(os.path.join(base, "lib", name) for name in (SONAME, LINK_NAME))
-            outputs.extend(os.path.join(base, "include", name) for name in HEADERS)
         return outputs
+
+
+class BuildPyWithHeaders(_build_py):
+    """``build_py`` that ships vmcilib.h with every install, pure ones included,
+    so old sources recompile wherever the package is installed."""
+
+    def run(self):
+        super().run()
+        install_headers(os.path.join(self.build_lib, "vsockcompat", "include"))
+
+    def get_outputs(self, include_bytecode=1):
+        base = os.path.join(self.build_lib, "vsockcompat", "include")
+        return list(super().get_outputs(include_bytecode)) + [os.path.join(base, n) for n in HEADERS]
