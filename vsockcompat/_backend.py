@@ -48,9 +48,19 @@ def load_core(name: str) -> ModuleType:
     return module
 
 
+def _pure_build() -> bool:
+    """Whether this installation was built without the extension (recorded by the build)."""
+    try:
+        from . import _build_config
+    except ImportError:
+        return False
+    return bool(getattr(_build_config, "PURE_BUILD", False))
+
+
 def select_core(no_extensions: bool) -> ModuleType:
-    """The pure core if asked for, else the Cython core, falling back to pure with a warning."""
-    if no_extensions:
+    """The pure core if asked for (or installed pure), else the Cython core, falling back
+    to pure with a warning."""
+    if no_extensions or _pure_build():
         return load_core("pure")
     try:
         return load_core("cython")

@@ -108,6 +108,8 @@ def include_dir() -> str:
     return SOURCE_DIR
 
 
+BUILD_CONFIG = "_build_config"
+
 try:
     from setuptools.command.build_ext import build_ext as _build_ext
     from setuptools.command.build_py import build_py as _build_py
@@ -149,8 +151,13 @@ class BuildPyWithHeaders(_build_py):
 
     def run(self):
         super().run()
-        install_headers(os.path.join(self.build_lib, "vsockcompat", "include"))
+        package = os.path.join(self.build_lib, "vsockcompat")
+        install_headers(os.path.join(package, "include"))
+        # Recorded so that a pure install does not warn about a missing extension.
+        with open(os.path.join(package, BUILD_CONFIG + ".py"), "w") as f:
+            f.write('"""Written by the build."""\nPURE_BUILD = %r\n' % (not self.distribution.ext_modules))
 
     def get_outputs(self, include_bytecode=1):
-        base = os.path.join(self.build_lib, "vsockcompat", "include")
-        return list(super().get_outputs(include_bytecode)) + [os.path.join(base, n) for n in HEADERS]
+        package = os.path.join(self.build_lib, "vsockcompat")
+        return list(super().get_outputs(include_bytecode)) + [
+            os.path.join(package, "include", n) for n in HEADERS] + [os.path.join(package, BUILD_CONFIG + ".py")]
