@@ -204,6 +204,30 @@ out:
 
 /* Requests and replies */
 
+int vsc_ds_parse_reply(const uint8_t *buf, size_t n, uint32_t msgid, vsc_handle *out)
+{
+    int32_t msg_len;
+    int code;
+
+    if (n < 4 || get32(buf + VSC_DS_REP_OFF_MSGID) != msgid)
+        return VSC_DS_NOT_MINE;
+    if (n > VMCI_DS_MAX_MSG_SIZE)
+        return VMCI_ERROR_PAYLOAD_TOO_LARGE;
+    if (n < VSC_DS_REPLY_HEADER_SIZE)
+        return VMCI_ERROR_GENERIC;
+    msg_len = (int32_t)get32(buf + VSC_DS_REP_OFF_MSG_LEN);
+    if (msg_len < 0 || msg_len > VMCI_DS_MAX_MSG_SIZE || (size_t)(VSC_DS_REP_OFF_MSG + msg_len) >= n
+        || memchr(buf + VSC_DS_REP_OFF_MSG, 0, (size_t)msg_len) != NULL
+        || buf[VSC_DS_REP_OFF_MSG + msg_len] != 0)
+        return VMCI_ERROR_GENERIC;
+    code = (int32_t)get32(buf + VSC_DS_REP_OFF_CODE);
+    if (code == VMCI_SUCCESS) {
+        out->context = get32(buf + VSC_DS_REP_OFF_HANDLE_CONTEXT);
+        out->resource = get32(buf + VSC_DS_REP_OFF_HANDLE_RESOURCE);
+    }
+    return code;
+}
+
 static int await_reply(vsc_endpoint *ep, uint32_t msgid, uint8_t *buf, vsc_handle *out)
 {
     int64_t deadline = now_ms() + VSC_DS_REPLY_TIMEOUT_MS;
@@ -211,32 +235,16 @@ static int await_reply(vsc_endpoint *ep, uint32_t msgid, uint8_t *buf, vsc_handl
     for (;;) {
         int64_t left = deadline - now_ms();
         vsc_handle src;
-        int32_t msg_len;
         int n = vsc_endpoint_recv(ep, buf, RECV_SIZE, &src, left > 0 ? (int)left : 0);
+        int code;
 
         if (n < 0)
             return n;
-        if (src.context != DS_HANDLE.context || src.resource != DS_HANDLE.resource || n < 4
-            || get32(buf + VSC_DS_REP_OFF_MSGID) != msgid)
+        if (src.context != DS_HANDLE.context || src.resource != DS_HANDLE.resource)
             continue;
-        if (n > VMCI_DS_MAX_MSG_SIZE)
-            return VMCI_ERROR_PAYLOAD_TOO_LARGE;
-        if (n < VSC_DS_REPLY_HEADER_SIZE)
-            return VMCI_ERROR_GENERIC;
-        msg_len = (int32_t)get32(buf + VSC_DS_REP_OFF_MSG_LEN);
-        if (msg_len < 0 || msg_len > VMCI_DS_MAX_MSG_SIZE || VSC_DS_REP_OFF_MSG + msg_len >= n
-            || memchr(buf + VSC_DS_REP_OFF_MSG, 0, (size_t)msg_len) != NULL
-            || buf[VSC_DS_REP_OFF_MSG + msg_len] != 0)
-            return VMCI_ERROR_GENERIC;
-        {
-            int code = (int32_t)get32(buf + VSC_DS_REP_OFF_CODE);
-
-            if (code == VMCI_SUCCESS) {
-                out->context = get32(buf + VSC_DS_REP_OFF_HANDLE_CONTEXT);
-                out->resource = get32(buf + VSC_DS_REP_OFF_HANDLE_RESOURCE);
-            }
+        code = vsc_ds_parse_reply(buf, (size_t)n, msgid, out);
+        if (code != VSC_DS_NOT_MINE)
             return code;
-        }
     }
 }
 

@@ -31,4 +31,9 @@
 /* action: VMCI_DS_ACTION_*; *out (may be NULL) gets the reply's handle on success, else invalid. */
 int vsc_ds_call(const vsc_local *t, int action, const char *name, vsc_handle handle, vsc_handle *out);
 
+#define VSC_DS_NOT_MINE (-2100) /* a reply to another request: keep waiting */
+/* Check a reply payload of n bytes for request msgid: its code (with *out set on
+ * VMCI_SUCCESS), VSC_DS_NOT_MINE, or VMCI_ERROR_PAYLOAD_TOO_LARGE / _GENERIC if malformed. */
+int vsc_ds_parse_reply(const uint8_t *buf, size_t n, uint32_t msgid, vsc_handle *out);
+
 #endif

@@ -1,0 +1,62 @@
+"""Build and run the libFuzzer target of the C core for a bounded time.
+
+    python fuzz/c_core.py --seconds 60
+
+Needs clang with libFuzzer (Debian: clang-14 and libclang-rt-14-dev). Without
+it, says so and exits 0 (the target is skipped, not failed); a crash or a
+sanitizer report exits non-zero and leaves the reproducer in the work folder.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+SOURCES = ["vsc_dgram.c", "vsc_ring.c", "vsc_ds.c", "vsc_endpoint.c", "vsc_local.c"]
+FLAGS = ["-g", "-O1", "-std=gnu11", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
+         "-pthread"]
+
+
+def find_clang():
+    for name in ("clang", "clang-16", "clang-15", "clang-14"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=60, help="how long to fuzz (default 60)")
+    parser.add_argument("--workdir", help="where to build and keep findings (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    clang = find_clang()
+    if clang is None:
+        print("fuzz_c_core: SKIPPED: no clang on PATH (Debian: apt-get install clang-14 libclang-rt-14-dev)")
+        return 0
+    workdir = args.workdir or tempfile.mkdtemp(prefix="vscfuzz")
+    target = os.path.join(workdir, "fuzz_c_core")
+    build = subprocess.run([clang] + FLAGS + ["-I", SRC, os.path.join(HERE, "fuzz_c_core.c")]
+                           + [os.path.join(SRC, s) for s in SOURCES] + ["-o", target],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if build.returncode != 0:
+        if "libclang_rt.fuzzer" in build.stdout or "cannot find" in build.stdout:
+            print("fuzz_c_core: SKIPPED: clang has no libFuzzer runtime (Debian: libclang-rt-14-dev)\n" + build.stdout)
+            return 0
+        print(build.stdout)
+        return build.returncode
+    corpus = os.path.join(workdir, "corpus")
+    os.makedirs(corpus, exist_ok=True)
+    run = subprocess.run([target, corpus, "-max_total_time=%d" % args.seconds, "-timeout=10",
+                          "-artifact_prefix=" + workdir + "/", "-print_final_stats=1"])
+    print("fuzz_c_core: exit %d, work folder %s" % (run.returncode, workdir))
+    if run.returncode == 0 and args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return run.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

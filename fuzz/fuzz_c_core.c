@@ -1,0 +1,96 @@
+/*
+ * libFuzzer target for the C core's decoders of peer bytes: datagram frames
+ * received on a socket, queue-pair rings with arbitrary header indexes, and
+ * discovery-service replies. Built with -fsanitize=fuzzer,address,undefined
+ * by fuzz/c_core.py; a crash or a sanitizer report is a finding.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+
+#include "vsc_dgram.h"
+#include "vsc_ds.h"
+#include "vsc_ring.h"
+
+#define QSIZE 256 /* data bytes per queue: small, so indexes go out of range often */
+
+static int pair[2] = {-1, -1};
+static uint8_t *acct;
+static uint8_t buf[64], spill[VMCI_MAX_DG_PAYLOAD_SIZE + 1];
+
+static void setup(void)
+{
+    int size = 1 << 20;
+
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, pair) != 0)
+        abort();
+    setsockopt(pair[0], SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    acct = mmap(NULL, VSC_ACCT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (acct == MAP_FAILED || vsc_acct_init(acct, VMCI_MAX_DATAGRAM_QUEUE_SIZE) != 0)
+        abort();
+}
+
+static void fuzz_frame(const uint8_t *data, size_t size)
+{
+    vsc_dg_header h;
+    int err;
+
+    if (size > VMCI_MAX_DG_SIZE + 64 || send(pair[0], data, size, MSG_DONTWAIT) < 0)
+        return;
+    vsc_dg_recv(pair[1], acct, &h, buf, sizeof buf, spill, sizeof spill, &err);
+}
+
+static uint64_t word(const uint8_t *data, size_t size, size_t i)
+{
+    uint64_t v = 0;
+
+    if (size >= (i + 1) * 8)
+        memcpy(&v, data + i * 8, 8);
+    return v;
+}
+
+static void fuzz_ring(const uint8_t *data, size_t size)
+{
+    static uint8_t a[VSC_QP_DATA_OFFSET + QSIZE], b[VSC_QP_DATA_OFFSET + QSIZE], out[QSIZE * 2];
+    vsc_qp qp = {a, b, QSIZE, QSIZE};
+    uint64_t tail, head;
+
+    vsc_qp_init_header(a, 2, 1024);
+    vsc_qp_init_header(b, 2, 1024);
+    /* Peer-written indexes are arbitrary: they must be refused, never followed. */
+    memcpy(a + 8, &(uint64_t){word(data, size, 0) % (QSIZE * 2)}, 8);
+    memcpy(a + 16, &(uint64_t){word(data, size, 1) % (QSIZE * 2)}, 8);
+    memcpy(b + 8, &(uint64_t){word(data, size, 2)}, 8);
+    memcpy(b + 16, &(uint64_t){word(data, size, 3) % (QSIZE * 2)}, 8);
+    vsc_qp_free_space(&qp);
+    vsc_qp_buf_ready(&qp);
+    vsc_qp_produce_buf_ready(&qp);
+    vsc_qp_consume_free_space(&qp);
+    vsc_qp_enqueue(&qp, data, size < sizeof out ? size : sizeof out);
+    vsc_qp_peek(&qp, out, word(data, size, 4) % sizeof out);
+    vsc_qp_dequeue(&qp, out, word(data, size, 5) % sizeof out);
+    vsc_qp_produce_indexes(&qp, &tail, &head);
+    vsc_qp_consume_indexes(&qp, &tail, &head);
+}
+
+static void fuzz_ds_reply(const uint8_t *data, size_t size)
+{
+    vsc_handle out = {0, 0};
+    uint32_t msgid = 0;
+
+    if (size >= 4)
+        memcpy(&msgid, data, 4); /* often the reply's own msgid, so the body is parsed */
+    vsc_ds_parse_reply(data, size, msgid, &out);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (pair[0] < 0)
+        setup();
+    fuzz_frame(data, size);
+    fuzz_ring(data, size);
+    fuzz_ds_reply(data, size);
+    return 0;
+}
