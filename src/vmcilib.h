@@ -5,11 +5,9 @@
  * shapes follow the shipped samples (vmci-sdk.md sections 2 and 4), values
  * come from vsc_constants.h, which is generated from vsockcompat/constants.py.
  *
- * Status: datagrams, the discovery service and VMCIResource_AddClientPrivileges
- * (which validates its arguments and grants nothing: access is not enforced)
- * are implemented. The four VMCISharedMem_* calls are declared and exported
- * but return VMCI_ERROR_UNAVAILABLE (VMCI_INVALID_HANDLE from
- * VMCISharedMem_Create) for now.
+ * Status: datagrams, shared memory, the discovery service and
+ * VMCIResource_AddClientPrivileges (which validates its arguments and grants
+ * nothing: access is not enforced yet) are implemented.
  */
 #ifndef _VMCILIB_H_
 #define _VMCILIB_H_
@@ -94,7 +92,7 @@ int VMCIDatagram_SendTo(VMCIHandle dst, VMCIHandle src, uint32 len, const void *
 /* Blocks; returns the payload length. srcOut may be NULL. */
 int VMCIDatagram_RecvFrom(VMCIHandle handle, VMCIHandle *srcOut, void *buf, uint32 len);
 
-/* 4.3 Shared memory: declared and exported; returns VMCI_ERROR_UNAVAILABLE for now. */
+/* 4.3 Shared memory: regions shared with Python processes too (see README.rst). */
 VMCIHandle VMCISharedMem_Create(uint32 size, void **addrOut);
 int VMCISharedMem_Query(VMCIHandle handle, uint32 *sizeOut);
 int VMCISharedMem_Attach(VMCIHandle handle, void **addrOut, uint32 *sizeInOut);

@@ -16,8 +16,13 @@
  * SendTo/RecvFrom give VMCI_ERROR_INVALID_ARGS, DestroyHnd VMCI_ERROR_NOT_FOUND),
  * and the child stays initialised, so it can create endpoints of its own.
  *
- * Shared memory (VMCISharedMem_*) is not implemented yet: the calls check their
- * arguments and return VMCI_ERROR_UNAVAILABLE. VMCIResource_AddClientPrivileges
+ * Shared memory (VMCISharedMem_*, src/vsc_shm.c) speaks vsockcompat/sharedmem.py's
+ * protocol, so C and Python processes share regions both ways. A second table,
+ * g_regions (also under g_lock), holds this process's mappings; the region calls
+ * do their file work outside g_lock. CleanupApp detaches them all; a forked
+ * child drops the parent's entries (closing only its copy of each lock file, the
+ * mappings stay) and its own calls then see those handles as unknown.
+ * VMCIResource_AddClientPrivileges
  * validates its arguments and returns VMCI_SUCCESS without recording anything
  * (access is not enforced, as in the 2011 host driver).
  */
@@ -31,6 +36,7 @@
 #include "vsc_ds.h"
 #include "vsc_endpoint.h"
 #include "vsc_local.h"
+#include "vsc_shm.h"
 
 #define VSC_EXPORT __attribute__((visibility("default")))
 
@@ -43,6 +49,8 @@ static vsc_local g_transport;
 static vsc_endpoint **g_table;     /* under g_lock; each entry holds one reference */
 static int g_count, g_cap;
 static int g_inherited;            /* set in a forked child; under g_lock */
+static vsc_region **g_regions;     /* under g_lock; this process's mapped regions */
+static int g_nregions, g_regions_cap;
 
 static const VMCIHandle INVALID_HANDLE = {VMCI_INVALID_ID, VMCI_INVALID_ID};
 
@@ -83,6 +91,9 @@ static void table_lock(void)
         for (i = 0; i < g_count; i++)
             vsc_endpoint_abandon(g_table[i]);
         g_count = 0;
+        for (i = 0; i < g_nregions; i++)
+            vsc_shm_abandon(g_regions[i]);
+        g_nregions = 0;
         if (g_settings_read) {
             g_transport.pid = getpid();
             g_transport.start = vsc_local_start_ticks(g_transport.pid);
@@ -160,13 +171,18 @@ VSC_EXPORT int VMCI_InitApp(const char *devName)
 VSC_EXPORT void VMCI_CleanupApp(void)
 {
     vsc_endpoint **table;
-    int count, i;
+    vsc_region **regions;
+    int count, nregions, i;
 
     table_lock();
     table = g_table;
     count = g_count;
     g_table = NULL;
     g_count = g_cap = 0;
+    regions = g_regions;
+    nregions = g_nregions;
+    g_regions = NULL;
+    g_nregions = g_regions_cap = 0;
     g_initialised = 0;
     pthread_mutex_unlock(&g_lock);
     for (i = 0; i < count; i++) {
@@ -174,6 +190,9 @@ VSC_EXPORT void VMCI_CleanupApp(void)
         endpoint_put(table[i]);
     }
     free(table);
+    for (i = 0; i < nregions; i++)
+        vsc_shm_detach(&g_transport, regions[i]);
+    free(regions);
 }
 
 /* 4.2 Datagrams */
@@ -267,42 +286,118 @@ VSC_EXPORT int VMCIDatagram_RecvFrom(VMCIHandle handle, VMCIHandle *srcOut, void
     return rc;
 }
 
-/* 4.3 Shared memory: not implemented yet. */
+/* 4.3 Shared memory (src/vsc_shm.c; README "Where the SDK is silent" for the codes) */
+
+static int region_find(vsc_handle h)
+{
+    int i;
+
+    for (i = 0; i < g_nregions; i++)
+        if (g_regions[i]->handle.context == h.context && g_regions[i]->handle.resource == h.resource)
+            return i;
+    return -1;
+}
+
+/* Enter r into the table: VMCI_SUCCESS; else the caller still owns r (VMCI_ERROR_UNAVAILABLE after
+ * CleanupApp, VMCI_ERROR_ALREADY_EXISTS if another thread mapped the same region meanwhile). */
+static int region_add(vsc_region *r)
+{
+    int rc = VMCI_SUCCESS;
+
+    table_lock();
+    if (!g_initialised) {
+        rc = VMCI_ERROR_UNAVAILABLE;
+    } else if (region_find(r->handle) >= 0) {
+        rc = VMCI_ERROR_ALREADY_EXISTS;
+    } else {
+        if (g_nregions == g_regions_cap) {
+            int cap = g_regions_cap ? g_regions_cap * 2 : 8;
+            vsc_region **grown = realloc(g_regions, (size_t)cap * sizeof *grown);
+            if (grown != NULL) {
+                g_regions = grown;
+                g_regions_cap = cap;
+            }
+        }
+        if (g_nregions < g_regions_cap)
+            g_regions[g_nregions++] = r;
+        else
+            rc = VMCI_ERROR_NO_MEM;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
 
 VSC_EXPORT VMCIHandle VMCISharedMem_Create(uint32 size, void **addrOut)
 {
-    (void)size;
+    vsc_region *r;
+
     if (addrOut != NULL)
         *addrOut = NULL;
-    return INVALID_HANDLE;
+    if (!is_initialised() || addrOut == NULL)
+        return INVALID_HANDLE;
+    if (vsc_shm_create(&g_transport, size, &r) != VMCI_SUCCESS)
+        return INVALID_HANDLE;
+    if (region_add(r) != VMCI_SUCCESS) {
+        vsc_shm_detach(&g_transport, r);
+        return INVALID_HANDLE;
+    }
+    *addrOut = r->addr;
+    return to_vmci(r->handle);
 }
 
 VSC_EXPORT int VMCISharedMem_Query(VMCIHandle handle, uint32 *sizeOut)
 {
-    (void)handle;
     if (!is_initialised())
         return VMCI_ERROR_UNAVAILABLE;
     if (sizeOut == NULL)
         return VMCI_ERROR_INVALID_ARGS;
-    *sizeOut = 0;
-    return VMCI_ERROR_UNAVAILABLE;
+    return vsc_shm_query(&g_transport, to_vsc(handle), sizeOut);
 }
 
 VSC_EXPORT int VMCISharedMem_Attach(VMCIHandle handle, void **addrOut, uint32 *sizeInOut)
 {
-    (void)handle;
-    if (!is_initialised())
+    vsc_region *r;
+    int rc, init, mapped;
+
+    if (addrOut != NULL)
+        *addrOut = NULL;
+    table_lock();
+    init = g_initialised;
+    mapped = init && region_find(to_vsc(handle)) >= 0;
+    pthread_mutex_unlock(&g_lock);
+    if (!init)
         return VMCI_ERROR_UNAVAILABLE;
     if (addrOut == NULL || sizeInOut == NULL)
         return VMCI_ERROR_INVALID_ARGS;
-    *addrOut = NULL;
-    return VMCI_ERROR_UNAVAILABLE;
+    if (mapped)
+        return VMCI_ERROR_ALREADY_EXISTS;
+    rc = vsc_shm_attach(&g_transport, to_vsc(handle), *sizeInOut, &r);
+    if (rc != VMCI_SUCCESS)
+        return rc;
+    if ((rc = region_add(r)) != VMCI_SUCCESS) {
+        vsc_shm_detach(&g_transport, r);
+        return rc;
+    }
+    *addrOut = r->addr;
+    *sizeInOut = r->size;
+    return VMCI_SUCCESS;
 }
 
 VSC_EXPORT int VMCISharedMem_Detach(VMCIHandle handle)
 {
-    (void)handle;
-    return VMCI_ERROR_UNAVAILABLE;
+    vsc_region *r = NULL;
+    int i, init;
+
+    table_lock();
+    init = g_initialised;
+    if (init && (i = region_find(to_vsc(handle))) >= 0) {
+        r = g_regions[i];
+        g_regions[i] = g_regions[--g_nregions];
+    }
+    pthread_mutex_unlock(&g_lock);
+    if (r == NULL)
+        return init ? VMCI_ERROR_NOT_FOUND : VMCI_ERROR_UNAVAILABLE;
+    return vsc_shm_detach(&g_transport, r);
 }
 
 /* 4.4 Access control: validated, not enforced. */

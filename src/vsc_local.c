@@ -287,15 +287,55 @@ static int lexists(const char *path)
     return lstat(path, &st) == 0;
 }
 
-/* Whether a live resource holds rid; reclaims a dead endpoint's files. Call under the lock.
- * Files of other kinds (<rid>.shm, <rid>.qp*, ...) count as live: only their owners reclaim them. */
+/* Resource kinds besides endpoints (vsc_local_add_kind); registered before any allocation. */
+#define MAX_KINDS 4
+static struct {
+    const char *suffix;
+    vsc_local_alive_fn alive;
+    vsc_local_reap_fn reap;
+} g_kinds[MAX_KINDS];
+static int g_nkinds;
+
+int vsc_local_add_kind(const char *suffix, vsc_local_alive_fn alive, vsc_local_reap_fn reap)
+{
+    if (g_nkinds == MAX_KINDS)
+        return -1;
+    g_kinds[g_nkinds].suffix = suffix;
+    g_kinds[g_nkinds].alive = alive;
+    g_kinds[g_nkinds].reap = reap;
+    g_nkinds++;
+    return 0;
+}
+
+/* Remove the files of cdir whose names start with prefix. */
+static void unlink_prefixed(const char *cdir, const char *prefix)
+{
+    char path[PATH_BUF];
+    size_t plen = strlen(prefix);
+    struct dirent *d;
+    DIR *dir = opendir(cdir);
+
+    if (dir == NULL)
+        return;
+    while ((d = readdir(dir)) != NULL) {
+        if (strncmp(d->d_name, prefix, plen) != 0)
+            continue;
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", cdir, d->d_name) < sizeof path)
+            unlink(path);
+    }
+    closedir(dir);
+}
+
+/* Whether a live resource holds rid; reclaims a dead endpoint's files, and those of dead resources
+ * of the registered kinds. Call under the lock. Files of other kinds (<rid>.qp*, ...) count as
+ * live: only their owners reclaim them. */
 static int taken(const vsc_local *t, const char *cdir, uint32_t rid)
 {
     char path[NAME_MAX_LEN], acct[PATH_BUF], prefix[16];
     size_t plen;
     struct dirent *d;
     DIR *dir;
-    int found = 0;
+    int found = 0, k;
 
     snprintf(path, sizeof path, "%s/%u", cdir, (unsigned)rid);
     snprintf(acct, sizeof acct, "%s.acct", path);
@@ -304,6 +344,16 @@ static int taken(const vsc_local *t, const char *cdir, uint32_t rid)
             return 1;
         unlink(path);
         unlink(acct);
+    }
+    for (k = 0; k < g_nkinds; k++) {
+        snprintf(path, sizeof path, "%s/%u%s", cdir, (unsigned)rid, g_kinds[k].suffix);
+        if (!lexists(path))
+            continue;
+        if (g_kinds[k].alive(t, path))
+            return 1;
+        if (g_kinds[k].reap != NULL)
+            g_kinds[k].reap(t, path);
+        unlink_prefixed(cdir, path + strlen(cdir) + 1);
     }
     plen = (size_t)snprintf(prefix, sizeof prefix, "%u.", (unsigned)rid);
     dir = opendir(cdir);
@@ -435,7 +485,7 @@ fail_acct:
     return VMCI_ERROR_NO_RESOURCES;
 }
 
-int vsc_local_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
+int vsc_local_allocate(const vsc_local *t, uint32_t resource, vsc_local_create_fn create, void *arg)
 {
     char cdir[CDIR_MAX], lock_path[PATH_BUF];
     int lock_fd, rc;
@@ -454,19 +504,29 @@ int vsc_local_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
         return VMCI_ERROR_GENERIC;
     }
     if (resource != VMCI_INVALID_ID) {
-        rc = taken(t, cdir, resource) ? VMCI_ERROR_DUPLICATE_ENTRY : create_endpoint(t, cdir, resource, out);
+        rc = taken(t, cdir, resource) ? VMCI_ERROR_DUPLICATE_ENTRY : create(t, cdir, resource, arg);
     } else {
         uint32_t rid = read_next(cdir);
         int tries = count_entries(cdir) + 1;
 
         while (tries-- > 0 && taken(t, cdir, rid))
             rid = next_rid(rid);
-        rc = create_endpoint(t, cdir, rid, out);
+        rc = create(t, cdir, rid, arg);
         if (rc == VMCI_SUCCESS)
             write_next(cdir, next_rid(rid));
     }
     close(lock_fd);
     return rc;
+}
+
+static int create_endpoint_cb(const vsc_local *t, const char *cdir, uint32_t rid, void *arg)
+{
+    return create_endpoint(t, cdir, rid, arg);
+}
+
+int vsc_local_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
+{
+    return vsc_local_allocate(t, resource, create_endpoint_cb, out);
 }
 
 void vsc_local_unbind(const vsc_local *t, const vsc_bound *b)

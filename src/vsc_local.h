@@ -5,6 +5,7 @@
  *   <rundir>/c<cid>/<rid>                 listening SOCK_SEQPACKET socket of (cid, rid)
  *   <rundir>/c<cid>/<rid>.acct            its queue account page (vsc_dgram.h)
  *   <rundir>/c<cid>/<rid>-<dcid>.<drid>   bound socket of the link (cid, rid) -> (dcid, drid)
+ *   <rundir>/c<cid>/<rid>.shm             marker of the shared memory region (cid, rid) (vsc_shm.h)
  *   <rundir>/c<cid>/.lock, .next          allocation lock, next auto-assigned resource id
  */
 #ifndef VSC_LOCAL_H
@@ -48,6 +49,23 @@ uint64_t vsc_local_start_ticks(pid_t pid);
 
 /* Create an endpoint at resource (VMCI_INVALID_ID: the next free id >= 1024). A VMCI code on failure. */
 int vsc_local_bind(const vsc_local *t, uint32_t resource, vsc_bound *out);
+/* The allocation behind vsc_local_bind, for other resource kinds sharing the context's id space:
+ * under the context's lock (c<cid>/.lock), pick resource (VMCI_INVALID_ID: the next free id >= 1024;
+ * a taken one gives VMCI_ERROR_DUPLICATE_ENTRY) and call create(t, cdir, rid, arg), which returns a
+ * VMCI code; .next advances past rid on success. A live endpoint or a live resource of a registered
+ * kind (vsc_local_add_kind) holds its id, dead ones are reclaimed; any other file c<cid>/<rid>.<x>
+ * counts as taken: only its kind reclaims it. */
+/* Another resource kind in the id space (vsockcompat LocalTransport.add_resource_kind): a resource
+ * of it at (cid, rid) keeps its state in c<cid>/<rid><suffix>*; alive(t, path) with path that marker
+ * tells, without changing anything, whether it lives; a dead one is reclaimed on allocation, under
+ * the context lock: reap(t, path) (may be NULL) releases what lives outside the runtime directory,
+ * then its files are removed. Register before the first allocation (e.g. from a constructor);
+ * 0, or -1 if the table is full. */
+typedef int (*vsc_local_alive_fn)(const vsc_local *t, const char *path);
+typedef void (*vsc_local_reap_fn)(const vsc_local *t, const char *path);
+int vsc_local_add_kind(const char *suffix, vsc_local_alive_fn alive, vsc_local_reap_fn reap);
+typedef int (*vsc_local_create_fn)(const vsc_local *t, const char *cdir, uint32_t rid, void *arg);
+int vsc_local_allocate(const vsc_local *t, uint32_t resource, vsc_local_create_fn create, void *arg);
 /* Senders see the endpoint gone at once; the caller still owns (and closes) listener and acct. */
 void vsc_local_unbind(const vsc_local *t, const vsc_bound *b);
 void vsc_local_unmap(uint8_t *acct);
