@@ -175,3 +175,21 @@ def test_a_name_dies_with_its_destroyed_handle(lib):
     assert lib.VMCIDs_Register("SHORT LIVED", server) == VMCI_SUCCESS
     lib.VMCIDatagram_DestroyHnd(server)
     assert lib.VMCIDs_Lookup("SHORT LIVED") == (VMCI_ERROR_NOT_FOUND, VMCI_INVALID_HANDLE)
+
+
+def test_add_client_privileges_validates_as_the_driver_did(lib, runtime):
+    from vsockcompat.constants import (VMCI_ERROR_INVALID_PRIV, VMCI_PRIV_DG_SEND,
+                                       VMCI_PRIV_DESTROY_RESOURCE)
+    server = lib.VMCIDatagram_CreateHnd(0)
+    group = (2, 1023)
+    add = lib.VMCIResource_AddClientPrivileges
+    assert add(server, group, [VMCI_PRIV_DG_SEND], []) == VMCI_SUCCESS
+    assert add(server, group, [], [VMCI_PRIV_DESTROY_RESOURCE]) == VMCI_SUCCESS
+    assert add(server, group, [], []) == VMCI_ERROR_INVALID_ARGS
+    assert add(VMCI_INVALID_HANDLE, group, [VMCI_PRIV_DG_SEND]) == VMCI_ERROR_INVALID_ARGS
+    assert add(server, "group", [VMCI_PRIV_DG_SEND]) == VMCI_ERROR_INVALID_ARGS
+    assert add(server, group, 4) == VMCI_ERROR_INVALID_ARGS
+    assert add(server, group, [7]) == VMCI_ERROR_INVALID_PRIV
+    assert add(server, group, [-1]) == VMCI_ERROR_INVALID_PRIV
+    assert add(server, group, [VMCI_PRIV_DG_SEND], ["4"]) == VMCI_ERROR_INVALID_PRIV
+    assert VMCILibrary(runtime).VMCIResource_AddClientPrivileges(server, group, [4]) == VMCI_ERROR_UNAVAILABLE

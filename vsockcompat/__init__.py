@@ -37,6 +37,7 @@ from .sdk import (
     VMCIDs_Lookup,
     VMCIDs_Register,
     VMCIDs_Unregister,
+    VMCIResource_AddClientPrivileges,
     VMCILibrary,
     VMCISharedMem_Attach,
     VMCISharedMem_Create,

@@ -20,10 +20,13 @@ from .constants import (
     VMCI_ERROR_ALREADY_EXISTS,
     VMCI_ERROR_DEVICE_NOT_FOUND,
     VMCI_ERROR_INVALID_ARGS,
+    VMCI_ERROR_INVALID_PRIV,
     VMCI_ERROR_NOT_FOUND,
     VMCI_ERROR_UNAVAILABLE,
     VMCI_INVALID_ID,
     VMCI_MAX_DG_PAYLOAD_SIZE,
+    VMCI_NUM_PRIVILEGES,
+    VMCI_PRIV_CH_PRIV,
     VMCI_SUCCESS,
 )
 from .datagram import DatagramEndpoint
@@ -267,6 +270,32 @@ class VMCILibrary:
         return VMCI_SUCCESS
 
 
+    # 4.4 Access control
+
+    def VMCIResource_AddClientPrivileges(self, resourceHandle, clientHandle, allowPrivs=(), denyPrivs=()) -> int:
+        """Grant ``allowPrivs`` and deny ``denyPrivs`` (VMCI_PRIV_* values) to ``clientHandle`` on
+        ``resourceHandle``. The C call's counts are the lists' lengths.
+
+        Validated as the SDK's driver did (VMCI_ERROR_INVALID_ARGS for invalid handles or no
+        privilege at all, VMCI_ERROR_INVALID_PRIV for an unknown one); like the 2011 host
+        driver, access is not enforced yet, so a valid call changes nothing.
+        """
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE
+        resource, client = _handle_or_none(resourceHandle), _handle_or_none(clientHandle)
+        if resource is None or client is None or resource.is_invalid or client.is_invalid:
+            return VMCI_ERROR_INVALID_ARGS
+        try:
+            privileges = list(allowPrivs) + list(denyPrivs)
+        except TypeError:
+            return VMCI_ERROR_INVALID_ARGS
+        if not privileges:
+            return VMCI_ERROR_INVALID_ARGS
+        if not all(_is_int(p) and VMCI_PRIV_CH_PRIV <= p < VMCI_NUM_PRIVILEGES for p in privileges):
+            return VMCI_ERROR_INVALID_PRIV
+        return VMCI_SUCCESS
+
+
 _default = VMCILibrary()
 
 VMCI_InitApp = _default.VMCI_InitApp
@@ -278,6 +307,7 @@ VMCIDatagram_RecvFrom = _default.VMCIDatagram_RecvFrom
 VMCIDs_Lookup = _default.VMCIDs_Lookup
 VMCIDs_Register = _default.VMCIDs_Register
 VMCIDs_Unregister = _default.VMCIDs_Unregister
+VMCIResource_AddClientPrivileges = _default.VMCIResource_AddClientPrivileges
 VMCISharedMem_Create = _default.VMCISharedMem_Create
 VMCISharedMem_Query = _default.VMCISharedMem_Query
 VMCISharedMem_Attach = _default.VMCISharedMem_Attach
@@ -293,6 +323,7 @@ SDK_FUNCTIONS = (
     "VMCIDs_Lookup",
     "VMCIDs_Register",
     "VMCIDs_Unregister",
+    "VMCIResource_AddClientPrivileges",
     "VMCISharedMem_Create",
     "VMCISharedMem_Query",
     "VMCISharedMem_Attach",
