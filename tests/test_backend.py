@@ -108,14 +108,17 @@ def test_a_bad_switch_value_is_an_error_naming_the_setting():
 def test_a_pure_install_selects_pure_without_warning(monkeypatch, recwarn):
     import sys
     import types
-    monkeypatch.setitem(sys.modules, "vsockcompat._build_config", types.SimpleNamespace(PURE_BUILD=True))
+    fake = types.SimpleNamespace(PURE_BUILD=True)
+    monkeypatch.setitem(sys.modules, "vsockcompat._build_config", fake)
+    monkeypatch.setattr(vsockcompat, "_build_config", fake, raising=False)
     assert select_core(no_extensions=False).NAME == "pure"
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_an_unexpected_fallback_warns(monkeypatch):
     import sys
-    monkeypatch.setitem(sys.modules, "vsockcompat._build_config", None)
+    import types
+    monkeypatch.setitem(sys.modules, "vsockcompat._build_config", types.SimpleNamespace(PURE_BUILD=False))
     monkeypatch.setitem(sys.modules, "vsockcompat._cvsc", None)
     with pytest.warns(RuntimeWarning, match="Cython core is not available"):
         assert select_core(no_extensions=False).NAME == "pure"

@@ -51,7 +51,7 @@ def load_core(name: str) -> ModuleType:
 def _pure_build() -> bool:
     """Whether this installation was built without the extension (recorded by the build)."""
     try:
-        from . import _build_config
+        _build_config = importlib.import_module(__package__ + "._build_config")
     except ImportError:
         return False
     return bool(getattr(_build_config, "PURE_BUILD", False))
