@@ -288,7 +288,7 @@ ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, siz
     if (n < VMCI_DG_HEADERSIZE || (msg.msg_flags & MSG_TRUNC))
         return VSC_BAD_FRAME;
     vsc_dg_decode_header(hdr, h);
-    if (h->payload_size != (uint64_t)(n - VMCI_DG_HEADERSIZE))
+    if (h->payload_size != (uint64_t)(n - VMCI_DG_HEADERSIZE) || h->payload_size > VMCI_MAX_DG_PAYLOAD_SIZE)
         return VSC_BAD_FRAME;
     return n;
 }

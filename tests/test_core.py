@@ -294,3 +294,12 @@ def test_a_lock_holder_that_dies_does_not_wedge_senders(core, page, pair):
         child.stdout.close()
     a, _ = pair
     assert core.send_datagram(a, page.accounts[0], 1, 2, 3, 4, b"alive", 5) == 29
+
+
+def test_a_frame_over_the_sdk_maximum_is_bad(core, page, pair):
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    payload = bytes(VMCI_MAX_DG_PAYLOAD_SIZE + 1)
+    a.send(core.encode_header(1, 2, 3, 4, len(payload)) + payload)
+    buf, spill = bytearray(64), bytearray(VMCI_MAX_DG_PAYLOAD_SIZE + 1)
+    assert core.recv_datagram(b, page.accounts[0], buf, spill) == (core.BAD_FRAME, None)

@@ -316,7 +316,9 @@ cdef class Receiver:
                     if n != VSC_INTR:
                         return n
                     PyErr_CheckSignals()
-                    if timeout_ms > 0:
+                    if timeout_ms >= 0:
+                        if timeout_ms == 0 or _monotonic() >= deadline:
+                            return VSC_AGAIN
                         timeout_ms = _millis(deadline - _monotonic())
             finally:
                 PyBuffer_Release(&sview)

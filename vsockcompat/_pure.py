@@ -278,7 +278,7 @@ def recv_datagram(sock, account, buf, spill):
     if n < VMCI_DG_HEADERSIZE or flags & socket.MSG_TRUNC:
         return BAD_FRAME, None
     fields = _HEADER.unpack_from(header)
-    if fields[4] != n - VMCI_DG_HEADERSIZE:
+    if fields[4] != n - VMCI_DG_HEADERSIZE or fields[4] > VMCI_MAX_DG_PAYLOAD_SIZE:
         return BAD_FRAME, None
     return n, fields
 
@@ -349,6 +349,8 @@ class Receiver:
             self.last_fd = fd
             status, fields = recv_datagram(sock, self._account, buf, spill)
             if status == AGAIN:
+                if not ready and deadline is not None and time.monotonic() >= deadline:
+                    return AGAIN
                 continue
             if status < 0:
                 return status

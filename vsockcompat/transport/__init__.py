@@ -9,10 +9,19 @@ from .local import LocalTransport
 
 
 def open_transport(settings, core):
-    """Return the transport ``settings.transport`` names (``auto`` picks without opening AF_VSOCK)."""
+    """Return the transport ``settings.transport`` names.
+
+    ``auto`` is the local transport: deciding never opens AF_VSOCK (on a VM, any AF_VSOCK
+    traffic leaves for the hypervisor host). ``vsock`` is attempted only when asked for; its
+    context id is the kernel's, not ``settings.cid``.
+    """
     name = settings.transport
     if name in ("auto", "local"):
         return LocalTransport(settings.rundir, settings.cid, core)
+    if name == "vsock":
+        from .vsock import VsockTransport
+
+        return VsockTransport(core)
     raise TransportUnavailable(
         "the %r transport is not part of this release; use VSOCKCOMPAT_TRANSPORT=local" % name
     )
