@@ -4,11 +4,10 @@ The server creates a handle, registers it as "HOST INFO" and answers three
 queries with "HELLO, CLIENT!"; the client finds it by name alone, sends
 "HELLO, SERVER!" and prints the answer. Texts and exit statuses are the SDK's.
 """
-import getopt
 import sys
 
-from .. import sdk
 from ..handles import VMCI_HANDLE_EQUAL, VMCI_INVALID_HANDLE
+from ._sample import _err, _out, run
 
 SERVICE_NAME = "HOST INFO"
 PUBLIC_GROUP_NAME = "vmci public group"
@@ -16,29 +15,6 @@ BUFFER_SIZE = 4096
 QUERIES = 3
 REPLY = b"HELLO, CLIENT!"
 QUERY = b"HELLO, SERVER!"
-
-
-def _err(text):
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
-def _out(data):
-    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-    if out is None:
-        sys.stdout.write(data.decode("latin-1"))
-    else:
-        sys.stdout.flush()
-        out.write(data)
-        out.flush()
-
-
-def usage(prog):
-    _err("%s [-d <VMCI device>] -c|-s" % prog)
-    _err("\t\tMust provide exactly one of -c OR -s.")
-    _err("%s -h:" % prog)
-    _err("\tPrints this help message.")
-    return 255  # exit(-1)
 
 
 def run_server(lib):
@@ -90,33 +66,8 @@ def run_client(lib):
 
 
 def main(argv=None, prog="datagramApp", lib=None):
-    """Run the sample with getopt("d:sch") as the C program did; return its exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        opts, args = getopt.getopt(argv, "d:sch")
-    except getopt.GetoptError:
-        return usage(prog)
-    device, server, client = None, False, False
-    for opt, value in opts:
-        if opt == "-d":
-            device = value
-        elif opt == "-s":
-            server = True
-        elif opt == "-c":
-            client = True
-        else:
-            return usage(prog)
-    if args or server == client:
-        return usage(prog)
-    lib = lib if lib is not None else sdk.VMCILibrary()
-    if lib.VMCI_InitApp(device) != 0:
-        _err("Failed to init VMCI library.")
-        return 254  # exit(-2)
-    try:
-        run_server(lib) if server else run_client(lib)
-    finally:
-        lib.VMCI_CleanupApp()
-    return 0
+    """Run the sample as the C program did; return its exit status."""
+    return run(sys.argv[1:] if argv is None else argv, prog, run_server, run_client, lib)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ the local time into it every second for 10 seconds; the client finds it by
 name, checks its size, attaches and prints three readings one second apart.
 Texts and exit statuses are the SDK's.
 """
-import getopt
 import sys
 import time
 
-from .. import sdk
 from ..handles import VMCI_HANDLE_EQUAL, VMCI_INVALID_HANDLE
-from .datagram_app import PUBLIC_GROUP_NAME, _err, _out, usage
+from ._sample import _err, _out, run
+from .datagram_app import PUBLIC_GROUP_NAME
 
 SERVICE_NAME = "HOST TIME"
 REGION_SIZE = 128
@@ -74,33 +73,8 @@ def run_client(lib):
 
 
 def main(argv=None, prog="sharedMemApp", lib=None):
-    """Run the sample with getopt("d:sch") as the C program did; return its exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        opts, args = getopt.getopt(argv, "d:sch")
-    except getopt.GetoptError:
-        return usage(prog)
-    device, server, client = None, False, False
-    for opt, value in opts:
-        if opt == "-d":
-            device = value
-        elif opt == "-s":
-            server = True
-        elif opt == "-c":
-            client = True
-        else:
-            return usage(prog)
-    if args or server == client:
-        return usage(prog)
-    lib = lib if lib is not None else sdk.VMCILibrary()
-    if lib.VMCI_InitApp(device) != 0:
-        _err("Failed to init VMCI library.")
-        return 254  # exit(-2)
-    try:
-        run_server(lib) if server else run_client(lib)
-    finally:
-        lib.VMCI_CleanupApp()
-    return 0
+    """Run the sample as the C program did; return its exit status."""
+    return run(sys.argv[1:] if argv is None else argv, prog, run_server, run_client, lib)
 
 
 if __name__ == "__main__":
