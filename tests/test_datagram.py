@@ -4,7 +4,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 

@@ -193,3 +193,10 @@ def test_add_client_privileges_validates_as_the_driver_did(lib, runtime):
     assert add(server, group, [-1]) == VMCI_ERROR_INVALID_PRIV
     assert add(server, group, [VMCI_PRIV_DG_SEND], ["4"]) == VMCI_ERROR_INVALID_PRIV
     assert VMCILibrary(runtime).VMCIResource_AddClientPrivileges(server, group, [4]) == VMCI_ERROR_UNAVAILABLE
+
+
+def test_star_import_gives_the_sdk_names():
+    namespace = {}
+    exec("from vsockcompat import *", namespace)
+    for name in SDK_FUNCTIONS + ("VMCI_ERROR_NOT_FOUND", "VMCI_INVALID_HANDLE", "DatagramEndpoint", "BACKEND"):
+        assert name in namespace, name

@@ -9,6 +9,7 @@ and a Pythonic API over the same machinery (``vmci.DatagramEndpoint``,
 (``VSOCKCOMPAT_NO_EXTENSIONS=1`` forces "pure").
 """
 from . import ds_client as discovery
+from . import constants as _constants
 from . import errors
 from .constants import *  # noqa: F401,F403 - the SDK's names are the API
 from .datagram import Datagram, DatagramEndpoint
@@ -43,8 +44,17 @@ from .sdk import (
     VMCISharedMem_Create,
     VMCISharedMem_Detach,
     VMCISharedMem_Query,
+    SDK_FUNCTIONS,
 )
 from .sharedmem import SharedRegion
 from ._version import __version__
 
 BACKEND = default_runtime().backend
+
+__all__ = [
+    "BACKEND", "__version__", "discovery", "errors", "VMCIError", "Runtime", "default_runtime",
+    "Datagram", "DatagramEndpoint", "SharedRegion", "VMCILibrary", "VMCIHandle",
+    "VMCI_ANON_SRC_HANDLE", "VMCI_DS_CONTEXT", "VMCI_DS_HANDLE", "VMCI_INVALID_HANDLE",
+    "VMCI_MAKE_HANDLE", "VMCI_HANDLE_EQUAL", "VMCI_HANDLE_INVALID", "VMCI_HANDLE_TO_CONTEXT_ID",
+    "VMCI_HANDLE_TO_RESOURCE_ID", "VMCI_HANDLE_TO_UINT64",
+] + list(SDK_FUNCTIONS) + [name for name in dir(_constants) if name.isupper() and not name.startswith("_")]

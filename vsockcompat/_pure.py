@@ -9,7 +9,6 @@ import errno
 import select
 import socket
 import struct
-import threading
 import time
 
 from .constants import (

@@ -7,10 +7,8 @@ Endpoints use CID 1 (the bed's local CID), on both cores.
 
 Run them:  python testbed/guest.py run -- python -m pytest tests/real_vsock -m vsock -rs
 """
-import errno
 import select
 import socket
-import time
 
 import pytest
 
