@@ -38,6 +38,7 @@ def main(argv=None):
         print("fuzz_c_core: SKIPPED: no clang on PATH (Debian: apt-get install clang-14 libclang-rt-14-dev)")
         return 0
     workdir = args.workdir or tempfile.mkdtemp(prefix="vscfuzz")
+    os.makedirs(workdir, exist_ok=True)
     target = os.path.join(workdir, "fuzz_c_core")
     build = subprocess.run([clang] + FLAGS + ["-I", SRC, os.path.join(HERE, "fuzz_c_core.c")]
                            + [os.path.join(SRC, s) for s in SOURCES] + ["-o", target],
