@@ -263,3 +263,20 @@ def test_server_survives_random_requests(live_server, make_runtime, payloads):
                                                                               C.VMCI_ERROR_ALREADY_EXISTS)
         assert ds_client.lookup_status("after-fuzz", client)[0] == C.VMCI_SUCCESS
         assert ds_client.unregister_status("after-fuzz", client) in (C.VMCI_SUCCESS, C.VMCI_ERROR_NOT_FOUND)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=16), st.booleans())
+def test_the_vsock_hello_decoder_accepts_exactly_well_formed_hellos(data, truncated):
+    from vsockcompat.transport.vsock import HELLO_MAGIC, parse_hello
+    rid = parse_hello(data, truncated)
+    well_formed = (not truncated and len(data) == 8 and int.from_bytes(data[:4], "little") == HELLO_MAGIC
+                   and int.from_bytes(data[4:], "little") != 0xFFFFFFFF)
+    assert rid == (int.from_bytes(data[4:], "little") if well_formed else None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 0xFFFFFFFE))
+def test_the_vsock_hello_round_trips(rid):
+    from vsockcompat.transport.vsock import HELLO, HELLO_MAGIC, parse_hello
+    assert parse_hello(HELLO.pack(HELLO_MAGIC, rid)) == rid

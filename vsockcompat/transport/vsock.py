@@ -104,6 +104,16 @@ _UNREACHABLE = (errno.EHOSTUNREACH, errno.ENODEV, errno.ENETUNREACH, errno.EADDR
 _BUSY = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
 
 
+def parse_hello(data: bytes, truncated: bool = False) -> Optional[int]:
+    """The sender's resource id from a connection's first message, or None if it is not a hello."""
+    if truncated or len(data) != HELLO.size:
+        return None
+    magic, rid = HELLO.unpack(data)
+    if magic != HELLO_MAGIC or rid == VMADDR_PORT_ANY:
+        return None
+    return rid
+
+
 def _vsock_socket() -> socket.socket:
     return socket.socket(AF_VSOCK, _SOCK_TYPE)
 
@@ -323,10 +333,8 @@ class VsockTransport(Transport):
             data, _, flags, _ = conn.recvmsg(HELLO.size + 1, 0, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
-        if len(data) != HELLO.size or flags & socket.MSG_TRUNC:
-            return None
-        magic, rid = HELLO.unpack(data)
-        if magic != HELLO_MAGIC or rid == VMADDR_PORT_ANY:
+        rid = parse_hello(data, truncated=bool(flags & socket.MSG_TRUNC))
+        if rid is None:
             return None
         return Peer(VMCIHandle(cid, rid), 0, -1)  # pid 0 / uid -1: not known across kernels
 
@@ -360,4 +368,4 @@ class VsockTransport(Transport):
         page.close()
 
 
-__all__ = ["VsockTransport", "read_local_cid", "HELLO", "HELLO_MAGIC", "HELLO_TIMEOUT"]
+__all__ = ["VsockTransport", "read_local_cid", "parse_hello", "HELLO", "HELLO_MAGIC", "HELLO_TIMEOUT"]
