@@ -149,6 +149,7 @@ COMMANDS = {
     "include-dir": ("vsockcompat.run", "include_dir_main", "print the directory holding vmcilib.h"),
     "gc": ("vsockcompat.sharedmem", "main", "reclaim shared memory regions whose users all died"),
     "bench": ("vsockcompat.bench", "main", "measure datagram round trips and rates against raw sockets"),
+    "bench-qp": ("vsockcompat.bench_qp", "main", "measure queue-pair throughput against sockets, shm and memcpy"),
 }
 
 
