@@ -68,10 +68,11 @@ class Counters:
         print("%s: %d cycles: fds %d -> %d, threads %d -> %d, shm %d -> %d, RSS %+.1f MiB"
               % (label, count, before["fds"], after["fds"], before["os_threads"], after["os_threads"],
                  len(before["shm"]), len(after["shm"]), growth / 2**20))
-        assert after["fds"] == before["fds"], "file descriptors leaked"
-        assert after["threads"] == before["threads"], "threads leaked"
-        assert after["os_threads"] == before["os_threads"], "OS threads leaked"
-        assert after["shm"] == before["shm"], "shared memory objects leaked"
+        # Growth is a leak; fewer means the first snapshot caught something transient.
+        assert after["fds"] <= before["fds"], "file descriptors leaked"
+        assert after["threads"] <= before["threads"], "threads leaked"
+        assert after["os_threads"] <= before["os_threads"], "OS threads leaked"
+        assert set(after["shm"]) <= set(before["shm"]), "shared memory objects leaked"
         assert growth < RSS_BOUND, "RSS grew by %d bytes" % growth
         assert set(_leftovers(self.rundir)) == set(self.keep), "runtime directory not clean"
 
@@ -124,8 +125,10 @@ def test_discovery_cycles(make_runtime, rundir):
             print("discovery: %d cycles: fds %d -> %d, threads %d -> %d, RSS %+.1f MiB"
                   % (DISCOVERY_CYCLES, before["fds"], after["fds"], before["os_threads"],
                      after["os_threads"], growth / 2**20))
-            assert after["fds"] == before["fds"]
-            assert after["os_threads"] == before["os_threads"]
+            # The daemon thread may still hold connections of just-departed clients in the
+            # first snapshot: growth is a leak, fewer is not.
+            assert after["fds"] <= before["fds"]
+            assert after["os_threads"] <= before["os_threads"]
             assert growth < RSS_BOUND
             assert server.stats["requests"] == 3 * (DISCOVERY_CYCLES + WARM_UP)
             assert len(server._registry) == 1
