@@ -9,6 +9,7 @@ allocation files (.lock, .next).
 import gc
 import os
 import threading
+import time
 
 import psutil
 import pytest
@@ -56,6 +57,22 @@ class Counters:
         return {"fds": self.proc.num_fds(), "threads": threading.active_count(),
                 "os_threads": self.proc.num_threads(), "shm": _shm_objects(self.rundir),
                 "rss": self.proc.memory_info().rss}
+
+    def settled_snapshot(self, quiet=0.2, limit=5.0):
+        """A snapshot once the descriptor count has not changed for ``quiet`` seconds, so a
+        thread still closing connections (the discovery daemon's) is not counted mid-way."""
+        deadline = time.monotonic() + limit
+        snap = self.snapshot()
+        stable_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            again = self.snapshot()
+            if again["fds"] != snap["fds"]:
+                stable_since = time.monotonic()
+            snap = again
+            if time.monotonic() - stable_since >= quiet:
+                break
+        return snap
 
     def check(self, cycle, count, label):
         for i in range(WARM_UP):
@@ -117,16 +134,14 @@ def test_discovery_cycles(make_runtime, rundir):
             counters = Counters(rundir)
             for i in range(WARM_UP):
                 cycle(i)
-            before = counters.snapshot()
+            before = counters.settled_snapshot()
             for i in range(DISCOVERY_CYCLES):
                 cycle(WARM_UP + i)
-            after = counters.snapshot()
+            after = counters.settled_snapshot()
             growth = after["rss"] - before["rss"]
             print("discovery: %d cycles: fds %d -> %d, threads %d -> %d, RSS %+.1f MiB"
                   % (DISCOVERY_CYCLES, before["fds"], after["fds"], before["os_threads"],
                      after["os_threads"], growth / 2**20))
-            # The daemon thread may still hold connections of just-departed clients in the
-            # first snapshot: growth is a leak, fewer is not.
             assert after["fds"] <= before["fds"]
             assert after["os_threads"] <= before["os_threads"]
             assert growth < RSS_BOUND
