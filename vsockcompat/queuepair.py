@@ -490,24 +490,17 @@ class QueuePair:
 
     def enqueue_status(self, buf) -> int:
         """Write what fits of ``buf``: the count, QUEUEPAIR_NOSPACE, or QUEUEPAIR_NOTATTACHED."""
-        if self._detached or self._gone():
-            self._service()
-            return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-        rc = self.ring.enqueue(buf)
-        if rc > 0:
-            self._ring_peer(self._core_bits()[0])
-        elif rc == VMCI_ERROR_QUEUEPAIR_NOSPACE:
-            self._service()
-            if self._peer_gone:
-                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-        return rc
+        return self._write_status(self.ring.enqueue, buf)
 
     def enqueue_many_status(self, bufs) -> int:
         """Write whole buffers while each fits: how many, or a negative code as ``enqueue_status``."""
+        return self._write_status(self.ring.enqueue_many, bufs)
+
+    def _write_status(self, op, arg):
         if self._detached or self._gone():
             self._service()
             return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-        rc = self.ring.enqueue_many(bufs)
+        rc = op(arg)
         if rc > 0:
             self._ring_peer(self._core_bits()[0])
         elif rc == VMCI_ERROR_QUEUEPAIR_NOSPACE:
