@@ -263,17 +263,16 @@ class _VscPeer:
             self.ep.close()
 
 
-def _child_main(argv):
-    """Entry point of a child: ``ROLE IMPL RUNDIR CID TIMEOUT``."""
-    _role, impl, rundir, cid, timeout = argv
-    timeout = max(1, int(float(timeout)))
+def serve_peer(make_peer, timeout):
+    """Run a benchmark child: answer JSON commands on stdin with ``peer.op_<name>(*args)``
+    until ``exit``; every wait is bounded by SIGALRM after ``timeout`` seconds."""
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(timeout)
     # Answers go to the original stdout; anything printed goes to stderr.
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     commands = sys.stdin.buffer
-    peer = _RawPeer(rundir, int(cid)) if impl == "raw" else _VscPeer(rundir, int(cid), impl)
+    peer = make_peer()
     try:
         while True:
             signal.alarm(timeout)
@@ -294,6 +293,14 @@ def _child_main(argv):
         signal.alarm(timeout)
         peer.close()
         signal.alarm(0)
+
+
+def _child_main(argv):
+    """Entry point of a child: ``ROLE IMPL RUNDIR CID TIMEOUT``."""
+    _role, impl, rundir, cid, timeout = argv
+    timeout = max(1, int(float(timeout)))
+    return serve_peer(lambda: _RawPeer(rundir, int(cid)) if impl == "raw" else _VscPeer(rundir, int(cid), impl),
+                      timeout)
 
 
 # The parent.

@@ -53,12 +53,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import zlib
 from array import array
 
 from . import bench
-from .bench import BenchError, _calibrate, _child_env, _cython_status, _payload, _positive_int, _summary
+from .bench import BenchError, _calibrate, _child_env, _cython_status, _payload, _positive_int, _summary, serve_peer
 from .constants import VMCI_ERROR_QUEUEPAIR_NODATA, VMCI_ERROR_QUEUEPAIR_NOSPACE
 
 SIZES = (64, 4096, 65536)
@@ -507,32 +506,7 @@ def _child_main(argv):
     """Entry point of a child: ``ROLE IMPL RUNDIR CID TIMEOUT``."""
     _role, impl, rundir, cid, timeout = argv
     timeout = max(1, int(float(timeout)))
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.alarm(timeout)
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    commands = sys.stdin.buffer
-    peer = _Peer(impl, rundir, int(cid), timeout)
-    try:
-        while True:
-            signal.alarm(timeout)
-            line = commands.readline()
-            if not line:
-                return 0
-            msg = json.loads(line)
-            if msg["op"] == "exit":
-                out.write('{"ok": null}\n')
-                return 0
-            try:
-                result = getattr(peer, "op_" + msg["op"])(*msg.get("args", ()))
-            except Exception:
-                out.write(json.dumps({"error": traceback.format_exc()}) + "\n")
-            else:
-                out.write(json.dumps({"ok": result}) + "\n")
-    finally:
-        signal.alarm(timeout)
-        peer.close()
-        signal.alarm(0)
+    return serve_peer(lambda: _Peer(impl, rundir, int(cid), timeout), timeout)
 
 
 # The parent.
