@@ -53,7 +53,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": clib.BuildExtWithLibvmci, "build_py": clib.BuildPyWithHeaders},
     python_requires=">=3.9",
-    install_requires=["psutil>=5.9"],
+    install_requires=["psutil>=5.9", "tomli>=1.1; python_version < \"3.11\""],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6"]},
     entry_points={"console_scripts": ["vsockcompat = vsockcompat.cli:main"]},
     classifiers=[

@@ -191,7 +191,7 @@ def test_add_client_privileges_validates_as_the_driver_did(lib, runtime):
     assert add(server, group, 4) == VMCI_ERROR_INVALID_ARGS
     assert add(server, group, [7]) == VMCI_ERROR_INVALID_PRIV
     assert add(server, group, [-1]) == VMCI_ERROR_INVALID_PRIV
-    assert add(server, group, [VMCI_PRIV_DG_SEND], ["4"]) == VMCI_ERROR_INVALID_PRIV
+    assert add(server, group, [VMCI_PRIV_DG_SEND], ["4"]) == VMCI_ERROR_INVALID_ARGS
     assert VMCILibrary(runtime).VMCIResource_AddClientPrivileges(server, group, [4]) == VMCI_ERROR_UNAVAILABLE
 
 

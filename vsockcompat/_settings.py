@@ -7,6 +7,7 @@ import os
 from typing import Mapping, NamedTuple, Optional
 
 TRANSPORTS = ("auto", "local", "vsock", "hybrid")
+DS_REGISTER_RULES = ("permissive", "trusted")  # policy.REGISTER_RULES
 DEFAULT_CID = 2  # VMCI_HOST_CONTEXT_ID: a process on the host
 MAX_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMCI_INVALID_ID
 
@@ -24,6 +25,15 @@ def parse_flag(name: str, value: Optional[str], default: bool = False) -> bool:
     if value == "1":
         return True
     raise SettingError("%s must be 0 or 1, not %r" % (name, value))
+
+
+def parse_choice(name: str, value: Optional[str], choices) -> Optional[str]:
+    """One of ``choices``; unset or empty is None."""
+    if not value:
+        return None
+    if value not in choices:
+        raise SettingError("%s must be one of %s, not %r" % (name, "|".join(choices), value))
+    return value
 
 
 def parse_cid(value: Optional[str]) -> int:
@@ -53,6 +63,10 @@ class Settings(NamedTuple):
     cid: int
     transport: str
     ds_autostart: bool
+    #: The access policy file (VSOCKCOMPAT_POLICY); None: <rundir>/policy.toml if present.
+    policy: Optional[str] = None
+    #: Who may register discovery names (VSOCKCOMPAT_DS_REGISTER); None: as the policy says.
+    ds_register: Optional[str] = None
 
     @classmethod
     def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -71,4 +85,7 @@ class Settings(NamedTuple):
             ds_autostart=parse_flag(
                 "VSOCKCOMPAT_DS_AUTOSTART", env.get("VSOCKCOMPAT_DS_AUTOSTART"), default=True
             ),
+            policy=os.path.abspath(env["VSOCKCOMPAT_POLICY"]) if env.get("VSOCKCOMPAT_POLICY") else None,
+            ds_register=parse_choice("VSOCKCOMPAT_DS_REGISTER", env.get("VSOCKCOMPAT_DS_REGISTER"),
+                                     DS_REGISTER_RULES),
         )

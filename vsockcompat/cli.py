@@ -110,6 +110,7 @@ def _info_data():
             pass
     for cid in transport.contexts():
         data["contexts"][str(cid)] = [h.resource for h in transport.endpoints(cid)]
+    data["access"] = runtime.access.describe()
     return data
 
 
@@ -133,7 +134,24 @@ def info(argv):
         print("  %-30s -> %s" % (json.dumps(entry.get("name")), entry.get("handle")))
     for cid, rids in sorted(data["contexts"].items(), key=lambda kv: int(kv[0])):
         print("context %s: %s" % (cid, ", ".join(str(r) for r in rids) or "no endpoints"))
+    _print_access(data["access"])
     return 0
+
+
+def _print_access(access) -> None:
+    policy = access["policy"]
+    print("access policy:     %s (discovery register rule: %s)"
+          % (policy["path"] or "built-in", policy["discovery"]["register"]))
+    for cid, ctx in sorted(access["contexts"].items(), key=lambda kv: int(kv[0])):
+        print("context %s flags: %s%s" % (cid, "|".join(ctx["flags"]) or "none",
+                                          "" if ctx["uid"] is None else " (uid %d)" % ctx["uid"]))
+        for res in ctx["resources"]:
+            print("  %s %-9s %s" % (tuple(res["handle"]), res["kind"], "; ".join(
+                "%s: %s" % (tuple(c["client"]), ", ".join("%s=%s" % kv for kv in sorted(c["privileges"].items())))
+                for c in res["privileges"]) or "no client privileges"))
+    for group in access["groups"]:
+        print("group %s of context %d: %s" % (tuple(group["handle"]), group["owner"], ", ".join(
+            "%s%s" % (tuple(m), " (can assign)" if can else "") for m, can in group["members"]) or "no members"))
 
 
 # name -> (module, function, help); modules are imported only when their command runs.

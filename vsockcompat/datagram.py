@@ -25,6 +25,7 @@ from .constants import (
     VMCI_ERROR_TIMEOUT,
     VMCI_MAX_DG_PAYLOAD_SIZE,
 )
+from .access import ACL_EPOCH_WORD
 from .errors import VMCIError, check, error_for
 from .handles import VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
@@ -46,7 +47,7 @@ class Datagram(NamedTuple):
 class EndpointStats:
     """Counters of one endpoint (what was received, dropped and why)."""
 
-    __slots__ = ("received", "sent", "bad_frames", "forged", "refused_connections")
+    __slots__ = ("received", "sent", "bad_frames", "forged", "denied", "refused_connections")
 
     def __init__(self):
         for name in self.__slots__:
@@ -60,13 +61,22 @@ class EndpointStats:
 
 
 class _OpenLink:
-    """A cached link: the core's sender (the fast path) over the transport's connection."""
+    """A cached link: the core's sender (the fast path) over the transport's connection.
 
-    __slots__ = ("sender", "link")
+    ``words`` views the receiver's account page; the link is good while its ACL
+    epoch word still reads ``epoch`` (the receiver's privileges did not change).
+    """
+
+    __slots__ = ("sender", "link", "words", "epoch")
 
     def __init__(self, sender, link):
         self.sender = sender
         self.link = link
+        self.words = memoryview(link.page).cast("Q")
+        self.epoch = self.words[ACL_EPOCH_WORD]
+
+    def release(self) -> None:
+        self.words.release()
 
 
 def _byte_view(buf, writable: bool) -> memoryview:
@@ -94,6 +104,7 @@ class DatagramEndpoint:
         self._runtime = runtime if runtime is not None else default_runtime()
         self._core = self._runtime.core
         self._transport = self._runtime.transport
+        self._access = self._runtime.access
         self._bound = self._transport.bind(resource)
         self.handle: VMCIHandle = self._bound.handle
         self.stats = EndpointStats()
@@ -104,6 +115,10 @@ class DatagramEndpoint:
         self._rx = self._core.Receiver(self._listener, self._wake_r, self._bound.account,
                                        self.handle.context, self.handle.resource)
         self._conns: Dict[int, tuple] = {}
+        #: Connections whose sender may not reach us: their datagrams are read and dropped.
+        self._denied_fds = set()
+        self._acct_words = memoryview(self._bound.page).cast("Q")
+        self._acl_epoch = self._acct_words[ACL_EPOCH_WORD]
         self._links: Dict[VMCIHandle, _OpenLink] = {}
         self._link_lock = threading.Lock()
         self._recv_lock = threading.Lock()
@@ -114,6 +129,7 @@ class DatagramEndpoint:
         self._receiver: Optional[threading.Thread] = None
         #: The kernel-verified sender (handle, pid, uid) of the last datagram received.
         self.last_peer = None
+        self._access.watch(self)
 
     # Sending
 
@@ -131,6 +147,10 @@ class DatagramEndpoint:
                     state = self._open_link(dst)
                 except VMCIError as exc:
                     return exc.code
+            if state.words[ACL_EPOCH_WORD] != state.epoch:  # privileges changed: check again
+                self._close_link(dst, state)
+                state = None
+                continue
             rc = state.sender.send(buf, length)
             if rc != self._core.PEER_GONE:
                 if rc >= 0:
@@ -164,6 +184,7 @@ class DatagramEndpoint:
             stale = self._stale_links()
         for old_dst, old_state in stale:
             self._close_link(old_dst, old_state)
+        self._access.check_send(self.handle, dst)
         with self._link_lock:
             state = self._links.get(dst)
             if state is None:
@@ -201,6 +222,7 @@ class DatagramEndpoint:
                 return
             del self._links[dst]
         state.sender.close()
+        state.release()
         self._transport.disconnect(self.handle, state.link)
 
     # Receiving
@@ -224,6 +246,15 @@ class DatagramEndpoint:
             while True:
                 status = rx.recv(buf, self._spill, wait)
                 if status >= 0:
+                    if self._acct_words[ACL_EPOCH_WORD] != self._acl_epoch:
+                        self._recheck_access()
+                    if self._denied_fds and rx.last_fd in self._denied_fds:
+                        self.stats.denied += 1
+                        n = min(status - VMCI_DG_HEADERSIZE, len(buf))
+                        buf[:n] = bytes(n)  # what a denied sender wrote is never seen
+                        if deadline is not None:
+                            wait = max(deadline - time.monotonic(), 0.0)
+                        continue
                     peer = self._conns[rx.last_fd][1]
                     self.last_peer = peer
                     self.stats.received += 1
@@ -314,16 +345,33 @@ class DatagramEndpoint:
                 peer = self._transport.identify(conn, self.handle)
             except OSError:
                 peer = None
-            if peer is None:
+            if peer is None or not self._identity_allowed(peer):
                 self.stats.refused_connections += 1
                 conn.close()
                 continue
             conn.setblocking(False)
             self._conns[conn.fileno()] = (conn, peer)
+            if not self._access.may_send(peer.handle, self.handle):
+                self._denied_fds.add(conn.fileno())
             self._rx.add(conn, *peer.handle)
+
+    def _identity_allowed(self, peer) -> bool:
+        """Whether the policy lets ``peer``'s user act as ``peer``'s context."""
+        owner = self._access.policy.uid(peer.handle.context)
+        return owner is None or peer.uid is None or peer.uid == owner
+
+    def acl_changed(self) -> None:
+        """This endpoint's privileges changed: check every sender again before the next delivery."""
+        self._acl_epoch = -1
+
+    def _recheck_access(self) -> None:
+        self._acl_epoch = self._acct_words[ACL_EPOCH_WORD]
+        may_send = self._access.send_checker(self.handle)
+        self._denied_fds = {fd for fd, (_, peer) in self._conns.items() if not may_send(peer.handle)}
 
     def _drop_conn(self, fd: int) -> None:
         self._rx.remove(fd)
+        self._denied_fds.discard(fd)
         self._conns.pop(fd)[0].close()
 
     def _drain_wake(self) -> None:
@@ -359,7 +407,9 @@ class DatagramEndpoint:
         receiver = self._receiver
         if receiver is not None and receiver is not threading.current_thread():
             receiver.join()
+        self._access.unwatch(self)
         with self._recv_lock:
+            self._acct_words.release()
             self._transport.unbind(self._bound)
             self._rx.close()
             for conn, _ in self._conns.values():
@@ -369,6 +419,7 @@ class DatagramEndpoint:
                 links, self._links = self._links, {}
             for state in links.values():
                 state.sender.close()
+                state.release()
                 self._transport.disconnect(self.handle, state.link)
             os.close(self._wake_r)
             os.close(self._wake_w)

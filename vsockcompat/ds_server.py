@@ -51,10 +51,12 @@ from typing import Dict, NamedTuple, Optional
 
 from . import constants as C
 from ._settings import SettingError, Settings
+from .access import PUBLIC_GROUP
 from .datagram import DatagramEndpoint
 from .ds_protocol import MAX_REPLY_MSG_LEN, MalformedMessage, decode_request, encode_reply
 from .errors import VMCIError, code_name
 from .handles import VMCI_DS_HANDLE, VMCI_INVALID_HANDLE, VMCIHandle
+from .policy import PolicyError
 from .runtime import Runtime
 from .transport.local import process_start_ticks
 
@@ -63,7 +65,7 @@ log = logging.getLogger("vsockcompat.ds")
 #: The public group's handle: the highest reserved host resource id. Auto-assigned
 #: ids start at 1024, so no ordinary endpoint ever gets it; groups are not
 #: endpoints, so it is never watched for liveness.
-PUBLIC_GROUP_HANDLE = VMCIHandle(C.VMCI_HOST_CONTEXT_ID, C.VMCI_RESERVED_RESOURCE_ID_MAX)
+PUBLIC_GROUP_HANDLE = PUBLIC_GROUP
 
 _ACTIONS = {C.VMCI_DS_ACTION_LOOKUP: "LOOKUP", C.VMCI_DS_ACTION_REGISTER: "REGISTER",
             C.VMCI_DS_ACTION_UNREGISTER: "UNREGISTER"}
@@ -111,7 +113,10 @@ class DiscoveryServer:
     REGISTER -> INVALID_ARGS for the invalid handle, ALREADY_EXISTS for a live
     name, else SUCCESS; UNREGISTER -> NOT_FOUND, NO_ACCESS ("access denied")
     when another context owns the entry and the requester is not the host
-    (2), else SUCCESS; other actions -> GENERIC ("unknown action"). A malformed
+    (2), else SUCCESS; with the policy's SDK-strict rule (``register =
+    "trusted"``) REGISTER and UNREGISTER from a context that is not TRUSTED get
+    NO_ACCESS ("access denied", counted in ``stats["denied"]``); other actions
+    -> GENERIC ("unknown action"). A malformed
     request gets INVALID_ARGS with the reason if its msgid was readable and is
     dropped otherwise; ``stats["malformed"]`` counts both. Names are exact
     bytes. An entry dies when its registering process exits (pid and start
@@ -132,7 +137,7 @@ class DiscoveryServer:
         self.runtime = runtime
         self.idle_exit = idle_exit
         self.tick = tick
-        self.stats = {"requests": 0, "malformed": 0}
+        self.stats = {"requests": 0, "malformed": 0, "denied": 0}
         rundir = runtime.settings.rundir
         self._pidfile = os.path.join(rundir, "ds.pid")
         self._regfile = os.path.join(rundir, "ds.registry.json")
@@ -264,6 +269,10 @@ class DiscoveryServer:
             code = C.VMCI_SUCCESS if entry is not None else C.VMCI_ERROR_NOT_FOUND
             if entry is not None:
                 handle = entry.handle
+        elif req.action in (C.VMCI_DS_ACTION_REGISTER, C.VMCI_DS_ACTION_UNREGISTER) \
+                and not self.runtime.policy.may_register(src.context):
+            self.stats["denied"] += 1
+            code, msg = C.VMCI_ERROR_NO_ACCESS, b"access denied"
         elif req.action == C.VMCI_DS_ACTION_REGISTER:
             code = self._register(req, src, peer)
         elif req.action == C.VMCI_DS_ACTION_UNREGISTER:
@@ -421,7 +430,7 @@ def main(argv) -> int:
     try:
         settings = Settings.from_environ()._replace(cid=C.VMCI_WELL_KNOWN_CONTEXT_ID, transport="local")
         server = DiscoveryServer(Runtime(settings), idle_exit=args.idle_exit)
-    except (AlreadyRunning, SettingError, VMCIError) as exc:
+    except (AlreadyRunning, SettingError, PolicyError, VMCIError) as exc:
         print("vsockcompat ds: %s" % exc, file=sys.stderr)
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):

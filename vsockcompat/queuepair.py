@@ -368,6 +368,7 @@ class QueuePair:
                 return None
             try:
                 cls._check_attach(meta, me, produce_size, consume_size, flags)
+                runtime.access.check_interaction(me, meta[_C_CREATOR], "attach to queue pair %s" % (handle,))
                 if mm.size() < _PAGE + _queue_bytes(consume_size) + _queue_bytes(produce_size):
                     raise Unavailable("queue pair %s is damaged" % (handle,))
             except BaseException:

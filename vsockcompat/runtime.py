@@ -3,10 +3,14 @@
 Most programs use the default runtime, built from the environment on first
 use. Tests build their own, one per core, to run the same behaviour on both.
 """
+import os
 import threading
 from typing import Optional
 
 from ._backend import load_core, select_core
+from .access import AccessControl
+from .errors import NoAccess
+from .policy import Policy, load_policy, policy_path
 from ._settings import Settings
 from .transport import open_transport
 
@@ -20,6 +24,8 @@ class Runtime:
             core = load_core(core)
         self.core = core if core is not None else select_core(self.settings.no_extensions)
         self._transport = None
+        self._policy = None
+        self._access = None
         self._lock = threading.Lock()
 
     @property
@@ -32,14 +38,41 @@ class Runtime:
             with self._lock:
                 if self._transport is None:
                     transport = open_transport(self.settings, self.core)
+                    self._check_identity(transport)
                     if hasattr(transport, "add_resource_kind"):
                         # Every kind of resource shares one id space per context.
-                        from . import queuepair, sharedmem
+                        from . import access, queuepair, sharedmem
 
                         sharedmem.register_kind(transport)
                         queuepair.register_kind(transport)
+                        access.register_kind(transport)
                     self._transport = transport
         return self._transport
+
+    @property
+    def policy(self) -> Policy:
+        """The operator's access policy (loaded once; PolicyError if the file is malformed)."""
+        if self._policy is None:
+            s = self.settings
+            self._policy = load_policy(policy_path(s.rundir, s.policy)).with_register_rule(s.ds_register)
+        return self._policy
+
+    @property
+    def access(self) -> AccessControl:
+        """Access control (flags, privileges, groups) over this runtime's transport."""
+        if self._access is None:
+            transport = self.transport
+            with self._lock:
+                if self._access is None:
+                    self._access = AccessControl(transport, self.policy)
+        return self._access
+
+    def _check_identity(self, transport) -> None:
+        """Refuse to act as a context the policy reserves for another user."""
+        owner = self.policy.uid(transport.local_cid)
+        if owner is not None and owner != os.getuid():
+            raise NoAccess("context %d belongs to user %d by policy %s, not to user %d"
+                           % (transport.local_cid, owner, self.policy.path, os.getuid()))
 
     def __repr__(self):
         s = self.settings

@@ -12,6 +12,7 @@ is silent are listed in README.rst ("Where the SDK is silent").
 ``VMCI_InitApp`` ran, and the handles created since. The module-level
 functions are the methods of one default instance.
 """
+import logging
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -21,12 +22,11 @@ from .constants import (
     VMCI_ERROR_DEVICE_NOT_FOUND,
     VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_INVALID_PRIV,
+    VMCI_ERROR_NO_ACCESS,
     VMCI_ERROR_NOT_FOUND,
     VMCI_ERROR_UNAVAILABLE,
     VMCI_INVALID_ID,
     VMCI_MAX_DG_PAYLOAD_SIZE,
-    VMCI_NUM_PRIVILEGES,
-    VMCI_PRIV_CH_PRIV,
     VMCI_SUCCESS,
 )
 from .datagram import DatagramEndpoint
@@ -34,7 +34,11 @@ from .errors import VMCIError
 from .handles import VMCI_INVALID_HANDLE, VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
 from .sharedmem import SharedRegion, query as _shm_query
+from .policy import PolicyError
+from .privileges import PRIVILEGE_NAMES
 from .transport import TransportUnavailable
+
+log = logging.getLogger("vsockcompat")
 
 _NO_HANDLE = (VMCI_ERROR_INVALID_ARGS, VMCI_INVALID_HANDLE)
 
@@ -78,7 +82,13 @@ class VMCILibrary:
         if devName is not None and not isinstance(devName, (str, bytes)):
             return VMCI_ERROR_INVALID_ARGS
         try:
-            self.runtime.transport
+            self.runtime.access
+        except PolicyError as exc:
+            log.error("vsockcompat: %s", exc)
+            return VMCI_ERROR_NO_ACCESS
+        except VMCIError as exc:  # e.g. NoAccess: the policy gives this context to another user
+            log.error("vsockcompat: %s", exc)
+            return exc.code
         except (TransportUnavailable, ValueError, OSError):
             return VMCI_ERROR_DEVICE_NOT_FOUND
         self._initialised = True
@@ -273,26 +283,101 @@ class VMCILibrary:
     # 4.4 Access control
 
     def VMCIResource_AddClientPrivileges(self, resourceHandle, clientHandle, allowPrivs=(), denyPrivs=()) -> int:
-        """Grant ``allowPrivs`` and deny ``denyPrivs`` (VMCI_PRIV_* values) to ``clientHandle`` on
-        ``resourceHandle``. The C call's counts are the lists' lengths.
+        """Allow ``allowPrivs`` and deny ``denyPrivs`` (VMCI_PRIV_* values) to ``clientHandle`` on
+        ``resourceHandle``; deny wins. The C call's counts are the lists' lengths.
 
-        Validated as the SDK's driver did (VMCI_ERROR_INVALID_ARGS for invalid handles or no
-        privilege at all, VMCI_ERROR_INVALID_PRIV for an unknown one); like the 2011 host
-        driver, access is not enforced yet, so a valid call changes nothing.
+        VMCI_ERROR_INVALID_ARGS for invalid handles, no privilege at all or no such resource;
+        VMCI_ERROR_INVALID_PRIV for a privilege the resource's kind does not take (checked
+        before anything changes); VMCI_ERROR_NO_ACCESS unless this context owns the resource
+        or holds CH_PRIV on it. Enforced: a client denied DG_SEND gets VMCI_ERROR_NO_ACCESS
+        from ``VMCIDatagram_SendTo`` and the receiver never sees its datagrams.
         """
+        return self._change_privileges(resourceHandle, clientHandle,
+                                       lambda acl, client: acl.add(client, allowPrivs, denyPrivs))
+
+    def VMCIResource_RemoveClientPrivileges(self, resourceHandle, clientHandle, privs=()) -> int:
+        """Reset ``privs`` of ``clientHandle`` on ``resourceHandle`` to not set (a client left with
+        none is removed). VMCI_ERROR_INVALID_ARGS if the client has no privileges there."""
+        return self._change_privileges(resourceHandle, clientHandle,
+                                       lambda acl, client: acl.remove(client, privs))
+
+    def VMCIResource_RemoveAllClientPrivileges(self, resourceHandle, clientHandle) -> int:
+        """Forget every privilege of ``clientHandle`` on ``resourceHandle``."""
+        return self._change_privileges(resourceHandle, clientHandle,
+                                       lambda acl, client: acl.remove_all(client))
+
+    def VMCIResource_CheckClientPrivilege(self, resourceHandle, clientHandle, priv) -> int:
+        """VMCI_SUCCESS_ACCESS_GRANTED, VMCI_ERROR_NO_ACCESS, or VMCI_ERROR_INVALID_PRIV when the
+        privilege is not set for the client, its context or any of their groups."""
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE
+        resource, client = _handle_or_none(resourceHandle), _handle_or_none(clientHandle)
+        if resource is None or client is None or resource.is_invalid or client.is_invalid or not _is_int(priv):
+            return VMCI_ERROR_INVALID_ARGS
+        if priv not in PRIVILEGE_NAMES:
+            return VMCI_ERROR_INVALID_PRIV
+        try:
+            return self.runtime.access.check_privilege(resource, client, priv)
+        except VMCIError as exc:
+            return exc.code
+
+    def _change_privileges(self, resourceHandle, clientHandle, edit) -> int:
         if not self._initialised:
             return VMCI_ERROR_UNAVAILABLE
         resource, client = _handle_or_none(resourceHandle), _handle_or_none(clientHandle)
         if resource is None or client is None or resource.is_invalid or client.is_invalid:
             return VMCI_ERROR_INVALID_ARGS
         try:
-            privileges = list(allowPrivs) + list(denyPrivs)
-        except TypeError:
+            self.runtime.access.change(resource, lambda acl: edit(acl, client))
+        except VMCIError as exc:
+            return exc.code
+        return VMCI_SUCCESS
+
+    def VMCIGroup_Create(self) -> VMCIHandle:
+        """A new group ``(2, rid)`` owned by this context; VMCI_INVALID_HANDLE on failure.
+        It lives until ``VMCIGroup_Destroy`` or until this process exits."""
+        if not self._initialised:
+            return VMCI_INVALID_HANDLE
+        try:
+            return self.runtime.access.create_group()
+        except VMCIError:
+            return VMCI_INVALID_HANDLE
+
+    def VMCIGroup_Destroy(self, group) -> int:
+        """Destroy a group this context created (VMCI_ERROR_NO_ACCESS for another's)."""
+        return self._group_call(group, None, lambda access, g, _: access.destroy_group(g))
+
+    def VMCIGroup_AddMember(self, group, member, canAssign=False) -> int:
+        """Add ``member``; ``canAssign`` lets it add and remove members too."""
+        if not isinstance(canAssign, (bool, int)):
             return VMCI_ERROR_INVALID_ARGS
-        if not privileges:
+        return self._group_call(group, member, lambda access, g, m: access.add_member(g, m, bool(canAssign)))
+
+    def VMCIGroup_RemoveMember(self, group, member) -> int:
+        """Remove ``member`` (VMCI_ERROR_INVALID_ARGS if it is not one)."""
+        return self._group_call(group, member, lambda access, g, m: access.remove_member(g, m))
+
+    def VMCIGroup_IsMember(self, group, member) -> bool:
+        """Whether ``member`` is in ``group`` (every handle is in the public group)."""
+        group, member = _handle_or_none(group), _handle_or_none(member)
+        if not self._initialised or group is None or member is None or member.is_invalid:
+            return False
+        return self.runtime.access.is_member(group, member)
+
+    def _group_call(self, group, member, call) -> int:
+        if not self._initialised:
+            return VMCI_ERROR_UNAVAILABLE
+        group = _handle_or_none(group)
+        if member is not None:
+            member = _handle_or_none(member)
+            if member is None or member.is_invalid:
+                return VMCI_ERROR_INVALID_ARGS
+        if group is None or group.is_invalid:
             return VMCI_ERROR_INVALID_ARGS
-        if not all(_is_int(p) and VMCI_PRIV_CH_PRIV <= p < VMCI_NUM_PRIVILEGES for p in privileges):
-            return VMCI_ERROR_INVALID_PRIV
+        try:
+            call(self.runtime.access, group, member)
+        except VMCIError as exc:
+            return exc.code
         return VMCI_SUCCESS
 
 
@@ -308,6 +393,14 @@ VMCIDs_Lookup = _default.VMCIDs_Lookup
 VMCIDs_Register = _default.VMCIDs_Register
 VMCIDs_Unregister = _default.VMCIDs_Unregister
 VMCIResource_AddClientPrivileges = _default.VMCIResource_AddClientPrivileges
+VMCIResource_RemoveClientPrivileges = _default.VMCIResource_RemoveClientPrivileges
+VMCIResource_RemoveAllClientPrivileges = _default.VMCIResource_RemoveAllClientPrivileges
+VMCIResource_CheckClientPrivilege = _default.VMCIResource_CheckClientPrivilege
+VMCIGroup_Create = _default.VMCIGroup_Create
+VMCIGroup_Destroy = _default.VMCIGroup_Destroy
+VMCIGroup_AddMember = _default.VMCIGroup_AddMember
+VMCIGroup_RemoveMember = _default.VMCIGroup_RemoveMember
+VMCIGroup_IsMember = _default.VMCIGroup_IsMember
 VMCISharedMem_Create = _default.VMCISharedMem_Create
 VMCISharedMem_Query = _default.VMCISharedMem_Query
 VMCISharedMem_Attach = _default.VMCISharedMem_Attach
@@ -324,6 +417,14 @@ SDK_FUNCTIONS = (
     "VMCIDs_Register",
     "VMCIDs_Unregister",
     "VMCIResource_AddClientPrivileges",
+    "VMCIResource_RemoveClientPrivileges",
+    "VMCIResource_RemoveAllClientPrivileges",
+    "VMCIResource_CheckClientPrivilege",
+    "VMCIGroup_Create",
+    "VMCIGroup_Destroy",
+    "VMCIGroup_AddMember",
+    "VMCIGroup_RemoveMember",
+    "VMCIGroup_IsMember",
     "VMCISharedMem_Create",
     "VMCISharedMem_Query",
     "VMCISharedMem_Attach",

@@ -297,6 +297,8 @@ class SharedRegion:
         handle = as_handle(handle)
         if size is not None:
             size = _check_size(size)
+        rt = runtime if runtime is not None else default_runtime()
+        rt.access.check_attach(rt.transport.local_cid, handle)
         with _vmci_errors():
             transport = _transport(runtime)
             marker = _marker_path(transport, handle)

@@ -39,6 +39,7 @@ _ENDPOINT_NAME = re.compile(_ID)
 _FIRST_AUTO_RID = VMCI_RESERVED_RESOURCE_ID_MAX + 1
 _OWNER_PID_WORD, _OWNER_START_WORD = 5, 6  # VSC_ACCT_OFF_OWNER_PID / _START (src/vsc_dgram.h)
 _CREDS = struct.Struct("3i")
+_ACL_SUFFIX = ".acl"  # access.ACL_SUFFIX: a resource's client privileges
 _SNDBUF_WANTED = 4 << 20
 T = TypeVar("T")
 
@@ -102,29 +103,36 @@ class LocalTransport(Transport):
     def bind(self, resource: Optional[int]) -> Bound:
         return self.allocate(resource, lambda handle: self._create(handle.resource))
 
-    def allocate(self, resource: Optional[int], create: Callable[[VMCIHandle], T]) -> T:
-        """Pick a resource id in this context and call ``create(handle)`` while it is reserved.
+    def allocate(self, resource: Optional[int], create: Callable[[VMCIHandle], T],
+                 cid: Optional[int] = None) -> T:
+        """Pick a resource id in context ``cid`` (default ours) and call ``create(handle)``
+        while it is reserved.
 
         ``resource`` None picks the next free id >= 1024 (increasing, wrapping);
         a given id that a live resource of any kind holds raises DuplicateEntry.
         Resource kinds share one id space per context, so a handle names one thing.
+        A context directory of another user raises NoAccess.
         """
-        cdir = self.context_dir(self._cid)
-        os.makedirs(self.rundir, mode=0o755, exist_ok=True)
-        os.makedirs(cdir, mode=0o755, exist_ok=True)
-        with self._context_lock(cdir):
-            if resource is not None:
-                if self._taken(VMCIHandle(self._cid, resource)):
-                    raise DuplicateEntry("resource id %d is taken in context %d" % (resource, self._cid))
-                return create(VMCIHandle(self._cid, resource))
-            rid = self._read_next(cdir)
-            for _ in range(len(os.listdir(cdir)) + 1):
-                if not self._taken(VMCIHandle(self._cid, rid)):
-                    break
-                rid = _next_rid(rid)
-            created = create(VMCIHandle(self._cid, rid))
-            self._write_next(cdir, _next_rid(rid))
-            return created
+        cid = self._cid if cid is None else cid
+        cdir = self.context_dir(cid)
+        try:
+            os.makedirs(self.rundir, mode=0o755, exist_ok=True)
+            os.makedirs(cdir, mode=0o755, exist_ok=True)
+            with self.context_lock(cid):
+                if resource is not None:
+                    if self._taken(VMCIHandle(cid, resource)):
+                        raise DuplicateEntry("resource id %d is taken in context %d" % (resource, cid))
+                    return create(VMCIHandle(cid, resource))
+                rid = self._read_next(cdir)
+                for _ in range(len(os.listdir(cdir)) + 1):
+                    if not self._taken(VMCIHandle(cid, rid)):
+                        break
+                    rid = _next_rid(rid)
+                created = create(VMCIHandle(cid, rid))
+                self._write_next(cdir, _next_rid(rid))
+                return created
+        except PermissionError as exc:
+            raise NoAccess("context %d belongs to another user (%s)" % (cid, exc.filename or cdir)) from None
 
     def add_resource_kind(self, suffix: str, alive: Callable[[str], bool],
                           reap: Optional[Callable[[str], None]] = None) -> None:
@@ -141,7 +149,7 @@ class LocalTransport(Transport):
     def unbind(self, bound: Bound) -> None:
         bound.account.mark_closed()
         path = self.endpoint_path(bound.handle)
-        for name in (path, path + ".acct"):
+        for name in (path, path + ".acct", path + _ACL_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
         bound.listener.close()
@@ -199,6 +207,12 @@ class LocalTransport(Transport):
         if max(cid, rid, dcid, drid) > 0xFFFFFFFF or (dcid, drid) != tuple(dst):
             return None
         pid, uid, _ = _CREDS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+        try:
+            owner = os.stat(self.context_dir(cid)).st_uid
+        except OSError:
+            return None
+        if uid != owner:
+            return None  # bound in a context directory it does not own: a loosened permission
         return Peer(VMCIHandle(cid, rid), pid, uid)
 
     # Introspection
@@ -242,8 +256,9 @@ class LocalTransport(Transport):
     # Helpers
 
     @contextlib.contextmanager
-    def _context_lock(self, cdir: str):
-        fd = os.open(os.path.join(cdir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def context_lock(self, cid: int):
+        """Hold the lock that serialises allocation and privilege changes in context ``cid``."""
+        fd = os.open(os.path.join(self.context_dir(cid), ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -284,6 +299,9 @@ class LocalTransport(Transport):
                     if name.startswith(prefix):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(os.path.join(cdir, name))
+        # Privileges set on a resource that no longer lives must not pass to the next one.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + _ACL_SUFFIX)
         return False
 
     def _create(self, rid: int) -> Bound:
