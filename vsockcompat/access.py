@@ -309,7 +309,8 @@ class AccessControl:
     # Endpoint notification
 
     def watch(self, endpoint) -> None:
-        """Tell ``endpoint`` (``acl_changed()``) when its privileges change in this process."""
+        """Tell ``endpoint`` (``acl_changed()``) when its privileges change in this process, and
+        (without a runtime directory) close its links to a resource whose privileges change."""
         self._endpoints[endpoint.handle] = endpoint
 
     def unwatch(self, endpoint) -> None:
@@ -321,7 +322,10 @@ class AccessControl:
         if kind != "datagram":
             return
         if self._files:
-            self._bump_epoch(resource)
+            self._bump_epoch(resource)  # reaches every process's links and the receiver
+        else:
+            for endpoint in list(self._endpoints.values()):
+                endpoint.forget(resource)  # this process's links re-check on their next send
         endpoint = self._endpoints.get(resource)
         if endpoint is not None:
             endpoint.acl_changed()

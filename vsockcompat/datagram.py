@@ -184,13 +184,21 @@ class DatagramEndpoint:
             stale = self._stale_links()
         for old_dst, old_state in stale:
             self._close_link(old_dst, old_state)
-        self._access.check_send(self.handle, dst)
+        self._access.check_interaction(self.handle.context, dst.context, "datagram to %s" % (dst,))
         with self._link_lock:
             state = self._links.get(dst)
             if state is None:
                 link = self._transport.connect(self.handle, dst)
                 sender = self._core.Link(link.sock, link.account, dst[0], dst[1], *self.handle)
-                state = self._links[dst] = _OpenLink(sender, link)
+                state = _OpenLink(sender, link)  # the epoch first, then the privileges it covers
+                try:
+                    self._access.check_send(self.handle, dst)
+                except BaseException:
+                    sender.close()
+                    state.release()
+                    self._transport.disconnect(self.handle, link)
+                    raise
+                self._links[dst] = state
             return state
 
     def _stale_links(self) -> list:
