@@ -162,6 +162,12 @@ class DatagramEndpoint:
 
     def send(self, dst, data, length: Optional[int] = None) -> int:
         """Send a datagram to ``dst``; return the payload length sent. Raises VMCIError."""
+        if type(dst) is VMCIHandle and type(data) is bytes and length is None \
+                and len(data) <= VMCI_MAX_DG_PAYLOAD_SIZE:  # the common case, checked cheaply
+            rc = self.send_status(dst, data, len(data))
+            if rc < 0:
+                raise error_for(rc, "endpoint %s is closed" % (self.handle,) if self._closing else None)
+            return len(data)
         dst = as_handle(dst)
         view = _byte_view(data, writable=False)
         if length is None:
@@ -298,8 +304,9 @@ class DatagramEndpoint:
 
     def recv_into(self, buf, timeout: Optional[float] = None) -> Tuple[int, VMCIHandle]:
         """Receive into ``buf``; return ``(payload_length, src)``. Raises VMCIError."""
-        n, src = self.recv_status(_byte_view(buf, writable=True), timeout)
-        check(n)
+        n, src = self.recv_status(buf if type(buf) is bytearray else _byte_view(buf, writable=True), timeout)
+        if n < 0:
+            raise error_for(n)
         return n, src
 
     def recv(self, timeout: Optional[float] = None) -> Datagram:
