@@ -1,11 +1,13 @@
-"""Building and locating libvmci.so.0, the C library legacy SDK binaries load.
+"""Building and locating libvmci.so.0, the C library legacy SDK binaries load,
+and libvsockcompat-preload.so, the preload legacy VMCI Sockets binaries need.
 
 Standard library only and no relative imports: setup.py loads this file by
 path. ``build_libvmci`` compiles ``src/vsc_lib.c`` and the C core into a
 shared library with soname ``libvmci.so.0`` that exports exactly the SDK's
 entry points (``src/libvmci.map``); ``BuildExtWithLibvmci`` is a
-``build_ext`` that also builds it into ``vsockcompat/lib/`` and copies the
-SDK header into ``vsockcompat/include/`` whenever the extensions are built.
+``build_ext`` that also builds it (and ``build_preload``'s library) into
+``vsockcompat/lib/`` and copies the SDK header into ``vsockcompat/include/``
+whenever the extensions are built.
 """
 import os
 import shlex
@@ -29,6 +31,11 @@ EXPORTED = (
 CFLAGS = ("-std=c11", "-O2", "-g", "-Wall", "-Wextra", "-fPIC", "-fvisibility=hidden", "-pthread")
 #: Environment variable naming a libvmci.so.0 to use instead of the package's.
 LIBRARY_ENV = "VSOCKCOMPAT_LIBVMCI"
+#: The VMCI Sockets preload (src/vsc_preload.c): not a library anything links against.
+PRELOAD_NAME = "libvsockcompat-preload.so"
+PRELOAD_SOURCES = ("vsc_preload.c",)
+#: Environment variable naming a libvsockcompat-preload.so to use instead of the package's.
+PRELOAD_ENV = "VSOCKCOMPAT_LIBPRELOAD"
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCE_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "src")
@@ -82,6 +89,33 @@ def build_libvmci(build_dir: str, compiler: Optional[str] = None, *, src_dir: Op
     return out
 
 
+def build_preload(build_dir: str, compiler: Optional[str] = None, *, src_dir: Optional[str] = None,
+                  extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = ()) -> str:
+    """Compile ``<build_dir>/libvsockcompat-preload.so``, the LD_PRELOAD library that lets
+    binaries built against VMware's vmci_sockets.h run on AF_VSOCK (src/vsc_preload.c).
+
+    Returns its path; raises BuildError with the compiler's output on failure.
+    """
+    src_dir = src_dir or SOURCE_DIR
+    cc = find_compiler(compiler)
+    if cc is None:
+        raise BuildError("no C compiler found (set CC, or install cc)")
+    os.makedirs(build_dir, exist_ok=True)
+    out = os.path.join(build_dir, PRELOAD_NAME)
+    tmp = out + ".tmp%d" % os.getpid()
+    cmd = (cc + list(CFLAGS) + list(extra_cflags) + ["-I", src_dir]
+           + [os.path.join(src_dir, name) for name in PRELOAD_SOURCES]
+           + ["-shared", "-o", tmp, "-ldl"] + list(extra_ldflags))
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise BuildError("building %s failed:\n%s\n%s" % (PRELOAD_NAME, " ".join(cmd),
+                                                          result.stdout.decode(errors="replace")))
+    os.replace(tmp, out)
+    return out
+
+
 def install_headers(include_dir: str, src_dir: Optional[str] = None) -> str:
     """Copy vmcilib.h (and the constants header it includes) into ``include_dir``."""
     src_dir = src_dir or SOURCE_DIR
@@ -97,6 +131,15 @@ def library_path() -> Optional[str]:
     if explicit:
         return os.path.abspath(explicit) if os.path.isfile(explicit) else None
     path = os.path.join(PACKAGE_DIR, "lib", SONAME)
+    return path if os.path.isfile(path) else None
+
+
+def preload_path() -> Optional[str]:
+    """Our VMCI Sockets preload: ``$VSOCKCOMPAT_LIBPRELOAD``, else the package's ``lib/``; None if not built."""
+    explicit = os.environ.get(PRELOAD_ENV)
+    if explicit:
+        return os.path.abspath(explicit) if os.path.isfile(explicit) else None
+    path = os.path.join(PACKAGE_DIR, "lib", PRELOAD_NAME)
     return path if os.path.isfile(path) else None
 
 
@@ -131,7 +174,9 @@ class BuildExtWithLibvmci(_build_ext):
         target = PACKAGE_DIR if self.inplace else os.path.join(self.build_lib, "vsockcompat")
         compiler = getattr(self.compiler, "compiler_so", None)
         try:
-            build_libvmci(os.path.join(target, "lib"), shlex.quote(compiler[0]) if compiler else None)
+            cc = shlex.quote(compiler[0]) if compiler else None
+            build_libvmci(os.path.join(target, "lib"), cc)
+            build_preload(os.path.join(target, "lib"), cc)
         except BuildError as exc:
             raise SystemExit(str(exc))
         if self.inplace:
@@ -141,7 +186,7 @@ class BuildExtWithLibvmci(_build_ext):
         outputs = list(super().get_outputs())
         if self.extensions:
             base = os.path.join(self.build_lib, "vsockcompat")
-            outputs.extend(os.path.join(base, "lib", name) for name in (SONAME, LINK_NAME))
+            outputs.extend(os.path.join(base, "lib", name) for name in (SONAME, LINK_NAME, PRELOAD_NAME))
         return outputs
 
 

@@ -5,9 +5,13 @@
 ``DT_NEEDED`` entry resolves to ours) and our library appended to
 ``LD_PRELOAD`` (so it also interposes a libvmci found some other way, e.g.
 through an ``RPATH``; appended, so preloads already there, such as a
-sanitizer runtime, stay first). The VSOCKCOMPAT_* settings of the
-environment pass through; ``VSOCKCOMPAT_PYTHON`` defaults to this Python,
-which the library uses to start the discovery daemon.
+sanitizer runtime, stay first). After it, the VMCI Sockets preload
+(libvsockcompat-preload.so: ``VMCISock_GetAFValue()``'s ioctl answered,
+``SO_VMCI_*`` options Linux lacks handled) when it is built;
+``VSOCKCOMPAT_PRELOAD=0`` leaves it out, ``=1`` requires it. The
+VSOCKCOMPAT_* settings of the environment pass through;
+``VSOCKCOMPAT_PYTHON`` defaults to this Python, which the library uses to
+start the discovery daemon.
 
 ``vsockcompat run --check PROGRAM`` lists the SDK symbols (``VMCI*``) that
 PROGRAM leaves undefined and its ``DT_NEEDED`` entries, and says which of
@@ -22,10 +26,13 @@ import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence, Set
 
 from . import clib
+from ._settings import SettingError, parse_flag
 
-__all__ = ["main", "include_dir", "include_dir_main", "elf_info", "ElfInfo", "run_env", "USAGE"]
+__all__ = ["main", "include_dir", "include_dir_main", "elf_info", "ElfInfo", "run_env", "sockets_preload",
+           "USAGE"]
 
 USAGE = "usage: vsockcompat run [--check] [--] PROGRAM [ARGS...]"
+PRELOAD_SETTING = "VSOCKCOMPAT_PRELOAD"
 SDK_PREFIX = "VMCI"
 
 _SHT_DYNAMIC, _SHT_DYNSYM = 6, 11
@@ -140,14 +147,31 @@ def _prepend(value: str, old: Optional[str]) -> str:
     return value + ":" + old if old else value
 
 
-def run_env(library: str, environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment a legacy program runs with: ours first on LD_LIBRARY_PATH, ours in LD_PRELOAD."""
+def run_env(library: str, environ: Optional[Dict[str, str]] = None,
+            preload: Optional[str] = None) -> Dict[str, str]:
+    """The environment a legacy program runs with: ours first on LD_LIBRARY_PATH, ours in
+    LD_PRELOAD after the entries already there (libvmci, then the VMCI Sockets ``preload``)."""
     env = dict(os.environ if environ is None else environ)
     env["LD_LIBRARY_PATH"] = _prepend(os.path.dirname(library), env.get("LD_LIBRARY_PATH"))
-    preload = env.get("LD_PRELOAD", "").strip()
-    env["LD_PRELOAD"] = preload + ":" + library if preload else library
+    entries = [e for e in [env.get("LD_PRELOAD", "").strip(), library, preload] if e]
+    env["LD_PRELOAD"] = ":".join(entries)
     env.setdefault("VSOCKCOMPAT_PYTHON", sys.executable)
     return env
+
+
+def sockets_preload(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """The VMCI Sockets preload ``vsockcompat run`` adds, per ``VSOCKCOMPAT_PRELOAD``: unset, the
+    library when it is built (else None); ``0``, None; ``1``, the library or a SettingError."""
+    env = os.environ if environ is None else environ
+    value = env.get(PRELOAD_SETTING)
+    if value is not None and not parse_flag(PRELOAD_SETTING, value):
+        return None
+    path = clib.preload_path()
+    if path is None and value is not None:
+        where = env.get(clib.PRELOAD_ENV) or os.path.join(clib.PACKAGE_DIR, "lib", clib.PRELOAD_NAME)
+        raise SettingError("%s=1 but %s is not at %s (install vsockcompat with its C extensions, or set %s)"
+                           % (PRELOAD_SETTING, clib.PRELOAD_NAME, where, clib.PRELOAD_ENV))
+    return path
 
 
 def _resolve(program: str) -> Optional[str]:
@@ -236,7 +260,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("vsockcompat run: %s not found at %s (install vsockcompat with its C extensions, or set %s)"
               % (clib.SONAME, where, clib.LIBRARY_ENV), file=sys.stderr)
         return 2
-    env = run_env(library)
+    try:
+        preload = sockets_preload()
+    except SettingError as exc:
+        print("vsockcompat run: %s" % exc, file=sys.stderr)
+        return 2
+    env = run_env(library, preload=preload)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
