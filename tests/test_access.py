@@ -174,6 +174,29 @@ def test_a_forged_source_context_from_a_raw_socket_is_refused(runtime, make_runt
         raw.close()
 
 
+def test_a_client_that_changes_its_claimed_context_mid_connection_is_cut_off(runtime, make_runtime, rundir):
+    guest_rt = make_runtime(cid=3)
+    with DatagramEndpoint(runtime=runtime) as victim, DatagramEndpoint(runtime=guest_rt) as turncoat:
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        raw.bind(os.path.join(rundir, "c3/%d-2.%d" % (turncoat.handle.resource, victim.handle.resource)))
+        raw.connect(os.path.join(rundir, "c2/%d" % victim.handle.resource))
+        encode = runtime.core.encode_datagram
+        raw.send(encode(2, victim.handle.resource, 3, turncoat.handle.resource, b"honest"))
+        raw.send(encode(2, victim.handle.resource, 4, turncoat.handle.resource, b"now context 4"))
+        raw.send(encode(2, victim.handle.resource, 3, turncoat.handle.resource, b"after the lie"))
+        assert victim.recv(timeout=5) == Datagram(turncoat.handle, b"honest")
+        with pytest.raises(errors.Timeout):
+            victim.recv(timeout=0.3)
+        assert victim.stats.forged == 1
+        raw.settimeout(5)
+        try:
+            closed = raw.recv(16) == b""
+        except ConnectionResetError:  # closed with the last frame unread
+            closed = True
+        assert closed, "the receiver keeps the connection of a sender that lied"
+        raw.close()
+
+
 # Context flags
 
 RESTRICTED_3 = """
