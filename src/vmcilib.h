@@ -6,8 +6,8 @@
  * come from vsc_constants.h, which is generated from vsockcompat/constants.py.
  *
  * Status: datagrams, shared memory, the discovery service and
- * VMCIResource_AddClientPrivileges (which validates its arguments and grants
- * nothing: access is not enforced yet) are implemented.
+ * VMCIResource_AddClientPrivileges (enforced: a denied DG_SEND or SM_ATTACH
+ * gives VMCI_ERROR_NO_ACCESS) are implemented.
  */
 #ifndef _VMCILIB_H_
 #define _VMCILIB_H_

@@ -31,6 +31,8 @@ extern "C" {
 #define VSC_ACCEPT     (-2005) /* the listening socket has connections to accept */
 #define VSC_WAKE       (-2006) /* the wake-up descriptor is readable */
 #define VSC_INTR       (-2007) /* the wait was interrupted (signal, spurious wake-up): call again */
+#define VSC_DENIED     (-2008) /* a frame from a sender without the privilege was read and dropped */
+#define VSC_STALE      (-2009) /* the receiver's privileges changed since the link checked them */
 
 /* Queue account layout (one page, shared by the receiver and its senders). */
 #define VSC_ACCT_MAGIC        0x51435356u /* "VSCQ" */
@@ -43,6 +45,7 @@ extern "C" {
 #define VSC_ACCT_OFF_CLOSED   32  /* set once by the receiver when it goes away */
 #define VSC_ACCT_OFF_OWNER_PID   40  /* u64: pid of the endpoint's owner */
 #define VSC_ACCT_OFF_OWNER_START 48  /* u64: its start time, /proc/<pid>/stat field 22 */
+#define VSC_ACCT_OFF_ACL_EPOCH   56  /* u64: bumped by every change of the endpoint's privileges */
 #define VSC_ACCT_OFF_LOCK     64  /* robust process-shared pthread mutex guarding PRODUCED */
 #define VSC_ACCT_LOCK_SIZE    64
 #define VSC_ACCT_SIZE         4096

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include "vsc_endpoint.h"
 
+#include "vsc_acl.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -37,6 +39,7 @@ int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **ou
         goto fail;
     ep->handle = ep->bound.handle;
     ep->transport = t;
+    ep->acl_epoch = vsc_acl_epoch(ep->bound.acct);
     if (vsc_rx_init(&ep->rx, ep->bound.listener, ep->wake_r, ep->bound.acct, ep->handle) != 0) {
         vsc_local_unbind(t, &ep->bound);
         close(ep->bound.listener);
@@ -92,6 +95,7 @@ static void close_fds(vsc_endpoint *ep, int unlink_links)
     close(ep->wake_w);
     free(ep->spill);
     free(ep->held);
+    free(ep->denied);
 }
 
 void vsc_endpoint_free(vsc_endpoint *ep)
@@ -150,11 +154,14 @@ static int find_link(vsc_endpoint *ep, vsc_handle dst)
     return -1;
 }
 
+/* A link to dst, or a VMCI code: VMCI_ERROR_NO_ACCESS if dst denies us DG_SEND. */
 static int open_link(vsc_endpoint *ep, vsc_handle dst)
 {
     vsc_ep_link *l;
     int rc;
 
+    if (!vsc_acl_may_send(ep->transport, ep->handle, dst))
+        return VMCI_ERROR_NO_ACCESS; /* before connecting: a denied sender costs the receiver nothing */
     prune_links(ep);
     if (ep->nlinks == ep->caplinks) {
         int cap = ep->caplinks ? ep->caplinks * 2 : 8;
@@ -170,6 +177,12 @@ static int open_link(vsc_endpoint *ep, vsc_handle dst)
         return rc;
     l->dst = dst;
     vsc_link_init(&l->link, l->conn.fd, l->conn.acct, dst, ep->handle);
+    /* The epoch first, then the privileges: a change after this read shows in the epoch. */
+    l->acl_epoch = vsc_acl_epoch(l->conn.acct);
+    if (!vsc_acl_may_send(ep->transport, ep->handle, dst)) {
+        vsc_local_disconnect(&l->conn);
+        return VMCI_ERROR_NO_ACCESS;
+    }
     return ep->nlinks++;
 }
 
@@ -185,6 +198,10 @@ int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_
     /* A cached link whose receiver went away gets one fresh attempt. */
     for (attempt = 0; attempt < 2; attempt++) {
         i = find_link(ep, dst);
+        if (i >= 0 && vsc_acl_epoch(ep->links[i].conn.acct) != ep->links[i].acl_epoch) {
+            drop_link(ep, i); /* the receiver's privileges changed: decide again on a fresh link */
+            i = -1;
+        }
         if (i < 0 && (i = open_link(ep, dst)) < 0) {
             rc = i;
             break;
@@ -201,6 +218,67 @@ int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_
 
 /* Receiving */
 
+/* Mark the connection fd denied (1) or not (0); 0, or -1 out of memory. */
+static int set_denied(vsc_endpoint *ep, int fd, int denied)
+{
+    if (fd >= ep->denied_cap) {
+        int cap = fd + 64;
+        uint8_t *grown;
+
+        if (!denied)
+            return 0;
+        grown = realloc(ep->denied, (size_t)cap);
+        if (grown == NULL)
+            return -1;
+        memset(grown + ep->denied_cap, 0, (size_t)(cap - ep->denied_cap));
+        ep->denied = grown;
+        ep->denied_cap = cap;
+    }
+    ep->ndenied += (denied != 0) - (ep->denied[fd] != 0);
+    ep->denied[fd] = (uint8_t)(denied != 0);
+    return 0;
+}
+
+static void drop_conn(vsc_endpoint *ep, int fd)
+{
+    set_denied(ep, fd, 0);
+    vsc_rx_remove(&ep->rx, fd);
+    close(fd);
+}
+
+/* Our privileges changed: decide again for every connection (the privileges are read once). */
+static void recheck_access(vsc_endpoint *ep, uint64_t epoch)
+{
+    vsc_acl acl;
+    int have, fd;
+
+    ep->acl_epoch = epoch; /* before reading: a later change shows again */
+    have = vsc_acl_load(ep->transport, ep->handle, &acl);
+    for (fd = 0; fd < ep->rx.nconns; fd++) {
+        int denied;
+
+        if (ep->rx.conns[fd].fd < 0)
+            continue;
+        denied = !vsc_acl_sender_allowed(ep->transport, have ? &acl : NULL, ep->rx.conns[fd].src, ep->handle);
+        if (set_denied(ep, fd, denied) != 0)
+            drop_conn(ep, fd); /* cannot remember the denial: refuse the connection */
+    }
+    if (have)
+        vsc_acl_free(&acl);
+}
+
+/* The policy may reserve the sender's context for one user (policy.py ContextPolicy.uid). */
+static int identity_allowed(vsc_endpoint *ep, int fd, vsc_handle src)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    uint32_t uid;
+
+    if (!vsc_policy_uid(ep->transport->policy, src.context, &uid))
+        return 1;
+    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.uid == uid;
+}
+
 static void accept_all(vsc_endpoint *ep)
 {
     for (;;) {
@@ -212,9 +290,13 @@ static void accept_all(vsc_endpoint *ep)
                 continue;
             return; /* EAGAIN, or out of descriptors: the rest waits for the next accept */
         }
-        if (vsc_local_identify(ep->transport, fd, ep->handle, &src) != 0
-            || vsc_rx_add(&ep->rx, fd, src) != 0)
+        if (vsc_local_identify(ep->transport, fd, ep->handle, &src) != 0 || !identity_allowed(ep, fd, src)
+            || vsc_rx_add(&ep->rx, fd, src) != 0) {
             close(fd);
+            continue;
+        }
+        if (set_denied(ep, fd, !vsc_acl_may_send(ep->transport, src, ep->handle)) != 0)
+            drop_conn(ep, fd);
     }
 }
 
@@ -264,9 +346,22 @@ static int recv_locked(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *sr
         status = vsc_rx_recv(&ep->rx, buf, len, ep->spill, SPILL_SIZE, wait, &sys_errno);
 
         if (status >= 0) {
-            uint64_t n = (uint64_t)status - VMCI_DG_HEADERSIZE;
-            vsc_handle from = ep->rx.conns[ep->rx.last_fd].src;
+            uint64_t n = (uint64_t)status - VMCI_DG_HEADERSIZE, epoch = vsc_acl_epoch(ep->bound.acct);
+            int fd = ep->rx.last_fd;
+            vsc_handle from = ep->rx.conns[fd].src;
 
+            if (epoch != ep->acl_epoch) {
+                recheck_access(ep, epoch);
+                if (ep->rx.conns[fd].fd < 0)
+                    goto waited; /* refused meanwhile */
+            }
+            if (ep->ndenied > 0 && fd < ep->denied_cap && ep->denied[fd]) {
+                /* Read (so its bytes left our queue account) and dropped: never seen. */
+                ep->dropped_denied++;
+                if (len > 0)
+                    memset(buf, 0, n < len ? (size_t)n : len);
+                goto waited;
+            }
             if (n > len) {
                 ep->held = malloc((size_t)n);
                 if (ep->held == NULL)
@@ -300,14 +395,12 @@ static int recv_locked(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *sr
         case VSC_BAD_FRAME:
         case VSC_FORGED:
         default:
-            if (ep->rx.last_fd >= 0 && ep->rx.last_fd < ep->rx.nconns && ep->rx.conns[ep->rx.last_fd].fd >= 0) {
-                int fd = ep->rx.last_fd;
-                vsc_rx_remove(&ep->rx, fd);
-                close(fd);
-            } else {
+            if (ep->rx.last_fd >= 0 && ep->rx.last_fd < ep->rx.nconns && ep->rx.conns[ep->rx.last_fd].fd >= 0)
+                drop_conn(ep, ep->rx.last_fd);
+            else
                 return VMCI_ERROR_GENERIC; /* epoll itself failed */
-            }
         }
+    waited:
         if (timeout_ms >= 0) {
             int64_t left = deadline - now_ms();
             wait = left > 0 ? (int)left : 0;

@@ -15,6 +15,8 @@ typedef struct {
     vsc_handle dst;
     vsc_conn conn;
     vsc_link link;
+    uint64_t acl_epoch;      /* the receiver's ACL epoch when `denied` was decided */
+    int denied;              /* DG_SEND is denied to us: sends fail with VMCI_ERROR_NO_ACCESS */
 } vsc_ep_link;
 
 typedef struct vsc_endpoint {
@@ -31,6 +33,10 @@ typedef struct vsc_endpoint {
     uint8_t *held;           /* a datagram too large for the last buffer; NULL if none */
     uint64_t held_len;
     vsc_handle held_src;
+    uint64_t acl_epoch;      /* our ACL epoch when the connections' `denied` flags were decided */
+    uint8_t *denied;         /* indexed by fd: 1 if that connection's sender may not reach us */
+    int denied_cap, ndenied;
+    uint64_t dropped_denied; /* datagrams read and dropped because their sender was denied */
 
     pthread_mutex_t link_lock; /* guards links; held across a send (which never blocks) */
     vsc_ep_link *links;      /* oldest first */
@@ -46,12 +52,14 @@ void vsc_endpoint_free(vsc_endpoint *ep);
 /* In a forked child: drop the parent's endpoint without touching shared state or its locks. */
 void vsc_endpoint_abandon(vsc_endpoint *ep);
 
-/* The frame size (header included) or a VMCI code. */
+/* The frame size (header included) or a VMCI code; VMCI_ERROR_NO_ACCESS if the destination
+ * denies us DG_SEND (checked when a link opens and again whenever its ACL epoch changes). */
 int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_t len);
 /*
  * The payload length, or VMCI_ERROR_NO_MEM (too small a buffer; the datagram stays
  * queued), VMCI_ERROR_TIMEOUT (timeout_ms >= 0 passed), VMCI_ERROR_NO_MORE_DATAGRAMS
- * (closed meanwhile), another VMCI code. Retries on EINTR.
+ * (closed meanwhile), another VMCI code. Retries on EINTR. Datagrams of senders that our
+ * privileges deny are read and dropped (counted in dropped_denied), never delivered.
  */
 int vsc_endpoint_recv(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *src, int timeout_ms);
 

@@ -22,17 +22,26 @@
  * do their file work outside g_lock. CleanupApp detaches them all; a forked
  * child drops the parent's entries (closing only its copy of each lock file, the
  * mappings stay) and its own calls then see those handles as unknown.
- * VMCIResource_AddClientPrivileges
- * validates its arguments and returns VMCI_SUCCESS without recording anything
- * (access is not enforced, as in the 2011 host driver).
+ *
+ * Access control (src/vsc_acl.c) shares vsockcompat/access.py's files, so C and
+ * Python processes obey the same privileges: VMCIResource_AddClientPrivileges
+ * records them (codes of the Python VMCILibrary method), VMCIDatagram_SendTo
+ * gives VMCI_ERROR_NO_ACCESS to a sender denied DG_SEND (also on a link opened
+ * before the denial), an endpoint drops what a denied sender still delivers,
+ * and VMCISharedMem_Attach gives VMCI_ERROR_NO_ACCESS without SM_ATTACH. Before
+ * those, the context flags of the policy file (src/vsc_policy.h; RESTRICTED talks
+ * only to TRUSTED) refuse datagrams and attaches between contexts that may not
+ * interact, and a context the policy gives to another user refuses VMCI_InitApp.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "vmcilib.h"
+#include "vsc_acl.h"
 #include "vsc_ds.h"
 #include "vsc_endpoint.h"
 #include "vsc_local.h"
@@ -46,6 +55,8 @@ static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static int g_initialised;          /* under g_lock */
 static int g_settings_read;        /* under g_lock; g_transport is fixed once read */
 static vsc_local g_transport;
+static vsc_policy g_policy;        /* g_transport.policy once read (under g_lock), then fixed */
+static int g_policy_read;          /* under g_lock */
 static vsc_endpoint **g_table;     /* under g_lock; each entry holds one reference */
 static int g_count, g_cap;
 static int g_inherited;            /* set in a forked child; under g_lock */
@@ -150,6 +161,29 @@ static void endpoint_put(vsc_endpoint *ep)
 
 /* 4.1 Library setup */
 
+/* The policy file, read until it reads well (a malformed one refuses, naming its line, as
+ * Python's VMCI_InitApp does); then whether it gives our context to another user. Under g_lock. */
+static int load_policy(void)
+{
+    char err[512];
+    uint32_t uid;
+
+    if (!g_policy_read) {
+        if (vsc_policy_load(g_transport.rundir, &g_policy, err, sizeof err) != 0) {
+            fprintf(stderr, "vsockcompat: %s\n", err);
+            return VMCI_ERROR_NO_ACCESS;
+        }
+        g_policy_read = 1;
+        g_transport.policy = &g_policy;
+    }
+    if (vsc_policy_uid(&g_policy, g_transport.cid, &uid) && uid != (uint32_t)getuid()) {
+        fprintf(stderr, "vsockcompat: context %u belongs to user %u by the policy, not to user %u\n",
+                (unsigned)g_transport.cid, (unsigned)uid, (unsigned)getuid());
+        return VMCI_ERROR_NO_ACCESS;
+    }
+    return VMCI_SUCCESS;
+}
+
 VSC_EXPORT int VMCI_InitApp(const char *devName)
 {
     int rc = VMCI_SUCCESS;
@@ -162,6 +196,8 @@ VSC_EXPORT int VMCI_InitApp(const char *devName)
         else
             rc = VMCI_ERROR_DEVICE_NOT_FOUND;
     }
+    if (rc == VMCI_SUCCESS)
+        rc = load_policy();
     if (rc == VMCI_SUCCESS)
         g_initialised = 1;
     pthread_mutex_unlock(&g_lock);
@@ -371,6 +407,8 @@ VSC_EXPORT int VMCISharedMem_Attach(VMCIHandle handle, void **addrOut, uint32 *s
         return VMCI_ERROR_INVALID_ARGS;
     if (mapped)
         return VMCI_ERROR_ALREADY_EXISTS;
+    if (!vsc_acl_may_attach(&g_transport, g_transport.cid, to_vsc(handle)))
+        return VMCI_ERROR_NO_ACCESS;
     rc = vsc_shm_attach(&g_transport, to_vsc(handle), *sizeInOut, &r);
     if (rc != VMCI_SUCCESS)
         return rc;
@@ -400,17 +438,7 @@ VSC_EXPORT int VMCISharedMem_Detach(VMCIHandle handle)
     return vsc_shm_detach(&g_transport, r);
 }
 
-/* 4.4 Access control: validated, not enforced. */
-
-static int privileges_valid(int n, const VMCIResourcePrivilegeType *privs)
-{
-    int i;
-
-    for (i = 0; i < n; i++)
-        if (privs[i] < VMCI_PRIV_CH_PRIV || privs[i] >= VMCI_NUM_PRIVILEGES)
-            return 0;
-    return 1;
-}
+/* 4.4 Access control (src/vsc_acl.h) */
 
 VSC_EXPORT int VMCIResource_AddClientPrivileges(VMCIHandle resourceHandle, VMCIHandle clientHandle,
                                                 int numAllowPrivs, VMCIResourcePrivilegeType *allowPrivs,
@@ -418,13 +446,10 @@ VSC_EXPORT int VMCIResource_AddClientPrivileges(VMCIHandle resourceHandle, VMCIH
 {
     if (!is_initialised())
         return VMCI_ERROR_UNAVAILABLE;
-    if (VMCI_HANDLE_INVALID(resourceHandle) || VMCI_HANDLE_INVALID(clientHandle)
-        || numAllowPrivs < 0 || numDenyPrivs < 0 || (long long)numAllowPrivs + numDenyPrivs < 1
-        || (numAllowPrivs > 0 && allowPrivs == NULL) || (numDenyPrivs > 0 && denyPrivs == NULL))
+    if (VMCI_HANDLE_INVALID(resourceHandle) || VMCI_HANDLE_INVALID(clientHandle))
         return VMCI_ERROR_INVALID_ARGS;
-    if (!privileges_valid(numAllowPrivs, allowPrivs) || !privileges_valid(numDenyPrivs, denyPrivs))
-        return VMCI_ERROR_INVALID_PRIV;
-    return VMCI_SUCCESS;
+    return vsc_acl_add(&g_transport, to_vsc(resourceHandle), to_vsc(clientHandle), numAllowPrivs, allowPrivs,
+                       numDenyPrivs, denyPrivs);
 }
 
 /* 4.5 Discovery service */

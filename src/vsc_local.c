@@ -296,6 +296,19 @@ static struct {
 } g_kinds[MAX_KINDS];
 static int g_nkinds;
 
+int vsc_local_marker_alive(const vsc_local *t, const char *path)
+{
+    size_t n = strlen(path);
+    int k;
+
+    for (k = 0; k < g_nkinds; k++) {
+        size_t m = strlen(g_kinds[k].suffix);
+        if (n >= m && strcmp(path + n - m, g_kinds[k].suffix) == 0)
+            return g_kinds[k].alive(t, path);
+    }
+    return 0;
+}
+
 int vsc_local_add_kind(const char *suffix, vsc_local_alive_fn alive, vsc_local_reap_fn reap)
 {
     if (g_nkinds == MAX_KINDS)
@@ -328,7 +341,8 @@ static void unlink_prefixed(const char *cdir, const char *prefix)
 
 /* Whether a live resource holds rid; reclaims a dead endpoint's files, and those of dead resources
  * of the registered kinds. Call under the lock. Files of other kinds (<rid>.qp*, ...) count as
- * live: only their owners reclaim them. */
+ * live: only their owners reclaim them. The privileges of a free id are removed, so they never
+ * pass to the next resource that takes it (<rid>.acl, vsc_acl.h). */
 static int taken(const vsc_local *t, const char *cdir, uint32_t rid)
 {
     char path[NAME_MAX_LEN], acct[PATH_BUF], prefix[16];
@@ -360,8 +374,13 @@ static int taken(const vsc_local *t, const char *cdir, uint32_t rid)
     if (dir == NULL)
         return 0;
     while (!found && (d = readdir(dir)) != NULL)
-        found = strncmp(d->d_name, prefix, plen) == 0 && strcmp(d->d_name + plen, "acct") != 0;
+        found = strncmp(d->d_name, prefix, plen) == 0 && strcmp(d->d_name + plen, "acct") != 0
+                && strncmp(d->d_name + plen, "acl", 3) != 0;
     closedir(dir);
+    if (!found) {
+        snprintf(path, sizeof path, "%s/%u.acl", cdir, (unsigned)rid);
+        unlink(path);
+    }
     return found;
 }
 
@@ -533,10 +552,15 @@ void vsc_local_unbind(const vsc_local *t, const vsc_bound *b)
 {
     char path[PATH_BUF];
 
+    size_t n;
+
     vsc_acct_close(b->acct);
     endpoint_path(t, b->handle, path, sizeof path - 8);
+    n = strlen(path);
     unlink(path);
-    strcat(path, ".acct");
+    strcpy(path + n, ".acct");
+    unlink(path);
+    strcpy(path + n, ".acl");
     unlink(path);
 }
 
@@ -645,7 +669,8 @@ void vsc_local_disconnect(vsc_conn *c)
     c->acct = NULL;
 }
 
-/* Identity: the peer's bound path must be <rundir>/c<cid>/<rid>-<dcid>.<drid> naming self. */
+/* Identity: the peer's bound path must be <rundir>/c<cid>/<rid>-<dcid>.<drid> naming self, and its
+ * user (SO_PEERCRED) must own c<cid>/ (vsockcompat/transport/local.py identify). */
 
 static const char *parse_id(const char *p, uint32_t *out)
 {
@@ -695,6 +720,18 @@ int vsc_local_identify(const vsc_local *t, int fd, vsc_handle self, vsc_handle *
         return -1;
     if (dcid != self.context || drid != self.resource)
         return -1;
+    {
+        /* Bound in a context directory its user does not own: a loosened permission, refused. */
+        struct ucred cred;
+        socklen_t clen = sizeof cred;
+        char cdir[CDIR_MAX];
+        struct stat st;
+
+        context_dir(t, cid, cdir, sizeof cdir);
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 || stat(cdir, &st) != 0
+            || cred.uid != st.st_uid)
+            return -1;
+    }
     src->context = cid;
     src->resource = rid;
     return 0;

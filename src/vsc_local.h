@@ -6,6 +6,7 @@
  *   <rundir>/c<cid>/<rid>.acct            its queue account page (vsc_dgram.h)
  *   <rundir>/c<cid>/<rid>-<dcid>.<drid>   bound socket of the link (cid, rid) -> (dcid, drid)
  *   <rundir>/c<cid>/<rid>.shm             marker of the shared memory region (cid, rid) (vsc_shm.h)
+ *   <rundir>/c<cid>/<rid>.acl             client privileges of the resource (cid, rid) (vsc_acl.h)
  *   <rundir>/c<cid>/.lock, .next          allocation lock, next auto-assigned resource id
  */
 #ifndef VSC_LOCAL_H
@@ -21,6 +22,8 @@
 #define VSC_LONGEST_NAME_LEN 45 /* strlen("/c4294967295/4294967295-4294967295.4294967295") */
 #define VSC_RUNDIR_MAX (VSC_SUN_PATH_MAX - VSC_LONGEST_NAME_LEN + 1)
 
+struct vsc_policy;
+
 typedef struct {
     char rundir[VSC_RUNDIR_MAX]; /* absolute, normalised as os.path.abspath does */
     uint32_t cid;
@@ -28,6 +31,7 @@ typedef struct {
     int sndbuf;
     pid_t pid;          /* the process these settings were read in */
     uint64_t start;     /* its start time, /proc/<pid>/stat field 22 */
+    const struct vsc_policy *policy; /* context flags and owners (vsc_policy.h); NULL: built-in */
 } vsc_local;
 
 typedef struct {
@@ -64,6 +68,9 @@ int vsc_local_bind(const vsc_local *t, uint32_t resource, vsc_bound *out);
 typedef int (*vsc_local_alive_fn)(const vsc_local *t, const char *path);
 typedef void (*vsc_local_reap_fn)(const vsc_local *t, const char *path);
 int vsc_local_add_kind(const char *suffix, vsc_local_alive_fn alive, vsc_local_reap_fn reap);
+/* Whether the resource whose marker is path (c<cid>/<rid><suffix>) lives, by its registered kind;
+ * 0 for a suffix no kind registered. */
+int vsc_local_marker_alive(const vsc_local *t, const char *path);
 typedef int (*vsc_local_create_fn)(const vsc_local *t, const char *cdir, uint32_t rid, void *arg);
 int vsc_local_allocate(const vsc_local *t, uint32_t resource, vsc_local_create_fn create, void *arg);
 /* Senders see the endpoint gone at once; the caller still owns (and closes) listener and acct. */
