@@ -462,6 +462,35 @@ def test_damaged_privileges_fail_closed(libs, rundir):
     assert guest.VMCIDatagram_SendTo(server, client, 1, b"x") > 0, "a fresh setting replaces the damage"
 
 
+def test_a_membership_change_reaches_cached_links(libs):
+    host, guest = libs(2), libs(3)
+    server, client = host.VMCIDatagram_CreateHnd(0), guest.VMCIDatagram_CreateHnd(0)
+    blocked = host.VMCIGroup_Create()
+    assert host.VMCIResource_AddClientPrivileges(server, blocked, [], [DG_SEND]) == C.VMCI_SUCCESS
+    assert guest.VMCIDatagram_SendTo(server, client, 1, b"x") > 0, "not a member yet"
+    assert host.VMCIDatagram_RecvFrom(server, bytearray(4)) == (1, client)
+    assert host.VMCIGroup_AddMember(blocked, (3, 0)) == C.VMCI_SUCCESS
+    assert guest.VMCIDatagram_SendTo(server, client, 1, b"x") == C.VMCI_ERROR_NO_ACCESS
+    assert host.VMCIGroup_RemoveMember(blocked, (3, 0)) == C.VMCI_SUCCESS
+    assert guest.VMCIDatagram_SendTo(server, client, 1, b"y") > 0
+    assert host.VMCIDatagram_RecvFrom(server, bytearray(4)) == (1, client)
+    assert host.VMCIGroup_AddMember(blocked, client) == C.VMCI_SUCCESS
+    assert guest.VMCIDatagram_SendTo(server, client, 1, b"x") == C.VMCI_ERROR_NO_ACCESS
+    assert host.VMCIGroup_Destroy(blocked) == C.VMCI_SUCCESS
+    assert guest.VMCIDatagram_SendTo(server, client, 1, b"z") > 0
+
+
+def test_damaged_region_privileges_fail_closed(libs, rundir):
+    host, guest = libs(2), libs(3)
+    handle, view = host.VMCISharedMem_Create(64)
+    with open(os.path.join(rundir, "c2", "%d.acl" % handle.resource), "w") as f:
+        f.write("vsockcompat-acl 1 sharedmem\n3 0 +6 allow\n")
+    assert guest.VMCISharedMem_Attach(handle, 64) == (C.VMCI_ERROR_NO_ACCESS, None)
+    assert host.VMCIResource_AddClientPrivileges(handle, (3, 0), [SM_ATTACH], []) == C.VMCI_SUCCESS
+    rv, seen = guest.VMCISharedMem_Attach(handle, 64)
+    assert rv == C.VMCI_SUCCESS and len(seen) == 64
+
+
 def test_a_group_dies_with_its_creator(rundir, core, make_runtime):
     script = ("import vsockcompat as v\nassert v.VMCI_InitApp() == 0\n"
               "g = v.VMCIGroup_Create()\nprint(g.resource, flush=True)\n")

@@ -133,7 +133,13 @@ def test_storage_form_round_trips():
 @pytest.mark.parametrize("text", ["", "vsockcompat-acl 2 datagram\n", "vsockcompat-acl 1 file\n",
                                   "vsockcompat-acl 1 datagram\n3 0 99 allow\n",
                                   "vsockcompat-acl 1 datagram\n3 0 4 maybe\n",
-                                  "vsockcompat-acl 1 datagram\n3 0\n"])
+                                  "vsockcompat-acl 1 datagram\n3 0\n",
+                                  "vsockcompat-acl 1 datagram\n+3 0 4 allow\n",
+                                  "vsockcompat-acl 1 datagram\n1_0 0 4 allow\n",
+                                  "vsockcompat-acl 1 datagram\n4294967296 0 4 allow\n",
+                                  "vsockcompat-acl 1 datagram\n3  0 4 allow\n",
+                                  "vsockcompat-acl 1 datagram\x0b3 0 4 allow\n",
+                                  "vsockcompat-acl 1 datagram\n03 0 4 allow\n"])
 def test_a_damaged_privileges_file_is_an_error(text):
     with pytest.raises((ValueError, KeyError)):
         ClientPrivileges.from_text(ENDPOINT, text)

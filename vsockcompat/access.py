@@ -21,6 +21,7 @@ the endpoint owner's own receive path still enforces them.
 import contextlib
 import mmap
 import os
+import re
 import threading
 import weakref
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -36,7 +37,7 @@ from .constants import (
     VMCI_RESERVED_RESOURCE_ID_MAX,
     VMCI_SUCCESS_ACCESS_GRANTED,
 )
-from .errors import NoAccess, error_for
+from .errors import NoAccess, VMCIError, error_for
 from .handles import VMCIHandle
 from .policy import Policy
 from .privileges import ClientPrivileges
@@ -46,12 +47,17 @@ __all__ = ["AccessControl", "ACL_SUFFIX", "GROUP_SUFFIX", "PUBLIC_GROUP", "ACL_E
 ACL_SUFFIX = ".acl"
 GROUP_SUFFIX = ".group"
 GROUP_MAGIC, GROUP_VERSION = "vsockcompat-group", 1
+_U = r"(0|[1-9][0-9]{0,19})"
+_GROUP_HEAD = re.compile(r"vsockcompat-group 1 %s %s %s" % (_U, _U, _U))
+_MEMBER = re.compile(r"%s %s ([01])" % (_U, _U))
 #: The public group: every handle is a member. Registered by the discovery service
 #: as "vmci public group"; the highest reserved host resource id.
 PUBLIC_GROUP = VMCIHandle(VMCI_HOST_CONTEXT_ID, VMCI_RESERVED_RESOURCE_ID_MAX)
 #: Word (u64) of a queue account page counting changes of the endpoint's privileges
 #: (VSC_ACCT_OFF_ACL_EPOCH in src/vsc_dgram.h).
 ACL_EPOCH_WORD = 7
+#: What unreadable privileges deny the public group, per kind (fail closed).
+_GUARDED = {"datagram": VMCI_PRIV_DG_SEND, "sharedmem": VMCI_PRIV_SM_ATTACH}
 
 
 class _Group:
@@ -75,15 +81,19 @@ class _Group:
 
     @classmethod
     def from_text(cls, handle: VMCIHandle, text: str) -> "_Group":
-        lines = text.splitlines()
-        head = lines[0].split() if lines else []
-        if len(head) != 5 or head[0] != GROUP_MAGIC or head[1] != str(GROUP_VERSION):
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        head = _GROUP_HEAD.fullmatch(lines[0]) if lines else None
+        if head is None:
             raise ValueError("not a version %d group file" % GROUP_VERSION)
         members = {}
         for line in lines[1:]:
-            cid, rid, can = (int(word) for word in line.split())
-            members[VMCIHandle(cid, rid)] = bool(can)
-        return cls(handle, tuple(int(word) for word in head[2:]), members)
+            match = _MEMBER.fullmatch(line)
+            if match is None or max(int(match.group(1)), int(match.group(2))) > 0xFFFFFFFF:
+                raise ValueError("malformed member line %r" % line)
+            members[VMCIHandle(int(match.group(1)), int(match.group(2)))] = match.group(3) == "1"
+        return cls(handle, tuple(int(word) for word in head.groups()), members)
 
 
 class AccessControl:
@@ -150,8 +160,12 @@ class AccessControl:
 
     # Privileges
 
-    def load(self, resource: VMCIHandle) -> Optional[ClientPrivileges]:
-        """The client privileges set on ``resource``, or None if none are."""
+    def load(self, resource: VMCIHandle, kind: Optional[str] = None) -> Optional[ClientPrivileges]:
+        """The client privileges set on ``resource`` (of ``kind``, if known), or None if none are.
+
+        Unreadable privileges fail closed: the public group is denied what the kind
+        guards (DG_SEND, SM_ATTACH) until the owner sets privileges again.
+        """
         if not self._files:
             return self._memory.get(resource)
         try:
@@ -159,10 +173,12 @@ class AccessControl:
                 return ClientPrivileges.from_text(resource, f.read())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            # Unreadable privileges fail closed: nobody but the owner context may use it.
-            acl = ClientPrivileges(resource, "datagram")
-            acl.entries[PUBLIC_GROUP] = {VMCI_PRIV_DG_SEND: VMCI_PRIV_DENY, VMCI_PRIV_SM_ATTACH: VMCI_PRIV_DENY}
+        except (OSError, ValueError):
+            kind = kind or self.kind_of(resource) or "datagram"
+            acl = ClientPrivileges(resource, kind)
+            guarded = _GUARDED.get(kind)
+            if guarded is not None:
+                acl.entries[PUBLIC_GROUP] = {guarded: VMCI_PRIV_DENY}
             return acl
 
     def change(self, resource: VMCIHandle, edit: Callable[[ClientPrivileges], None]) -> None:
@@ -175,13 +191,15 @@ class AccessControl:
         if kind is None:
             raise error_for(VMCI_ERROR_INVALID_ARGS, "no resource %s" % (resource,))
         with self._resource_lock(resource):
-            acl = self.load(resource) or ClientPrivileges(resource, kind)
+            acl = self.load(resource, kind) or ClientPrivileges(resource, kind)
             if acl.kind != kind:  # a stale file of a dead resource that held this id
                 acl = ClientPrivileges(resource, kind)
             if acl.check(VMCIHandle(self.cid, 0), VMCI_PRIV_CH_PRIV, self.groups_of) != VMCI_SUCCESS_ACCESS_GRANTED:
                 raise NoAccess("context %d may not change the privileges of %s" % (self.cid, resource))
             edit(acl)
             self._store(acl)
+            if kind == "datagram" and self._files:
+                self._bump_epoch(resource)  # under the lock, as the C library does
         self._announce(resource, kind)
 
     def check_privilege(self, resource: VMCIHandle, client: VMCIHandle, priv: int) -> int:
@@ -232,9 +250,10 @@ class AccessControl:
         g = self._writable_group(group, owner_only=True)
         if not self._files:
             self._groups.pop(g.handle, None)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._group_path(group))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._group_path(group))
+        self._group_changed(group)
 
     def add_member(self, group: VMCIHandle, member: VMCIHandle, can_assign: bool) -> None:
         def edit(g: _Group) -> None:
@@ -319,11 +338,10 @@ class AccessControl:
     # Helpers
 
     def _announce(self, resource: VMCIHandle, kind: str) -> None:
+        """Tell this process's endpoints (other processes follow the epoch word)."""
         if kind != "datagram":
             return
-        if self._files:
-            self._bump_epoch(resource)  # reaches every process's links and the receiver
-        else:
+        if not self._files:
             for endpoint in list(self._endpoints.values()):
                 endpoint.forget(resource)  # this process's links re-check on their next send
         endpoint = self._endpoints.get(resource)
@@ -441,6 +459,40 @@ class AccessControl:
             edit(g)
             if self._files:
                 self._write_text(self._group_path(group), g.to_text())
+        self._group_changed(group)
+
+    def _group_changed(self, group: VMCIHandle) -> None:
+        """Membership of ``group`` changed: endpoints whose privileges name it re-check."""
+        for resource in self._naming(group):
+            if self._files:
+                with contextlib.suppress(VMCIError, OSError), self._resource_lock(resource):
+                    self._bump_epoch(resource)
+            self._announce(resource, "datagram")
+
+    def _naming(self, group: VMCIHandle) -> List[VMCIHandle]:
+        """Datagram endpoints whose privileges have an entry for ``group``."""
+        if not self._files:
+            return [r for r, acl in self._memory.items() if acl.kind == "datagram" and group in acl.entries]
+        prefix = "%d %d " % group
+        found = []
+        t = self.transport
+        for cid in t.contexts():
+            try:
+                names = os.listdir(t.context_dir(cid))
+            except OSError:
+                continue
+            for name in names:
+                rid = name[: -len(ACL_SUFFIX)]
+                if not (name.endswith(ACL_SUFFIX) and rid.isdigit()):
+                    continue
+                try:
+                    with open(os.path.join(t.context_dir(cid), name)) as f:
+                        lines = f.read().split("\n")
+                except OSError:
+                    continue
+                if lines[0].endswith(" datagram") and any(line.startswith(prefix) for line in lines[1:]):
+                    found.append(VMCIHandle(cid, int(rid)))
+        return found
 
 
 def register_kind(transport) -> None:

@@ -11,6 +11,7 @@ privilege decides; nothing set is VMCI_ERROR_INVALID_PRIV. ``permits`` is the
 enforcement rule built on it: only an explicit denial refuses, so resources
 nobody restricted stay open, as the 2007-2008 samples expect.
 """
+import re
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from .constants import (
@@ -50,6 +51,8 @@ VALID_PRIVILEGES = {
 }
 KINDS = tuple(VALID_PRIVILEGES)
 ACL_MAGIC, ACL_VERSION = "vsockcompat-acl", 1
+_ACL_HEAD = re.compile(r"vsockcompat-acl 1 (%s)" % "|".join(VALID_PRIVILEGES))
+_ACL_LINE = re.compile(r"(0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9}) ([0-6]) (allow|deny)")
 _STATES = {VMCI_PRIV_ALLOW: "allow", VMCI_PRIV_DENY: "deny"}
 
 
@@ -183,19 +186,21 @@ class ClientPrivileges:
     @classmethod
     def from_text(cls, resource: VMCIHandle, text: str) -> "ClientPrivileges":
         """Parse what ``to_text`` wrote; raises ValueError if malformed."""
-        lines = text.splitlines()
-        head = lines[0].split() if lines else []
-        if len(head) != 3 or head[0] != ACL_MAGIC or head[1] != str(ACL_VERSION) or head[2] not in VALID_PRIVILEGES:
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        head = _ACL_HEAD.fullmatch(lines[0]) if lines else None
+        if head is None:
             raise ValueError("not a version %d privileges file" % ACL_VERSION)
         by_state = {name: number for number, name in _STATES.items()}
         entries: Dict[VMCIHandle, Dict[int, int]] = {}
         for line in lines[1:]:
-            cid, rid, priv, state = line.split()
-            client = VMCIHandle(int(cid), int(rid))
-            if int(priv) not in PRIVILEGE_NAMES:
-                raise ValueError("unknown privilege %s" % priv)
-            entries.setdefault(client, {})[int(priv)] = by_state[state]
-        return cls(resource, head[2], entries)
+            match = _ACL_LINE.fullmatch(line)
+            if match is None or max(int(match.group(1)), int(match.group(2))) > 0xFFFFFFFF:
+                raise ValueError("malformed privilege line %r" % line)
+            client = VMCIHandle(int(match.group(1)), int(match.group(2)))
+            entries.setdefault(client, {})[int(match.group(3))] = by_state[match.group(4)]
+        return cls(resource, head.group(1), entries)
 
     def to_json(self) -> dict:
         return {
