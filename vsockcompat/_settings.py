@@ -7,6 +7,7 @@ import os
 from typing import Mapping, NamedTuple, Optional
 
 TRANSPORTS = ("auto", "local", "vsock", "hybrid")
+SHM_MODES = ("auto", "shared", "mirrored")  # mirror_link.mirrored
 DS_REGISTER_RULES = ("permissive", "trusted")  # policy.REGISTER_RULES
 DEFAULT_CID = 2  # VMCI_HOST_CONTEXT_ID: a process on the host
 MAX_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMCI_INVALID_ID
@@ -67,6 +68,9 @@ class Settings(NamedTuple):
     policy: Optional[str] = None
     #: Who may register discovery names (VSOCKCOMPAT_DS_REGISTER); None: as the policy says.
     ds_register: Optional[str] = None
+    #: Regions and queue pairs (VSOCKCOMPAT_SHM_MODE): ``shared`` memory, ``mirrored`` over
+    #: streams, or ``auto``: shared where the transport has shared memory, else mirrored.
+    shm_mode: str = "auto"
 
     @classmethod
     def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -88,4 +92,6 @@ class Settings(NamedTuple):
             policy=os.path.abspath(env["VSOCKCOMPAT_POLICY"]) if env.get("VSOCKCOMPAT_POLICY") else None,
             ds_register=parse_choice("VSOCKCOMPAT_DS_REGISTER", env.get("VSOCKCOMPAT_DS_REGISTER"),
                                      DS_REGISTER_RULES),
+            shm_mode=parse_choice("VSOCKCOMPAT_SHM_MODE", env.get("VSOCKCOMPAT_SHM_MODE"),
+                                  SHM_MODES) or "auto",
         )

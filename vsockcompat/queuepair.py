@@ -60,6 +60,7 @@ from .errors import (
     AlreadyExists, DuplicateEntry, InvalidArgs, NoAccess, NoResources, NotFound,
     QueuePairMismatch, Unavailable, VMCIError, check,
 )
+from . import mirror_link
 from .handles import VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
 
@@ -162,6 +163,7 @@ def register_kind(transport) -> None:
             os.unlink(_shm_path(rundir, handle))
 
     transport.add_resource_kind(".qp", alive, reap)
+    mirror_link.register_kinds(transport)
 
 
 def _check_size(what: str, value) -> int:
@@ -269,6 +271,9 @@ class QueuePair:
         above 128 MiB: NoResources.
         """
         runtime = runtime if runtime is not None else default_runtime()
+        if mirror_link.mirrored(runtime):  # across kernels: a stream (qp_stream)
+            from .qp_stream import StreamQueuePair
+            return StreamQueuePair.alloc(handle, produce_size, consume_size, peer, flags, runtime)
         handle = _check_args(handle, produce_size, consume_size, peer, flags)
         transport = runtime.transport
         if not hasattr(transport, "add_resource_kind"):

@@ -28,6 +28,11 @@ region is alive exactly while ``LOCK_EX | LOCK_NB`` fails. Every such probe,
 every attach and every removal happens under the context's allocation lock
 (``c<cid>/.lock``, the one ``LocalTransport.allocate`` holds), so probes never
 race each other.
+
+Where the runtime mirrors regions (``VSOCKCOMPAT_SHM_MODE=mirrored``, or ``auto`` on a
+transport without shared memory, such as vsock), ``create``, ``attach`` and ``query``
+hand over to ``mirror.MirroredRegion`` and ``mirror.query``, whose coherence contract
+replaces "visible at once".
 """
 import atexit
 import contextlib
@@ -115,8 +120,22 @@ def _transport(runtime: Optional[Runtime]):
     return transport
 
 
+def _mirror():
+    from . import mirror
+    return mirror
+
+
+def _mirrored(runtime: Optional[Runtime]) -> bool:
+    """Whether regions are mirrored over streams (``mirror``) rather than shared here."""
+    from .mirror_link import mirrored
+    with _vmci_errors():
+        return mirrored(runtime if runtime is not None else default_runtime())
+
+
 def register_kind(transport) -> None:
     """Teach ``transport``'s id allocation about regions (ids taken while alive, dead ones reclaimed)."""
+    from .mirror_link import register_kinds
+    register_kinds(transport)
     transport.add_resource_kind(MARKER_SUFFIX, functools.partial(_region_in_use, transport.rundir),
                                 functools.partial(_reap_region, transport.rundir))
 
@@ -263,6 +282,8 @@ class SharedRegion:
     def create(cls, size, runtime: Optional[Runtime] = None) -> "SharedRegion":
         """Create a region of ``size`` bytes and attach to it."""
         size = _check_size(size)
+        if _mirrored(runtime):
+            return _mirror().MirroredRegion.create(size, runtime)
         with _vmci_errors():
             transport = _transport(runtime)
             backing = _page_round(size)
@@ -299,6 +320,8 @@ class SharedRegion:
             size = _check_size(size)
         rt = runtime if runtime is not None else default_runtime()
         rt.access.check_attach(rt.transport.local_cid, handle)
+        if _mirrored(runtime):
+            return _mirror().MirroredRegion.attach(handle, size, runtime)
         with _vmci_errors():
             transport = _transport(runtime)
             marker = _marker_path(transport, handle)
@@ -380,6 +403,8 @@ def _detach_all() -> None:
 def query(handle, runtime: Optional[Runtime] = None) -> int:
     """The requested size of the live region ``handle``; ``NotFound`` if there is none."""
     handle = as_handle(handle)
+    if _mirrored(runtime):
+        return _mirror().query(handle, runtime)
     with _vmci_errors():
         transport = _transport(runtime)
         with _context_lock(transport.context_dir(handle.context)):

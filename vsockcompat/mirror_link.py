@@ -1,0 +1,195 @@
+"""Stream endpoints named by a handle, for mirrored regions and streamed queue pairs.
+
+Which mode a runtime uses (``VSOCKCOMPAT_SHM_MODE``): ``shared`` is POSIX shared memory
+(one kernel only), ``mirrored`` carries regions and queue pairs over streams,
+``auto`` (the default) is ``shared`` where the transport has shared memory (local)
+and ``mirrored`` elsewhere (vsock).
+
+Naming of a stream endpoint of kind ``suffix`` (``.mir`` regions, ``.qst`` queue pairs):
+
+- local transport: the owner holds ``c<cid>/<rid><suffix>`` flock'ed for its life (so
+  the id is taken exactly while it lives, and a dead owner's files are reclaimed by
+  the next allocation) and listens on ``AF_UNIX`` ``SOCK_STREAM`` at
+  ``c<cid>/<rid><suffix>.sock``;
+- vsock transport: the owner listens on ``AF_VSOCK`` ``SOCK_STREAM`` at
+  ``(VMADDR_CID_ANY, rid)``; the handle is ``(local cid, rid)`` and a peer connects to
+  ``(cid, rid)``. The port space is the one datagram endpoints bind in, so a handle
+  names one thing. Used only when the runtime's transport is ``vsock``.
+"""
+import contextlib
+import errno
+import fcntl
+import functools
+import os
+import socket
+from typing import Optional
+
+from .errors import (DstUnreachable, DuplicateEntry, NoAccess, NoResources, NotFound,
+                     Timeout, Unavailable)
+from .handles import VMCIHandle
+from .runtime import Runtime
+
+AF_VSOCK = 40
+VMADDR_CID_ANY = 0xFFFFFFFF
+VMADDR_CID_LOCAL = 1
+FIRST_AUTO_RID = 1024
+AUTO_RID_TRIES = 65536
+#: Seconds a connect may take.
+CONNECT_TIMEOUT = 10.0
+REGION, QUEUE_PAIR = ".mir", ".qst"
+
+_STREAM = socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+_GONE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ENOENT, errno.ENOTCONN, errno.EPIPE)
+_UNREACHABLE = (errno.EHOSTUNREACH, errno.ENODEV, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
+
+
+def mirrored(runtime: Runtime) -> bool:
+    """Whether ``runtime`` carries regions and queue pairs over streams."""
+    mode = getattr(runtime.settings, "shm_mode", "auto")
+    if mode == "auto":
+        return "shared-memory" not in runtime.transport.features
+    return mode == "mirrored"
+
+
+def _is_local(transport) -> bool:
+    return hasattr(transport, "add_resource_kind")
+
+
+def _alive(marker: str) -> bool:
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def register_kinds(transport) -> None:
+    """Teach the local transport's id allocation about stream endpoints."""
+    if _is_local(transport):
+        for suffix in (REGION, QUEUE_PAIR):
+            transport.add_resource_kind(suffix, _alive)
+
+
+class Listener:
+    """A listening stream endpoint at ``handle``; ``close()`` frees the handle."""
+
+    def __init__(self, handle: VMCIHandle, sock: socket.socket, files=(), lock_fd: int = -1):
+        self.handle = handle
+        self.sock = sock
+        self._files = files
+        self._lock_fd = lock_fd
+
+    def close(self) -> None:
+        """Stop listening. The id is free once the files are gone (local) or the port closed."""
+        for path in self._files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._files = ()
+        self.sock.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def listen(runtime: Runtime, suffix: str, resource: Optional[int] = None) -> Listener:
+    """Listen at ``(local cid, resource)`` (None: a fresh id >= 1024); DuplicateEntry if taken."""
+    transport = runtime.transport
+    if _is_local(transport):
+        register_kinds(transport)
+        return transport.allocate(resource, functools.partial(_listen_local, transport, suffix))
+    return _listen_vsock(transport.local_cid, resource)
+
+
+def _listen_local(transport, suffix: str, handle: VMCIHandle) -> Listener:
+    marker = transport.endpoint_path(handle) + suffix
+    fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    sock = socket.socket(socket.AF_UNIX, _STREAM)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker + ".sock")
+        sock.bind(marker + ".sock")
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        os.close(fd)
+        for path in (marker, marker + ".sock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+    return Listener(handle, sock, (marker + ".sock", marker), fd)
+
+
+def _listen_vsock(cid: int, resource: Optional[int]) -> Listener:
+    sock = socket.socket(AF_VSOCK, _STREAM)
+    try:
+        rid = FIRST_AUTO_RID if resource is None else resource
+        for _ in range(AUTO_RID_TRIES if resource is None else 1):
+            try:
+                sock.bind((VMADDR_CID_ANY, rid))
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    raise NoAccess("resource id %d is a privileged vsock port" % rid) from None
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                if resource is not None:
+                    raise DuplicateEntry("resource id %d is taken in context %d" % (rid, cid)) from None
+                rid = rid + 1 if rid + 1 < VMADDR_CID_ANY else FIRST_AUTO_RID
+        else:
+            raise NoResources("no free resource id for a stream endpoint")
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(VMCIHandle(cid, rid), sock)
+
+
+def connect(runtime: Runtime, suffix: str, handle: VMCIHandle,
+            timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+    """A stream connected to the endpoint ``handle`` of kind ``suffix``, blocking with a
+    ``timeout``. NotFound when nothing listens there."""
+    transport = runtime.transport
+    if _is_local(transport):
+        family, address = socket.AF_UNIX, transport.endpoint_path(handle) + suffix + ".sock"
+    else:
+        family, address = AF_VSOCK, (handle.context, handle.resource)
+    sock = socket.socket(family, _STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except socket.timeout:
+        sock.close()
+        raise Timeout("no answer from %s within %g s" % (tuple(handle), timeout)) from None
+    except OSError as exc:
+        sock.close()
+        if exc.errno in _GONE:
+            raise NotFound("nothing at %s" % (tuple(handle),)) from None
+        if exc.errno in _UNREACHABLE:
+            raise DstUnreachable("context %d cannot be reached" % handle.context) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise NoAccess("not allowed to reach %s" % (tuple(handle),)) from None
+        raise Unavailable("cannot reach %s: %s" % (tuple(handle), exc)) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> int:
+    """The context of a connected peer: the kernel's word on vsock, the peer's claim on the
+    local transport (where every user is the same Unix user)."""
+    if sock.family == AF_VSOCK:
+        cid = sock.getpeername()[0]
+        return runtime.transport.local_cid if cid == VMADDR_CID_LOCAL else cid
+    return claimed
+
+
+__all__ = ["mirrored", "listen", "connect", "peer_context", "register_kinds", "Listener",
+           "REGION", "QUEUE_PAIR", "CONNECT_TIMEOUT"]
