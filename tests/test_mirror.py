@@ -1,5 +1,6 @@
 """Mirrored shared memory (``VSOCKCOMPAT_SHM_MODE=mirrored``) on the local transport: the
 coherence contract of ``vsockcompat.mirror``, the SDK calls, bad input and faults."""
+import itertools
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from conftest import PYTHON, child_env, make_settings
 
 from vsockcompat import mirror, mirror_link, mirror_wire as W
 from vsockcompat._settings import SettingError, Settings
+from vsockcompat import constants as C, errors
 from vsockcompat.constants import (
     VMCI_ERROR_ALREADY_EXISTS,
     VMCI_ERROR_INVALID_SIZE,
@@ -276,7 +278,22 @@ def test_the_sdk_calls_keep_their_shapes(fd_guard, two):
 
 # Faults on the stream
 
-def raw(rundir, handle):
+_RAW_NAMES = itertools.count()
+
+
+def raw(rundir, handle, cid=3):
+    """A hand-made peer, bound in context ``cid``'s directory as the library binds."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    os.makedirs(os.path.join(rundir, "c%d" % cid), exist_ok=True)
+    name = os.path.join(rundir, "c%d" % cid, ".raw-%d" % next(_RAW_NAMES))
+    sock.bind(name)
+    os.unlink(name)
+    sock.connect(os.path.join(rundir, "c%d" % handle.context, "%d.mir.sock" % handle.resource))
+    return sock
+
+
+def unbound_raw(rundir, handle):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(WAIT)
     sock.connect(os.path.join(rundir, "c%d" % handle.context, "%d.mir.sock" % handle.resource))
@@ -498,3 +515,31 @@ def test_the_frame_reader():
     with pytest.raises(ValueError):
         W.encode(W.DATA, 0, bytes(W.MAX_PAYLOAD + 1))
     assert W.decode_code(W.HEADER.unpack(W.encode_code(W.REFUSE, -24))[4]) == -24
+
+
+# Access control on the creator's side
+
+def test_an_attacher_that_lies_about_its_context_is_refused(two, rundir):
+    with SharedRegion.create(64, runtime=two[0]) as a:
+        with unbound_raw(rundir, a.handle) as sock:
+            sock.sendall(HELLO)
+            got = closed_by_peer(sock)
+        frame = W.HEADER.unpack(got[:W.HEADER.size])
+        assert frame[1] == W.REFUSE and W.decode_code(frame[4]) == C.VMCI_ERROR_NO_ACCESS
+        assert a.stats.attached == 0
+
+
+def test_flags_and_sm_attach_are_enforced_by_the_creator(make_mirrored, rundir):
+    with open(os.path.join(rundir, "policy.toml"), "w") as f:
+        f.write('[contexts.3]\nflags = ["restricted"]\n\n[contexts.4]\nflags = ["trusted"]\n')
+    host, restricted, trusted, plain = (make_mirrored(cid) for cid in (2, 3, 4, 5))
+    with SharedRegion.create(64, runtime=host) as a:
+        with pytest.raises(errors.NoAccess):
+            SharedRegion.attach(a.handle, runtime=restricted)
+        host.access.change(a.handle, lambda acl: acl.add(VMCIHandle(5, 0), [], [C.VMCI_PRIV_SM_ATTACH]))
+        with pytest.raises(errors.NoAccess):
+            SharedRegion.attach(a.handle, runtime=plain)
+        with SharedRegion.attach(a.handle, runtime=trusted) as b:
+            a.buffer[:2] = b"ok"
+            a.sync()
+            assert bytes(b.buffer[:2]) == b"ok"

@@ -1,6 +1,7 @@
 """Queue pairs over a stream (``VSOCKCOMPAT_SHM_MODE=mirrored``) on the local transport: the
 ``QueuePair`` API and results, flow control, events, faults and bad input."""
 import hashlib
+import itertools
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from conftest import child_env, make_settings
 from test_queuepair import CHILD
 
 from vsockcompat import mirror_wire as W
+from vsockcompat import constants as C, errors
 from vsockcompat.constants import (
     VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_NOT_FOUND,
@@ -367,7 +369,22 @@ def test_peer_killed_mid_transfer(two, rundir, core, mode):
         assert a.detach() == VMCI_SUCCESS_LAST_DETACH
 
 
-def raw(rundir, handle):
+_RAW_NAMES = itertools.count()
+
+
+def raw(rundir, handle, cid=3):
+    """A hand-made peer, bound in context ``cid``'s directory as the library binds."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    os.makedirs(os.path.join(rundir, "c%d" % cid), exist_ok=True)
+    name = os.path.join(rundir, "c%d" % cid, ".raw-%d" % next(_RAW_NAMES))
+    sock.bind(name)
+    os.unlink(name)
+    sock.connect(os.path.join(rundir, "c%d" % handle.context, "%d.qst.sock" % handle.resource))
+    return sock
+
+
+def unbound_raw(rundir, handle):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(WAIT)
     sock.connect(os.path.join(rundir, "c%d" % handle.context, "%d.qst.sock" % handle.resource))
@@ -480,3 +497,31 @@ def test_credit_comes_when_asked(two):
     assert a.wait_for_space(50, WAIT) == 50
     b.detach()
     a.detach()
+
+
+# Access control on the creator's side
+
+def test_an_attacher_that_lies_about_its_context_is_refused(two, rundir):
+    a = QueuePair.alloc(None, 100, 200, runtime=two[0])
+    try:
+        with unbound_raw(rundir, a.handle) as sock:
+            sock.sendall(hello(200, 100))
+            got = drain(sock)
+        frame = W.HEADER.unpack(got[:W.HEADER.size])
+        assert frame[1] == W.REFUSE and W.decode_code(frame[4]) == C.VMCI_ERROR_NO_ACCESS
+        b = QueuePair.alloc(a.handle, 200, 100, runtime=two[1])
+        b.detach()
+    finally:
+        a.detach()
+
+
+def test_a_restricted_attacher_is_refused_by_the_creator(make_mirrored, rundir):
+    with open(os.path.join(rundir, "policy.toml"), "w") as f:
+        f.write('[contexts.3]\nflags = ["restricted"]\n')
+    host, restricted = make_mirrored(2), make_mirrored(3)
+    a = QueuePair.alloc(None, 100, 200, runtime=host)
+    try:
+        with pytest.raises(errors.NoAccess):
+            QueuePair.alloc(a.handle, 200, 100, runtime=restricted)
+    finally:
+        a.detach()

@@ -223,7 +223,8 @@ class AccessControl:
         if not self._files:
             return None
         base = os.path.join(t.context_dir(resource.context), "%d" % resource.resource)
-        for suffix, kind in ((".shm", "sharedmem"), (".qp", "queuepair")):
+        for suffix, kind in ((".shm", "sharedmem"), (".qp", "queuepair"), (".mir", "sharedmem"),
+                             (".qst", "queuepair")):  # shared, then mirrored (mirror_link)
             if os.path.lexists(base + suffix) and t.resource_alive(resource):
                 return kind
         return None
@@ -321,7 +322,7 @@ class AccessControl:
         rids = set()
         for name in names:
             head, _, tail = name.partition(".")
-            if head.isdigit() and tail in ("", "shm", "qp"):
+            if head.isdigit() and tail in ("", "shm", "qp", "mir", "qst"):
                 rids.add(int(head))
         return [VMCIHandle(cid, rid) for rid in sorted(rids)]
 

@@ -63,7 +63,7 @@ import psutil
 from . import mirror_link, mirror_wire as W
 from .mirror_diff import LINE, PAGE, Shadow, outside
 from .constants import VMCI_ERROR_INVALID_SIZE
-from .errors import Generic, NoMem, NotFound, Timeout, VMCIError, error_for
+from .errors import Generic, NoAccess, NoMem, NotFound, Timeout, VMCIError, error_for
 from .handles import VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
 
@@ -321,9 +321,17 @@ class _Server(_Loop):
                 self._send(conn, W.encode_code(W.REFUSE, VMCI_ERROR_INVALID_SIZE))
                 self._close(conn)
                 return
+            runtime = self.region._runtime
+            conn.cid = mirror_link.peer_context(runtime, conn.sock, _CID.unpack(frame.payload)[0])
+            try:
+                if conn.cid is None:
+                    raise NoAccess("the attacher's claimed context is not its own")
+                runtime.access.check_attach(conn.cid, self.region.handle)
+            except VMCIError as exc:
+                self._send(conn, W.encode_code(W.REFUSE, exc.code))
+                self._close(conn)
+                return
             self._broadcast_changes()
-            conn.cid = mirror_link.peer_context(self.region._runtime, conn.sock,
-                                                _CID.unpack(frame.payload)[0])
             welcome = W.encode(W.SIZE, size) + _updates(self.region._shadow.everything())
             if self._send(conn, welcome + W.encode(W.FLUSHED, 0)):
                 conn.attached = True

@@ -20,8 +20,10 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import os
 import socket
+import struct
 from typing import Optional
 
 from .errors import (DstUnreachable, DuplicateEntry, NoAccess, NoResources, NotFound,
@@ -39,6 +41,7 @@ CONNECT_TIMEOUT = 10.0
 REGION, QUEUE_PAIR = ".mir", ".qst"
 
 _STREAM = socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+_names = itertools.count()
 _GONE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ENOENT, errno.ENOTCONN, errno.EPIPE)
 _UNREACHABLE = (errno.EHOSTUNREACH, errno.ENODEV, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
@@ -161,8 +164,17 @@ def connect(runtime: Runtime, suffix: str, handle: VMCIHandle,
     else:
         family, address = AF_VSOCK, (handle.context, handle.resource)
     sock = socket.socket(family, _STREAM)
+    name = None
     try:
         sock.settimeout(timeout)
+        if family == socket.AF_UNIX:
+            # Bound in our context's directory, so the owner learns our context from the kernel.
+            cdir = transport.context_dir(transport.local_cid)
+            os.makedirs(cdir, mode=0o755, exist_ok=True)
+            name = os.path.join(cdir, ".stream-%d-%d" % (os.getpid(), next(_names)))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            sock.bind(name)
         sock.connect(address)
     except socket.timeout:
         sock.close()
@@ -179,16 +191,32 @@ def connect(runtime: Runtime, suffix: str, handle: VMCIHandle,
     except BaseException:
         sock.close()
         raise
+    finally:
+        if name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)  # the kernel keeps the address the peer reads
     return sock
 
 
-def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> int:
-    """The context of a connected peer: the kernel's word on vsock, the peer's claim on the
-    local transport (where every user is the same Unix user)."""
+def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> Optional[int]:
+    """The context of a connected peer as the kernel says, or None if its claim is false.
+
+    vsock: the peer's CID. Local transport: the peer must be bound in ``c<claimed>/`` and
+    run as the user who owns that directory (``SO_PEERCRED``), as datagram links are.
+    """
     if sock.family == AF_VSOCK:
         cid = sock.getpeername()[0]
         return runtime.transport.local_cid if cid == VMADDR_CID_LOCAL else cid
-    return claimed
+    transport = runtime.transport
+    name = sock.getpeername()
+    cdir = transport.context_dir(claimed)
+    if not isinstance(name, str) or os.path.dirname(name) != cdir:
+        return None
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    try:
+        return claimed if os.stat(cdir).st_uid == uid else None
+    except OSError:
+        return None
 
 
 __all__ = ["mirrored", "listen", "connect", "peer_context", "register_kinds", "Listener",

@@ -59,7 +59,8 @@ from .constants import (
     VMCI_SUCCESS_QUEUEPAIR_ATTACH,
     VMCI_SUCCESS_QUEUEPAIR_CREATE,
 )
-from .errors import DuplicateEntry, Generic, NotFound, Timeout, Unavailable, VMCIError, check, error_for
+from .errors import (DuplicateEntry, Generic, NoAccess, NotFound, Timeout, Unavailable, VMCIError, check,
+                     error_for)
 from .handles import VMCIHandle
 from .queuepair import QPEvent, _check_args
 from .runtime import Runtime, default_runtime
@@ -230,6 +231,8 @@ class StreamQueuePair:
                 raise Generic("the creator of %s answered out of turn" % (handle,))
             qp = cls(runtime, handle, False, produce_size, consume_size, flags, VMCI_INVALID_ID)
             qp.peer_id = mirror_link.peer_context(runtime, sock, first.arg & 0xFFFFFFFF)
+            if qp.peer_id is None:
+                raise NoAccess("the creator of %s is not who it claims" % (handle,))
             qp._sock = sock
             qp._ever_attached = True
             sock.settimeout(SEND_TIMEOUT)
@@ -353,6 +356,8 @@ class StreamQueuePair:
         """The code for an attacher asking with these values (VMCI_SUCCESS to admit it)."""
         if self._ever_attached or self._detached:
             return VMCI_ERROR_UNAVAILABLE
+        if cid is None or self._runtime.access.policy.denies(cid, self.handle.context):
+            return VMCI_ERROR_NO_ACCESS  # a false claim, or flags that forbid the pair
         if flags & VMCI_QPFLAG_LOCAL:
             if not self._flags & VMCI_QPFLAG_LOCAL or cid != self.handle.context:
                 return VMCI_ERROR_INVALID_ARGS
