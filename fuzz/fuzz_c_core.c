@@ -55,7 +55,9 @@ static void fuzz_ring(const uint8_t *data, size_t size)
 {
     static uint8_t a[VSC_QP_DATA_OFFSET + QSIZE], b[VSC_QP_DATA_OFFSET + QSIZE], out[QSIZE * 2];
     vsc_qp qp = {a, b, QSIZE, QSIZE};
-    uint64_t tail, head;
+    uint64_t tail, head, at;
+    int64_t span;
+    uint8_t sum = 0;
 
     vsc_qp_init_header(a, 2, 1024);
     vsc_qp_init_header(b, 2, 1024);
@@ -71,6 +73,12 @@ static void fuzz_ring(const uint8_t *data, size_t size)
     vsc_qp_enqueue(&qp, data, size < sizeof out ? size : sizeof out);
     vsc_qp_peek(&qp, out, word(data, size, 4) % sizeof out);
     vsc_qp_dequeue(&qp, out, word(data, size, 5) % sizeof out);
+    span = vsc_qp_peek_span(&qp, word(data, size, 6) % (QSIZE * 2), &at);
+    /* A span is read in place: ASan sees any byte outside the consume queue. */
+    for (int64_t i = 0; i < span; i++)
+        sum += qp.consume_q[VSC_QP_DATA_OFFSET + at + (uint64_t)i];
+    out[0] = sum;
+    vsc_qp_consume(&qp, word(data, size, 7) % (QSIZE * 2));
     vsc_qp_produce_indexes(&qp, &tail, &head);
     vsc_qp_consume_indexes(&qp, &tail, &head);
 }

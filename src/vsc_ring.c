@@ -199,6 +199,39 @@ int64_t vsc_qp_peek(const vsc_qp *qp, void *buf, size_t n)
     return read_out(qp, buf, n, &head);
 }
 
+int64_t vsc_qp_peek_span(const vsc_qp *qp, size_t n, uint64_t *offset)
+{
+    uint64_t head;
+    int64_t ready = consume_ready(qp, &head);
+
+    *offset = 0;
+    if (ready < 0)
+        return ready;
+    if (ready == 0)
+        return VMCI_ERROR_QUEUEPAIR_NODATA;
+    if ((uint64_t)ready > qp->consume_size - head)
+        ready = (int64_t)(qp->consume_size - head); /* up to the wrap point */
+    if ((uint64_t)ready > n)
+        ready = (int64_t)n;
+    *offset = head;
+    return ready;
+}
+
+int64_t vsc_qp_consume(vsc_qp *qp, size_t n)
+{
+    uint64_t head;
+    int64_t ready = consume_ready(qp, &head);
+
+    if (ready < 0)
+        return ready;
+    if ((uint64_t)ready < n)
+        return VMCI_ERROR_INVALID_ARGS;
+    /* Release: the caller's reads of the span are done before the peer may overwrite it. */
+    if (n)
+        store_release(qp->produce_q, VSC_QH_OFF_CONSUMER_HEAD, advance(head, n, qp->consume_size));
+    return (int64_t)n;
+}
+
 void vsc_qp_produce_indexes(const vsc_qp *qp, uint64_t *tail, uint64_t *head)
 {
     *tail = load_acquire(qp->produce_q, VSC_QH_OFF_PRODUCER_TAIL);

@@ -59,6 +59,14 @@ int64_t vsc_qp_enqueuev(vsc_qp *qp, const struct iovec *iov, size_t count, size_
 int64_t vsc_qp_dequeue(vsc_qp *qp, void *buf, size_t n);
 /* Like dequeue without advancing the head. */
 int64_t vsc_qp_peek(const vsc_qp *qp, void *buf, size_t n);
+/* Zero-copy read: the bytes at the head that are contiguous in the consume
+ * queue, at most n. Returns the count (0 only if n == 0) with *offset set to the head (the
+ * data lives at consume_q + VSC_QP_DATA_OFFSET + *offset), NODATA if nothing is
+ * ready, or INVALID_SIZE. Nothing is consumed. */
+int64_t vsc_qp_peek_span(const vsc_qp *qp, size_t n, uint64_t *offset);
+/* Advance the head by n (0 <= n <= ready): n; VMCI_ERROR_INVALID_ARGS if
+ * n > ready (nothing consumed), or INVALID_SIZE. */
+int64_t vsc_qp_consume(vsc_qp *qp, size_t n);
 
 /* Raw indexes (not validated): produce queue (tail, peer's head); consume queue (peer's tail, head). */
 void vsc_qp_produce_indexes(const vsc_qp *qp, uint64_t *tail, uint64_t *head);

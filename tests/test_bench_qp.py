@@ -42,6 +42,8 @@ def test_a_quick_run_reports_every_measurement_and_cleans_up(capsys):
         assert r["min"] <= r["median"] <= r["max"] and r["median"] > 0
         # The consumer got every byte and every sampled message (plus the last) byte for byte.
         assert r["checksums_ok"] is True and r["bad"] == 0 and r["checked"] > 0, (impl, key)
+        if size == 65536:  # every 64 KiB message is compared: each consumer reads every byte
+            assert r["checked"] == 100, (impl, key)
     for size in bench_qp.SIZES:
         for key in ("memcpy_%d" % size, "memcpy_span_%d" % size):
             assert report["results"]["memcpy"][key]["median"] > 0
@@ -85,7 +87,8 @@ def test_the_table_names_every_measurement():
     }
     report["comparisons"] = bench_qp._compare(results)
     table = bench_qp.render_table(report)
-    for label in ("64 B", "4 KiB", "64 KiB", "qp cython batch 256", "unix stream", "shm ring", "mp.Queue",
+    for label in ("64 B", "4 KiB", "64 KiB", "qp cython batch 256", "qp cython in place", "unix stream",
+                  "shm ring", "mp.Queue", "qp 64 KiB in place vs AF_UNIX stream",
                   "memcpy (cached)", "qp-pure: skipped (testing)", "zero copy: skipped (no /proc)"):
         assert label in table, label
     assert "MISS" in table and "10.00x" in table and "PASS" in table  # 1e6 msg/s < 2e6; 10x the Queue

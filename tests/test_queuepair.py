@@ -17,6 +17,7 @@ import pytest
 
 from conftest import CYTHON_AVAILABLE, child_env
 from vsockcompat.constants import (
+    VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_NOT_FOUND,
     VMCI_ERROR_QUEUEPAIR_NODATA,
     VMCI_ERROR_QUEUEPAIR_NOSPACE,
@@ -298,6 +299,93 @@ def test_handle_is_reused_only_after_detach(two):
     b.detach()
 
 
+# Zero-copy reads
+
+
+def test_peek_view_and_consume(two):
+    r2, r3 = two
+    with QueuePair.alloc(None, 16, 10, runtime=r2) as a, QueuePair.alloc(a.handle, 10, 16, runtime=r3) as b:
+        assert b.peek_view_status(4) == VMCI_ERROR_QUEUEPAIR_NODATA
+        with pytest.raises(QueuePairNoData):
+            b.peek_view(4)
+        assert a.enqueue(b"abcdefghijkl") == 12
+        view = b.peek_view(100)
+        assert view.readonly and bytes(view) == b"abcdefghijkl"
+        assert bytes(b.peek_view(3)) == b"abc" and b.consume_buf_ready() == 12
+        assert b.consume(5) == 5
+        with pytest.raises(ValueError):
+            view[0]  # released by consume
+        assert a.produce_free_space() == 15 - 7
+        assert a.enqueue(b"0123456789") == 8  # 4 bytes up to the wrap point, 4 after it
+        assert bytes(b.peek_view(100)) == b"fghijkl0123"
+        assert b.consume(11) == 11
+        assert bytes(b.peek_view(100)) == b"4567"
+        assert b.consume_status(5) == VMCI_ERROR_INVALID_ARGS  # more than is ready: nothing consumed
+        with pytest.raises(InvalidArgs):
+            b.consume(5)
+        assert b.consume_buf_ready() == 4 and b.consume(4) == 4 and b.consume(0) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", None, True])
+def test_peek_view_and_consume_refuse_bad_counts(two, bad):
+    r2, r3 = two
+    with QueuePair.alloc(None, 16, 10, runtime=r2) as a, QueuePair.alloc(a.handle, 10, 16, runtime=r3) as b:
+        a.enqueue(b"abc")
+        assert b.peek_view_status(bad) == VMCI_ERROR_INVALID_ARGS
+        assert b.consume_status(bad) == VMCI_ERROR_INVALID_ARGS
+        assert b.consume_status(1 << 70) == VMCI_ERROR_INVALID_ARGS
+        with pytest.raises(InvalidArgs):
+            b.peek_view(bad)
+        assert b.consume_buf_ready() == 3
+
+
+def test_views_after_detach(two, rundir):
+    r2, r3 = two
+    a = QueuePair.alloc(None, 16, 10, runtime=r2)
+    b = QueuePair.alloc(a.handle, 10, 16, runtime=r3)
+    a.enqueue(b"abcdefgh")
+    view = b.peek_view(8)
+    kept = b.peek_view(8)[2:6]  # a slice cannot be released: it keeps the mapping alive
+    assert b.detach() == VMCI_SUCCESS
+    with pytest.raises(ValueError):
+        bytes(view)
+    assert bytes(kept) == b"cdef"  # stale but mapped: never an out-of-bounds read
+    assert b.peek_view_status(1) == VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+    assert b.consume_status(0) == VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+    with pytest.raises(QueuePairNotAttached):
+        b.peek_view(1)
+    with pytest.raises(QueuePairNotAttached):
+        b.consume(1)
+    assert a.detach() == VMCI_SUCCESS_LAST_DETACH
+    assert not os.path.exists(os.path.join("/dev/shm", shm_name(rundir, a.handle)))
+    assert bytes(kept) == b"cdef"
+    del kept  # the last view goes: the mapping and its descriptor with it
+
+
+def test_peer_detach_drains_in_place_then_not_attached(two):
+    r2, r3 = two
+    a = QueuePair.alloc(None, 10, 10, runtime=r2)
+    b = QueuePair.alloc(a.handle, 10, 10, runtime=r3)
+    b.enqueue(b"last")
+    assert b.detach() == VMCI_SUCCESS
+    assert bytes(a.peek_view(10)) == b"last" and a.consume(4) == 4
+    assert a.peek_view_status(10) == VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+    assert a.detach() == VMCI_SUCCESS_LAST_DETACH
+
+
+def test_consume_wakes_a_writer_waiting_for_space(two):
+    r2, r3 = two
+    with QueuePair.alloc(None, 10, 10, runtime=r2) as a, QueuePair.alloc(a.handle, 10, 10, runtime=r3) as b:
+        a.enqueue(b"x" * 9)
+        assert len(b.peek_view(5)) == 5
+        timer = threading.Timer(0.3, b.consume, (5,))
+        timer.start()
+        start = time.monotonic()
+        assert a.wait_for_space(5, 10) == 5
+        assert time.monotonic() - start < 1.5
+        timer.join()
+
+
 # Blocking helpers
 
 
@@ -361,6 +449,27 @@ def test_stream_across_processes_and_cores(two, rundir, core):
             a.wait_for_data(10)
             n = a.dequeue_into(buf)
             got += buf[:n]
+        assert got == bytes(i & 0xFF for i in range(total))
+        a.enqueue(b"done")
+        assert finish(child).strip() == str(VMCI_SUCCESS)
+    finally:
+        reap(child)
+        a.detach()
+
+
+def test_in_place_stream_across_processes_and_cores(two, rundir, core):
+    """The same stream from a child on the other core, read in place with peek_view + consume."""
+    total = 1 << 20
+    a = QueuePair.alloc(None, 16, 4000, runtime=two[0])
+    child = spawn(rundir, OTHER_CORE[core.NAME], "stream", a, total)
+    try:
+        got = bytearray()
+        while len(got) < total:
+            a.wait_for_data(10)
+            view = a.peek_view(4096)
+            n = len(view)
+            got += view
+            assert a.consume(n) == n
         assert got == bytes(i & 0xFF for i in range(total))
         a.enqueue(b"done")
         assert finish(child).strip() == str(VMCI_SUCCESS)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from conftest import CYTHON_AVAILABLE
 from vsockcompat._backend import load_core
 from vsockcompat.constants import (
+    VMCI_ERROR_INVALID_ARGS,
     QUEUE_HEADER_FORMAT,
     QUEUE_HEADER_SIZE,
     VMCI_ERROR_INVALID_SIZE,
@@ -213,6 +214,87 @@ def test_bad_buffers_are_refused(name):
         q.close()
 
 
+@cores
+def test_peek_view_reads_in_place_up_to_the_wrap_point(name):
+    with pair(name, 10, 10) as p:
+        assert p.b.peek_view(5) == VMCI_ERROR_QUEUEPAIR_NODATA
+        assert p.a.enqueue(b"abcdefg") == 7
+        view = p.b.peek_view(100)
+        assert view.readonly and bytes(view) == b"abcdefg"
+        p.qa[PAGE] = ord("X")  # the view is the ring's memory, not a copy
+        assert bytes(view) == b"Xbcdefg"
+        assert bytes(p.b.peek_view(3)) == b"Xbc"
+        assert len(p.b.peek_view(0)) == 0
+        assert p.b.consume_buf_ready() == 7  # peeking consumes nothing
+        assert p.b.consume(7) == 7
+        assert p.b.consume_indexes() == (7, 7)
+        assert p.a.enqueue(b"123456") == 6  # 3 bytes before the wrap point, 3 after
+        view = p.b.peek_view(100)
+        assert bytes(view) == b"123"
+        assert p.b.consume(3) == 3
+        assert bytes(p.b.peek_view(100)) == b"456"
+        assert p.b.consume(3) == 3 and p.b.consume_indexes() == (3, 3)
+
+
+@cores
+def test_consume_checks_its_count(name):
+    with pair(name, 10, 10) as p:
+        assert p.b.consume(0) == 0
+        assert p.b.consume(1) == VMCI_ERROR_INVALID_ARGS
+        p.a.enqueue(b"abc")
+        assert p.b.consume(4) == VMCI_ERROR_INVALID_ARGS
+        assert p.b.consume(1 << 40) == VMCI_ERROR_INVALID_ARGS
+        assert p.b.consume_indexes() == (3, 0) and p.b.consume_buf_ready() == 3
+        with pytest.raises(ValueError):
+            p.b.consume(-1)
+        with pytest.raises(ValueError):
+            p.b.peek_view(-1)
+        assert bytes(p.b.peek_view(1 << 70)) == b"abc"
+        for bad in (1.5, "3", None, True):
+            with pytest.raises(TypeError):
+                p.b.consume(bad)
+            with pytest.raises(TypeError):
+                p.b.peek_view(bad)
+        assert p.b.consume(3) == 3
+        assert p.b.consume(1) == VMCI_ERROR_INVALID_ARGS
+
+
+@cores
+def test_lent_views_are_released_by_consume_and_release_memory(name):
+    with pair(name, 10, 10) as p:
+        p.a.enqueue(b"abcdef")
+        first, second = p.b.peek_view(2), p.b.peek_view(6)
+        assert p.b.consume(0) == 0
+        for view in (first, second):
+            with pytest.raises(ValueError):
+                bytes(view)
+        view = p.b.peek_view(6)
+        assert p.b.consume(7) == VMCI_ERROR_INVALID_ARGS  # a refused consume keeps the view
+        assert bytes(view) == b"abcdef"
+        p.b.release_memory()
+        with pytest.raises(ValueError):
+            view[0]
+        with pytest.raises(ValueError):
+            p.b.peek_view(1)
+        with pytest.raises(ValueError):
+            p.b.consume(0)
+
+
+@cores
+def test_a_view_still_exported_stays_mapped(name):
+    """A lent view that something holds a buffer of cannot be released: it stays readable."""
+    with pair(name, 10, 10) as p:
+        p.a.enqueue(b"abcd")
+        view = p.b.peek_view(4)
+        holder = struct.iter_unpack("B", view)  # holds a buffer export of the view
+        assert p.b.consume(4) == 4
+        assert bytes(view) == b"abcd"  # not released: still readable, in bounds
+        assert p.a.enqueue(b"efgh") == 4
+        assert bytes(p.b.peek_view(4)) == b"efgh"
+        assert [x for (x,) in holder] == list(b"abcd")
+        del holder, view  # the pair's memory can be unmapped now
+
+
 index = st.integers(0, (1 << 64) - 1)
 
 
@@ -236,10 +318,12 @@ def test_corrupted_indexes_give_invalid_size(name, size, tail, head, which):
             calls = [p.a.produce_free_space, p.a.produce_buf_ready, lambda: p.a.enqueue(b"z" * size),
                      lambda: p.a.enqueue_many([b"z"]), p.b.consume_buf_ready, p.b.consume_free_space,
                      lambda: p.b.dequeue(size), lambda: p.b.peek(size), lambda: p.b.dequeue_into(dst),
-                     lambda: p.b.peek_into(dst)]
+                     lambda: p.b.peek_into(dst), lambda: p.b.peek_view(size), lambda: p.b.consume(0),
+                     lambda: p.b.consume(1)]
         else:
             calls = [p.a.consume_buf_ready, p.a.consume_free_space, lambda: p.a.dequeue(size),
-                     lambda: p.a.dequeue_into(dst), lambda: p.a.peek_into(dst), p.b.produce_free_space,
+                     lambda: p.a.dequeue_into(dst), lambda: p.a.peek_into(dst), lambda: p.a.peek_view(size),
+                     lambda: p.a.consume(0), lambda: p.a.consume(1), p.b.produce_free_space,
                      lambda: p.b.enqueue(b"z"), lambda: p.b.enqueue_many([b"z"])]
         for call in calls:
             assert call() == VMCI_ERROR_INVALID_SIZE
@@ -269,8 +353,15 @@ class Model:
         self.head = (self.head + len(out)) % self.size
         return out
 
+    def view(self, n):
+        """What peek_view shows: up to n bytes, not past the wrap point."""
+        if not self.data:
+            return VMCI_ERROR_QUEUEPAIR_NODATA
+        return bytes(self.data[:min(n, self.size - self.head)])
 
-ops = st.lists(st.tuples(st.sampled_from(["ab", "ba"]), st.booleans(), st.integers(0, 80)), max_size=60)
+
+ops = st.lists(st.tuples(st.sampled_from(["ab", "ba"]), st.sampled_from(["write", "read", "view"]),
+                         st.integers(0, 80)), max_size=60)
 
 
 @core_pairs
@@ -281,15 +372,22 @@ def test_any_sequence_matches_the_model(names, size_a, size_b, steps, seed):
     with pair(names[0], size_a, size_b, names[1]) as p:
         models = {"ab": Model(size_a), "ba": Model(size_b)}
         counter = seed
-        for direction, is_write, n in steps:
+        for direction, op, n in steps:
             producer, consumer = (p.a, p.b) if direction == "ab" else (p.b, p.a)
             model = models[direction]
-            if is_write:
+            if op == "write":
                 chunk = bytes((counter + i) & 0xFF for i in range(n))
                 counter += n
                 assert producer.enqueue(chunk) == model.enqueue(chunk)
-            else:
+            elif op == "read":
                 assert consumer.dequeue(n) == model.dequeue(n)
+            else:
+                view, want = consumer.peek_view(n), model.view(n)
+                if isinstance(want, int):
+                    assert view == want
+                else:
+                    assert bytes(view) == want
+                    assert consumer.consume(len(want)) == len(want) and model.dequeue(len(want)) == want
             assert producer.produce_indexes() == (model.tail, model.head)
             assert consumer.consume_indexes() == (model.tail, model.head)
             assert consumer.consume_buf_ready() == len(model.data)
@@ -311,3 +409,23 @@ def test_interop_stream_across_cores(names):
         assert bytes(received) == payload
         assert p.b.enqueue_many([b"back"] * 8) == 8
         assert p.a.dequeue(100) == b"back" * 8
+
+
+@core_pairs
+def test_interop_in_place_stream_across_cores(names):
+    """The same stream read in place with peek_view + consume."""
+    payload = bytes(range(256)) * 40
+    with pair(names[0], 97, 33, names[1]) as p:
+        sent, received = 0, bytearray()
+        while len(received) < len(payload):
+            rc = p.a.enqueue(payload[sent:sent + 61]) if sent < len(payload) else 0
+            sent += max(rc, 0)
+            view = p.b.peek_view(50)
+            if not isinstance(view, int):
+                received += view
+                n = len(view)
+                assert p.b.consume(n) == n
+        assert bytes(received) == payload
+        assert p.b.enqueue(b"back" * 8) == 32
+        view = p.a.peek_view(100)
+        assert bytes(view) == b"back" * 8 and p.a.consume(32) == 32

@@ -127,6 +127,18 @@ class Ring:
     def dequeue(self, n: int) -> "bytes | int":
         """min(n, ready) bytes, or a negative code (QUEUEPAIR_NODATA, INVALID_SIZE)."""
     def peek(self, n: int) -> "bytes | int": ...
+    def peek_view(self, n: int) -> "memoryview | int":
+        """Zero copy: a read-only view of up to n ready bytes at the head, in place in the ring.
+
+        The view stops at the wrap point (call again after ``consume`` for the rest);
+        QUEUEPAIR_NODATA or INVALID_SIZE instead. Nothing is consumed. Every view
+        lent is released by the next successful ``consume`` and by ``release_memory``
+        (using it then raises ValueError); a view something else still exports from
+        stays mapped but its bytes may be overwritten by the peer.
+        """
+    def consume(self, n: int) -> int:
+        """Advance the head by n after reading views: n, INVALID_ARGS if n > ready (nothing
+        consumed), or INVALID_SIZE."""
     def produce_indexes(self) -> Tuple[int, int]:
         """Raw (producerTail, peer's consumerHead) of the produce queue, not validated."""
     def consume_indexes(self) -> Tuple[int, int]:

@@ -27,6 +27,8 @@ cdef extern from "vsc_ring.h" nogil:
     int64_t vsc_qp_enqueuev(vsc_qp *qp, const iovec *iov, size_t count, size_t *msgs)
     int64_t vsc_qp_dequeue(vsc_qp *qp, void *buf, size_t n)
     int64_t vsc_qp_peek(const vsc_qp *qp, void *buf, size_t n)
+    int64_t vsc_qp_peek_span(const vsc_qp *qp, size_t n, uint64_t *offset)
+    int64_t vsc_qp_consume(vsc_qp *qp, size_t n)
     void vsc_qp_produce_indexes(const vsc_qp *qp, uint64_t *tail, uint64_t *head)
     void vsc_qp_consume_indexes(const vsc_qp *qp, uint64_t *tail, uint64_t *head)
     void vsc_qp_set_waiting(vsc_qp *qp, uint64_t bits)
@@ -51,6 +53,27 @@ cdef uint64_t _ring_size(size) except? 0:
     return size
 
 
+cdef size_t _count(n) except? 0:
+    # As the pure core: ints only (not bool), >= 0; any count past a ring's size means "more".
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError("a byte count must be an int")
+    if n < 0:
+        raise ValueError("a byte count must be >= 0")
+    return n if n < QP_MAX_RING_SIZE else QP_MAX_RING_SIZE
+
+
+cdef _release_views(list views):
+    # A view something else still exports from (a numpy array, say) cannot be
+    # released; its memory stays mapped (the export pins the mapping), so using it
+    # is never out of bounds, only stale.
+    for view in views:
+        try:
+            view.release()
+        except BufferError:
+            pass
+    del views[:]
+
+
 cdef class Ring:
     """One endpoint's view of a queue pair: see ``Ring`` in ``_core.pyi``."""
 
@@ -58,6 +81,8 @@ cdef class Ring:
     cdef Py_buffer _pview
     cdef Py_buffer _cview
     cdef int _held  # 0: nothing, 1: _pview, 2: both views
+    cdef object _cdata  # read-only memoryview of the consume data area; peek_view slices it
+    cdef list _lent  # views handed out by peek_view, released by consume and release_memory
 
     def __cinit__(self, produce_q, consume_q, produce_size, consume_size):
         cdef uint64_t psize = _ring_size(produce_size), csize = _ring_size(consume_size)
@@ -76,6 +101,8 @@ cdef class Ring:
         self._qp.consume_q = <uint8_t *>self._cview.buf
         self._qp.produce_size = psize
         self._qp.consume_size = csize
+        self._cdata = memoryview(consume_q).cast("B")[VSC_QP_DATA_OFFSET:VSC_QP_DATA_OFFSET + csize].toreadonly()
+        self._lent = []
 
     def __dealloc__(self):
         self.release_memory()
@@ -195,6 +222,23 @@ cdef class Ring:
     def peek(self, Py_ssize_t n):
         return self._read_bytes(n, False)
 
+    def peek_view(self, n):
+        cdef uint64_t offset
+        cdef size_t k = _count(n)
+        cdef int64_t rc = vsc_qp_peek_span(self.qp(), k, &offset)
+        if rc < 0:
+            return rc
+        view = self._cdata[offset:offset + <uint64_t>rc]
+        self._lent.append(view)
+        return view
+
+    def consume(self, n):
+        cdef size_t k = _count(n)
+        cdef int64_t rc = vsc_qp_consume(self.qp(), k)
+        if rc >= 0 and self._lent:
+            _release_views(self._lent)
+        return rc
+
     def produce_indexes(self):
         cdef uint64_t tail, head
         vsc_qp_produce_indexes(self.qp(), &tail, &head)
@@ -212,6 +256,11 @@ cdef class Ring:
         return vsc_qp_peer_waiting(self.qp())
 
     def release_memory(self):
+        if self._lent:
+            _release_views(self._lent)
+        if self._cdata is not None:
+            self._cdata.release()
+            self._cdata = None
         if self._held >= 2:
             PyBuffer_Release(&self._cview)
         if self._held >= 1:

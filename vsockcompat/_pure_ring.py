@@ -11,6 +11,7 @@ import ctypes
 import threading
 
 from .constants import (
+    VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_INVALID_SIZE,
     VMCI_ERROR_QUEUEPAIR_NODATA,
     VMCI_ERROR_QUEUEPAIR_NOSPACE,
@@ -63,14 +64,16 @@ def _check_size(size):
 class Ring:
     """One endpoint's view of a queue pair: see ``Ring`` in ``_core.pyi``."""
 
-    __slots__ = ("produce_size", "consume_size", "_ph", "_pd", "_ch", "_cd")
+    __slots__ = ("produce_size", "consume_size", "_ph", "_pd", "_ch", "_cd", "_cdata", "_lent")
 
     def __init__(self, produce_q, consume_q, produce_size, consume_size):
-        self._ph = self._pd = self._ch = self._cd = None
+        self._ph = self._pd = self._ch = self._cd = self._cdata = None
+        self._lent = []
         self.produce_size = _check_size(produce_size)
         self.consume_size = _check_size(consume_size)
         self._ph, self._pd = _queue(produce_q, produce_size)
         self._ch, self._cd = _queue(consume_q, consume_size)
+        self._cdata = self._cd.toreadonly()  # peek_view slices it
 
     def _views(self):
         if self._ph is None:
@@ -170,10 +173,7 @@ class Ring:
         return n
 
     def _read_bytes(self, n, advance):
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError("a byte count must be an int")
-        if n < 0:
-            raise ValueError("a byte count must be >= 0")
+        _check_count(n)
         ready = self._consume()[0]
         if ready <= 0:
             return ready if ready < 0 else VMCI_ERROR_QUEUEPAIR_NODATA
@@ -193,6 +193,30 @@ class Ring:
     def peek(self, n):
         return self._read_bytes(n, False)
 
+    def peek_view(self, n):
+        _check_count(n)
+        ready, head = self._consume()
+        if ready <= 0:
+            return ready if ready < 0 else VMCI_ERROR_QUEUEPAIR_NODATA
+        n = min(n, ready, self.consume_size - head)  # up to the wrap point
+        view = self._cdata[head:head + n]
+        self._lent.append(view)
+        return view
+
+    def consume(self, n):
+        _check_count(n)
+        ready, head = self._consume()
+        if ready < 0:
+            return ready
+        if n > ready:
+            return VMCI_ERROR_INVALID_ARGS
+        if n:
+            head += n
+            size = self.consume_size
+            self._ph[_W_HEAD] = head - size if head >= size else head
+        _release_views(self._lent)
+        return n
+
     def produce_indexes(self):
         ph, ch = self._views()
         return ph[_W_TAIL], ch[_W_HEAD]
@@ -210,11 +234,29 @@ class Ring:
         return self._views()[1][_W_WAITING]
 
     def release_memory(self):
-        for name in ("_ph", "_pd", "_ch", "_cd"):
+        _release_views(self._lent)
+        for name in ("_cdata", "_ph", "_pd", "_ch", "_cd"):
             view = getattr(self, name)
             if view is not None:
                 view.release()
                 setattr(self, name, None)
+
+
+def _check_count(n):
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError("a byte count must be an int")
+    if n < 0:
+        raise ValueError("a byte count must be >= 0")
+
+
+def _release_views(views):
+    """Release lent views; one still exported elsewhere keeps its memory mapped (stale, in bounds)."""
+    for view in views:
+        try:
+            view.release()
+        except BufferError:
+            pass
+    del views[:]
 
 
 def _writable(buf):

@@ -8,7 +8,11 @@ processes per implementation, on a private runtime directory under /tmp), with
     ``QueuePair.enqueue_status`` (one message per call) and, for 64 B,
     ``enqueue_many_status`` (``BATCH`` messages per call) into a 16 MiB produce
     queue; the consumer ``dequeue_status`` into 1 MiB chunks and sleeps in
-    ``wait_for_data_status`` when the queue is empty.
+    ``wait_for_data_status`` when the queue is empty. For 64 KiB also *in place*
+    (``qp_view_65536``): the consumer checks the messages where they lie in the
+    ring (``peek_view_status``, then ``consume_status``), so each byte is copied
+    once, by the producer; a message split by the ring's wrap point is copied
+    into a scratch buffer first.
 ``unix``
     a raw AF_UNIX SOCK_STREAM socket: ``sendall`` per message, ``recv_into``
     the same 1 MiB chunks.
@@ -25,9 +29,11 @@ processes per implementation, on a private runtime directory under /tmp), with
 
 Every message carries ``salt << 40 | sequence number`` in its first 8 bytes and a
 fixed pattern after it. The consumer always checks the byte count; it compares
-every ``CHECK_EVERY``-th message (and the last) byte for byte with what the
-producer must have sent, so data that is lost, duplicated, reordered or shifted is
-noticed without the check dominating the run.
+every ``CHECK_EVERY``-th message (and the last) byte for byte (memcmp) with what
+the producer must have sent, so data that is lost, duplicated, reordered or
+shifted is noticed without the check dominating the run. Every 64 KiB message is
+compared, so each consumer reads every byte it receives (an in-place consumer
+could otherwise skip most of the data).
 
 A last step shows that a ``SharedRegion`` write is seen by a reader process with
 no copy: the reader spins on the mapping and checksums (crc32) what the writer
@@ -66,7 +72,7 @@ RING = 16 << 20  # bytes of the data direction of a queue pair and of the shm ri
 BACK = 4096  # the unused consumer -> producer direction of a queue pair
 CHUNK = 1 << 20  # the consumer reads into chunks of this many bytes (whole messages)
 #: size -> the consumer compares every Nth message byte for byte (and always the last one)
-CHECK_EVERY = {64: 64, 4096: 16, 65536: 16}
+CHECK_EVERY = {64: 64, 4096: 16, 65536: 1}
 MEMCPY_SPAN = RING
 TARGET_SECONDS = 1.0
 QUICK_SECONDS = 0.2
@@ -74,8 +80,8 @@ DEFAULT_TIMEOUT = 120.0
 #: (stream, core, baseline) -> (relation, target): the stream's rate as a multiple of the baseline's;
 #: the baseline "absolute" compares messages/s with the number itself.
 TARGETS = {
-    ("qp_65536", "cython", "unix_65536"): (">=", 2.0),
-    ("qp_65536", "cython", "memcpy_65536"): (">=", 0.40),
+    ("qp_view_65536", "cython", "unix_65536"): (">=", 2.0),
+    ("qp_view_65536", "cython", "memcpy_65536"): (">=", 0.40),
     ("qp_batch_64", "cython", "absolute"): (">=", 2e6),
     ("qp_batch_64", "cython", "mpqueue_64"): (">=", 5.0),
 }
@@ -96,6 +102,12 @@ def _expected(size, salt, seq):
     msg = bytearray(_payload(size))
     struct.pack_into("<Q", msg, 0, salt << _SEQ_BITS | seq)
     return msg
+
+
+def _differs(template, view):
+    """Whether ``view`` is not ``template`` byte for byte (a memcmp: comparing
+    memoryviews with ``!=`` goes item by item, over 50 times slower)."""
+    return len(view) != len(template) or not template.startswith(view)
 
 
 def read_io(pid="self"):
@@ -312,13 +324,62 @@ class _Peer:
             for j in list(range(0, count, every)) + ([last] if last >= 0 and last % every else []):
                 struct.pack_into("<Q", template, 0, stamp | (got + j))
                 checked += 1
-                if view[j * size:(j + 1) * size] != template:
+                if _differs(template, view[j * size:(j + 1) * size]):
                     bad += 1
             got += count
         t_end = time.perf_counter()
         cpu = time.process_time() - cpu0
         return {"t_end": t_end, "cpu": cpu, "received": got, "bytes": received, "checked": checked,
                 "bad": bad}
+
+    def op_sink_view(self, size, n, salt):
+        """``op_sink`` reading the queue pair in place: check messages in the ring, then consume them."""
+        peek, consume = self.qp.peek_view_status, self.qp.consume_status
+        wait, timeout = self.qp.wait_for_data_status, self.timeout
+        every = CHECK_EVERY[size]
+        template = _expected(size, salt, 0)
+        scratch = memoryview(bytearray(size))
+        stamp = salt << _SEQ_BITS
+        got = checked = bad = received = pending = 0
+
+        def check(msg, seq):
+            if seq % every == 0 or seq == n - 1:
+                struct.pack_into("<Q", template, 0, stamp | seq)
+                return 1, _differs(template, msg)
+            return 0, False
+
+        cpu0 = time.process_time()
+        while got < n:
+            view = peek((n - got) * size - pending)
+            if isinstance(view, int):
+                if view != VMCI_ERROR_QUEUEPAIR_NODATA:
+                    raise BenchError("peek_view_status returned %d" % view)
+                rc = wait(timeout)
+                if rc < 0:
+                    raise BenchError("wait_for_data_status returned %d" % rc)
+                continue
+            length, at = len(view), 0
+            if pending:  # the rest of a message split by the wrap point
+                k = min(size - pending, length)
+                scratch[pending:pending + k] = view[:k]
+                pending += k
+                at = k
+                if pending == size:
+                    c, b = check(scratch, got)
+                    checked, bad, got, pending = checked + c, bad + b, got + 1, 0
+            while length - at >= size:
+                c, b = check(view[at:at + size], got)
+                checked, bad, got, at = checked + c, bad + b, got + 1, at + size
+            if at < length:
+                scratch[:length - at] = view[at:]
+                pending = length - at
+            received += length
+            rc = consume(length)
+            if rc != length:
+                raise BenchError("consume_status returned %d" % rc)
+        t_end = time.perf_counter()
+        return {"t_end": t_end, "cpu": time.process_time() - cpu0, "received": got, "bytes": received,
+                "checked": checked, "bad": bad}
 
     def op_blast(self, size, n, salt, batch):
         """Send ``n`` messages of ``size`` bytes, ``batch`` per call (queue pairs; 1: one per call)."""
@@ -543,14 +604,14 @@ class _Stream:
             self.close(kill=True)
             raise
 
-    def run(self, size, n, batch=1):
-        """One run of ``n`` messages: a dict of the figures and checks."""
+    def run(self, size, n, batch=1, in_place=False):
+        """One run of ``n`` messages (``in_place``: the queue-pair consumer reads the ring in place)."""
         salt = random.getrandbits(20) or 1
         if self.impl == "mpqueue":
             got = self.producer.call("mpqueue", size, n, salt)
             sent = {"t0": got["t0"], "cpu": 0.0, "sent": n}
         else:
-            self.consumer.send("sink", size, n, salt)
+            self.consumer.send("sink_view" if in_place else "sink", size, n, salt)
             sent = self.producer.call("blast", size, n, salt, batch)
             got = self.consumer.result()
         elapsed = max(got["t_end"] - sent["t0"], 1e-9)
@@ -569,12 +630,12 @@ def _streams():
     """(key, implementation, size, batch) of every two-process measurement, in table order."""
     out = []
     for size in SIZES:
-        out.append(("qp_%d" % size, "qp-cython", size, 1))
-        if size == 64:
-            out.append(("qp_batch_64", "qp-cython", 64, BATCH))
-        out.append(("qp_%d" % size, "qp-pure", size, 1))
-        if size == 64:
-            out.append(("qp_batch_64", "qp-pure", 64, BATCH))
+        for impl in ("qp-cython", "qp-pure"):
+            out.append(("qp_%d" % size, impl, size, 1))
+            if size == 64:
+                out.append(("qp_batch_64", impl, 64, BATCH))
+            if size == 65536:
+                out.append(("qp_view_65536", impl, size, 1))
         out.append(("unix_%d" % size, "unix", size, 1))
         out.append(("shm_%d" % size, "shm", size, 1))
         if size == 64:
@@ -603,7 +664,7 @@ def _measure_streams(streams, target, n_fixed, repeat, log=None):
         warm = {s: [] for s in keys}
 
         def timed(s, k, into):
-            r = streams[s[1]].run(s[2], k, s[3])
+            r = streams[s[1]].run(s[2], k, s[3], in_place=s[0].startswith("qp_view_"))
             into.append(r)
             return r["elapsed"]
 
@@ -773,8 +834,12 @@ def render_table(report):
         "each value: median of %d runs (%s); rings of %d MiB; 64 B batches of %d messages" % (
             s["repeat"], "%d messages each" % s["iterations"] if s["iterations"]
             else "about %.1f s each" % s["target_seconds"], s["ring_bytes"] >> 20, BATCH),
-        "",
     ]
+    load = report.get("load_average")
+    if load:
+        lines.append("1-minute load average: %s at the start, %s at the end (other work on the CPUs "
+                     "disturbs two-process streams most)" % (load.get("start"), load.get("end")))
+    lines.append("")
     header = ("size", "implementation", "MB/s", "msg/s", "min..max MB/s", "CPU us/msg",
               "vs unix", "vs shm", "vs memcpy")
     rows = []
@@ -785,7 +850,8 @@ def render_table(report):
         entries = []
         for key, impl, sz, batch in _streams():
             if sz == size:
-                entries.append((key, impl, labels[impl] + (" batch %d" % batch if batch > 1 else "")))
+                entries.append((key, impl, labels[impl] + (" batch %d" % batch if batch > 1 else "")
+                                + (" in place" if key.startswith("qp_view_") else "")))
         entries.append(("memcpy_%d" % size, "memcpy", "memcpy (cached)"))
         entries.append(("memcpy_span_%d" % size, "memcpy", "memcpy (16 MiB span)"))
         for key, impl, label in entries:
@@ -814,14 +880,15 @@ def render_table(report):
     names = {"unix_65536": "AF_UNIX stream 64 KiB", "memcpy_65536": "memcpy 64 KiB (cached)",
              "mpqueue_64": "multiprocessing.Queue 64 B", "absolute": "messages/s"}
     for c in report["comparisons"]:
-        what = "qp %s" % ("64 B batch" if c["metric"] == "qp_batch_64" else "64 KiB")
+        what = "qp %s" % {"qp_batch_64": "64 B batch", "qp_view_65536": "64 KiB in place"}.get(
+            c["metric"], "64 KiB")
         if c["baseline"] == "absolute":
             value, target = _fmt_num(c["ratio"]), _fmt_num(c["target"])
         else:
             value = "-" if c["ratio"] is None else (
                 "%.0f%%" % (c["ratio"] * 100) if c["target"] < 1 else "%.2fx" % c["ratio"])
             target = "%.0f%%" % (c["target"] * 100) if c["target"] < 1 else "%.2fx" % c["target"]
-        lines.append("  %-14s vs %-27s %12s  %s %-9s  %s" % (what, names[c["baseline"]], value,
+        lines.append("  %-18s vs %-27s %12s  %s %-9s  %s" % (what, names[c["baseline"]], value,
                                                              c["relation"], target, c["verdict"]))
     zc = report["zero_copy"]
     lines.append("")
@@ -834,9 +901,10 @@ def render_table(report):
                         zc["reader_sleeps"], "PASS" if zc["zero_copy"] else "MISS"))
     else:
         lines.append("zero copy: skipped (%s)" % zc.get("note"))
-    lines.append("checks: the consumer counted every byte and compared every %s message byte for byte "
+    lines.append("checks: the consumer counted every byte and compared messages byte for byte, %s "
                  "(and the last): %s messages compared, %s wrong -> %s" % (
-                     "/".join("%dth (%s)" % (CHECK_EVERY[sz], _fmt_size(sz)) for sz in SIZES),
+                     ", ".join(("all (%s)" if CHECK_EVERY[sz] == 1 else "1 in %d (%%s)" % CHECK_EVERY[sz])
+                               % _fmt_size(sz) for sz in SIZES),
                      _fmt_num(report["checked"]), report["bad"],
                      "all checksums matched" if report["checksums_ok"] else "MISMATCH"))
     for impl in IMPLEMENTATIONS:
@@ -857,6 +925,14 @@ def shm_leftovers(rundir):
     return sorted(n for n in names if n.startswith(prefix) or n.startswith(_SHM_PREFIX))
 
 
+def _load():
+    """The 1-minute load average, or None: two processes need the machine's CPUs to themselves."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, ring=RING, log=None):
     """Run every measurement and return the report (a JSON-serialisable dict)."""
     target = QUICK_SECONDS if quick else TARGET_SECONDS
@@ -870,6 +946,7 @@ def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, ring
                      "sizes": list(SIZES), "batch": BATCH, "ring_bytes": ring, "chunk_bytes": CHUNK,
                      "check_every": {str(k): v for k, v in CHECK_EVERY.items()}},
         "results": {},
+        "load_average": {"start": _load()},
     }
     rundir = tempfile.mkdtemp(prefix="vscq", dir="/tmp")
     streams = {}
@@ -909,6 +986,7 @@ def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, ring
             except OSError:
                 pass
         shutil.rmtree(rundir, ignore_errors=True)
+    report["load_average"]["end"] = _load()
     report["shm_leftovers"] = leftovers
     report["rundir_removed"] = not os.path.exists(rundir)
     report["comparisons"] = _compare(report["results"])

@@ -3,8 +3,9 @@
 ``QueuePair.alloc`` creates the pair named by a handle, or attaches to it when
 another context created it. Each end writes into its produce queue and reads
 its consume queue; ``enqueue`` writes what fits (partial writes) and never
-blocks, ``dequeue`` reads what is there; ``wait_for_data``/``wait_for_space``
-sleep in the kernel until the peer makes progress. Detach is final.
+blocks, ``dequeue`` reads what is there (``peek_view`` + ``consume``: in place,
+with no copy); ``wait_for_data``/``wait_for_space`` sleep in the kernel until
+the peer makes progress. Detach is final.
 
 Memory and liveness (all under the runtime directory's context ``c<cid>/``)::
 
@@ -209,7 +210,13 @@ class _Mapping:
         self.ring.release_memory()
         for view in (self.ctl, self.qa, self.qb):
             view.release()
-        self.mm.close()
+        try:
+            self.mm.close()
+        except BufferError:
+            # A slice of a peek_view someone kept pins the mapping: it is unmapped
+            # when the last such view goes, so no view ever points at unmapped memory.
+            pass
+        self.mm = None
 
 
 def _map(path: str, flags: int, size: int = 0) -> mmap.mmap:
@@ -254,6 +261,9 @@ class QueuePair:
         self._lock = threading.RLock()
         self._peer_gone = False
         self._detached = False
+        core = runtime.core
+        self._bits = (core.QP_WAITING_READ, core.QP_WAITING_WRITE)
+        self._lent_queues: List[memoryview] = []
 
     # Allocation
 
@@ -503,12 +513,14 @@ class QueuePair:
         return self._write_status(self.ring.enqueue_many, bufs)
 
     def _write_status(self, op, arg):
-        if self._detached or self._gone():
+        # The hot path of every write: no call beyond the ring's own two.
+        if self._detached or self._peer_gone or self._map.ctl[_C_STATE] & self._peer_bit:
             self._service()
             return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
         rc = op(arg)
         if rc > 0:
-            self._ring_peer(self._core_bits()[0])
+            if self.ring.peer_waiting() & self._bits[0]:
+                self._ring_peer(self._bits[0])
         elif rc == VMCI_ERROR_QUEUEPAIR_NOSPACE:
             self._service()
             if self._peer_gone:
@@ -540,8 +552,7 @@ class QueuePair:
         return self._read_status(self.ring.peek_into, buf)
 
     def _core_bits(self) -> Tuple[int, int]:
-        core = self._runtime.core
-        return core.QP_WAITING_READ, core.QP_WAITING_WRITE
+        return self._bits
 
     def enqueue(self, buf) -> int:
         """Write what fits of ``buf`` and return the count; QueuePairNoSpace when full."""
@@ -574,6 +585,62 @@ class QueuePair:
         if isinstance(rc, int):
             check(rc)
         return rc
+
+    # Zero-copy reads
+
+    def peek_view_status(self, n: int):
+        """Zero copy: a read-only memoryview of up to ``n`` ready bytes, in place in the consume queue.
+
+        The view ends at the ring's wrap point, so it may hold fewer bytes than are
+        ready (call again after ``consume`` for the rest). Its bytes stay as they are
+        until consumed. Lifetime: the view is released by the next successful
+        ``consume_status``/``consume`` and by ``detach``; using it after that raises
+        ValueError. (A view something else still exports from, a numpy array for
+        example, cannot be released: its memory stays mapped until it goes, but the
+        peer may overwrite its bytes.) Returns a negative code instead of a view:
+        QUEUEPAIR_NODATA, QUEUEPAIR_NOTATTACHED (detached, or the peer left and
+        everything it wrote was consumed), INVALID_SIZE (corrupted indexes).
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            return VMCI_ERROR_INVALID_ARGS
+        return self._read_status(self.ring.peek_view, min(n, self.consume_size))
+
+    def consume_status(self, n: int) -> int:
+        """Mark the first ``n`` ready bytes read (after ``peek_view``): ``n``; INVALID_ARGS if
+        ``n`` is not an int or more than is ready (nothing is consumed); QUEUEPAIR_NOTATTACHED
+        after detach; INVALID_SIZE. Releases every view ``peek_view`` lent."""
+        if self._detached:
+            return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            return VMCI_ERROR_INVALID_ARGS
+        rc = self.ring.consume(n) if n <= self.consume_size else VMCI_ERROR_INVALID_ARGS
+        if rc > 0:
+            self._ring_peer(self._bits[1])
+        return rc
+
+    def peek_view(self, n: int) -> memoryview:
+        """``peek_view_status`` that raises: QueuePairNoData when empty, InvalidArgs, ..."""
+        rc = self.peek_view_status(n)
+        if isinstance(rc, int):
+            check(rc)
+        return rc
+
+    def consume(self, n: int) -> int:
+        """``consume_status`` that raises: InvalidArgs if ``n`` > ready, QueuePairNotAttached."""
+        return check(self.consume_status(n))
+
+    def queue_memory(self) -> Tuple[memoryview, memoryview]:
+        """This end's (produce queue, consume queue) memory, each laid out as the 2008 kernel
+        mapped a ``VMCIQueue``: the VMCIQueueHeader at offset 0, data from byte 4096, whole
+        pages. Writable views of the shared mapping (writes to the indexes are seen by both
+        ends; a corrupt index makes the ring answer INVALID_SIZE). ``detach`` releases them.
+        QueuePairNotAttached after detach."""
+        if self._detached:
+            check(VMCI_ERROR_QUEUEPAIR_NOTATTACHED)
+        first, second = self._map.qa[:], self._map.qb[:]
+        views = (first, second) if self._role == _CREATOR else (second, first)
+        self._lent_queues.extend(views)
+        return views
 
     def _query(self, fn) -> int:
         if self._detached:
@@ -668,6 +735,10 @@ class QueuePair:
                 if sock is not None:
                     sock.close()
             self._bell = self._listener = None
+            for view in self._lent_queues:
+                with contextlib.suppress(BufferError):  # exported further: stays mapped
+                    view.release()
+            self._lent_queues.clear()
             self._map.close()
             os.close(self._end_fd)
             return VMCI_SUCCESS_LAST_DETACH if last else VMCI_SUCCESS

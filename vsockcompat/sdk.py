@@ -34,6 +34,7 @@ from .errors import VMCIError
 from .handles import VMCI_INVALID_HANDLE, VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
 from .sharedmem import SharedRegion, query as _shm_query
+from .sdk_queuepair import QueuePairCalls
 from .policy import PolicyError
 from .privileges import PRIVILEGE_NAMES
 from .transport import TransportUnavailable
@@ -54,7 +55,7 @@ def _handle_or_none(obj) -> Optional[VMCIHandle]:
         return None
 
 
-class VMCILibrary:
+class VMCILibrary(QueuePairCalls):
     """One instance of the SDK library state (the C library's globals)."""
 
     def __init__(self, runtime: Optional[Runtime] = None):
@@ -96,7 +97,7 @@ class VMCILibrary:
 
     def VMCI_CleanupApp(self) -> None:
         """Destroy every handle created through this library, detach its shared memory regions
-        and forget the initialisation."""
+        and queue pairs, and forget the initialisation."""
         with self._lock:
             endpoints, self._endpoints = self._endpoints, {}
             regions, self._regions = self._regions, {}
@@ -105,6 +106,7 @@ class VMCILibrary:
             endpoint.close()
         for region in regions.values():
             region.detach()
+        self._detach_all_queue_pairs()
 
     # 4.2 Datagram API
 
@@ -405,6 +407,23 @@ VMCISharedMem_Create = _default.VMCISharedMem_Create
 VMCISharedMem_Query = _default.VMCISharedMem_Query
 VMCISharedMem_Attach = _default.VMCISharedMem_Attach
 VMCISharedMem_Detach = _default.VMCISharedMem_Detach
+VMCIQueuePair_Alloc = _default.VMCIQueuePair_Alloc
+VMCIQueuePair_AllocPriv = _default.VMCIQueuePair_AllocPriv
+VMCIQueuePair_Detach = _default.VMCIQueuePair_Detach
+vmci_qpair_alloc = _default.vmci_qpair_alloc
+vmci_qpair_detach = _default.vmci_qpair_detach
+vmci_qpair_enqueue = _default.vmci_qpair_enqueue
+vmci_qpair_dequeue = _default.vmci_qpair_dequeue
+vmci_qpair_peek = _default.vmci_qpair_peek
+vmci_qpair_enquev = _default.vmci_qpair_enquev
+vmci_qpair_dequev = _default.vmci_qpair_dequev
+vmci_qpair_peekv = _default.vmci_qpair_peekv
+vmci_qpair_produce_free_space = _default.vmci_qpair_produce_free_space
+vmci_qpair_produce_buf_ready = _default.vmci_qpair_produce_buf_ready
+vmci_qpair_consume_free_space = _default.vmci_qpair_consume_free_space
+vmci_qpair_consume_buf_ready = _default.vmci_qpair_consume_buf_ready
+vmci_qpair_get_produce_indexes = _default.vmci_qpair_get_produce_indexes
+vmci_qpair_get_consume_indexes = _default.vmci_qpair_get_consume_indexes
 
 SDK_FUNCTIONS = (
     "VMCI_InitApp",
@@ -429,4 +448,21 @@ SDK_FUNCTIONS = (
     "VMCISharedMem_Query",
     "VMCISharedMem_Attach",
     "VMCISharedMem_Detach",
+    "VMCIQueuePair_Alloc",
+    "VMCIQueuePair_AllocPriv",
+    "VMCIQueuePair_Detach",
+    "vmci_qpair_alloc",
+    "vmci_qpair_detach",
+    "vmci_qpair_enqueue",
+    "vmci_qpair_dequeue",
+    "vmci_qpair_peek",
+    "vmci_qpair_enquev",
+    "vmci_qpair_dequev",
+    "vmci_qpair_peekv",
+    "vmci_qpair_produce_free_space",
+    "vmci_qpair_produce_buf_ready",
+    "vmci_qpair_consume_free_space",
+    "vmci_qpair_consume_buf_ready",
+    "vmci_qpair_get_produce_indexes",
+    "vmci_qpair_get_consume_indexes",
 )
