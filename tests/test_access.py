@@ -549,3 +549,21 @@ def test_a_busy_sender_is_stopped_by_a_denial(libs):
     thread.join(10)
     stop.set()
     assert results[-1] == C.VMCI_ERROR_NO_ACCESS
+
+
+def test_a_queue_pair_creator_cuts_off_an_attacher_that_lies_about_its_context(make_runtime, rundir,
+                                                                              monkeypatch):
+    host, liar_rt, honest_rt = make_runtime(cid=2), make_runtime(cid=4), make_runtime(cid=3)
+    liar_transport, honest_transport = liar_rt.transport, honest_rt.transport
+    # Context 4's library, but its doorbell is bound where context 3's would be.
+    monkeypatch.setattr(liar_transport, "bind_in_context", honest_transport.bind_in_context)
+    with QueuePair.alloc(None, 4096, 4096, C.VMCI_INVALID_ID, 0, runtime=host) as pair:
+        liar = QueuePair.alloc(pair.handle, 4096, 4096, C.VMCI_INVALID_ID, 0, runtime=liar_rt)
+        assert pair.events(timeout=0.3) == []
+        assert pair.refused_attaches == 1 and pair.peer_id == C.VMCI_INVALID_ID
+        assert [e.event for e in liar.events(timeout=5)] == [C.VMCI_EVENT_QP_PEER_DETACH]
+        liar.detach()
+    with QueuePair.alloc(None, 4096, 4096, C.VMCI_INVALID_ID, 0, runtime=host) as pair:
+        with QueuePair.alloc(pair.handle, 4096, 4096, C.VMCI_INVALID_ID, 0, runtime=honest_rt):
+            assert pair.events(timeout=5)[0].event == C.VMCI_EVENT_QP_PEER_ATTACH
+            assert pair.refused_attaches == 0 and pair.peer_id == 3

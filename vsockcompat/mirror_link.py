@@ -20,10 +20,8 @@ import contextlib
 import errno
 import fcntl
 import functools
-import itertools
 import os
 import socket
-import struct
 from typing import Optional
 
 from .errors import (DstUnreachable, DuplicateEntry, NoAccess, NoResources, NotFound,
@@ -41,7 +39,6 @@ CONNECT_TIMEOUT = 10.0
 REGION, QUEUE_PAIR = ".mir", ".qst"
 
 _STREAM = socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-_names = itertools.count()
 _GONE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ENOENT, errno.ENOTCONN, errno.EPIPE)
 _UNREACHABLE = (errno.EHOSTUNREACH, errno.ENODEV, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
@@ -169,12 +166,7 @@ def connect(runtime: Runtime, suffix: str, handle: VMCIHandle,
         sock.settimeout(timeout)
         if family == socket.AF_UNIX:
             # Bound in our context's directory, so the owner learns our context from the kernel.
-            cdir = transport.context_dir(transport.local_cid)
-            os.makedirs(cdir, mode=0o755, exist_ok=True)
-            name = os.path.join(cdir, ".stream-%d-%d" % (os.getpid(), next(_names)))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-            sock.bind(name)
+            name = transport.bind_in_context(sock, "stream")
         sock.connect(address)
     except socket.timeout:
         sock.close()
@@ -207,16 +199,7 @@ def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> Optiona
     if sock.family == AF_VSOCK:
         cid = sock.getpeername()[0]
         return runtime.transport.local_cid if cid == VMADDR_CID_LOCAL else cid
-    transport = runtime.transport
-    name = sock.getpeername()
-    cdir = transport.context_dir(claimed)
-    if not isinstance(name, str) or os.path.dirname(name) != cdir:
-        return None
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    try:
-        return claimed if os.stat(cdir).st_uid == uid else None
-    except OSError:
-        return None
+    return claimed if runtime.transport.peer_in_context(sock, claimed) else None
 
 
 __all__ = ["mirrored", "listen", "connect", "peer_context", "register_kinds", "Listener",

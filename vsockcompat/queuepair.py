@@ -261,6 +261,8 @@ class QueuePair:
         self._lock = threading.RLock()
         self._peer_gone = False
         self._detached = False
+        #: Attachers the creator cut off: a false claim of context, or forbidden flags.
+        self.refused_attaches = 0
         core = runtime.core
         self._bits = (core.QP_WAITING_READ, core.QP_WAITING_WRITE)
         self._lent_queues: List[memoryview] = []
@@ -398,7 +400,12 @@ class QueuePair:
                 mapping.ctl[_C_STATE] = state | _ATTACHED
                 bell = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
                 bell.setblocking(False)
-                bell.connect(base + ".qp.sock")
+                name = transport.bind_in_context(bell, "qpbell")  # the creator checks our context
+                try:
+                    bell.connect(base + ".qp.sock")
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name)
             except OSError as exc:
                 mapping.ctl[_C_ATTACHER] = VMCI_INVALID_ID
                 mapping.ctl[_C_STATE] = state
@@ -447,6 +454,15 @@ class QueuePair:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self._base + ".qp.sock")
                     self.peer_id = self._map.ctl[_C_ATTACHER]
+                    if not self._admissible(conn, self.peer_id):
+                        # A false claim of context, or flags that forbid the pair: the
+                        # attacher is cut off and the pair is left as if it had detached.
+                        self.refused_attaches += 1
+                        self.peer_id = VMCI_INVALID_ID
+                        self._peer_gone = True
+                        conn.close()
+                        self._bell = None
+                        return
                     self._events.append(QPEvent(VMCI_EVENT_QP_PEER_ATTACH, self.handle, self.peer_id))
             while self._bell is not None and not self._peer_gone:
                 try:
@@ -459,6 +475,12 @@ class QueuePair:
                     self._on_peer_gone()
             if not self._peer_gone and self._map.ctl[_C_STATE] & self._peer_bit:
                 self._on_peer_gone()
+
+    def _admissible(self, conn, cid: int) -> bool:
+        """Whether the doorbell's peer really is context ``cid``, which may pair with us."""
+        runtime = self._runtime
+        return (runtime.transport.peer_in_context(conn, cid)
+                and not runtime.access.policy.denies(cid, self.handle.context))
 
     def _on_peer_gone(self) -> None:
         self._peer_gone = True

@@ -14,6 +14,7 @@ can bind there, so a sender cannot claim another context's handle.
 """
 import contextlib
 import fcntl
+import itertools
 import mmap
 import os
 import re
@@ -39,6 +40,7 @@ _ENDPOINT_NAME = re.compile(_ID)
 _FIRST_AUTO_RID = VMCI_RESERVED_RESOURCE_ID_MAX + 1
 _OWNER_PID_WORD, _OWNER_START_WORD = 5, 6  # VSC_ACCT_OFF_OWNER_PID / _START (src/vsc_dgram.h)
 _CREDS = struct.Struct("3i")
+_bound_names = itertools.count()
 _ACL_SUFFIX = ".acl"  # access.ACL_SUFFIX: a resource's client privileges
 _SNDBUF_WANTED = 4 << 20
 T = TypeVar("T")
@@ -214,6 +216,29 @@ class LocalTransport(Transport):
         if uid != owner:
             return None  # bound in a context directory it does not own: a loosened permission
         return Peer(VMCIHandle(cid, rid), pid, uid)
+
+    def peer_in_context(self, conn, cid: int) -> bool:
+        """Whether the peer of the connected AF_UNIX socket ``conn`` is bound in ``c<cid>/``
+        and runs as the user who owns that directory (how any stream proves its context)."""
+        try:
+            name = conn.getpeername()
+            if not isinstance(name, str) or os.path.dirname(name) != self.context_dir(cid):
+                return False
+            _, uid, _ = _CREDS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+            return os.stat(self.context_dir(cid)).st_uid == uid
+        except OSError:
+            return False
+
+    def bind_in_context(self, sock, tag: str) -> str:
+        """Bind ``sock`` (AF_UNIX) to a fresh name in our context's directory, so the peer it
+        connects to can tell our context (``peer_in_context``). Unlink the name once connected."""
+        cdir = self.context_dir(self._cid)
+        os.makedirs(cdir, mode=0o755, exist_ok=True)
+        name = os.path.join(cdir, ".%s-%d-%d" % (tag, os.getpid(), next(_bound_names)))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        sock.bind(name)
+        return name
 
     # Introspection
 
