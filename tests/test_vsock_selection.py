@@ -7,15 +7,20 @@ socket is ever created. The vsock transport's real behaviour is tested in the gu
 """
 import errno
 import os
+import select
 import socket
+import struct
+import threading
 
 import pytest
 
 from vsockcompat._settings import Settings
+from vsockcompat.constants import DG_HEADER_FORMAT, VMCI_MAX_DG_PAYLOAD_SIZE
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.handles import VMCIHandle
 from vsockcompat.runtime import Runtime
 from vsockcompat.transport import LocalTransport, TransportUnavailable, open_transport
+from vsockcompat.transport import streams
 from vsockcompat.transport import vsock as vsock_module
 
 AF_VSOCK = 40
@@ -66,7 +71,9 @@ def test_vsock_is_attempted_only_when_asked(vsock_refused, core, rundir):
     with pytest.raises(TransportUnavailable) as info:
         open_transport(settings(rundir, "vsock"), core)
     assert "SOCK_SEQPACKET" in str(info.value) and "Errno %d" % errno.EAFNOSUPPORT in str(info.value)
-    assert len(vsock_refused) == 1 and vsock_refused[0][1][0] & socket.SOCK_SEQPACKET
+    # auto probes SEQPACKET, then STREAM: socket() only, nothing connected
+    kinds = [request[1][0] & 0xF for request in vsock_refused]
+    assert kinds == [socket.SOCK_SEQPACKET, socket.SOCK_STREAM]
 
 
 def test_vsock_runtime_reports_unavailable(vsock_refused, core, rundir):
@@ -208,3 +215,209 @@ def test_pump_stops_and_closes_the_link_when_the_receiver_hangs_up():
     assert info.value.errno in (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED)
     front.close()
     vs.close()
+
+
+def test_disconnect_lets_the_pump_forward_what_was_sent(transport):
+    """A reply sent just before its link is closed (the daemon's forget) still leaves."""
+    src, dst = VMCIHandle(7, 1), VMCIHandle(7, 1024)
+    for i in range(50):
+        vs, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        link = transport._start_link(vs, src, dst, stream=False)
+        link.sock.send(b"reply %d" % i)
+        transport.disconnect(src, link)
+        receiver.settimeout(5)
+        assert receiver.recv(100) == b"reply %d" % i
+        assert receiver.recv(100) == b""
+        receiver.close()
+
+
+# The well-known context (the discovery service at (1, 1)): served by the host.
+
+@pytest.mark.parametrize("local_cid, expected", [(1, 1), (2, 1), (3, 2), (0xFFFFFFFE, 2)])
+def test_context_1_is_reached_on_the_host(local_cid, expected):
+    assert vsock_module.well_known_cid(local_cid) == expected
+
+
+def test_a_guest_cannot_serve_context_1(vsock_refused, monkeypatch, core):
+    monkeypatch.setattr(vsock_module, "_vsock_socket",
+                        lambda *kind: socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    with pytest.raises(TransportUnavailable, match="served by the host"):
+        vsock_module.VsockTransport(core, cid=3, context=1)
+    with pytest.raises(TransportUnavailable, match="not in 5"):
+        vsock_module.VsockTransport(core, cid=3, context=5)
+    host = vsock_module.VsockTransport(core, cid=2, context=1)
+    assert host.local_cid == 1 and host.kernel_cid == 2
+    assert host.vsock_address(VMCIHandle(1, 1)) == (1, 1)
+    guest = vsock_module.VsockTransport(core, cid=3)
+    assert guest.vsock_address(VMCIHandle(1, 1)) == (2, 1)
+    assert guest.vsock_address(VMCIHandle(4, 1500)) == (4, 1500)
+
+
+def test_hello_of_the_well_known_context():
+    assert vsock_module.encode_hello(1, well_known=True) == b"VSW1\x01\x00\x00\x00"
+    assert vsock_module.decode_hello(b"VSW1\x01\x00\x00\x00") == (True, 1)
+    assert vsock_module.decode_hello(b"VSC1\x01\x04\x00\x00") == (False, 1025)
+    assert vsock_module.parse_hello(b"VSW1\x01\x00\x00\x00") is None  # not a plain hello
+
+
+@pytest.mark.parametrize("peer_cid, accepted", [(1, True), (7, True), (2, True), (3, False), (8, False)])
+def test_only_the_host_or_this_kernel_may_claim_context_1(transport, pair, peer_cid, accepted):
+    client, server = pair
+    client.send(vsock_module.encode_hello(1, well_known=True))
+    peer = transport.identify(FakeConn(server, (peer_cid, 99999)), VMCIHandle(7, 1024))
+    assert (peer.handle if peer else None) == (VMCIHandle(1, 1) if accepted else None)
+
+
+def test_daemon_transport():
+    from vsockcompat.ds_server import daemon_transport
+    assert [daemon_transport(n) for n in ("auto", "local", "vsock", "hybrid")] == [
+        "local", "local", "vsock", "local"]
+
+
+def test_open_transport_passes_the_well_known_context_and_the_mode(vsock_refused, monkeypatch, core, rundir):
+    made = []
+    monkeypatch.setattr(vsock_module, "VsockTransport", lambda core, **kw: made.append(kw) or kw)
+    open_transport(settings(rundir, "vsock")._replace(cid=1, vsock_mode="stream"), core)
+    open_transport(settings(rundir, "vsock"), core)
+    assert made == [{"context": 1, "mode": "stream"}, {"context": None, "mode": "auto"}]
+
+
+# Modes: chosen by creating sockets only.
+
+@pytest.mark.parametrize("refused, requested, expected", [
+    ((), "auto", "seqpacket"), ((socket.SOCK_SEQPACKET,), "auto", "stream"),
+    ((), "stream", "stream"), ((), "seqpacket", "seqpacket"),
+])
+def test_choose_mode(monkeypatch, refused, requested, expected):
+    made = []
+
+    def fake(kind=socket.SOCK_SEQPACKET):
+        made.append(kind)
+        if kind in refused:
+            raise OSError(errno.ESOCKTNOSUPPORT, "refused")
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    monkeypatch.setattr(vsock_module, "_vsock_socket", fake)
+    assert vsock_module.choose_mode(requested) == expected
+
+
+def test_choose_mode_reports_what_cannot_be_made(vsock_refused):
+    with pytest.raises(TransportUnavailable, match="SOCK_STREAM"):
+        vsock_module.choose_mode("stream")
+    with pytest.raises(TransportUnavailable, match="unknown vsock mode"):
+        vsock_module.choose_mode("dgram")
+
+
+# The stream receiver: a StreamListener over an AF_UNIX stream listener standing in for vsock.
+
+FRAME = struct.Struct(DG_HEADER_FORMAT)
+
+
+def frame(dst, src, payload, size=None):
+    return FRAME.pack(*dst, *src, len(payload) if size is None else size) + payload
+
+
+@pytest.fixture
+def stream_listener(tmp_path, monkeypatch):
+    monkeypatch.setattr(streams, "HELLO_TIMEOUT", 0.5)
+    path = str(tmp_path / "l")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    listener = vsock_module.StreamListener(
+        sock, lambda conn, hello: None if hello[0] else VMCIHandle(9, hello[1]), "test")
+    clients = []
+
+    def connect(data=b""):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)
+        client.sendall(data)
+        clients.append(client)
+        return client
+
+    def accept():
+        poller = select.poll()
+        poller.register(listener.fileno(), select.POLLIN)
+        assert poller.poll(5000), "no connection was handed over"
+        front, _ = listener.accept()
+        front.settimeout(5)
+        return front, listener.peer(front)
+
+    yield connect, accept, listener
+    listener.close()
+    for client in clients:
+        client.close()
+
+
+def test_stream_frames_become_whole_messages(stream_listener):
+    connect, accept, _ = stream_listener
+    frames = [frame((7, 1024), (9, 5000), bytes([i]) * size)
+              for i, size in enumerate((0, 1, 4096, VMCI_MAX_DG_PAYLOAD_SIZE))]
+    client = connect(HELLO.pack(MAGIC, 5000))
+    for f in frames:  # in pieces that do not follow frame boundaries
+        data = f
+        while data:
+            client.sendall(data[:1000])
+            data = data[1000:]
+    front, peer = accept()
+    assert peer.handle == VMCIHandle(9, 5000)
+    for f in frames:
+        assert front.recv(VMCI_MAX_DG_PAYLOAD_SIZE + 100) == f
+    client.close()
+    assert front.recv(100) == b""
+    front.close()
+
+
+@pytest.mark.parametrize("data, expected", [
+    (frame((7, 1), (9, 1), b"", size=VMCI_MAX_DG_PAYLOAD_SIZE + 1), "header"),
+    (frame((7, 1), (9, 1), b"x" * 10, size=100), "partial"),
+    (frame((7, 1), (9, 1), b"")[:10], "partial"),
+])
+def test_bad_stream_frames_are_forwarded_short_and_end_the_stream(stream_listener, data, expected):
+    connect, accept, _ = stream_listener
+    client = connect(HELLO.pack(MAGIC, 1) + data)
+    client.shutdown(socket.SHUT_WR)
+    front, peer = accept()
+    assert peer.handle == VMCIHandle(9, 1)
+    got = front.recv(VMCI_MAX_DG_PAYLOAD_SIZE + 100)
+    assert got == (data[:24] if expected == "header" else data)
+    assert front.recv(100) == b""
+    front.close()
+
+
+@pytest.mark.parametrize("hello", [b"", b"VSC1", HELLO.pack(MAGIC ^ 1, 5), vsock_module.encode_hello(1, True)],
+                         ids=["silent", "short", "magic", "refused-claim"])
+def test_stream_without_a_valid_hello_is_handed_over_refused(stream_listener, hello):
+    connect, accept, _ = stream_listener
+    connect(hello)
+    front, peer = accept()
+    assert peer is None
+    front.close()
+
+
+def test_stream_listener_close_ends_readers_and_waiting_connections(stream_listener):
+    connect, accept, listener = stream_listener
+    connect(HELLO.pack(MAGIC, 1) + frame((7, 1), (9, 1), b"x"))
+    connect(HELLO.pack(MAGIC, 2))
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    assert poller.poll(5000)
+    before = threading.active_count()
+    listener.close()
+    assert threading.active_count() < before
+
+
+def test_the_vsock_benchmark_refuses_outside_the_guest(vsock_refused, monkeypatch, capsys):
+    import importlib.util
+    import sys
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the source tree first
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "vsock_pingpong.py")
+    spec = importlib.util.spec_from_file_location("vsock_pingpong", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.delenv("VSOCKCOMPAT_TESTBED", raising=False)
+    assert bench.main(["--quick"]) == 2
+    assert bench.main(["--serve", "--rundir", "/nonexistent"]) == 2
+    assert "refusing to run" in capsys.readouterr().err
+    assert vsock_refused == []

@@ -9,6 +9,8 @@ from typing import Mapping, NamedTuple, Optional
 TRANSPORTS = ("auto", "local", "vsock", "hybrid")
 SHM_MODES = ("auto", "shared", "mirrored")  # mirror_link.mirrored
 DS_REGISTER_RULES = ("permissive", "trusted")  # policy.REGISTER_RULES
+VSOCK_MODES = ("auto", "seqpacket", "stream")  # transport.vsock.choose_mode
+DEFAULT_HYBRID_CID = 3  # the guest CID Firecracker and Cloud Hypervisor examples use
 DEFAULT_CID = 2  # VMCI_HOST_CONTEXT_ID: a process on the host
 MAX_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMCI_INVALID_ID
 
@@ -35,6 +37,18 @@ def parse_choice(name: str, value: Optional[str], choices) -> Optional[str]:
     if value not in choices:
         raise SettingError("%s must be one of %s, not %r" % (name, "|".join(choices), value))
     return value
+
+
+def _hybrid_cid(value: Optional[str]) -> int:
+    if not value:
+        return DEFAULT_HYBRID_CID
+    try:
+        cid = int(value, 10)
+    except ValueError:
+        raise SettingError("VSOCKCOMPAT_HYBRID_CID must be a decimal CID, not %r" % value) from None
+    if not 3 <= cid <= MAX_CID:
+        raise SettingError("VSOCKCOMPAT_HYBRID_CID must be a guest CID in 3..%d, not %d" % (MAX_CID, cid))
+    return cid
 
 
 def parse_cid(value: Optional[str]) -> int:
@@ -71,6 +85,13 @@ class Settings(NamedTuple):
     #: Regions and queue pairs (VSOCKCOMPAT_SHM_MODE): ``shared`` memory, ``mirrored`` over
     #: streams, or ``auto``: shared where the transport has shared memory, else mirrored.
     shm_mode: str = "auto"
+    #: Socket type of the vsock transport (VSOCKCOMPAT_VSOCK_MODE): ``seqpacket``, ``stream``,
+    #: or ``auto``: SEQPACKET where such sockets can be created, else STREAM.
+    vsock_mode: str = "auto"
+    #: The VMM's hybrid-vsock Unix socket (VSOCKCOMPAT_HYBRID_UDS), for the ``hybrid`` transport.
+    hybrid_uds: Optional[str] = None
+    #: The CID of the guest behind that socket (VSOCKCOMPAT_HYBRID_CID).
+    hybrid_cid: int = DEFAULT_HYBRID_CID
 
     @classmethod
     def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -94,4 +115,8 @@ class Settings(NamedTuple):
                                      DS_REGISTER_RULES),
             shm_mode=parse_choice("VSOCKCOMPAT_SHM_MODE", env.get("VSOCKCOMPAT_SHM_MODE"),
                                   SHM_MODES) or "auto",
+            vsock_mode=parse_choice("VSOCKCOMPAT_VSOCK_MODE", env.get("VSOCKCOMPAT_VSOCK_MODE"),
+                                    VSOCK_MODES) or "auto",
+            hybrid_uds=os.path.abspath(env["VSOCKCOMPAT_HYBRID_UDS"]) if env.get("VSOCKCOMPAT_HYBRID_UDS") else None,
+            hybrid_cid=_hybrid_cid(env.get("VSOCKCOMPAT_HYBRID_CID")),
         )

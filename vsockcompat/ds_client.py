@@ -12,9 +12,10 @@ VMCI_ERROR_TIMEOUT (the 2008 client waited forever); a reply over 300 bytes
 gives VMCI_ERROR_PAYLOAD_TOO_LARGE, any other malformed reply
 VMCI_ERROR_GENERIC.
 
-If no daemon answers at ``(1, 1)`` and the runtime's ``ds_autostart`` is set,
-the first call starts one (``DAEMON_COMMAND``, idle exit 60 s), waits up to
-``SPAWN_TIMEOUT`` seconds for it to bind ``(1, 1)`` and sends once more.
+If no daemon answers at ``(1, 1)``, the runtime's ``ds_autostart`` is set and
+its transport is the local one, the first call starts one (``DAEMON_COMMAND``,
+idle exit 60 s), waits up to ``SPAWN_TIMEOUT`` seconds for it to bind ``(1, 1)``
+and sends once more. Over vsock the daemon lives on the host and is never started.
 Concurrent clients serialise on ``<rundir>/ds.spawn.lock`` so only one
 daemon is started.
 
@@ -82,7 +83,8 @@ def _call(action: int, name, handle, runtime: Optional[Runtime],
         return exc.code, VMCI_INVALID_HANDLE, exc.detail or ""
     with ep:
         rc = ep.send_status(VMCI_DS_HANDLE, payload, len(payload))
-        if rc in (C.VMCI_ERROR_INVALID_RESOURCE, C.VMCI_ERROR_DST_UNREACHABLE) and rt.settings.ds_autostart:
+        if (rc in (C.VMCI_ERROR_INVALID_RESOURCE, C.VMCI_ERROR_DST_UNREACHABLE) and rt.settings.ds_autostart
+                and rt.transport.name == "local"):  # over vsock the host's daemon is started by its admin
             if _start_daemon(rt):
                 rc = ep.send_status(VMCI_DS_HANDLE, payload, len(payload))
         if rc < 0:

@@ -77,7 +77,9 @@ class AlreadyRunning(RuntimeError):
 
 
 class Entry(NamedTuple):
-    """One registration. ``pid``/``start`` are None for entries that never expire."""
+    """One registration. ``pid``/``start`` are None for entries that never expire, 0 for
+    entries registered over vsock (the registering process is not visible: the entry lives
+    until unregistered, or while the endpoint it named at registration lives)."""
 
     handle: VMCIHandle
     owner: int  # context id of the registering endpoint
@@ -92,6 +94,11 @@ def _process_start(pid: int) -> Optional[int]:
         return process_start_ticks(pid)
     except (OSError, ValueError, IndexError):
         return None
+
+
+def daemon_transport(name: str) -> str:
+    """The transport the daemon serves on: ``vsock`` when the environment asks for it, else local."""
+    return "vsock" if name == "vsock" else "local"
 
 
 def _u32(value) -> bool:
@@ -130,8 +137,9 @@ class DiscoveryServer:
     def __init__(self, runtime: Optional[Runtime] = None, *, idle_exit: Optional[float] = None,
                  tick: float = 1.0):
         if runtime is None:
-            runtime = Runtime(Settings.from_environ()._replace(cid=C.VMCI_WELL_KNOWN_CONTEXT_ID,
-                                                               transport="local"))
+            env = Settings.from_environ()
+            runtime = Runtime(env._replace(cid=C.VMCI_WELL_KNOWN_CONTEXT_ID,
+                                           transport=daemon_transport(env.transport)))
         if runtime.settings.cid != C.VMCI_WELL_KNOWN_CONTEXT_ID:
             raise ValueError("the discovery service runs in context 1, not %d" % runtime.settings.cid)
         self.runtime = runtime
@@ -294,7 +302,7 @@ class DiscoveryServer:
             return C.VMCI_ERROR_ALREADY_EXISTS
         pid = peer.pid if peer is not None else None
         self._registry[req.name] = Entry(
-            req.handle, src.context, pid, _process_start(pid) if pid is not None else None,
+            req.handle, src.context, pid, _process_start(pid) if pid else (0 if pid == 0 else None),
             time.time(), self.runtime.transport.resource_alive(req.handle))
         self._save()
         return C.VMCI_SUCCESS
@@ -322,6 +330,8 @@ class DiscoveryServer:
     def _alive(self, entry: Entry) -> bool:
         if entry.pid is None:
             return True
+        if entry.pid == 0:  # registered over vsock: no process to watch, only its endpoint
+            return not entry.watch_endpoint or self.runtime.transport.resource_alive(entry.handle)
         if entry.start is None or _process_start(entry.pid) != entry.start:
             return False
         return not entry.watch_endpoint or self.runtime.transport.resource_alive(entry.handle)
@@ -428,7 +438,8 @@ def main(argv) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s vsockcompat-ds[%(process)d] %(message)s")
     try:
-        settings = Settings.from_environ()._replace(cid=C.VMCI_WELL_KNOWN_CONTEXT_ID, transport="local")
+        env = Settings.from_environ()
+        settings = env._replace(cid=C.VMCI_WELL_KNOWN_CONTEXT_ID, transport=daemon_transport(env.transport))
         server = DiscoveryServer(Runtime(settings), idle_exit=args.idle_exit)
     except (AlreadyRunning, SettingError, PolicyError, VMCIError) as exc:
         print("vsockcompat ds: %s" % exc, file=sys.stderr)

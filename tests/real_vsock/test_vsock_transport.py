@@ -247,8 +247,3 @@ def test_a_sender_that_outruns_the_receiver_gets_no_resources(pair):
     a.send(b.handle, b"after")
     assert b.recv(timeout=WAIT).payload == b"after"
 
-
-def test_datagram_app_over_vsock():
-    pytest.skip("the discovery service lives on the local transport at (1, 1) "
-                "(ds_server forces transport=local); the datagram sample needs it, and "
-                "discovery over vsock is not part of this release")

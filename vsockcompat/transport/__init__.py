@@ -4,6 +4,7 @@ Shaped like the kernel's ``struct vsock_transport``: a table of operations
 grouped by concern (endpoints, links, identity), with feature flags. The local
 transport is our ``vsock_loopback``.
 """
+from ..constants import VMCI_WELL_KNOWN_CONTEXT_ID
 from .base import Transport, TransportUnavailable
 from .local import LocalTransport
 
@@ -13,7 +14,10 @@ def open_transport(settings, core):
 
     ``auto`` is the local transport: deciding never opens AF_VSOCK (on a VM, any AF_VSOCK
     traffic leaves for the hypervisor host). ``vsock`` is attempted only when asked for; its
-    context id is the kernel's, not ``settings.cid``.
+    context id is the kernel's, not ``settings.cid``, except that ``cid`` 1 makes the process
+    speak for the well-known context (the discovery service, on a host); its socket type is
+    ``settings.vsock_mode``. ``hybrid`` (the host side of a VMM's hybrid vsock) needs
+    ``settings.hybrid_uds``; its endpoints are in context 2, its peer is ``settings.hybrid_cid``.
     """
     name = settings.transport
     if name in ("auto", "local"):
@@ -21,7 +25,16 @@ def open_transport(settings, core):
     if name == "vsock":
         from .vsock import VsockTransport
 
-        return VsockTransport(core)
+        context = VMCI_WELL_KNOWN_CONTEXT_ID if settings.cid == VMCI_WELL_KNOWN_CONTEXT_ID else None
+        return VsockTransport(core, context=context, mode=getattr(settings, "vsock_mode", "auto"))
+    if name == "hybrid":
+        from .hybrid import HybridTransport
+
+        uds = getattr(settings, "hybrid_uds", None)
+        if not uds:
+            raise TransportUnavailable("the hybrid transport needs VSOCKCOMPAT_HYBRID_UDS, the path "
+                                       "of the VMM's vsock Unix socket")
+        return HybridTransport(core, uds, settings.hybrid_cid)
     raise TransportUnavailable(
         "the %r transport is not part of this release; use VSOCKCOMPAT_TRANSPORT=local" % name
     )

@@ -19,19 +19,51 @@ Mapping (DESIGN.md, "Mapping the SDK onto today's kernels"):
   blocking, on one end of an ``AF_UNIX`` SEQPACKET pair (all or nothing per message), and a
   pump thread per link forwards each message with a blocking send on the vsock connection.
 
-This release uses SOCK_SEQPACKET only (virtio, vhost, loopback). VMware's VMCI transport, the
-only one with SOCK_DGRAM, has no SEQPACKET; the DGRAM mode and a SOCK_STREAM mode with framing
-(Hyper-V) are future work. Only ``socket()`` is ever called to decide (no traffic).
+Modes (``VSOCKCOMPAT_VSOCK_MODE``, decided by ``choose_mode`` with ``socket()`` only, no traffic):
+``seqpacket`` (virtio, vhost, loopback; the default where the kernel has it), or ``stream``:
+``SOCK_STREAM`` connections carrying the same hello and frames back to back (a frame's header
+says its payload size, so frames need no other framing). ``auto`` takes SEQPACKET when
+``socket(AF_VSOCK, SOCK_SEQPACKET)`` can be created, else STREAM. The two ends of a link must use
+the same mode (a vsock port has one socket type); set ``stream`` on both sides for a device
+without SEQPACKET (vhost-device-vsock, Firecracker, Cloud Hypervisor: their connects fail with
+``ESOCKTNOSUPPORT``). Probing has a limit: since Linux 5.14 a SEQPACKET *socket* can be created
+whatever the transport, which says whether it carries SEQPACKET only at ``connect``; there the
+connect's ``ESOCKTNOSUPPORT`` becomes ``DstUnreachable`` naming the fix (``stream``); kernels
+before 5.14 refuse the socket, and ``auto`` takes STREAM. SOCK_DGRAM (VMware's VMCI transport
+only) is not used yet: VMCI also carries STREAM.
+
+In stream mode the core still sees whole messages (``transport/streams.py``, shared with the
+``hybrid`` transport): each accepted connection gets a reader thread
+that reads the hello, then splits the stream into frames and forwards each one as a message on an
+``AF_UNIX`` SEQPACKET pair, whose other end is what the endpoint's listener hands to the core
+(``StreamListener``). A frame whose header announces more than ``VMCI_MAX_DG_PAYLOAD_SIZE`` bytes,
+or a stream that ends inside a frame, is forwarded as the bytes read so far (the core drops it
+as a bad frame and closes the connection); a connection without a valid hello is handed over as
+refused (the endpoint counts it).
+
+The well-known context
+----------------------
+
+Context 1 (``VMCI_WELL_KNOWN_CONTEXT_ID``) is where the SDK's services live, the discovery
+service at ``(1, 1)``. Over vsock it is served by the host: a guest (local CID > 2) reaches context
+1 at CID 2 (``VMADDR_CID_HOST``), a host or a loopback-only kernel at CID 1
+(``VMADDR_CID_LOCAL``). A transport opened with ``context=1`` (the runtime's ``cid`` setting is 1,
+as the discovery daemon's is) reports its endpoints in context 1, binds their ports as usual
+(resource id = port; ports <= 1023, as the daemon's port 1, need ``CAP_NET_BIND_SERVICE``), and
+says so in its hellos (magic ``"VSW1"``). A receiver accepts that claim only from the host
+(peer CID 2) or from its own kernel (CID 1 or the local CID); a guest cannot be context 1. It is
+refused on a guest kernel (local CID > 2).
 
 Wire format of a link
 ---------------------
 
 The connector's first message on a new connection is an 8-byte **hello**, before any datagram::
 
-    offset 0  u32 little-endian  magic 0x31435356 (the bytes "VSC1")
+    offset 0  u32 little-endian  magic 0x31435356 (the bytes "VSC1"), or 0x31575356 ("VSW1")
+                                 when the sender speaks for the well-known context 1
     offset 4  u32 little-endian  source resource id (the sending endpoint's rid, != 0xFFFFFFFF)
 
-then each message is one datagram frame (``VMCIDatagram`` header + payload, ``vmci-sdk.md``
+then each message (each frame, in stream mode) is one datagram frame (``VMCIDatagram`` header + payload, ``vmci-sdk.md``
 3.1). The receiving transport reads the hello in ``identify`` (waiting at most
 ``HELLO_TIMEOUT`` seconds), takes the peer's context from ``getpeername`` (kernel-verified)
 and its resource id from the hello; a connection without a valid hello (wrong size, wrong
@@ -61,42 +93,55 @@ sender by the receiver's free space (and so restores the SDK bound) is future wo
 Peer loss: a receiver that goes away resets its connections; the link's pump sees the hang-up
 and closes its end of the pair, so the endpoint's stale-link check sees it and the next send
 gets ``EPIPE``; the endpoint reconnects once, and the refused connect reports
-``VMCI_ERROR_INVALID_RESOURCE``.
+``VMCI_ERROR_INVALID_RESOURCE``. Closing a link (``disconnect``: ``forget``, or closing the
+endpoint) first lets its pump forward what the core already sent, for at most ``LINGER``
+seconds, so a reply sent just before closing is not lost.
 """
 import errno
 import fcntl
-import mmap
 import os
 import select
 import socket
 import struct
 import threading
-from typing import Dict, Optional, Set
+from typing import Dict, Optional, Tuple
 
-from ..constants import VMCI_HYPERVISOR_CONTEXT_ID, VMCI_MAX_DG_SIZE, VMCI_RESERVED_RESOURCE_ID_MAX
+from ..constants import (
+    AF_VSOCK,
+    IOCTL_VM_SOCKETS_GET_LOCAL_CID,
+    VMADDR_CID_ANY,
+    VMADDR_CID_HOST,
+    VMADDR_CID_LOCAL,
+    VMADDR_PORT_ANY,
+    VMCI_HYPERVISOR_CONTEXT_ID,
+    VMCI_RESERVED_RESOURCE_ID_MAX,
+    VMCI_WELL_KNOWN_CONTEXT_ID,
+)
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, NoResources
 from ..handles import VMCIHandle
 from .base import Bound, Link, Peer, Transport, TransportUnavailable
+from .streams import (  # noqa: F401  (the hello and the pump are part of this transport's wire format)
+    HELLO,
+    HELLO_MAGIC,
+    HELLO_TIMEOUT,
+    HELLO_WELL_KNOWN_MAGIC,
+    StreamLinks,
+    StreamListener,
+    _pump,
+    decode_hello,
+    encode_hello,
+    parse_hello,
+    read_stream_hello,
+)
 
-AF_VSOCK = 40
-VMADDR_CID_ANY = 0xFFFFFFFF
-VMADDR_CID_LOCAL = 1
-VMADDR_PORT_ANY = 0xFFFFFFFF
-IOCTL_VM_SOCKETS_GET_LOCAL_CID = 0x7B9  # _IO(7, 0xb9) = 1977
 VSOCK_DEVICE = "/dev/vsock"
 
-HELLO = struct.Struct("<II")
-HELLO_MAGIC = 0x31435356  # b"VSC1" read as a little-endian u32
-#: Seconds ``identify`` waits for a new connection's hello.
-HELLO_TIMEOUT = 5.0
-#: The account limit of vsock links and endpoints: no user-space bound (see the module docstring).
-UNBOUNDED = 1 << 62
 FIRST_AUTO_RID = VMCI_RESERVED_RESOURCE_ID_MAX + 1
 #: Ports tried, upwards, for one auto-assigned resource id.
 AUTO_RID_TRIES = 65536
-PUMP_JOIN_TIMEOUT = 5.0
+MODES = ("seqpacket", "stream")
 
-_SOCK_TYPE = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+_SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 _GONE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.EPROTO, errno.ETIMEDOUT, errno.EPIPE,
          errno.ENOTCONN)
 _UNREACHABLE = (errno.EHOSTUNREACH, errno.ENODEV, errno.ENETUNREACH, errno.EADDRNOTAVAIL,
@@ -104,18 +149,29 @@ _UNREACHABLE = (errno.EHOSTUNREACH, errno.ENODEV, errno.ENETUNREACH, errno.EADDR
 _BUSY = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
 
 
-def parse_hello(data: bytes, truncated: bool = False) -> Optional[int]:
-    """The sender's resource id from a connection's first message, or None if it is not a hello."""
-    if truncated or len(data) != HELLO.size:
-        return None
-    magic, rid = HELLO.unpack(data)
-    if magic != HELLO_MAGIC or rid == VMADDR_PORT_ANY:
-        return None
-    return rid
+def _vsock_socket(kind: int = socket.SOCK_SEQPACKET) -> socket.socket:
+    return socket.socket(AF_VSOCK, kind | socket.SOCK_CLOEXEC)
 
 
-def _vsock_socket() -> socket.socket:
-    return socket.socket(AF_VSOCK, _SOCK_TYPE)
+def choose_mode(requested: str = "auto") -> str:
+    """``seqpacket`` or ``stream``, by creating (never connecting) AF_VSOCK sockets.
+
+    ``auto`` is SEQPACKET when such a socket can be created, else STREAM. TransportUnavailable
+    when the mode asked for (or, for ``auto``, neither) can be created.
+    """
+    if requested not in MODES + ("auto",):
+        raise TransportUnavailable("unknown vsock mode %r (auto, %s)" % (requested, ", ".join(MODES)))
+    errors = []
+    for mode in (MODES if requested == "auto" else (requested,)):
+        try:
+            probe = _vsock_socket(_SOCK_TYPES[mode]) if mode != "seqpacket" else _vsock_socket()
+        except OSError as exc:
+            errors.append("AF_VSOCK SOCK_%s sockets cannot be created here: [Errno %s] %s"
+                          % (mode.upper(), exc.errno, exc.strerror or exc))
+            continue
+        probe.close()
+        return mode
+    raise TransportUnavailable("; ".join(errors))
 
 
 def read_local_cid(device: str = VSOCK_DEVICE) -> int:
@@ -132,40 +188,19 @@ def read_local_cid(device: str = VSOCK_DEVICE) -> int:
         os.close(fd)
 
 
-def _pump(back: socket.socket, vs: socket.socket) -> None:
-    """Forward whole messages from a link's AF_UNIX end to its vsock connection, blocking.
-
-    Ends (closing ``back``, so the core's next send sees EPIPE) when the core closes its end,
-    when the receiver hangs up (it never writes: any event on ``vs`` is a hang-up) or when a
-    send fails. ``vs`` is closed by ``disconnect``.
-    """
-    buf = bytearray(VMCI_MAX_DG_SIZE + 1)
-    view = memoryview(buf)
-    poller = select.poll()
-    poller.register(back, select.POLLIN)
-    poller.register(vs, select.POLLIN)
-    vs_fd = vs.fileno()
-    try:
-        while True:
-            events = poller.poll()
-            if any(fd == vs_fd for fd, _ in events):
-                return
-            n = back.recv_into(buf)
-            if n == 0:
-                return
-            if vs.send(view[:n]) != n:  # blocking SEQPACKET: whole message or an error
-                return
-    except OSError:
-        return
-    finally:
-        view.release()
-        back.close()
+def well_known_cid(local_cid: int) -> int:
+    """The vsock CID at which this kernel reaches context 1: the host's from a guest, else its own."""
+    return VMADDR_CID_HOST if VMADDR_CID_HOST < local_cid < VMADDR_CID_ANY else VMADDR_CID_LOCAL
 
 
 def _link_error(exc: OSError, dst: VMCIHandle):
     """The VMCIError for a failed connect (or hello) to ``dst``."""
     if exc.errno in _GONE:
         return InvalidResource("no endpoint %s (%s)" % (tuple(dst), os.strerror(exc.errno)))
+    if exc.errno == errno.ESOCKTNOSUPPORT:
+        return DstUnreachable("context %d cannot be reached with this socket type (%s): use "
+                              "VSOCKCOMPAT_VSOCK_MODE=stream on both sides"
+                              % (dst.context, os.strerror(exc.errno)))
     if exc.errno in _UNREACHABLE:
         return DstUnreachable("context %d cannot be reached over vsock (%s)"
                               % (dst.context, os.strerror(exc.errno)))
@@ -176,35 +211,41 @@ def _link_error(exc: OSError, dst: VMCIHandle):
     return None
 
 
-class VsockTransport(Transport):
-    """AF_VSOCK SOCK_SEQPACKET links; identity: kernel CID + the connection's hello."""
+class VsockTransport(StreamLinks, Transport):
+    """AF_VSOCK links (SEQPACKET or STREAM); identity: kernel CID + the connection's hello."""
 
     name = "vsock"
     features = frozenset({"dgram", "peer-identity"})
 
-    def __init__(self, core, cid: Optional[int] = None):
-        """Open the transport; TransportUnavailable if AF_VSOCK SOCK_SEQPACKET cannot be used.
+    def __init__(self, core, cid: Optional[int] = None, *, context: Optional[int] = None,
+                 mode: str = "auto"):
+        """Open the transport; TransportUnavailable if AF_VSOCK cannot be used in ``mode``.
 
         ``cid`` overrides the kernel's local CID (for kernels whose ``/dev/vsock`` cannot say);
-        by default it is read from the ioctl. Creating the probe socket sends nothing.
+        by default it is read from the ioctl. ``context`` may only be 1: endpoints of the
+        well-known context (the discovery service), on a host or loopback-only kernel. ``mode``
+        is ``auto``, ``seqpacket`` or ``stream`` (``choose_mode``). Probe sockets send nothing.
         """
-        try:
-            probe = _vsock_socket()
-        except OSError as exc:
-            raise TransportUnavailable(
-                "AF_VSOCK SOCK_SEQPACKET sockets cannot be created here: [Errno %s] %s"
-                % (exc.errno, exc.strerror or exc)) from exc
-        probe.close()
+        self.mode = choose_mode(mode)
         if cid is None:
             cid = read_local_cid()
             if cid == VMADDR_CID_ANY:
                 raise TransportUnavailable(
                     "the local CID is unknown (IOCTL_VM_SOCKETS_GET_LOCAL_CID on %s failed or "
                     "no vsock transport gave this kernel a CID)" % VSOCK_DEVICE)
-        self._cid = cid
+        if context is not None and context not in (cid, VMCI_WELL_KNOWN_CONTEXT_ID):
+            raise TransportUnavailable("over vsock a process is in its kernel's context (%d) or, "
+                                       "on the host, in context 1; not in %d" % (cid, context))
+        if context == VMCI_WELL_KNOWN_CONTEXT_ID and well_known_cid(cid) != VMADDR_CID_LOCAL:
+            raise TransportUnavailable("context 1 (the discovery service) is served by the host, "
+                                       "not by a guest (local CID %d)" % cid)
+        self._kcid = cid
+        self._cid = cid if context is None else context
+        self._well_known = self._cid == VMCI_WELL_KNOWN_CONTEXT_ID
+        self._sock_type = _SOCK_TYPES[self.mode]
         self._core = core
         self._lock = threading.Lock()
-        self._bound: Set[int] = set()
+        self._bound: Dict[int, object] = {}
         self._next_rid = FIRST_AUTO_RID
         self._pumps: Dict[int, tuple] = {}
 
@@ -212,23 +253,35 @@ class VsockTransport(Transport):
     def local_cid(self) -> int:
         return self._cid
 
+    @property
+    def kernel_cid(self) -> int:
+        """The kernel's CID (differs from ``local_cid`` only for the well-known context)."""
+        return self._kcid
+
+    def _socket(self) -> socket.socket:
+        return _vsock_socket(self._sock_type) if self.mode != "seqpacket" else _vsock_socket()
+
     # Endpoints
 
     def bind(self, resource: Optional[int]) -> Bound:
-        listener = _vsock_socket()
+        sock = self._socket()
         try:
             if resource is not None:
-                rid = self._bind_explicit(listener, resource)
+                rid = self._bind_explicit(sock, resource)
             else:
-                rid = self._bind_auto(listener)
-            listener.listen(socket.SOMAXCONN)
-            listener.setblocking(False)
+                rid = self._bind_auto(sock)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+            if self.mode == "stream":
+                listener = StreamListener(sock, self._identify_stream, "vsock-%d" % rid)
+            else:
+                listener = sock
             account, page = self._private_account()
         except BaseException:
-            listener.close()
+            sock.close()
             raise
         with self._lock:
-            self._bound.add(rid)
+            self._bound[rid] = listener
         return Bound(VMCIHandle(self._cid, rid), listener, account, page)
 
     def _bind_explicit(self, listener: socket.socket, rid: int) -> int:
@@ -263,22 +316,29 @@ class VsockTransport(Transport):
     def unbind(self, bound: Bound) -> None:
         bound.account.mark_closed()
         with self._lock:
-            self._bound.discard(bound.handle.resource)
+            self._bound.pop(bound.handle.resource, None)
         bound.listener.close()
         self._release(bound.account, bound.page)
 
     # Links
+
+    def vsock_address(self, dst: VMCIHandle) -> Tuple[int, int]:
+        """The ``(cid, port)`` that endpoint ``dst`` is reached at."""
+        cid = dst.context
+        if cid == VMCI_WELL_KNOWN_CONTEXT_ID:
+            cid = well_known_cid(self._kcid)
+        return cid, dst.resource
 
     def connect(self, src: VMCIHandle, dst: VMCIHandle) -> Link:
         if dst.context in (VMCI_HYPERVISOR_CONTEXT_ID, VMADDR_CID_ANY):
             raise DstUnreachable("context %d cannot be reached over vsock" % dst.context)
         if dst.resource == VMADDR_PORT_ANY:
             raise InvalidResource("no endpoint %s" % (tuple(dst),))
-        vs = _vsock_socket()
+        vs = self._socket()
         try:
             # Blocking: the kernel's connect timeout (2 s by default) bounds it.
-            vs.connect((dst.context, dst.resource))
-            vs.sendall(HELLO.pack(HELLO_MAGIC, src.resource))
+            vs.connect(self.vsock_address(dst))
+            vs.sendall(encode_hello(src.resource, self._well_known))
         except OSError as exc:
             vs.close()
             error = _link_error(exc, dst)
@@ -288,43 +348,29 @@ class VsockTransport(Transport):
         except BaseException:
             vs.close()
             raise
-        try:
-            front, back = socket.socketpair(socket.AF_UNIX, _SOCK_TYPE)
-        except BaseException:
-            vs.close()
-            raise
-        try:
-            front.setblocking(False)
-            account, page = self._private_account()
-            pump = threading.Thread(target=_pump, args=(back, vs), daemon=True,
-                                    name="vsockcompat-vsock-link-%d-%d.%d" % (src.resource, *dst))
-            pump.start()
-        except BaseException:
-            for sock in (front, back, vs):
-                sock.close()
-            raise
-        with self._lock:
-            self._pumps[id(front)] = (vs, pump)
-        return Link(front, account, page)
-
-    def disconnect(self, src: VMCIHandle, link: Link) -> None:
-        with self._lock:
-            vs, pump = self._pumps.pop(id(link.sock))
-        try:
-            vs.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked in send
-        except OSError:
-            pass
-        link.sock.close()  # the pump's recv sees the end
-        pump.join(PUMP_JOIN_TIMEOUT)
-        vs.close()
-        self._release(link.account, link.page)
+        return self._start_link(vs, src, dst, stream=self.mode == "stream")
 
     # Identity
 
+    def _peer_context(self, peer_cid: int, well_known: bool) -> Optional[int]:
+        """The context of a peer the kernel places at ``peer_cid``; None if its claim is refused."""
+        own = peer_cid in (VMADDR_CID_LOCAL, self._kcid)
+        if well_known:
+            return VMCI_WELL_KNOWN_CONTEXT_ID if own or peer_cid == VMADDR_CID_HOST else None
+        return self._kcid if own else peer_cid
+
+    def _identify_stream(self, conn: socket.socket, hello: Tuple[bool, int]) -> Optional[VMCIHandle]:
+        context = self._peer_context(conn.getpeername()[0], hello[0])
+        return None if context is None else VMCIHandle(context, hello[1])
+
+    def _stream_listeners(self):
+        with self._lock:
+            return [listener for listener in self._bound.values() if isinstance(listener, StreamListener)]
+
     def identify(self, conn, dst: VMCIHandle) -> Optional[Peer]:
+        if self.mode == "stream":
+            return self._stream_peer(conn)
         cid, _port = conn.getpeername()
-        if cid == VMADDR_CID_LOCAL:
-            cid = self._cid  # the loopback peer runs under this kernel: our context
         poller = select.poll()
         poller.register(conn, select.POLLIN)
         if not poller.poll(int(HELLO_TIMEOUT * 1000)):
@@ -333,10 +379,13 @@ class VsockTransport(Transport):
             data, _, flags, _ = conn.recvmsg(HELLO.size + 1, 0, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
-        rid = parse_hello(data, truncated=bool(flags & socket.MSG_TRUNC))
-        if rid is None:
+        hello = decode_hello(data, truncated=bool(flags & socket.MSG_TRUNC))
+        if hello is None:
             return None
-        return Peer(VMCIHandle(cid, rid), 0, -1)  # pid 0 / uid -1: not known across kernels
+        context = self._peer_context(cid, hello[0])
+        if context is None:
+            return None
+        return Peer(VMCIHandle(context, hello[1]), 0, None)  # pid 0, uid None: not known across kernels
 
     # Introspection
 
@@ -350,22 +399,9 @@ class VsockTransport(Transport):
         with self._lock:
             return handle.resource in self._bound
 
-    # Helpers
-
-    def _private_account(self):
-        page = mmap.mmap(-1, self._core.ACCOUNT_SIZE)
-        try:
-            account = self._core.Account(-1, page)
-            account.initialise(UNBOUNDED)
-        except BaseException:
-            page.close()
-            raise
-        return account, page
-
-    @staticmethod
-    def _release(account, page) -> None:
-        account.release_memory()
-        page.close()
+    resource_alive = endpoint_alive
 
 
-__all__ = ["VsockTransport", "read_local_cid", "parse_hello", "HELLO", "HELLO_MAGIC", "HELLO_TIMEOUT"]
+__all__ = ["VsockTransport", "StreamListener", "StreamLinks", "choose_mode", "read_local_cid",
+           "parse_hello", "decode_hello", "encode_hello", "read_stream_hello", "well_known_cid",
+           "HELLO", "HELLO_MAGIC", "HELLO_WELL_KNOWN_MAGIC", "HELLO_TIMEOUT", "MODES"]

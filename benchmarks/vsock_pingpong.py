@@ -1,0 +1,203 @@
+"""Datagram ping-pong over the vsock transport versus raw AF_VSOCK SOCK_SEQPACKET, in the guest only.
+
+    python testbed/guest.py run -- python benchmarks/vsock_pingpong.py            # about 1-2 min (TCG)
+    python testbed/guest.py run -- python benchmarks/vsock_pingpong.py --quick
+
+Runs only inside the guest test bed (``testbed/guest.py``), behind the same gate as the
+real-vsock tests (``tests/real_vsock/conftest.py``): anywhere else it refuses, with the reason,
+and exits with status 2 before creating any socket.
+
+Two processes, the same pair for both implementations: this one (the client) and an echo
+server it starts. ``raw`` is a Python AF_VSOCK SOCK_SEQPACKET connection on CID 1 with blocking
+``send`` / ``recv_into`` on both sides; ``vsockcompat`` is a ``DatagramEndpoint`` on the vsock
+transport (``send_status`` / ``recv_status``, the calls ``VMCIDatagram_SendTo`` and
+``VMCIDatagram_RecvFrom`` make) on the chosen core and mode. They take turns, ``--rounds``
+times each per payload size; a round is ``--count`` round trips, timed by the client. It prints
+the median round-trip time of each and their ratio (target <= 1.3x with the Cython core). A
+benchmark reports, it never fails on timing: status 0 when every round completed, 1 otherwise.
+"""
+import argparse
+import importlib.util
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+AF_VSOCK = 40
+VMADDR_CID_LOCAL = 1
+VMADDR_CID_ANY = 0xFFFFFFFF
+VMADDR_PORT_ANY = 0xFFFFFFFF
+SIZES = (64, 4096)
+TARGET = 1.3
+TIMEOUT = 120.0
+
+
+def gate_reason():
+    """None inside the guest test bed, else why AF_VSOCK must not be used here (no socket made)."""
+    path = os.path.join(ROOT, "tests", "real_vsock", "conftest.py")
+    spec = importlib.util.spec_from_file_location("_vsock_gate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.gate()
+
+
+def runtime(core, mode, rundir):
+    from vsockcompat._settings import Settings
+    from vsockcompat.runtime import Runtime
+
+    settings = Settings(no_extensions=core == "pure", rundir=rundir, cid=2, transport="vsock",
+                        ds_autostart=False)._replace(vsock_mode=mode)
+    return Runtime(settings, core=core)
+
+
+# ------------------------------------------------------------------ the echo server (child)
+
+def serve(core, mode, rundir):
+    from vsockcompat.datagram import DatagramEndpoint
+
+    listener = socket.socket(AF_VSOCK, socket.SOCK_SEQPACKET)
+    listener.bind((VMADDR_CID_ANY, VMADDR_PORT_ANY))
+    listener.listen(1)
+    ep = DatagramEndpoint(runtime=runtime(core, mode, rundir))
+    print("ports %d %d" % (listener.getsockname()[1], ep.handle.resource), flush=True)
+    conn, _ = listener.accept()
+    buf = bytearray(70000)
+    view = memoryview(buf)
+    for line in sys.stdin:
+        what, count = line.split()
+        count = int(count)
+        if what == "raw":
+            for _ in range(count):
+                n = conn.recv_into(buf)
+                conn.send(view[:n])
+        else:
+            for _ in range(count):
+                n, src = ep.recv_status(view, TIMEOUT)
+                if n < 0:
+                    print("error %d" % n, flush=True)
+                    return 1
+                ep.send_status(src, view, n)
+        print("done", flush=True)
+    conn.close()
+    ep.close()
+    listener.close()
+    return 0
+
+
+# ------------------------------------------------------------------ the client (this process)
+
+def measure(args):
+    from vsockcompat.datagram import DatagramEndpoint
+    from vsockcompat.handles import VMCIHandle
+
+    rundir = tempfile.mkdtemp(prefix="vscv")
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", "--core", args.core,
+                              "--mode", args.mode, "--rundir", rundir],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    try:
+        first = child.stdout.readline().split()
+        if len(first) != 3:
+            print("vsock_pingpong: the echo server did not start (status %s)" % child.wait(TIMEOUT),
+                  file=sys.stderr)
+            return [], False, args.core, args.mode
+        _, raw_port, rid = first
+        raw = socket.socket(AF_VSOCK, socket.SOCK_SEQPACKET)
+        raw.settimeout(TIMEOUT)
+        raw.connect((VMADDR_CID_LOCAL, int(raw_port)))
+        rt = runtime(args.core, args.mode, rundir)
+        ep = DatagramEndpoint(runtime=rt)
+        dst = VMCIHandle(rt.transport.local_cid, int(rid))
+        rbuf = bytearray(70000)
+        rview = memoryview(rbuf)
+
+        def run_raw(payload, count):
+            child.stdin.write("raw %d\n" % count)
+            start = time.perf_counter()
+            for _ in range(count):
+                raw.send(payload)
+                raw.recv_into(rbuf)
+            elapsed = time.perf_counter() - start
+            return elapsed, child.stdout.readline() == "done\n"
+
+        def run_vsc(payload, count):
+            child.stdin.write("vsc %d\n" % count)
+            size = len(payload)
+            start = time.perf_counter()
+            for _ in range(count):
+                if ep.send_status(dst, payload, size) < 0 or ep.recv_status(rview, TIMEOUT)[0] != size:
+                    return None, False
+            elapsed = time.perf_counter() - start
+            return elapsed, child.stdout.readline() == "done\n"
+
+        results = []
+        ok = True
+        for size in SIZES:
+            payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+            run_raw(payload, args.count // 4)  # warm-up
+            run_vsc(payload, args.count // 4)
+            times = {"raw": [], "vsockcompat": []}
+            for _ in range(args.rounds):
+                for name, run in (("raw", run_raw), ("vsockcompat", run_vsc)):
+                    elapsed, done = run(payload, args.count)
+                    if not done:
+                        ok = False
+                        break
+                    times[name].append(elapsed / args.count * 1e6)
+            if not ok:
+                break
+            raw_us = statistics.median(times["raw"])
+            vsc_us = statistics.median(times["vsockcompat"])
+            results.append((size, raw_us, vsc_us, vsc_us / raw_us))
+        child.stdin.close()
+        ok = child.wait(TIMEOUT) == 0 and ok
+        ep.close()
+        raw.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        shutil.rmtree(rundir, ignore_errors=True)
+    return results, ok, rt.core.NAME, rt.transport.mode
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--core", choices=("cython", "pure"), default="cython")
+    parser.add_argument("--mode", choices=("auto", "seqpacket", "stream"), default="auto")
+    parser.add_argument("--count", type=int, default=2000, help="round trips per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per implementation and size")
+    parser.add_argument("--quick", action="store_true", help="--count 500 --rounds 3")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rundir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    reason = gate_reason()
+    if reason is not None:
+        print("vsock_pingpong: refusing to run: %s" % reason, file=sys.stderr)
+        return 2
+    if args.serve:
+        return serve(args.core, args.mode, args.rundir)
+    if args.quick:
+        args.count, args.rounds = 500, 3
+    results, ok, core, mode = measure(args)
+    print("vsock ping-pong, Linux %s, %s, core %s, mode %s, %d x %d round trips, medians"
+          % (platform.release(), platform.python_implementation() + " " + platform.python_version(),
+             core, mode, args.rounds, args.count))
+    print("%-8s %12s %16s %8s" % ("payload", "raw (us)", "vsockcompat (us)", "ratio"))
+    for size, raw_us, vsc_us, ratio in results:
+        verdict = ("PASS" if ratio <= TARGET else "MISS") if core == "cython" else ""
+        print("%-8s %12.1f %16.1f %7.2fx %s" % ("%d B" % size, raw_us, vsc_us, ratio, verdict))
+    if not ok:
+        print("a round did not complete", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Links and stream receivers shared by the vsock and hybrid transports.
+
+* the **hello**, the 8 bytes a connector sends first (its resource id, and whether it speaks for
+  the well-known context 1): wire format in ``transport/vsock.py``;
+* the **pump** of a link: the core sends each datagram, without blocking and all or nothing, on
+  one end of an AF_UNIX SEQPACKET pair; a thread forwards each message with a blocking send on
+  the real connection (a SEQPACKET one, or a stream where the frames go back to back);
+* the **stream receiver** (``StreamListener``): a listening stream socket whose connections are
+  read by threads that split them into frames and hand each one to the core as a message;
+* ``StreamLinks``: the link and account helpers of transports built on these.
+"""
+import collections
+import errno
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+from typing import Callable, Dict, Optional, Tuple
+
+from ..constants import VMADDR_PORT_ANY, VMCI_DG_HEADERSIZE, VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_MAX_DG_SIZE
+from ..handles import VMCIHandle
+from .base import Link, Peer
+
+HELLO = struct.Struct("<II")
+HELLO_MAGIC = 0x31435356  # b"VSC1" read as a little-endian u32
+HELLO_WELL_KNOWN_MAGIC = 0x31575356  # b"VSW1": the sender speaks for context 1
+#: Seconds ``identify`` (or a stream reader) waits for a new connection's hello.
+HELLO_TIMEOUT = 5.0
+#: The account limit of links and endpoints across kernels: no user-space bound (the kernel's
+#: buffers bound the queue; see "Queue accounting" in ``transport/vsock.py``).
+UNBOUNDED = 1 << 62
+PUMP_JOIN_TIMEOUT = 5.0
+#: Seconds ``disconnect`` lets a link's pump forward what the core already sent.
+LINGER = 2.0
+
+_SIZE = struct.Struct("<Q")
+_SIZE_OFFSET = VMCI_DG_HEADERSIZE - _SIZE.size
+
+
+def parse_hello(data: bytes, truncated: bool = False) -> Optional[int]:
+    """The sender's resource id from a connection's first message, or None if it is not a hello.
+
+    Only the plain hello ("VSC1"); ``decode_hello`` also reads the well-known one.
+    """
+    decoded = decode_hello(data, truncated)
+    if decoded is None or decoded[0]:
+        return None
+    return decoded[1]
+
+
+def decode_hello(data: bytes, truncated: bool = False) -> Optional[Tuple[bool, int]]:
+    """``(claims_well_known_context, rid)`` from a hello, or None if ``data`` is not one."""
+    if truncated or len(data) != HELLO.size:
+        return None
+    magic, rid = HELLO.unpack(data)
+    if magic not in (HELLO_MAGIC, HELLO_WELL_KNOWN_MAGIC) or rid == VMADDR_PORT_ANY:
+        return None
+    return magic == HELLO_WELL_KNOWN_MAGIC, rid
+
+
+def encode_hello(rid: int, well_known: bool = False) -> bytes:
+    return HELLO.pack(HELLO_WELL_KNOWN_MAGIC if well_known else HELLO_MAGIC, rid)
+
+
+def _pump(back: socket.socket, vs: socket.socket, stream: bool = False) -> None:
+    """Forward whole messages from a link's AF_UNIX end to its connection ``vs``, blocking.
+
+    ``stream``: ``vs`` is a stream and the messages go back to back. Ends (closing ``back``,
+    so the core's next send sees EPIPE) when the core closes its end, when the receiver hangs
+    up (it never writes: any event on ``vs`` is a hang-up) or when a send fails. ``vs`` is
+    closed by ``disconnect``.
+    """
+    buf = bytearray(VMCI_MAX_DG_SIZE + 1)
+    view = memoryview(buf)
+    poller = select.poll()
+    poller.register(back, select.POLLIN)
+    poller.register(vs, select.POLLIN)
+    vs_fd = vs.fileno()
+    try:
+        while True:
+            events = poller.poll()
+            if any(fd == vs_fd for fd, _ in events):
+                return
+            n = back.recv_into(buf)
+            if n == 0:
+                return
+            if stream:
+                vs.sendall(view[:n])
+            elif vs.send(view[:n]) != n:  # blocking SEQPACKET: whole message or an error
+                return
+    except OSError:
+        return
+    finally:
+        view.release()
+        back.close()
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> int:
+    """Fill ``view`` from a stream; the bytes read (short only at the end of the stream)."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def read_stream_hello(sock: socket.socket, timeout: float) -> Optional[Tuple[bool, int]]:
+    """Read and decode the 8-byte hello at the start of a stream within ``timeout`` seconds."""
+    buf = bytearray(HELLO.size)
+    sock.settimeout(timeout)
+    try:
+        n = _recv_exact(sock, memoryview(buf))
+    except OSError:  # socket.timeout included
+        return None
+    finally:
+        sock.settimeout(None)
+    return decode_hello(bytes(buf[:n]))
+
+
+def _deframe(sock: socket.socket, out: socket.socket) -> None:
+    """Split the stream ``sock`` into frames, each sent as one message on ``out``, until either ends.
+
+    A frame announcing more than the maximum payload, or cut by the end of the stream, is sent
+    as what was read of it (the core drops it as a bad frame), and ends the stream.
+    """
+    buf = bytearray(VMCI_MAX_DG_SIZE)
+    view = memoryview(buf)
+    try:
+        while True:
+            got = _recv_exact(sock, view[:VMCI_DG_HEADERSIZE])
+            if got == 0:
+                return
+            if got < VMCI_DG_HEADERSIZE:
+                out.send(view[:got])
+                return
+            size = _SIZE.unpack_from(buf, _SIZE_OFFSET)[0]
+            if size > VMCI_MAX_DG_PAYLOAD_SIZE:
+                out.send(view[:VMCI_DG_HEADERSIZE])
+                return
+            end = VMCI_DG_HEADERSIZE + size
+            got = VMCI_DG_HEADERSIZE + _recv_exact(sock, view[VMCI_DG_HEADERSIZE:end])
+            out.send(view[:got])  # blocking: a full pair holds the stream back (flow control)
+            if got < end:
+                return
+    except OSError:
+        return
+    finally:
+        view.release()
+
+
+class StreamListener:
+    """The listener of a stream-mode endpoint, as the core and the endpoint use it.
+
+    Wraps a listening stream socket (AF_VSOCK or AF_UNIX). A thread accepts its connections;
+    each gets a reader thread that reads the hello, asks ``identify(sock, hello)`` for the
+    sender's handle (None refuses it) and then forwards its frames as messages on an AF_UNIX
+    SEQPACKET pair. ``fileno()`` is readable while such pairs wait; ``accept()`` returns the next
+    one's core end as ``(sock, None)`` (``BlockingIOError`` when none waits), and ``peer(sock)``
+    the identity found for it (None: refused).
+    """
+
+    def __init__(self, listener: socket.socket,
+                 identify: Callable[[socket.socket, Tuple[bool, int]], Optional[VMCIHandle]],
+                 name: str):
+        self._listener = listener
+        self._identify = identify
+        self._name = name
+        self._lock = threading.Lock()
+        self._queue = collections.deque()
+        self._peers: Dict[socket.socket, Optional[Peer]] = {}
+        self._readers: Dict[threading.Thread, tuple] = {}
+        self._closed = False
+        self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        listener.setblocking(False)
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
+                                          name="vsockcompat-%s-accept" % name)
+        self._acceptor.start()
+
+    def fileno(self) -> int:
+        return self._ready_r
+
+    def accept(self):
+        with self._lock:
+            if not self._queue:
+                raise BlockingIOError(errno.EAGAIN, "no connection waits")
+            front = self._queue.popleft()
+            os.read(self._ready_r, 1)
+        return front, None
+
+    def peer(self, sock) -> Optional[Peer]:
+        with self._lock:
+            return self._peers.pop(sock, None)
+
+    def _accept_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            if any(fd == self._stop_r for fd, _ in poller.poll()):
+                return
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            conn.setblocking(True)
+            reader = threading.Thread(target=self._read, args=(conn,), daemon=True,
+                                      name="vsockcompat-%s-read" % self._name)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._readers[reader] = (conn, None)
+            reader.start()
+
+    def _read(self, conn: socket.socket) -> None:
+        me = threading.current_thread()
+        front = back = None
+        try:
+            hello = read_stream_hello(conn, HELLO_TIMEOUT)
+            handle = self._identify(conn, hello) if hello is not None else None
+            front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            with self._lock:
+                if self._closed:
+                    return
+                self._readers[me] = (conn, back)
+                self._peers[front] = Peer(handle, 0, None) if handle is not None else None
+                self._queue.append(front)
+                os.write(self._ready_w, b"\0")
+                front = None  # the endpoint owns it now
+            if handle is not None:
+                _deframe(conn, back)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._readers.pop(me, None)
+            for sock in (front, back, conn):
+                if sock is not None:
+                    sock.close()
+
+    def close(self) -> None:
+        """Stop accepting, end every reader, close what the endpoint was not handed."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            readers = dict(self._readers)
+            queued, self._queue = list(self._queue), collections.deque()
+            self._peers.clear()
+        os.write(self._stop_w, b"\0")
+        self._acceptor.join(PUMP_JOIN_TIMEOUT)
+        self._listener.close()
+        for conn, back in readers.values():
+            for sock in (conn, back):
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked on either
+                    except OSError:
+                        pass
+        for reader in readers:
+            reader.join(PUMP_JOIN_TIMEOUT)
+        for front in queued:
+            front.close()
+        for fd in (self._ready_r, self._ready_w, self._stop_r, self._stop_w):
+            os.close(fd)
+
+
+class StreamLinks:
+    """What the vsock (stream mode) and hybrid transports share: pumped links, accounts, peers."""
+
+    _core = None
+    _pumps: Dict[int, tuple]
+    _lock: threading.Lock
+
+    def _start_link(self, vs: socket.socket, src: VMCIHandle, dst: VMCIHandle, stream: bool) -> Link:
+        """Wrap the connected ``vs`` (hello sent) in a link: the core sends on an AF_UNIX pair."""
+        try:
+            front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        except BaseException:
+            vs.close()
+            raise
+        try:
+            front.setblocking(False)
+            account, page = self._private_account()
+            pump = threading.Thread(target=_pump, args=(back, vs, stream), daemon=True,
+                                    name="vsockcompat-%s-link-%d-%d.%d" % (self.name, src.resource, *dst))
+            pump.start()
+        except BaseException:
+            for sock in (front, back, vs):
+                sock.close()
+            raise
+        with self._lock:
+            self._pumps[id(front)] = (vs, pump)
+        return Link(front, account, page)
+
+    def disconnect(self, src: VMCIHandle, link: Link) -> None:
+        """Close a link once its pump forwarded what was sent (at most ``LINGER`` seconds)."""
+        with self._lock:
+            vs, pump = self._pumps.pop(id(link.sock))
+        link.sock.close()  # the pump forwards what is queued, then sees the end
+        pump.join(LINGER)
+        try:
+            vs.shutdown(socket.SHUT_RDWR)  # wakes a pump still blocked in send
+        except OSError:
+            pass
+        pump.join(PUMP_JOIN_TIMEOUT)
+        vs.close()
+        self._release(link.account, link.page)
+
+    def _stream_peer(self, conn) -> Optional[Peer]:
+        """The identity a StreamListener found for a connection it handed over (None: refused)."""
+        for bound_listener in self._stream_listeners():
+            peer = bound_listener.peer(conn)
+            if peer is not None:
+                return peer
+        return None
+
+    def _stream_listeners(self):
+        return ()
+
+    def _private_account(self):
+        page = mmap.mmap(-1, self._core.ACCOUNT_SIZE)
+        try:
+            account = self._core.Account(-1, page)
+            account.initialise(UNBOUNDED)
+        except BaseException:
+            page.close()
+            raise
+        return account, page
+
+    @staticmethod
+    def _release(account, page) -> None:
+        account.release_memory()
+        page.close()
+
+
+__all__ = ["StreamListener", "StreamLinks", "decode_hello", "encode_hello", "parse_hello",
+           "read_stream_hello", "HELLO", "HELLO_MAGIC", "HELLO_WELL_KNOWN_MAGIC", "HELLO_TIMEOUT",
+           "LINGER", "PUMP_JOIN_TIMEOUT", "UNBOUNDED"]
