@@ -1,0 +1,118 @@
+"""The gate of the cross-VM tests (marker ``cross_vm``).
+
+These tests run inside the guest that ``testbed/cross.py run`` boots: a guest whose only vsock
+device is QEMU's vhost-user-vsock, served on the machine by ``vhost-device-vsock`` (Unix sockets
+only). On the machine itself AF_VSOCK leads to a hypervisor host that is not ours, and the machine's
+own CID can be 3 too, so the CID alone proves nothing. The gate opens only when ALL of these hold,
+checked in this order (it creates no socket):
+
+1. ``VSOCKCOMPAT_CROSS=1`` and a ``VSOCKCOMPAT_CROSS_NONCE``: set by the bed in the guest, after
+   its own checks;
+2. the kernel command line carries ``vsockcompat_cross=<that nonce>``: a fresh value per boot that
+   only the bed's guest has (the machine's command line was fixed when it booted);
+3. ``vmw_vsock_virtio_transport`` is loaded, no other transport that leads out
+   (``vmw_vsock_vmci_transport``, ``hv_sock``) is, and exactly one virtio vsock device exists;
+4. ``IOCTL_VM_SOCKETS_GET_LOCAL_CID`` says ``BED_CID`` (3), the CID the bed gave the daemon, and
+   ``VSOCKCOMPAT_CROSS_CID`` says the same.
+
+Where ``VSOCKCOMPAT_CROSS=1`` is set but the gate stays closed, the tests skip and the session fails.
+"""
+import fcntl
+import glob
+import os
+import struct
+
+import pytest
+
+MARKER = "cross_vm"
+BED_CID = 3
+NONCE_PARAM = "vsockcompat_cross"
+OTHER_TRANSPORTS = ("vmw_vsock_vmci_transport", "hv_sock")
+IOCTL_VM_SOCKETS_GET_LOCAL_CID = 0x7B9      # _IO(7, 0xb9)
+VIRTIO_ID_VSOCK = 19
+HOW = "python testbed/cross.py run --host-cmd ... -- python -m pytest tests/cross_vm -m cross_vm"
+
+
+def _virtio_vsock_devices(sysfs):
+    found = []
+    for path in sorted(glob.glob(os.path.join(sysfs, "bus", "virtio", "devices", "*", "device"))):
+        try:
+            with open(path) as f:
+                kind = int(f.read().strip(), 16)
+        except (OSError, ValueError):
+            kind = VIRTIO_ID_VSOCK                  # unreadable: count it
+        if kind == VIRTIO_ID_VSOCK:
+            found.append(os.path.basename(os.path.dirname(path)))
+    return found
+
+
+def _local_cid(dev):
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return struct.unpack("I", fcntl.ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+
+
+def gate(environ=None, sysfs="/sys", dev="/dev/vsock", cmdline="/proc/cmdline"):
+    """None when the cross-VM tests may run here, else the reason they must not.
+
+    The parameters other than ``environ`` exist for the gate's own tests only."""
+    environ = os.environ if environ is None else environ
+    if environ.get("VSOCKCOMPAT_CROSS") != "1" or not environ.get("VSOCKCOMPAT_CROSS_NONCE"):
+        return "cross-VM tests run only in the cross bed's guest (VSOCKCOMPAT_CROSS=1): " + HOW
+    try:
+        with open(cmdline) as f:
+            words = f.read().split()
+    except OSError as exc:
+        return "cannot read %s: %s" % (cmdline, exc.strerror)
+    if "%s=%s" % (NONCE_PARAM, environ["VSOCKCOMPAT_CROSS_NONCE"]) not in words:
+        return "the kernel command line lacks this boot's %s nonce: not the bed's guest" % (
+            NONCE_PARAM)
+    if not os.path.isdir(os.path.join(sysfs, "module", "vmw_vsock_virtio_transport")):
+        return "vmw_vsock_virtio_transport is not loaded: no vhost-user device"
+    loaded = [m for m in OTHER_TRANSPORTS if os.path.exists(os.path.join(sysfs, "module", m))]
+    if loaded:
+        return "%s loaded: vsock traffic could go elsewhere" % ", ".join(loaded)
+    devices = _virtio_vsock_devices(sysfs)
+    if len(devices) != 1:
+        return "expected exactly one virtio vsock device, found %d" % len(devices)
+    if environ.get("VSOCKCOMPAT_CROSS_CID") != str(BED_CID):
+        return "VSOCKCOMPAT_CROSS_CID is not %d" % BED_CID
+    try:
+        cid = _local_cid(dev)
+    except OSError as exc:
+        return "cannot read the local CID from %s: %s" % (dev, exc.strerror or exc)
+    if cid != BED_CID:
+        return "the local CID is %d, not the bed's %d" % (cid, BED_CID)
+    return None
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", MARKER + ": across a VM boundary; runs only inside the cross bed's guest "
+        "(testbed/cross.py), skipped elsewhere")
+
+
+CLOSED_IN_BED = pytest.StashKey()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker(MARKER) is not None:
+        reason = gate()
+        if reason is not None:
+            if os.environ.get("VSOCKCOMPAT_CROSS") == "1":
+                item.config.stash.setdefault(CLOSED_IN_BED, []).append(reason)
+            pytest.skip(reason)
+
+
+def pytest_sessionfinish(session):
+    closed = session.config.stash.get(CLOSED_IN_BED, [])
+    if closed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("cross_vm gate: VSOCKCOMPAT_CROSS=1 but the gate stayed closed "
+                                "for %d tests (%s)" % (len(closed), closed[0]), red=True)
+        if session.exitstatus == 0:
+            session.exitstatus = 1
