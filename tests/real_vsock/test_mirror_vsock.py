@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+import vsockcompat
+
 from vsockcompat import constants as C
 from vsockcompat import ds_client, mirror_link
 from vsockcompat._settings import Settings
@@ -33,7 +35,8 @@ from .conftest import VMADDR_CID_LOCAL
 
 pytestmark = pytest.mark.vsock
 
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Children import vsockcompat from where this process did (source tree or site-packages).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(vsockcompat.__file__)))
 START_TIMEOUT = 90.0  # Python starts slowly under TCG
 WAIT = 60.0
 READING = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} \d\d \d\d:\d\d:\d\d \S+ \d{4}")

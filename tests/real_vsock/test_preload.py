@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+import vsockcompat
+
 from vsockcompat import clib
 from vsockcompat.run import run_env
 
@@ -26,6 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 REPO = os.path.dirname(TESTS)
 SRC_DIR = os.path.join(REPO, "src")
+# Children import vsockcompat from where this process did (source tree or site-packages).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(vsockcompat.__file__)))
 LEGACY = os.path.join(TESTS, "c", "vmci_sockets_legacy.c")
 PORT = 0x5650                  # any fixed port: the guest is ours alone
 TIMEOUT = 60
@@ -95,7 +99,7 @@ def built(tmp_path_factory):
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout
     env = dict(os.environ, VSOCKCOMPAT_LIBVMCI=library, VSOCKCOMPAT_LIBPRELOAD=preload,
                VSOCKCOMPAT_PRELOAD="1", PYTHONPATH=os.pathsep.join(
-                   p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+                   p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
     for name in ("LD_PRELOAD", "VSOCKCOMPAT_VSOCK_DEVICE"):
         env.pop(name, None)
     # "cli" goes through `vsockcompat run` itself (a Python start, tens of seconds under TCG);

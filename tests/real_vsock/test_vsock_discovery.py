@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+import vsockcompat
+
 from vsockcompat import constants as C
 from vsockcompat import ds_client
 from vsockcompat._backend import load_core
@@ -26,7 +28,8 @@ from vsockcompat.runtime import Runtime
 
 pytestmark = pytest.mark.vsock
 
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Children import vsockcompat from where this process did (source tree or site-packages).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(vsockcompat.__file__)))
 APP = [sys.executable, "-m", "vsockcompat", "datagram-app"]
 START_TIMEOUT = 90.0  # Python starts slowly under TCG
 WAIT = 60.0
