@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -255,6 +256,20 @@ static void release_frame(uint8_t *acct, uint64_t size)
     } while (!__atomic_compare_exchange_n(word, &old, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
 }
 
+/* A frame of n bytes has been read (header in hdr): release it, then check it. */
+static ssize_t check_frame(uint8_t *acct, const uint8_t *hdr, ssize_t n, int msg_flags, vsc_dg_header *h)
+{
+    if (n == 0)
+        return VSC_PEER_GONE;
+    release_frame(acct, (uint64_t)n);
+    if (n < VMCI_DG_HEADERSIZE || (msg_flags & MSG_TRUNC))
+        return VSC_BAD_FRAME;
+    vsc_dg_decode_header(hdr, h);
+    if (h->payload_size != (uint64_t)(n - VMCI_DG_HEADERSIZE) || h->payload_size > VMCI_MAX_DG_PAYLOAD_SIZE)
+        return VSC_BAD_FRAME;
+    return n;
+}
+
 ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, size_t buf_len,
                     void *spill, size_t spill_len, int *sys_errno)
 {
@@ -282,15 +297,7 @@ ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, siz
         *sys_errno = errno;
         return errno == ECONNRESET ? VSC_PEER_GONE : VMCI_ERROR_GENERIC;
     }
-    if (n == 0)
-        return VSC_PEER_GONE;
-    release_frame(acct, (uint64_t)n);
-    if (n < VMCI_DG_HEADERSIZE || (msg.msg_flags & MSG_TRUNC))
-        return VSC_BAD_FRAME;
-    vsc_dg_decode_header(hdr, h);
-    if (h->payload_size != (uint64_t)(n - VMCI_DG_HEADERSIZE) || h->payload_size > VMCI_MAX_DG_PAYLOAD_SIZE)
-        return VSC_BAD_FRAME;
-    return n;
+    return check_frame(acct, hdr, n, msg.msg_flags, h);
 }
 
 /* Receiver */
@@ -308,6 +315,9 @@ int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_han
     rx->acct = acct;
     rx->self = self;
     rx->last_fd = -1;
+    rx->batch_fd = -1;
+    rx->pending_fd = -1;
+    rx->polled = 1;
     rx->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (rx->epfd < 0)
         return errno;
@@ -319,6 +329,12 @@ int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_han
     ev.data.fd = wake_fd;
     if (epoll_ctl(rx->epfd, EPOLL_CTL_ADD, wake_fd, &ev) < 0)
         goto fail;
+    rx->pending_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    ev.data.fd = rx->pending_fd;
+    if (rx->pending_fd >= 0 && epoll_ctl(rx->epfd, EPOLL_CTL_ADD, rx->pending_fd, &ev) < 0) {
+        close(rx->pending_fd); /* no read-ahead then: one frame per recvmsg */
+        rx->pending_fd = -1;
+    }
     return 0;
 fail:
     {
@@ -336,6 +352,14 @@ void vsc_rx_destroy(vsc_rx *rx)
     rx->epfd = -1;
     free(rx->conns);
     rx->conns = NULL;
+    if (rx->pending_fd >= 0)
+        close(rx->pending_fd);
+    rx->pending_fd = -1;
+    rx->pending_set = 0;
+    free(rx->batch);
+    rx->batch = NULL;
+    rx->batch_next = rx->batch_count = 0;
+    rx->batch_fd = -1;
     rx->nconns = 0;
     rx->nready = 0;
 }
@@ -373,6 +397,39 @@ int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src)
     return 0;
 }
 
+/* Frames wait in the batch: make epfd readable until it is empty again. */
+static void batch_signal(vsc_rx *rx)
+{
+    uint64_t one = 1;
+
+    if (!rx->pending_set && rx->pending_fd >= 0)
+        rx->pending_set = write(rx->pending_fd, &one, sizeof one) == (ssize_t)sizeof one;
+}
+
+/* The batch is empty again: epfd no longer claims frames are waiting in it. */
+static void batch_done(vsc_rx *rx)
+{
+    rx->batch_next = rx->batch_count = 0;
+    rx->batch_fd = -1;
+    if (rx->pending_set) {
+        uint64_t count;
+
+        rx->pending_set = 0;
+        if (read(rx->pending_fd, &count, sizeof count) < 0) {
+            /* EAGAIN only: nothing was pending */
+        }
+    }
+}
+
+/* Frames read ahead but not handed out have left the queue all the same. */
+static void batch_discard(vsc_rx *rx)
+{
+    for (; rx->batch_next < rx->batch_count; rx->batch_next++)
+        if (rx->batch_len[rx->batch_next] > 0)
+            release_frame(rx->acct, rx->batch_len[rx->batch_next]);
+    batch_done(rx);
+}
+
 void vsc_rx_remove(vsc_rx *rx, int fd)
 {
     int i, j;
@@ -381,6 +438,8 @@ void vsc_rx_remove(vsc_rx *rx, int fd)
         return;
     epoll_ctl(rx->epfd, EPOLL_CTL_DEL, fd, NULL);
     rx->conns[fd].fd = -1;
+    if (fd == rx->batch_fd)
+        batch_discard(rx);
     if (--rx->nlive == 1) {
         for (i = 0; i < rx->nconns; i++)
             if (rx->conns[i].fd >= 0)
@@ -434,12 +493,107 @@ static int rx_wait(vsc_rx *rx, int timeout_ms, int *sys_errno)
     for (i = 0; i < n; i++) {
         int fd = events[i].data.fd;
 
-        if (fd == rx->wake_fd || fd == rx->listener_fd || (fd < rx->nconns && rx->conns[fd].fd >= 0))
+        if (fd == rx->pending_fd) {
+            /* A signal that outlived its batch (vsc_rx_set_polled racing a receive): the
+             * batch is empty whenever we wait, so clear it rather than spin on it. */
+            rx->pending_set = 1;
+            batch_done(rx);
+        } else if (fd == rx->wake_fd || fd == rx->listener_fd
+                   || (fd < rx->nconns && rx->conns[fd].fd >= 0)) {
             rx->ready[rx->nready++] = fd;
+        }
     }
     if (rx->nready > 1)
         rx_order(rx);
     return 0;
+}
+
+/* Hand out the next frame read ahead: copied to buf, then spill, exactly as recvmsg would. */
+static ssize_t batch_next(vsc_rx *rx, vsc_dg_header *h, void *buf, size_t buf_len, void *spill,
+                          size_t spill_len)
+{
+    int i = rx->batch_next++;
+    const uint8_t *frame = rx->batch + (size_t)i * VSC_RX_SLOT;
+    ssize_t n = rx->batch_len[i];
+    int flags = rx->batch_flags[i];
+    size_t payload, first;
+
+    rx->last_fd = rx->batch_fd;
+    if (rx->batch_next == rx->batch_count)
+        batch_done(rx);
+    if (n > VMCI_DG_HEADERSIZE) {
+        payload = (size_t)n - VMCI_DG_HEADERSIZE;
+        if (payload > buf_len + spill_len) { /* recvmsg would have truncated it */
+            payload = buf_len + spill_len;
+            flags |= MSG_TRUNC;
+        }
+        first = payload < buf_len ? payload : buf_len;
+        if (first > 0)
+            memcpy(buf, frame + VMCI_DG_HEADERSIZE, first);
+        if (payload > first)
+            memcpy(spill, frame + VMCI_DG_HEADERSIZE + first, payload - first);
+    }
+    return check_frame(rx->acct, frame, n, flags, h);
+}
+
+/* Read up to VSC_RX_BATCH frames from fd; 0 when some were read, else a vsc_dg_recv status. */
+static ssize_t batch_fill(vsc_rx *rx, int fd, int *sys_errno)
+{
+    struct mmsghdr msgs[VSC_RX_BATCH];
+    struct iovec iov[VSC_RX_BATCH];
+    int i, n;
+
+    if (rx->pending_fd < 0)
+        return VSC_AGAIN; /* no read-ahead: the caller reads one frame */
+    if (rx->batch == NULL && (rx->batch = malloc((size_t)VSC_RX_BATCH * VSC_RX_SLOT)) == NULL)
+        return VSC_AGAIN;
+    memset(msgs, 0, sizeof msgs);
+    for (i = 0; i < VSC_RX_BATCH; i++) {
+        iov[i].iov_base = rx->batch + (size_t)i * VSC_RX_SLOT;
+        iov[i].iov_len = VSC_RX_SLOT;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    do {
+        n = recvmmsg(fd, msgs, VSC_RX_BATCH, MSG_DONTWAIT, NULL);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return VSC_AGAIN;
+        *sys_errno = errno;
+        return errno == ECONNRESET ? VSC_PEER_GONE : VMCI_ERROR_GENERIC;
+    }
+    for (i = 0; i < n; i++) {
+        rx->batch_len[i] = msgs[i].msg_len;
+        rx->batch_flags[i] = msgs[i].msg_hdr.msg_flags;
+        if (msgs[i].msg_len == 0) { /* end of stream: the rest repeats it */
+            n = i + 1;
+            break;
+        }
+    }
+    rx->batch_fd = fd;
+    rx->batch_next = 0;
+    rx->batch_count = n;
+    if (n > 1 && rx->polled)
+        batch_signal(rx); /* frames will wait here after this call: keep epfd readable */
+    return 0;
+}
+
+void vsc_rx_set_polled(vsc_rx *rx, int polled)
+{
+    rx->polled = polled != 0;
+    if (rx->polled && rx->batch_count > rx->batch_next)
+        batch_signal(rx);
+}
+
+static ssize_t rx_check_source(const vsc_rx *rx, int fd, const vsc_dg_header *h, ssize_t n)
+{
+    if (n < 0)
+        return n;
+    if (h->src.context != rx->conns[fd].src.context || h->src.resource != rx->conns[fd].src.resource
+        || h->dst.context != rx->self.context || h->dst.resource != rx->self.resource)
+        return VSC_FORGED;
+    return n;
 }
 
 ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
@@ -447,14 +601,20 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
 {
     vsc_dg_header h;
     ssize_t n;
-    int fd, rc;
+    int fd, rc, skipped;
 
     *sys_errno = 0;
+    if (rx->batch_count > 0) {
+        fd = rx->batch_fd;
+        return rx_check_source(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
+    }
     for (;;) {
         /* Streaming from one sender: the account says data is queued, so try its
          * connection before epoll_wait; bounded so new connections are still seen. */
+        skipped = 0;
         if (rx->nready == 0 && rx->nlive == 1 && rx->skips < 16 && vsc_acct_queued(rx->acct) > 0) {
             rx->skips++;
+            skipped = 1;
             rx->ready[rx->nready++] = rx->only_fd;
         } else if (rx->nready == 0) {
             rx->skips = 0;
@@ -470,9 +630,17 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
         if (fd == rx->listener_fd)
             return VSC_ACCEPT;
         rx->last_fd = fd;
-        n = vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
+        if (skipped) {
+            n = batch_fill(rx, fd, sys_errno);
+            if (n == 0)
+                return rx_check_source(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
+            if (n == VSC_AGAIN && (rx->batch == NULL || rx->pending_fd < 0))
+                n = vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
+        } else {
+            n = vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
+        }
         if (n == VSC_AGAIN) {
-            if (rx->skips > 0 && rx->nready == 0) {
+            if (skipped) {
                 rx->skips = 16; /* the queued bytes are elsewhere: wait properly */
                 continue;
             }
@@ -480,11 +648,6 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
                 return VSC_INTR; /* a spurious wake-up: the caller recomputes its timeout */
             continue;
         }
-        if (n < 0)
-            return n;
-        if (h.src.context != rx->conns[fd].src.context || h.src.resource != rx->conns[fd].src.resource
-            || h.dst.context != rx->self.context || h.dst.resource != rx->self.resource)
-            return VSC_FORGED;
-        return n;
+        return rx_check_source(rx, fd, &h, n);
     }
 }

@@ -115,6 +115,9 @@ typedef struct {
 } vsc_rx_conn;
 
 #define VSC_RX_MAX_READY 64
+/* Frames read with one recvmmsg while one sender streams; each slot holds any frame. */
+#define VSC_RX_BATCH 16
+#define VSC_RX_SLOT  (VMCI_DG_HEADERSIZE + VMCI_MAX_DG_PAYLOAD_SIZE + 1)
 
 typedef struct {
     int epfd, listener_fd, wake_fd;
@@ -129,6 +132,18 @@ typedef struct {
     int nlive;           /* connections being served */
     int only_fd;         /* the connection, when nlive == 1 */
     int skips;           /* epoll_wait calls skipped in a row (bounded) */
+    /* Frames read ahead from connection batch_fd, delivered (and only then released from
+     * the account, so the queue bound stays exact) before anything else is read. */
+    uint8_t *batch;      /* VSC_RX_BATCH slots, allocated when a sender first streams */
+    int pending_fd;      /* an eventfd in the epoll set, readable while frames wait in the
+                          * batch, so epfd stays readable for a caller that polls it; -1:
+                          * no read-ahead */
+    int pending_set;     /* pending_fd was made readable */
+    int polled;          /* someone may poll epfd (the default): keep pending_fd up to date */
+    int batch_fd;
+    int batch_next, batch_count;
+    uint32_t batch_len[VSC_RX_BATCH];
+    int batch_flags[VSC_RX_BATCH];
 } vsc_rx;
 
 int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_handle self);
@@ -141,9 +156,19 @@ void vsc_rx_remove(vsc_rx *rx, int fd);
  * handles the frame carries), VSC_AGAIN on timeout, VSC_ACCEPT, VSC_WAKE,
  * VSC_INTR, or VSC_PEER_GONE / VSC_BAD_FRAME / VSC_FORGED / a VMCI error code
  * for the connection rx->last_fd (the caller removes it).
+ * While one connection streams (the account shows bytes queued), up to
+ * VSC_RX_BATCH frames are read from it with one recvmmsg and handed out one
+ * per call, each checked and released from the account as it is handed out;
+ * removing the connection discards (and releases) the rest.
  */
 ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
                     int timeout_ms, int *sys_errno);
+/*
+ * Whether anything but vsc_rx_recv may poll rx->epfd (1 after vsc_rx_init). With 0,
+ * frames read ahead do not make epfd readable, saving two system calls per batch;
+ * setting 1 again makes it readable at once if frames wait.
+ */
+void vsc_rx_set_polled(vsc_rx *rx, int polled);
 
 #ifdef __cplusplus
 }

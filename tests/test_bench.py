@@ -1,5 +1,6 @@
 """``vsockcompat bench``: a very small run completes and reports every figure. No timing is asserted."""
 import json
+import os
 
 import pytest
 
@@ -79,3 +80,17 @@ def test_the_table_names_every_measurement(capsys):
 
 def test_bad_arguments_are_refused():
     assert bench.main(["--iterations", "0"]) == 2
+
+
+def test_placements_name_the_cpus_to_pin():
+    usable = sorted(os.sched_getaffinity(0))
+    assert bench.placement_cpus(None) == (None, None)
+    assert bench.placement_cpus("same") == (usable[0], usable[0])
+    if len(usable) > 1:
+        assert bench.placement_cpus("split") == (usable[0], usable[1])
+    with pytest.raises(ValueError):
+        bench.placement_cpus("diagonal")
+
+
+def test_an_unknown_placement_is_refused():
+    assert bench.main(["--placement", "diagonal"]) == 2

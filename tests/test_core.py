@@ -303,3 +303,184 @@ def test_a_frame_over_the_sdk_maximum_is_bad(core, page, pair):
     a.send(core.encode_header(1, 2, 3, 4, len(payload)) + payload)
     buf, spill = bytearray(64), bytearray(VMCI_MAX_DG_PAYLOAD_SIZE + 1)
     assert core.recv_datagram(b, page.accounts[0], buf, spill) == (core.BAD_FRAME, None)
+
+
+# The receiver (vsc_rx / Receiver): what DatagramEndpoint.recv_status gets in one call.
+
+ACL_EPOCH_WORD = 7  # VSC_ACCT_OFF_ACL_EPOCH / 8
+
+
+class Rx:
+    """A Receiver of one core over a page, a listener, a wake pipe and one sender connection."""
+
+    def __init__(self, core, page, tmp_path, sender_core=None):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(str(tmp_path / "listener"))
+        self.listener.listen(4)
+        self.listener.setblocking(False)
+        self.wake_r, self.wake_w = os.pipe()
+        self.account = page.account(core)
+        self.rx = core.Receiver(self.listener, self.wake_r, self.account, 2, 1025)
+        self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.b.setblocking(False)
+        self.a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+        self.rx.add(self.b, 3, 1024, "tag-3")
+        self.link = (sender_core or core).Link(self.a, page.account(sender_core or core), 2, 1025, 3, 1024)
+        self.words = memoryview(page.map).cast("Q")
+        self.buf, self.spill = bytearray(256), bytearray(VMCI_MAX_DG_PAYLOAD_SIZE + 1)
+
+    def take(self, timeout=1.0):
+        return self.rx.take(self.buf, self.spill, timeout)
+
+    def close(self):
+        self.words.release()
+        self.rx.close()
+        for s in (self.a, self.b, self.listener):
+            s.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+@pytest.fixture
+def rx(core, page, tmp_path):
+    r = Rx(core, page, tmp_path)
+    yield r
+    r.close()
+
+
+def test_take_returns_the_payload_length_and_the_connections_tag(core, rx):
+    assert rx.link.send(b"hello", 5) == 29
+    assert rx.take() == (5, "tag-3")
+    assert bytes(rx.buf[:5]) == b"hello" and rx.rx.last_fd == rx.b.fileno()
+    assert rx.account.queued() == 0
+    assert rx.take(0) == (core.AGAIN, None)
+
+
+def test_take_reports_a_payload_that_spills_past_the_buffer(core, rx):
+    payload = bytes(range(256)) * 2
+    assert rx.link.send(payload, 512) == 536
+    assert rx.take() == (512, "tag-3")
+    assert bytes(rx.buf) + bytes(rx.spill[:256]) == payload
+
+
+def test_denied_connections_are_read_zeroed_and_dropped(core, rx):
+    rx.rx.deny(rx.b.fileno(), True)
+    assert rx.link.send(b"secret", 6) == 30
+    assert rx.take() == (core.DENIED, None)
+    assert bytes(rx.buf[:6]) == bytes(6) and rx.account.queued() == 0
+    rx.rx.deny(rx.b.fileno(), False)
+    assert rx.link.send(b"public", 6) == 30
+    assert rx.take() == (6, "tag-3")
+
+
+def test_an_acl_epoch_change_rechecks_before_delivery(core, rx):
+    calls = []
+
+    def recheck():
+        calls.append(rx.words[ACL_EPOCH_WORD])
+        rx.rx.deny(rx.b.fileno(), True)
+
+    rx.rx.watch_acl(recheck)
+    assert rx.link.send(b"a", 1) == 25
+    assert rx.take() == (1, "tag-3") and calls == []
+    rx.words[ACL_EPOCH_WORD] += 1
+    assert rx.link.send(b"b", 1) == 25
+    assert rx.take() == (core.DENIED, None) and calls == [1]
+    rx.rx.deny(rx.b.fileno(), False)
+    rx.rx.acl_changed()  # forced, the word unchanged
+    assert rx.link.send(b"c", 1) == 25
+    assert rx.take() == (core.DENIED, None) and calls == [1, 1]
+
+
+def test_a_link_watching_the_acl_epoch_goes_stale(core, rx):
+    rx.link.watch_acl()
+    assert rx.link.send(b"x", 1) == 25
+    rx.words[ACL_EPOCH_WORD] += 1
+    assert rx.link.send(b"x", 1) == core.STALE
+    assert rx.account.queued() == 25  # nothing was sent or reserved
+    assert rx.take() == (1, "tag-3") and rx.take(0) == (core.AGAIN, None)
+
+
+@pytest.mark.parametrize("sender", ["cython", "pure"])
+def test_a_stream_is_delivered_in_order_and_released_one_frame_at_a_time(core, page, tmp_path, sender):
+    """A streaming sender's frames may be read ahead (recvmmsg in the C core), but each
+    leaves the queue account only when it is handed out, so the bound stays exact."""
+    if sender == "cython" and not CYTHON_AVAILABLE:
+        pytest.skip("the Cython core is not built")
+    r = Rx(core, page, tmp_path, load_core(sender))
+    try:
+        count = 200
+        for i in range(count):
+            assert r.link.send(i.to_bytes(2, "little") * 20, 40) == 64
+        for i in range(count):
+            assert r.account.queued() == (count - i) * 64
+            assert r.take() == (40, "tag-3")
+            assert bytes(r.buf[:40]) == i.to_bytes(2, "little") * 20
+        assert r.account.queued() == 0 and r.take(0) == (core.AGAIN, None)
+    finally:
+        r.close()
+
+
+def test_removing_a_streaming_connection_releases_what_was_read_ahead(core, rx):
+    for _ in range(40):
+        assert rx.link.send(b"y" * 8, 8) == 32
+    assert rx.take() == (8, "tag-3")
+    rx.rx.remove(rx.b.fileno())
+    # The C core read 16 frames at once; the 15 not handed out are released with the connection.
+    assert rx.account.queued() == (24 if core.NAME == "cython" else 39) * 32
+    assert rx.take(0) == (core.AGAIN, None)
+
+
+def test_a_bad_frame_inside_a_stream_ends_that_connection_only_there(core, rx):
+    for i in range(5):
+        assert rx.link.send(bytes([i]), 1) == 25
+    rx.a.send(core.encode_header(2, 1025, 3, 1024, 9) + b"short")  # length disagrees
+    for i in range(5):
+        assert rx.take() == (1, "tag-3") and rx.buf[0] == i
+    assert rx.take() == (core.BAD_FRAME, None) and rx.rx.last_fd == rx.b.fileno()
+
+
+def test_a_forged_frame_inside_a_stream_is_reported(core, rx):
+    for i in range(3):
+        assert rx.link.send(bytes([i]), 1) == 25
+    rx.a.send(core.encode_datagram(2, 1025, 9, 9, b"x"))
+    for i in range(3):
+        assert rx.take() == (1, "tag-3")
+    assert rx.take() == (core.FORGED, None)
+
+
+@both_cores
+def test_both_cores_have_the_same_receiver_and_link_additions():
+    import inspect
+    cy, py = load_core("cython"), load_core("pure")
+    for cls, names in {"Receiver": ("add", "deny", "watch_acl", "acl_changed", "take"),
+                       "Link": ("watch_acl",)}.items():
+        for name in names:
+            a, b = getattr(getattr(cy, cls), name), getattr(getattr(py, cls), name)
+            params = [[p.name for p in inspect.signature(f).parameters.values()] for f in (a, b)]
+            assert params[0] == params[1], "%s.%s" % (cls, name)
+    assert (cy.DENIED, cy.STALE) == (py.DENIED, py.STALE)
+
+
+def test_the_receiver_stays_readable_while_frames_wait_for_delivery(core, rx):
+    """fileno() is for select/poll users: frames read ahead must keep it readable."""
+    import select
+    for _ in range(20):
+        assert rx.link.send(b"z", 1) == 25
+    for left in range(20, 0, -1):
+        assert select.select([rx.rx.fileno()], [], [], 0)[0], "%d frames wait unseen" % left
+        assert rx.take(0) == (1, "tag-3")
+    assert not select.select([rx.rx.fileno()], [], [], 0)[0]
+    assert rx.take(0) == (core.AGAIN, None)
+
+
+def test_asking_for_fileno_late_still_shows_frames_read_ahead(core, rx):
+    import select
+    for _ in range(20):
+        assert rx.link.send(b"w", 1) == 25
+    assert rx.take(0) == (1, "tag-3")  # the C core read ahead before anyone polled
+    fd = rx.rx.fileno()
+    for _ in range(19):
+        assert select.select([fd], [], [], 0)[0]
+        assert rx.take(0) == (1, "tag-3")
+    assert not select.select([fd], [], [], 0)[0]

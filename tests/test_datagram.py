@@ -13,6 +13,7 @@ from conftest import CYTHON_AVAILABLE, PYTHON, child_env, make_settings
 from vsockcompat import errors
 from vsockcompat.constants import (
     VMCI_ERROR_INVALID_ARGS,
+    VMCI_ERROR_INVALID_RESOURCE,
     VMCI_ERROR_NO_MEM,
     VMCI_ERROR_NO_MORE_DATAGRAMS,
     VMCI_MAX_DATAGRAM_QUEUE_SIZE,
@@ -276,6 +277,27 @@ def test_a_destroyed_receiver_is_reported_and_a_new_one_is_reached(runtime):
         receiver = DatagramEndpoint(6000, runtime=runtime)
         sender.send((2, 6000), b"second")
         assert receiver.recv(timeout=5).payload == b"second"
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_one_handle_object_reaches_each_receiver_in_turn(runtime):
+    """The send fast path remembers the last destination object: it must follow the link."""
+    sender = DatagramEndpoint(runtime=runtime)
+    receiver = DatagramEndpoint(6001, runtime=runtime)
+    dst = VMCIHandle(2, 6001)
+    try:
+        for round_ in range(3):
+            assert sender.send_status(dst, b"x%d" % round_, 2) == 26
+            assert receiver.recv(timeout=5).payload == b"x%d" % round_
+            receiver.close()
+            assert sender.send_status(dst, b"lost", 4) == VMCI_ERROR_INVALID_RESOURCE
+            receiver = DatagramEndpoint(6001, runtime=runtime)
+        sender.forget(dst)
+        assert sender.send_status(dst, b"yz", 2) == 26
+        assert receiver.recv(timeout=5) == (sender.handle, b"yz")
+        assert sender.stats.sent == 4
     finally:
         sender.close()
         receiver.close()

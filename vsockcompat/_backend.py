@@ -11,6 +11,8 @@ CORE_API = (
     "FORGED",
     "ACCEPT",
     "WAKE",
+    "DENIED",
+    "STALE",
     "ACCOUNT_SIZE",
     "ACCOUNT_MAGIC",
     "ACCOUNT_VERSION",

@@ -2,10 +2,10 @@
 
 Only the data plane lives here; everything else is written once in pure modules.
 Status codes: a non-negative frame size (header included), a negative VMCI
-error code, or one of AGAIN / PEER_GONE / BAD_FRAME (below the VMCI range).
+error code, or one of the core's own statuses below (all <= -2001, below the VMCI range).
 """
 import socket
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -18,6 +18,8 @@ BAD_FRAME: int
 FORGED: int
 ACCEPT: int
 WAKE: int
+DENIED: int  # Receiver.take: a frame from a denied connection was read and dropped
+STALE: int  # Link.send: the receiver's ACL epoch changed since watch_acl; nothing was sent
 ACCOUNT_SIZE: int
 ACCOUNT_MAGIC: int
 ACCOUNT_VERSION: int
@@ -69,18 +71,39 @@ class Link:
         src_context: int,
         src_resource: int,
     ) -> None: ...
+    def watch_acl(self) -> None:
+        """Read the receiver's ACL epoch word; from then on ``send`` returns STALE (sending
+        nothing) once the word differs."""
     def send(self, payload: Buffer, length: int) -> int: ...
     def close(self) -> None: ...
 
 class Receiver:
+    """One receiving thread at a time (the endpoint's receive lock)."""
+
     last_fd: int
     def __init__(
         self, listener: socket.socket, wake_fd: int, account: Account, self_context: int, self_resource: int
     ) -> None: ...
-    def fileno(self) -> int: ...
-    def add(self, sock: socket.socket, src_context: int, src_resource: int) -> None: ...
+    def fileno(self) -> int:
+        """Readable while ``recv``/``take`` can make progress, frames read ahead included."""
+    def add(self, sock: socket.socket, src_context: int, src_resource: int, tag: object = None) -> None:
+        """Serve ``sock`` (its sender as the kernel says); ``take`` returns ``tag`` with its datagrams."""
     def remove(self, fd: int) -> None: ...
-    def recv(self, buf: WritableBuffer, spill: WritableBuffer, timeout: Optional[float]) -> int: ...
+    def deny(self, fd: int, denied: bool) -> None:
+        """Whether ``take`` drops (DENIED) what the served connection ``fd`` sends."""
+    def watch_acl(self, recheck: Callable[[], None]) -> None:
+        """Read the account's ACL epoch word; from then on ``take`` calls ``recheck()`` before
+        delivering a frame once the word changed (read again first) or ``acl_changed`` was called."""
+    def acl_changed(self) -> None: ...
+    def recv(self, buf: WritableBuffer, spill: WritableBuffer, timeout: Optional[float]) -> int:
+        """One frame: its size (``last_fd`` names the connection), AGAIN on timeout, ACCEPT,
+        WAKE, or PEER_GONE / BAD_FRAME / FORGED / a VMCI code for the connection ``last_fd``."""
+    def take(
+        self, buf: WritableBuffer, spill: WritableBuffer, timeout: Optional[float]
+    ) -> Tuple[int, object]:
+        """One datagram for delivery: ``(payload_length, tag)`` (the payload is in ``buf`` and,
+        past its end, in ``spill``), or ``(status, None)``: DENIED (``buf`` zeroed where the
+        dropped payload was) or a status of ``recv``."""
     def close(self) -> None: ...
 
 # Queue-pair rings (vmci-sdk.md sections 3.4 and 11.2; layout in src/vsc_ring.h).

@@ -3,7 +3,7 @@
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 
 cdef extern from "vsc_dgram.h" nogil:
@@ -30,11 +30,14 @@ cdef extern from "vsc_dgram.h" nogil:
     int VSC_ACCEPT
     int VSC_WAKE
     int VSC_INTR
+    int VSC_DENIED
+    int VSC_STALE
     int VSC_ACCT_SIZE
     unsigned int VSC_ACCT_MAGIC
     unsigned int VSC_ACCT_VERSION
     int VSC_ACCT_OFF_LIMIT
     int VSC_ACCT_OFF_CLOSED
+    int VSC_ACCT_OFF_ACL_EPOCH
     int VMCI_DG_HEADERSIZE
     int VMCI_ERROR_INVALID_ARGS
 
@@ -56,10 +59,18 @@ cdef extern from "vsc_dgram.h" nogil:
     void vsc_rx_remove(vsc_rx *rx, int fd)
     ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
                         int timeout_ms, int *sys_errno)
+    void vsc_rx_set_polled(vsc_rx *rx, int polled)
 
 
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
+
+
+cdef extern from *:
+    """
+    #define vsc_atomic_load_u64(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    """
+    uint64_t vsc_atomic_load_u64(uint64_t *p) nogil
 
 
 NAME = "cython"
@@ -69,6 +80,8 @@ BAD_FRAME = VSC_BAD_FRAME
 FORGED = VSC_FORGED
 ACCEPT = VSC_ACCEPT
 WAKE = VSC_WAKE
+DENIED = VSC_DENIED
+STALE = VSC_STALE
 ACCOUNT_SIZE = VSC_ACCT_SIZE
 ACCOUNT_MAGIC = VSC_ACCT_MAGIC
 ACCOUNT_VERSION = VSC_ACCT_VERSION
@@ -200,6 +213,10 @@ def send_datagram(sock, Account account not None, uint32_t dst_context, uint32_t
     return rc
 
 
+cdef inline uint64_t _acl_epoch(const uint8_t *page) nogil:
+    return vsc_atomic_load_u64(<uint64_t *>(page + VSC_ACCT_OFF_ACL_EPOCH))
+
+
 cdef class Link:
     """One endpoint's connection to one receiver: ``send`` is the datagram fast path.
 
@@ -209,6 +226,9 @@ cdef class Link:
     cdef vsc_link _link
     cdef object _sock
     cdef Account _account
+    cdef uint8_t *_page
+    cdef uint64_t _epoch
+    cdef bint _watch
 
     def __cinit__(self, sock, Account account not None, uint32_t dst_context, uint32_t dst_resource,
                   uint32_t src_context, uint32_t src_resource):
@@ -217,14 +237,23 @@ cdef class Link:
         dst.resource = dst_resource
         src.context = src_context
         src.resource = src_resource
-        vsc_link_init(&self._link, sock.fileno(), account.page(), dst, src)
+        self._page = account.page()
+        vsc_link_init(&self._link, sock.fileno(), self._page, dst, src)
         self._sock = sock
         self._account = account
+
+    def watch_acl(self):
+        """Read the receiver's ACL epoch word now; from then on ``send`` returns STALE, sending
+        nothing, once the word differs (the receiver's privileges changed: check them again)."""
+        self._epoch = _acl_epoch(self._account.page())
+        self._watch = True
 
     def send(self, payload, Py_ssize_t length):
         """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``)."""
         cdef Py_buffer view
         cdef int rc, err
+        if self._watch and _acl_epoch(self._page) != self._epoch:
+            return VSC_STALE
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         if length < 0 or length > view.len:
             PyBuffer_Release(&view)
@@ -247,6 +276,15 @@ cdef class Receiver:
     cdef bint _ready
     cdef Account _account
     cdef dict _socks
+    cdef dict _tags
+    cdef set _denied
+    cdef object _recheck
+    cdef uint64_t _epoch
+    cdef bint _stale
+    cdef object _spill
+    cdef Py_buffer _sview
+    cdef bint _spill_held
+    cdef bint _busy
 
     def __cinit__(self, listener, int wake_fd, Account account not None, uint32_t self_context,
                   uint32_t self_resource):
@@ -256,11 +294,15 @@ cdef class Receiver:
         rc = vsc_rx_init(&self._rx, listener.fileno(), wake_fd, account.page(), me)
         if rc != 0:
             raise OSError(rc, "cannot create the receiver's epoll instance")
+        vsc_rx_set_polled(&self._rx, 0)  # until someone asks for fileno()
         self._ready = True
         self._account = account
         self._socks = {}
+        self._tags = {}
+        self._denied = set()
 
     def __dealloc__(self):
+        self._drop_spill()
         if self._ready:
             vsc_rx_destroy(&self._rx)
 
@@ -269,10 +311,14 @@ cdef class Receiver:
         return self._rx.last_fd
 
     def fileno(self):
+        """The epoll descriptor: readable while ``recv``/``take`` can make progress."""
+        if self._ready:
+            vsc_rx_set_polled(&self._rx, 1)
         return self._rx.epfd
 
-    def add(self, sock, uint32_t src_context, uint32_t src_resource):
-        """Serve ``sock``, whose sender the kernel says is ``(src_context, src_resource)``."""
+    def add(self, sock, uint32_t src_context, uint32_t src_resource, tag=None):
+        """Serve ``sock``, whose sender the kernel says is ``(src_context, src_resource)``;
+        ``take`` returns ``tag`` with each datagram read from it."""
         cdef vsc_handle src
         cdef int fd = sock.fileno()
         src.context = src_context
@@ -281,11 +327,80 @@ cdef class Receiver:
         if rc != 0:
             raise OSError(rc, "cannot watch connection %d" % fd)
         self._socks[fd] = sock
+        self._tags[fd] = tag
 
     def remove(self, int fd):
         """Stop serving the connection ``fd`` (the caller closes it)."""
         vsc_rx_remove(&self._rx, fd)
         self._socks.pop(fd, None)
+        self._tags.pop(fd, None)
+        self._denied.discard(fd)
+
+    def deny(self, int fd, bint denied):
+        """Drop (``take`` returns DENIED) or deliver again what the connection ``fd`` sends."""
+        if denied:
+            if fd in self._socks:
+                self._denied.add(fd)
+        else:
+            self._denied.discard(fd)
+
+    def watch_acl(self, recheck):
+        """From now on, ``take`` calls ``recheck()`` before delivering a frame whenever the
+        account's ACL epoch word changed since the last call (or ``acl_changed`` was called).
+        The epoch is read before ``recheck`` runs, so a change during it is seen again."""
+        self._epoch = _acl_epoch(self._account.page())
+        self._stale = False
+        self._recheck = recheck
+
+    def acl_changed(self):
+        """Call ``recheck`` before the next delivery even if the epoch word did not change."""
+        self._stale = True
+
+    cdef int _hold_spill(self, spill) except -1:
+        if self._spill_held:
+            if spill is self._spill:
+                return 0
+            if self._busy:
+                raise RuntimeError("the receiver is receiving on another thread")
+            self._drop_spill()
+        PyObject_GetBuffer(spill, &self._sview, PyBUF_WRITABLE)
+        self._spill = spill
+        self._spill_held = True
+        return 0
+
+    cdef void _drop_spill(self):
+        if self._spill_held and not self._busy:
+            self._spill_held = False
+            self._spill = None
+            PyBuffer_Release(&self._sview)
+
+    cdef ssize_t _wait(self, Py_buffer *bview, timeout) except? -1:
+        """vsc_rx_recv until it returns something other than VSC_INTR (signals are checked)."""
+        cdef ssize_t n
+        cdef int err, timeout_ms
+        cdef double deadline = 0
+        if not self._ready:
+            raise ValueError("the receiver is closed")
+        if timeout is None:
+            timeout_ms = -1
+        elif timeout < 0:
+            timeout_ms = -1
+        else:
+            deadline = _monotonic() + timeout
+            timeout_ms = _millis(timeout)
+        while True:
+            self._busy = True  # the spill buffer stays exported meanwhile
+            with nogil:
+                n = vsc_rx_recv(&self._rx, bview.buf, <size_t>bview.len, self._sview.buf,
+                                <size_t>self._sview.len, timeout_ms, &err)
+            self._busy = False
+            if n != VSC_INTR:
+                return n
+            PyErr_CheckSignals()
+            if timeout_ms >= 0:
+                if timeout_ms == 0 or _monotonic() >= deadline:
+                    return VSC_AGAIN
+                timeout_ms = _millis(deadline - _monotonic())
 
     def recv(self, buf, spill, timeout):
         """Receive one frame, waiting up to ``timeout`` seconds (None: forever).
@@ -294,34 +409,50 @@ cdef class Receiver:
         timeout, ACCEPT, WAKE, or PEER_GONE / BAD_FRAME / FORGED / a VMCI code
         for the connection ``last_fd``.
         """
-        cdef Py_buffer bview, sview
-        cdef ssize_t n
-        cdef int err, timeout_ms
-        cdef double deadline = 0
-        if not self._ready:
-            raise ValueError("the receiver is closed")
-        if timeout is None or timeout < 0:
-            timeout_ms = -1
-        else:
-            deadline = _monotonic() + timeout
-            timeout_ms = _millis(timeout)
+        cdef Py_buffer bview
+        self._hold_spill(spill)
         PyObject_GetBuffer(buf, &bview, PyBUF_WRITABLE)
         try:
-            PyObject_GetBuffer(spill, &sview, PyBUF_WRITABLE)
-            try:
-                while True:
-                    with nogil:
-                        n = vsc_rx_recv(&self._rx, bview.buf, <size_t>bview.len, sview.buf,
-                                        <size_t>sview.len, timeout_ms, &err)
-                    if n != VSC_INTR:
-                        return n
-                    PyErr_CheckSignals()
-                    if timeout_ms >= 0:
-                        if timeout_ms == 0 or _monotonic() >= deadline:
-                            return VSC_AGAIN
-                        timeout_ms = _millis(deadline - _monotonic())
-            finally:
-                PyBuffer_Release(&sview)
+            return self._wait(&bview, timeout)
+        finally:
+            PyBuffer_Release(&bview)
+
+    def take(self, buf, spill, timeout):
+        """Receive one datagram for delivery, waiting up to ``timeout`` seconds (None: forever).
+
+        Returns ``(payload_length, tag)``: the payload is in ``buf`` and, past its
+        end, in ``spill``; ``tag`` is the one given to ``add`` for its connection
+        (``last_fd``). Otherwise ``(status, None)``: DENIED (a frame from a denied
+        connection was read and dropped; ``buf`` holds zeros in its place) or a
+        status of ``recv``. See ``watch_acl`` for the privilege re-check.
+        """
+        cdef Py_buffer bview
+        cdef ssize_t n
+        cdef uint64_t epoch
+        cdef Py_ssize_t length
+        cdef int fd
+        self._hold_spill(spill)
+        PyObject_GetBuffer(buf, &bview, PyBUF_WRITABLE)
+        try:
+            n = self._wait(&bview, timeout)
+            if n < 0:
+                return n, None
+            fd = self._rx.last_fd
+            length = n - VMCI_DG_HEADERSIZE
+            if self._recheck is not None:
+                epoch = _acl_epoch(self._account.page())
+                if epoch != self._epoch or self._stale:
+                    self._epoch = epoch
+                    self._stale = False
+                    self._recheck()
+            if self._denied and fd in self._denied:
+                memset(bview.buf, 0, <size_t>(length if length < bview.len else bview.len))
+                return VSC_DENIED, None
+            tag = self._tags.get(fd)
+            if tag is None and fd not in self._tags:  # removed by recheck: dropped like a denial
+                memset(bview.buf, 0, <size_t>(length if length < bview.len else bview.len))
+                return VSC_DENIED, None
+            return length, tag
         finally:
             PyBuffer_Release(&bview)
 
@@ -330,6 +461,10 @@ cdef class Receiver:
             self._ready = False
             vsc_rx_destroy(&self._rx)
             self._socks.clear()
+            self._tags.clear()
+            self._denied.clear()
+        self._recheck = None
+        self._drop_spill()
 
 
 from time import monotonic as _monotonic

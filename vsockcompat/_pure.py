@@ -29,12 +29,15 @@ BAD_FRAME = -2003
 FORGED = -2004
 ACCEPT = -2005
 WAKE = -2006
+DENIED = -2008
+STALE = -2009
 
 ACCOUNT_SIZE = 4096
 ACCOUNT_MAGIC = 0x51435356
 ACCOUNT_VERSION = 1
 # Word indexes of the account page seen as native 64-bit words.
 _W_HEAD, _W_LIMIT, _W_PRODUCED, _W_CONSUMED, _W_CLOSED = 0, 1, 2, 3, 4
+_W_ACL_EPOCH = 7  # VSC_ACCT_OFF_ACL_EPOCH / 8
 _LOCK_OFFSET = 64  # robust process-shared pthread mutex, shared with the C core
 
 # The account lock is the C core's pthread mutex, taken through libc so both cores exclude each other.
@@ -69,6 +72,7 @@ def _acquire(lock):
     return rc
 
 _HEADER = struct.Struct(DG_HEADER_FORMAT)
+_SMALL = 4096  # payloads up to this size are sent as one joined buffer
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _EMPTY = b""
 
@@ -222,27 +226,61 @@ class Link:
     Thread-safe: sends and ``close`` serialise on the receiver's account lock.
     """
 
-    __slots__ = ("_sock", "_account", "_handles", "_closed")
+    __slots__ = ("_sock", "_account", "_handles", "_closed", "_epoch", "_words", "_lock")
 
     def __init__(self, sock, account, dst_context, dst_resource, src_context, src_resource):
         self._sock = sock
         self._account = account
         self._handles = (dst_context, dst_resource, src_context, src_resource)
         self._closed = False
+        self._epoch = None
+        self._words = account._words
+        self._lock = ctypes.c_void_p(account.lock)  # converted once: ctypes calls are the cost here
+
+    def watch_acl(self):
+        """See the Cython core: ``send`` returns STALE once the receiver's ACL epoch word changes."""
+        self._epoch = self._words[_W_ACL_EPOCH]
 
     def send(self, payload, length):
-        """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``)."""
-        view = memoryview(payload).cast("B")
-        if length < 0 or length > len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
-            return VMCI_ERROR_INVALID_ARGS
+        """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``).
+
+        The steps of ``_send_locked``, inlined: this is the pure core's per-datagram path.
+        """
+        words = self._words
+        if self._epoch is not None and words[_W_ACL_EPOCH] != self._epoch:
+            return STALE
+        if type(payload) is bytes:
+            if length < 0 or length > len(payload) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
+                return VMCI_ERROR_INVALID_ARGS
+            data = payload if length == len(payload) else payload[:length]
+        else:
+            view = memoryview(payload).cast("B")
+            if length < 0 or length > len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
+                return VMCI_ERROR_INVALID_ARGS
+            data = view[:length]
         header = _HEADER.pack(*self._handles, length)
-        lock = self._account.lock
-        if _acquire(lock):
+        lock = self._lock
+        rc = _mutex_lock(lock)
+        if rc and (rc != errno.EOWNERDEAD or _mutex_consistent(lock)):
             return VMCI_ERROR_GENERIC
         try:
-            if self._closed:
+            if self._closed or words[_W_CLOSED]:
                 return PEER_GONE
-            return _send_locked(self._sock, self._account, header, view, length)
+            total = VMCI_DG_HEADERSIZE + length
+            produced = words[_W_PRODUCED]
+            consumed = words[_W_CONSUMED]
+            if (produced - consumed if produced > consumed else 0) + total >= words[_W_LIMIT]:
+                return PEER_GONE if _hung_up(self._sock) else VMCI_ERROR_NO_RESOURCES
+            words[_W_PRODUCED] = produced + total
+            try:
+                if length <= _SMALL:
+                    self._sock.send(header + data, _SEND_FLAGS)  # one buffer: cheaper than sendmsg
+                else:
+                    self._sock.sendmsg((header, data), (), _SEND_FLAGS)
+            except OSError as exc:
+                words[_W_PRODUCED] = produced
+                return _SEND_ERRNO_STATUS.get(exc.errno, VMCI_ERROR_GENERIC)
+            return total
         finally:
             _mutex_unlock(lock)
 
@@ -282,8 +320,14 @@ def recv_datagram(sock, account, buf, spill):
     return n, fields
 
 
+_SKIP_MAX = 16  # as vsc_rx_recv: receives in a row without epoll while one sender streams
+
+
 class Receiver:
-    """The connections senders opened to one endpoint, served oldest first (see ``vsc_rx``)."""
+    """The connections senders opened to one endpoint, served oldest first (see ``vsc_rx``).
+
+    One receiving thread at a time (the endpoint's receive lock).
+    """
 
     def __init__(self, listener, wake_fd, account, self_context, self_resource):
         self._epoll = select.epoll()
@@ -292,27 +336,60 @@ class Receiver:
         self._epoll.register(self._listener_fd, select.EPOLLIN)
         self._epoll.register(wake_fd, select.EPOLLIN)
         self._account = account
-        self._self = (self_context, self_resource)
+        self._words = account._words
+        self._self_context, self._self_resource = self_context, self_resource
         self._conns = {}
+        self._tags = {}
+        self._denied = set()
         self._ready = []
         self._seq = 0
+        self._only = None  # the connection's entry while exactly one is served
+        self._skips = 0
+        self._header = bytearray(VMCI_DG_HEADERSIZE)
+        self._recheck = None
+        self._epoch = 0
+        self._stale = False
         self.last_fd = -1
 
     def fileno(self):
         return self._epoll.fileno()
 
-    def add(self, sock, src_context, src_resource):
-        """Serve ``sock``, whose sender the kernel says is ``(src_context, src_resource)``."""
+    def add(self, sock, src_context, src_resource, tag=None):
+        """Serve ``sock``, whose sender the kernel says is ``(src_context, src_resource)``;
+        ``take`` returns ``tag`` with each datagram read from it."""
         fd = sock.fileno()
         self._epoll.register(fd, select.EPOLLIN)
-        self._conns[fd] = (sock, src_context, src_resource, self._seq)
+        self._conns[fd] = (sock, src_context, src_resource, self._seq, fd)
+        self._tags[fd] = tag
         self._seq += 1
+        self._only = self._conns[fd] if len(self._conns) == 1 else None
 
     def remove(self, fd):
         """Stop serving the connection ``fd`` (the caller closes it)."""
         if self._conns.pop(fd, None) is not None:
             self._epoll.unregister(fd)
             self._ready = [f for f in self._ready if f != fd]
+            self._tags.pop(fd, None)
+            self._denied.discard(fd)
+            self._only = next(iter(self._conns.values())) if len(self._conns) == 1 else None
+
+    def deny(self, fd, denied):
+        """Drop (``take`` returns DENIED) or deliver again what the connection ``fd`` sends."""
+        if denied:
+            if fd in self._conns:
+                self._denied.add(fd)
+        else:
+            self._denied.discard(fd)
+
+    def watch_acl(self, recheck):
+        """See the Cython core: ``recheck()`` runs before a delivery after the ACL epoch changed."""
+        self._epoch = self._words[_W_ACL_EPOCH]
+        self._stale = False
+        self._recheck = recheck
+
+    def acl_changed(self):
+        """Call ``recheck`` before the next delivery even if the epoch word did not change."""
+        self._stale = True
 
     def _key(self, fd):
         conn = self._conns.get(fd)
@@ -320,47 +397,97 @@ class Receiver:
             return conn[3]
         return -2 if fd == self._wake_fd else -1
 
+    def _wait(self, deadline):
+        """Fill ``_ready`` (served from its end); AGAIN when the deadline passes, else None."""
+        wait = -1 if deadline is None else max(deadline - time.monotonic(), 0)
+        events = self._epoll.poll(wait)
+        if not events:
+            return AGAIN
+        conns, ready = self._conns, self._ready
+        if len(events) == 1:
+            fd = events[0][0]
+            if fd in conns or fd == self._wake_fd or fd == self._listener_fd:
+                ready.append(fd)
+        else:
+            fds = [fd for fd, _ in events if fd in conns or fd == self._wake_fd or fd == self._listener_fd]
+            ready.extend(sorted(fds, key=self._key, reverse=True))
+        return None
+
     def recv(self, buf, spill, timeout):
         """Receive one frame, waiting up to ``timeout`` seconds (None: forever); see ``vsc_rx_recv``."""
-        ready = self._ready
+        ready, words = self._ready, self._words
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
-            if not ready:
-                wait = -1 if deadline is None else max(deadline - time.monotonic(), 0)
-                events = self._epoll.poll(wait)
-                if not events:
-                    return AGAIN
-                if len(events) == 1:
-                    fd = events[0][0]
-                    if fd in self._conns or fd == self._wake_fd or fd == self._listener_fd:
-                        ready.append(fd)
-                else:
-                    fds = [fd for fd, _ in events
-                           if fd in self._conns or fd == self._wake_fd or fd == self._listener_fd]
-                    ready.extend(sorted(fds, key=self._key, reverse=True))
-                continue
-            fd = ready.pop()
-            if fd == self._wake_fd:
-                return WAKE
-            if fd == self._listener_fd:
-                return ACCEPT
-            sock, src_context, src_resource, _ = self._conns[fd]
-            self.last_fd = fd
-            status, fields = recv_datagram(sock, self._account, buf, spill)
-            if status == AGAIN:
-                if not ready and deadline is not None and time.monotonic() >= deadline:
+            if ready:
+                fd = ready.pop()
+                if fd == self._wake_fd:
+                    return WAKE
+                if fd == self._listener_fd:
+                    return ACCEPT
+                conn = self._conns[fd]
+                skipped = False
+            elif (self._only is not None and self._skips < _SKIP_MAX
+                  and words[_W_PRODUCED] > words[_W_CONSUMED]):
+                # Streaming from one sender: its frames are queued, so skip epoll (bounded).
+                self._skips += 1
+                conn = self._only
+                skipped = True
+            else:
+                self._skips = 0
+                if self._wait(deadline) is AGAIN:
                     return AGAIN
                 continue
-            if status < 0:
-                return status
-            if (fields[2] != src_context or fields[3] != src_resource
-                    or fields[0] != self._self[0] or fields[1] != self._self[1]):
+            self.last_fd = conn[4]
+            header = self._header
+            try:
+                n, _, flags, _ = conn[0].recvmsg_into((header, buf, spill), 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if skipped:
+                    self._skips = _SKIP_MAX  # the queued bytes are elsewhere: wait properly
+                elif not ready and deadline is not None and time.monotonic() >= deadline:
+                    return AGAIN
+                continue
+            except ConnectionResetError:
+                return PEER_GONE
+            except OSError:
+                return VMCI_ERROR_GENERIC
+            if n == 0:
+                return PEER_GONE
+            produced = words[_W_PRODUCED]
+            consumed = words[_W_CONSUMED] + n
+            words[_W_CONSUMED] = consumed if consumed <= produced else max(produced, consumed - n)
+            if n < VMCI_DG_HEADERSIZE or flags & socket.MSG_TRUNC:
+                return BAD_FRAME
+            dc, dr, sc, sr, size = _HEADER.unpack_from(header)
+            if size != n - VMCI_DG_HEADERSIZE or size > VMCI_MAX_DG_PAYLOAD_SIZE:
+                return BAD_FRAME
+            if sc != conn[1] or sr != conn[2] or dc != self._self_context or dr != self._self_resource:
                 return FORGED
-            return status
+            return n
+
+    def take(self, buf, spill, timeout):
+        """Receive one datagram for delivery; see the Cython core's ``Receiver.take``."""
+        n = self.recv(buf, spill, timeout)
+        if n < 0:
+            return n, None
+        fd = self.last_fd
+        if self._recheck is not None and (self._stale or self._words[_W_ACL_EPOCH] != self._epoch):
+            self._epoch = self._words[_W_ACL_EPOCH]
+            self._stale = False
+            self._recheck()
+        length = n - VMCI_DG_HEADERSIZE
+        if fd in self._denied or fd not in self._tags:
+            buf[: min(length, len(buf))] = bytes(min(length, len(buf)))
+            return DENIED, None
+        return length, self._tags[fd]
 
     def close(self):
         self._epoll.close()
         self._conns.clear()
+        self._tags.clear()
+        self._denied.clear()
+        self._recheck = None
+        self._only = None
         self._ready = []
 
 

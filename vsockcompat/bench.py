@@ -12,7 +12,10 @@ directory under /tmp), in the same layout for all three implementations:
     ``VMCIDatagram_SendTo`` / ``VMCIDatagram_RecvFrom`` make.
 
 It prints the round-trip time (64 B and 4 KiB payloads) and the one-way rate
-(64 B) of each, the ratios against raw and whether they meet the targets. A
+(64 B) of each, the ratios against raw and whether they meet the targets.
+``--placement same`` pins both processes of every pair to one CPU (a round trip
+then adds up the work of both sides), ``--placement split`` to two CPUs (it is
+then dominated by cross-CPU wake-ups); by default the scheduler decides. A
 benchmark reports: it never fails on timing. It fails (exit status 1) only if
 a run goes wrong, e.g. the receiver counts a different number of datagrams than
 the sender had accepted. Run ``python -m vsockcompat.bench --help``.
@@ -296,8 +299,10 @@ def serve_peer(make_peer, timeout):
 
 
 def _child_main(argv):
-    """Entry point of a child: ``ROLE IMPL RUNDIR CID TIMEOUT``."""
-    _role, impl, rundir, cid, timeout = argv
+    """Entry point of a child: ``ROLE IMPL RUNDIR CID TIMEOUT [CPU]``."""
+    _role, impl, rundir, cid, timeout = argv[:5]
+    if len(argv) > 5:
+        os.sched_setaffinity(0, {int(argv[5])})
     timeout = max(1, int(float(timeout)))
     return serve_peer(lambda: _RawPeer(rundir, int(cid)) if impl == "raw" else _VscPeer(rundir, int(cid), impl),
                       timeout)
@@ -309,11 +314,12 @@ def _child_main(argv):
 class _Child:
     """One child process and its command pipe."""
 
-    def __init__(self, role, impl, rundir, cid, timeout, env):
+    def __init__(self, role, impl, rundir, cid, timeout, env, cpu=None):
         self.name = "%s %s" % (impl, role)
         self.timeout = timeout
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_CODE, role, impl, rundir, str(cid), str(timeout)],
+            [sys.executable, "-c", _CHILD_CODE, role, impl, rundir, str(cid), str(timeout)]
+            + ([] if cpu is None else [str(cpu)]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self._pending = b""
 
@@ -381,13 +387,13 @@ def _child_env(impl, rundir):
 class _Pair:
     """A server and a client child of one implementation."""
 
-    def __init__(self, impl, rundir, timeout):
+    def __init__(self, impl, rundir, timeout, cpus=(None, None)):
         env = _child_env(impl, rundir)
         cid = _FIRST_CID + 2 * IMPLEMENTATIONS.index(impl)
-        self.server = _Child("server", impl, rundir, cid, timeout, env)
+        self.server = _Child("server", impl, rundir, cid, timeout, env, cpus[0])
         self.client = None
         try:
-            self.client = _Child("client", impl, rundir, cid + 1, timeout, env)
+            self.client = _Child("client", impl, rundir, cid + 1, timeout, env, cpus[1])
             address = self.server.call("open")
             self.client.call("connect", address)
             self.server.call("accept")
@@ -572,7 +578,10 @@ def render_table(report):
         "machine: %s CPUs, %s %s on %s; Cython core %s; default backend %s" % (
             m["cpu_count"], m["implementation"], m["python"], m["platform"],
             "built" if m["cython_core_available"] else "NOT built", m["default_backend"]),
-        "each value: median of %d runs (%s)" % (
+        "placement: %s; each value: median of %d runs (%s)" % (
+            {None: "as the scheduler likes", "same": "server and client on one CPU (%s)",
+             "split": "server and client on two CPUs (%s)"}[report["settings"].get("placement")]
+            .replace("%s", ", ".join(str(c) for c in report["settings"].get("cpus", ()) if c is not None)),
             report["settings"]["repeat"],
             "%d iterations each" % report["settings"]["iterations"] if report["settings"]["iterations"]
             else "about %.1f s each" % report["settings"]["target_seconds"]),
@@ -618,8 +627,25 @@ def render_table(report):
     return "\n".join(lines)
 
 
-def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, log=None):
+def placement_cpus(placement):
+    """``(server CPU, client CPU)`` for a placement: None (the scheduler's choice), "same"
+    (both on one CPU: every microsecond of either side adds to a round trip) or "split"
+    (two CPUs: wake-ups cross CPUs). ValueError if the machine cannot do it."""
+    if placement is None:
+        return None, None
+    usable = sorted(os.sched_getaffinity(0))
+    if placement == "same":
+        return usable[0], usable[0]
+    if placement == "split":
+        if len(usable) < 2:
+            raise ValueError("--placement split needs two usable CPUs")
+        return usable[0], usable[1]
+    raise ValueError("unknown placement %r" % (placement,))
+
+
+def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, log=None, placement=None):
     """Run every measurement and return the report (a JSON-serialisable dict)."""
+    cpus = placement_cpus(placement)
     target = QUICK_SECONDS if quick else TARGET_SECONDS
     repeat = repeat if repeat is not None else (3 if quick else 5)
     cython, why = _cython_status()
@@ -627,6 +653,7 @@ def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, log=
         "benchmark": "vsockcompat datagrams vs raw AF_UNIX SOCK_SEQPACKET, two processes",
         "machine": machine_info(),
         "settings": {"quick": quick, "iterations": iterations, "repeat": repeat, "target_seconds": target,
+                     "placement": placement, "cpus": list(cpus),
                      "rtt_sizes": list(RTT_SIZES), "oneway_size": ONEWAY_SIZE,
                      "queue_limit_bytes": VMCI_MAX_DATAGRAM_QUEUE_SIZE},
         "results": {},
@@ -643,7 +670,7 @@ def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, log=
                 continue
             if log:
                 log("starting the %s server and client ..." % impl)
-            pairs[impl] = _Pair(impl, rundir, timeout)
+            pairs[impl] = _Pair(impl, rundir, timeout, cpus)
         measured = _measure(pairs, target, iterations, repeat, log)
         for impl in IMPLEMENTATIONS:
             if impl in measured:
@@ -683,6 +710,9 @@ def main(argv=None) -> int:
                         help="runs per measurement, the median is reported (default 5, 3 with --quick)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                         help="longest wait for any one step, in seconds (default %(default)s)")
+    parser.add_argument("--placement", choices=("same", "split"),
+                        help="pin each server and client: both on one CPU, or on two CPUs "
+                             "(default: where the scheduler puts them)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     try:
         args = parser.parse_args(argv)
@@ -691,7 +721,10 @@ def main(argv=None) -> int:
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         report = run(quick=args.quick, iterations=args.iterations, repeat=args.repeat,
-                     timeout=args.timeout, log=log)
+                     timeout=args.timeout, log=log, placement=args.placement)
+    except ValueError as exc:
+        print("vsockcompat bench: error: %s" % exc, file=sys.stderr)
+        return 2
     except BenchError as exc:
         print("vsockcompat bench: error: %s" % exc, file=sys.stderr)
         return 1

@@ -14,10 +14,10 @@ import os
 import select
 import threading
 import time
+import weakref
 from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 from .constants import (
-    VMCI_DG_HEADERSIZE,
     VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_INVALID_RESOURCE,
     VMCI_ERROR_NO_MEM,
@@ -25,7 +25,6 @@ from .constants import (
     VMCI_ERROR_TIMEOUT,
     VMCI_MAX_DG_PAYLOAD_SIZE,
 )
-from .access import ACL_EPOCH_WORD
 from .errors import VMCIError, check, error_for
 from .handles import VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
@@ -35,6 +34,8 @@ log = logging.getLogger("vsockcompat")
 _SPILL_SIZE = VMCI_MAX_DG_PAYLOAD_SIZE + 1
 #: Links (cached connections to destinations) an endpoint keeps at most; the oldest go first.
 MAX_LINKS = 256
+#: The cores' own statuses (PEER_GONE, STALE, ...) are at or below this; VMCI codes are above.
+_CORE_STATUS_FLOOR = -2001
 
 
 class Datagram(NamedTuple):
@@ -63,20 +64,28 @@ class EndpointStats:
 class _OpenLink:
     """A cached link: the core's sender (the fast path) over the transport's connection.
 
-    ``words`` views the receiver's account page; the link is good while its ACL
-    epoch word still reads ``epoch`` (the receiver's privileges did not change).
+    The sender watches the receiver's ACL epoch word (``Link.watch_acl``): once the
+    receiver's privileges change, its sends return STALE and the link is checked again.
     """
 
-    __slots__ = ("sender", "link", "words", "epoch")
+    __slots__ = ("sender", "link")
 
     def __init__(self, sender, link):
         self.sender = sender
         self.link = link
-        self.words = memoryview(link.page).cast("Q")
-        self.epoch = self.words[ACL_EPOCH_WORD]
+        sender.watch_acl()  # the epoch first, then the privileges it covers
 
-    def release(self) -> None:
-        self.words.release()
+
+def _weak_call(obj, function) -> Callable[[], None]:
+    """``function(obj)`` without keeping ``obj`` alive (the core must not hold its endpoint)."""
+    ref = weakref.ref(obj)
+
+    def call():
+        target = ref()
+        if target is not None:
+            function(target)
+
+    return call
 
 
 def _byte_view(buf, writable: bool) -> memoryview:
@@ -115,11 +124,13 @@ class DatagramEndpoint:
         self._rx = self._core.Receiver(self._listener, self._wake_r, self._bound.account,
                                        self.handle.context, self.handle.resource)
         self._conns: Dict[int, tuple] = {}
-        #: Connections whose sender may not reach us: their datagrams are read and dropped.
+        #: Connections whose sender may not reach us: the core reads their datagrams and drops them.
         self._denied_fds = set()
-        self._acct_words = memoryview(self._bound.page).cast("Q")
-        self._acl_epoch = self._acct_words[ACL_EPOCH_WORD]
+        self._rx.watch_acl(_weak_call(self, lambda endpoint: endpoint._recheck_access()))
         self._links: Dict[VMCIHandle, _OpenLink] = {}
+        #: dst -> the core sender of ``_links[dst]``: the send fast path's one lookup.
+        self._senders: Dict[VMCIHandle, object] = {}
+        self._last_sender = (None, None)  # (dst, sender) of the last send
         self._link_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._held: Optional[Datagram] = None
@@ -140,24 +151,43 @@ class DatagramEndpoint:
         """
         if self._closing:
             return VMCI_ERROR_INVALID_ARGS
-        state = self._links.get(dst)
-        for _ in range(2):  # a cached link whose receiver went away gets one fresh attempt
-            if state is None:
-                try:
-                    state = self._open_link(dst)
-                except VMCIError as exc:
-                    return exc.code
-            if state.words[ACL_EPOCH_WORD] != state.epoch:  # privileges changed: check again
+        last = self._last_sender
+        if last[0] is dst:  # a sender replying, or a client, names one handle object again and again
+            sender = last[1]
+        else:
+            sender = self._senders.get(dst)
+            if sender is None:
+                return self._send_slow(dst, buf, length, None)
+            self._last_sender = (dst, sender)
+        rc = sender.send(buf, length)
+        if rc >= 0:
+            self.stats.sent += 1
+            return rc
+        if rc > _CORE_STATUS_FLOOR:  # a VMCI code, not the core's PEER_GONE or STALE
+            return rc
+        return self._send_slow(dst, buf, length, sender)
+
+    def _send_slow(self, dst: VMCIHandle, buf, length: int, failed) -> int:
+        """``send_status`` through a fresh link: none was cached, or the sender ``failed``
+        found its receiver gone or its privileges changed (then one fresh attempt)."""
+        attempts = 2
+        if failed is not None:
+            attempts = 1
+            state = self._links.get(dst)
+            if state is not None and state.sender is failed:
                 self._close_link(dst, state)
-                state = None
-                continue
+        for _ in range(attempts):
+            try:
+                state = self._open_link(dst)
+            except VMCIError as exc:
+                return exc.code
             rc = state.sender.send(buf, length)
-            if rc != self._core.PEER_GONE:
-                if rc >= 0:
-                    self.stats.sent += 1
+            if rc >= 0:
+                self.stats.sent += 1
+                return rc
+            if rc > _CORE_STATUS_FLOOR:
                 return rc
             self._close_link(dst, state)
-            state = None
         return VMCI_ERROR_INVALID_RESOURCE
 
     def send(self, dst, data, length: Optional[int] = None) -> int:
@@ -201,10 +231,10 @@ class DatagramEndpoint:
                     self._access.check_send(self.handle, dst)
                 except BaseException:
                     sender.close()
-                    state.release()
                     self._transport.disconnect(self.handle, link)
                     raise
                 self._links[dst] = state
+                self._senders[dst] = sender
             return state
 
     def _stale_links(self) -> list:
@@ -235,8 +265,9 @@ class DatagramEndpoint:
             if self._links.get(dst) is not state:
                 return
             del self._links[dst]
+            self._senders.pop(dst, None)
+            self._last_sender = (None, None)
         state.sender.close()
-        state.release()
         self._transport.disconnect(self.handle, state.link)
 
     # Receiving
@@ -249,50 +280,57 @@ class DatagramEndpoint:
         VMCI_ERROR_TIMEOUT when ``timeout`` seconds pass, VMCI_ERROR_NO_MORE_DATAGRAMS
         if the endpoint is closed meanwhile. ``timeout=None`` blocks.
         """
-        with self._recv_lock:
+        lock = self._recv_lock
+        lock.acquire()  # cheaper than "with" (this is the per-datagram path)
+        try:
             if self._closing:
                 return VMCI_ERROR_NO_MORE_DATAGRAMS, None
             if self._held is not None:
                 return self._deliver_held(buf)
-            deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-            core, rx = self._core, self._rx
-            wait = timeout
-            while True:
-                status = rx.recv(buf, self._spill, wait)
-                if status >= 0:
-                    if self._acct_words[ACL_EPOCH_WORD] != self._acl_epoch:
-                        self._recheck_access()
-                    if self._denied_fds and rx.last_fd in self._denied_fds:
-                        self.stats.denied += 1
-                        n = min(status - VMCI_DG_HEADERSIZE, len(buf))
-                        buf[:n] = bytes(n)  # what a denied sender wrote is never seen
-                        if deadline is not None:
-                            wait = max(deadline - time.monotonic(), 0.0)
-                        continue
-                    peer = self._conns[rx.last_fd][1]
-                    self.last_peer = peer
-                    self.stats.received += 1
-                    n = status - VMCI_DG_HEADERSIZE
-                    if n > len(buf):
-                        self._held = Datagram(peer.handle, bytes(buf) + bytes(self._spill[: n - len(buf)]))
-                        return VMCI_ERROR_NO_MEM, None
-                    return n, peer.handle
-                if status == core.AGAIN:
-                    return VMCI_ERROR_TIMEOUT, None
-                if status == core.ACCEPT:
-                    self._accept()
-                elif status == core.WAKE:
-                    self._drain_wake()
-                    if self._closing:
-                        return VMCI_ERROR_NO_MORE_DATAGRAMS, None
-                else:
-                    if status == core.FORGED:
-                        self.stats.forged += 1
-                    elif status == core.BAD_FRAME:
-                        self.stats.bad_frames += 1
-                    self._drop_conn(rx.last_fd)
-                if deadline is not None:
-                    wait = max(deadline - time.monotonic(), 0.0)
+            if timeout is not None:
+                return self._recv_slow(buf, time.monotonic() + max(timeout, 0.0))
+            # The core does the whole receive: wait, read, check the source and the privileges.
+            n, peer = self._rx.take(buf, self._spill, None)
+            if peer is not None and n <= len(buf):
+                self.last_peer = peer
+                self.stats.received += 1
+                return n, peer.handle
+            return self._recv_slow(buf, None, n, peer)
+        finally:
+            lock.release()
+
+    def _recv_slow(self, buf, deadline, status=None, peer=None):
+        """The rest of ``recv_status`` (under the receive lock): waits with a deadline,
+        connections to accept, datagrams that do not fit or are dropped, and closing."""
+        core, rx = self._core, self._rx
+        while True:
+            if status is None:
+                wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                status, peer = rx.take(buf, self._spill, wait)
+            if peer is not None:
+                self.last_peer = peer
+                self.stats.received += 1
+                if status > len(buf):
+                    self._held = Datagram(peer.handle, bytes(buf) + bytes(self._spill[: status - len(buf)]))
+                    return VMCI_ERROR_NO_MEM, None
+                return status, peer.handle
+            if status == core.AGAIN:
+                return VMCI_ERROR_TIMEOUT, None
+            if status == core.DENIED:
+                self.stats.denied += 1  # read (its bytes left our queue account) and dropped
+            elif status == core.ACCEPT:
+                self._accept()
+            elif status == core.WAKE:
+                self._drain_wake()
+                if self._closing:
+                    return VMCI_ERROR_NO_MORE_DATAGRAMS, None
+            else:
+                if status == core.FORGED:
+                    self.stats.forged += 1
+                elif status == core.BAD_FRAME:
+                    self.stats.bad_frames += 1
+                self._drop_conn(rx.last_fd)
+            status = None
 
     def _deliver_held(self, buf):
         held = self._held
@@ -365,10 +403,12 @@ class DatagramEndpoint:
                 conn.close()
                 continue
             conn.setblocking(False)
-            self._conns[conn.fileno()] = (conn, peer)
+            fd = conn.fileno()
+            self._conns[fd] = (conn, peer)
+            self._rx.add(conn, peer.handle.context, peer.handle.resource, peer)
             if not self._access.may_send(peer.handle, self.handle):
-                self._denied_fds.add(conn.fileno())
-            self._rx.add(conn, *peer.handle)
+                self._denied_fds.add(fd)
+                self._rx.deny(fd, True)
 
     def _identity_allowed(self, peer) -> bool:
         """Whether the policy lets ``peer``'s user act as ``peer``'s context."""
@@ -377,12 +417,15 @@ class DatagramEndpoint:
 
     def acl_changed(self) -> None:
         """This endpoint's privileges changed: check every sender again before the next delivery."""
-        self._acl_epoch = -1
+        self._rx.acl_changed()
 
     def _recheck_access(self) -> None:
-        self._acl_epoch = self._acct_words[ACL_EPOCH_WORD]
+        """Called by the core (receive lock held) once the ACL epoch word has been read again."""
         may_send = self._access.send_checker(self.handle)
-        self._denied_fds = {fd for fd, (_, peer) in self._conns.items() if not may_send(peer.handle)}
+        denied = {fd for fd, (_, peer) in self._conns.items() if not may_send(peer.handle)}
+        for fd in self._conns:
+            self._rx.deny(fd, fd in denied)
+        self._denied_fds = denied
 
     def _drop_conn(self, fd: int) -> None:
         self._rx.remove(fd)
@@ -424,7 +467,6 @@ class DatagramEndpoint:
             receiver.join()
         self._access.unwatch(self)
         with self._recv_lock:
-            self._acct_words.release()
             self._transport.unbind(self._bound)
             self._rx.close()
             for conn, _ in self._conns.values():
@@ -432,9 +474,10 @@ class DatagramEndpoint:
             self._conns.clear()
             with self._link_lock:
                 links, self._links = self._links, {}
+                self._senders = {}
+                self._last_sender = (None, None)
             for state in links.values():
                 state.sender.close()
-                state.release()
                 self._transport.disconnect(self.handle, state.link)
             os.close(self._wake_r)
             os.close(self._wake_w)
