@@ -40,7 +40,7 @@ from .constants import (
 from .errors import NoAccess, VMCIError, error_for
 from .handles import VMCIHandle
 from .policy import Policy
-from .privileges import ClientPrivileges
+from .privileges import ClientPrivileges, split_records
 
 __all__ = ["AccessControl", "ACL_SUFFIX", "GROUP_SUFFIX", "PUBLIC_GROUP", "ACL_EPOCH_WORD"]
 
@@ -81,14 +81,9 @@ class _Group:
 
     @classmethod
     def from_text(cls, handle: VMCIHandle, text: str) -> "_Group":
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        head = _GROUP_HEAD.fullmatch(lines[0]) if lines else None
-        if head is None:
-            raise ValueError("not a version %d group file" % GROUP_VERSION)
+        head, lines = split_records(text, _GROUP_HEAD, "group")
         members = {}
-        for line in lines[1:]:
+        for line in lines:
             match = _MEMBER.fullmatch(line)
             if match is None or max(int(match.group(1)), int(match.group(2))) > 0xFFFFFFFF:
                 raise ValueError("malformed member line %r" % line)

@@ -186,15 +186,10 @@ class ClientPrivileges:
     @classmethod
     def from_text(cls, resource: VMCIHandle, text: str) -> "ClientPrivileges":
         """Parse what ``to_text`` wrote; raises ValueError if malformed."""
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        head = _ACL_HEAD.fullmatch(lines[0]) if lines else None
-        if head is None:
-            raise ValueError("not a version %d privileges file" % ACL_VERSION)
+        head, lines = split_records(text, _ACL_HEAD, "privileges")
         by_state = {name: number for number, name in _STATES.items()}
         entries: Dict[VMCIHandle, Dict[int, int]] = {}
-        for line in lines[1:]:
+        for line in lines:
             match = _ACL_LINE.fullmatch(line)
             if match is None or max(int(match.group(1)), int(match.group(2))) > 0xFFFFFFFF:
                 raise ValueError("malformed privilege line %r" % line)
@@ -226,6 +221,18 @@ class ClientPrivileges:
 
     def __repr__(self):
         return "<ClientPrivileges %s %s %d clients>" % (tuple(self.resource), self.kind, len(self.entries))
+
+
+def split_records(text: str, head_pattern, what: str):
+    """``(match of the first line, the other lines)`` of a text storage file whose lines all end
+    with a newline; ValueError if the first line does not match ``head_pattern``."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    head = head_pattern.fullmatch(lines[0]) if lines else None
+    if head is None:
+        raise ValueError("not a %s file of this version" % what)
+    return head, lines[1:]
 
 
 def _answer(state: int) -> int:

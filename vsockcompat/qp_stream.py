@@ -62,7 +62,7 @@ from .constants import (
 from .errors import (DuplicateEntry, Generic, NoAccess, NotFound, Timeout, Unavailable, VMCIError, check,
                      error_for)
 from .handles import VMCIHandle
-from .queuepair import QPEvent, _check_args
+from .queuepair import PairEnd, QPEvent, _check_args
 from .runtime import Runtime, default_runtime
 
 __all__ = ["StreamQueuePair"]
@@ -134,7 +134,7 @@ class _Chunks:
                 n = 0
 
 
-class StreamQueuePair:
+class StreamQueuePair(PairEnd):
     """One end of a queue pair over a stream; see the module docstring and ``QueuePair``."""
 
     def __init__(self, runtime: Runtime, handle: VMCIHandle, created: bool, produce_size: int,
@@ -735,21 +735,3 @@ class StreamQueuePair:
             self._listener.close()
         return VMCI_SUCCESS_LAST_DETACH if last else VMCI_SUCCESS
 
-    def detach(self) -> int:
-        return check(self.detach_status())
-
-    @property
-    def detached(self) -> bool:
-        return self._detached
-
-    def __enter__(self) -> "StreamQueuePair":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._detached:
-            self.detach_status()
-
-    def __repr__(self):
-        return "<StreamQueuePair %s %s produce=%d consume=%d%s>" % (
-            self.handle, "creator" if self.created else "attacher", self.produce_size,
-            self.consume_size, " detached" if self._detached else "")

@@ -232,7 +232,35 @@ def _map(path: str, flags: int, size: int = 0) -> mmap.mmap:
         os.close(fd)
 
 
-class QueuePair:
+class PairEnd:
+    """What every kind of queue-pair end shares: detach as a context manager, and its repr.
+
+    A subclass sets ``handle``, ``created``, ``produce_size``, ``consume_size``, ``_detached``
+    and implements ``detach_status``.
+    """
+
+    def detach(self) -> int:
+        """Leave the pair (final): VMCI_SUCCESS or VMCI_SUCCESS_LAST_DETACH; NotFound if already detached."""
+        return check(self.detach_status())
+
+    @property
+    def detached(self) -> bool:
+        return self._detached
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._detached:
+            self.detach_status()
+
+    def __repr__(self):
+        return "<%s %s %s produce=%d consume=%d%s>" % (
+            type(self).__name__, self.handle, "creator" if self.created else "attacher",
+            self.produce_size, self.consume_size, " detached" if self._detached else "")
+
+
+class QueuePair(PairEnd):
     """One end of a queue pair. Build it with ``QueuePair.alloc``; see the module docstring.
 
     The object API raises the VMCIError of the SDK code; the ``*_status``
@@ -765,22 +793,3 @@ class QueuePair:
             os.close(self._end_fd)
             return VMCI_SUCCESS_LAST_DETACH if last else VMCI_SUCCESS
 
-    def detach(self) -> int:
-        """Leave the pair (final): VMCI_SUCCESS or VMCI_SUCCESS_LAST_DETACH; NotFound if already detached."""
-        return check(self.detach_status())
-
-    @property
-    def detached(self) -> bool:
-        return self._detached
-
-    def __enter__(self) -> "QueuePair":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._detached:
-            self.detach_status()
-
-    def __repr__(self):
-        return "<QueuePair %s %s produce=%d consume=%d%s>" % (
-            self.handle, "creator" if self.created else "attacher", self.produce_size,
-            self.consume_size, " detached" if self._detached else "")
