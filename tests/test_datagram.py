@@ -466,3 +466,12 @@ def test_forget_and_the_link_cap(runtime, monkeypatch):
     finally:
         for sink in sinks:
             sink.close()
+
+
+def test_send_keeps_the_transports_reason(runtime, make_runtime):
+    with DatagramEndpoint(runtime=runtime) as ep:
+        with pytest.raises(errors.DstUnreachable, match="no context 77"):
+            ep.send(VMCIHandle(77, 1024), b"x")
+        with pytest.raises(errors.InvalidResource, match="no endpoint"):
+            ep.send((2, 60000), b"x")
+        assert ep.send_status(VMCIHandle(77, 1024), b"x", 1) == errors.DstUnreachable.code

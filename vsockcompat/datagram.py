@@ -131,6 +131,7 @@ class DatagramEndpoint:
         #: dst -> the core sender of ``_links[dst]``: the send fast path's one lookup.
         self._senders: Dict[VMCIHandle, object] = {}
         self._last_sender = (None, None)  # (dst, sender) of the last send
+        self._link_error = None  # (dst, VMCIError): why the last link could not be opened
         self._link_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._held: Optional[Datagram] = None
@@ -180,6 +181,7 @@ class DatagramEndpoint:
             try:
                 state = self._open_link(dst)
             except VMCIError as exc:
+                self._link_error = (dst, exc)  # for send(): the transport's words, not just the code
                 return exc.code
             rc = state.sender.send(buf, length)
             if rc >= 0:
@@ -194,9 +196,7 @@ class DatagramEndpoint:
         """Send a datagram to ``dst``; return the payload length sent. Raises VMCIError."""
         if type(dst) is VMCIHandle and type(data) is bytes and length is None \
                 and len(data) <= VMCI_MAX_DG_PAYLOAD_SIZE:  # the common case, checked cheaply
-            rc = self.send_status(dst, data, len(data))
-            if rc < 0:
-                raise error_for(rc, "endpoint %s is closed" % (self.handle,) if self._closing else None)
+            self._raise_for(self.send_status(dst, data, len(data)), dst)
             return len(data)
         dst = as_handle(dst)
         view = _byte_view(data, writable=False)
@@ -209,8 +209,17 @@ class DatagramEndpoint:
                             % (length, VMCI_MAX_DG_PAYLOAD_SIZE))
         if self._closing:
             raise error_for(VMCI_ERROR_INVALID_ARGS, "endpoint %s is closed" % (self.handle,))
-        check(self.send_status(dst, view, length))
+        self._raise_for(self.send_status(dst, view, length), dst)
         return length
+
+    def _raise_for(self, rc: int, dst: VMCIHandle) -> None:
+        """Raise the error of a failed ``send_status`` to ``dst`` with the most telling message."""
+        if rc >= 0:
+            return
+        failed, self._link_error = self._link_error, None
+        if failed is not None and failed[0] == dst and failed[1].code == rc:
+            raise failed[1]
+        raise error_for(rc, "endpoint %s is closed" % (self.handle,) if self._closing else None)
 
     def _open_link(self, dst: VMCIHandle) -> _OpenLink:
         with self._link_lock:
