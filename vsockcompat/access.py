@@ -100,6 +100,7 @@ class AccessControl:
         self._files = hasattr(transport, "context_dir") and hasattr(transport, "context_lock")
         self._memory: Dict[VMCIHandle, ClientPrivileges] = {}
         self._groups: Dict[VMCIHandle, _Group] = {}
+        self._owned: Dict[VMCIHandle, str] = {}  # without files: this process's resources by kind
         self._lock = threading.RLock()
         self._endpoints: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
@@ -216,7 +217,7 @@ class AccessControl:
         if t.endpoint_alive(resource):
             return "datagram"
         if not self._files:
-            return None
+            return self._owned.get(resource)
         base = os.path.join(t.context_dir(resource.context), "%d" % resource.resource)
         for suffix, kind in ((".shm", "sharedmem"), (".qp", "queuepair"), (".mir", "sharedmem"),
                              (".qst", "queuepair")):  # shared, then mirrored (mirror_link)
@@ -321,6 +322,14 @@ class AccessControl:
                 rids.add(int(head))
         return [VMCIHandle(cid, rid) for rid in sorted(rids)]
 
+    def own(self, resource: VMCIHandle, kind: str) -> None:
+        """Without a runtime directory: ``resource`` of ``kind`` lives in this process."""
+        self._owned[resource] = kind
+
+    def disown(self, resource: VMCIHandle) -> None:
+        self._owned.pop(resource, None)
+        self._memory.pop(resource, None)  # its privileges die with it
+
     # Endpoint notification
 
     def watch(self, endpoint) -> None:
@@ -330,6 +339,8 @@ class AccessControl:
 
     def unwatch(self, endpoint) -> None:
         self._endpoints.pop(endpoint.handle, None)
+        if not self._files:
+            self._memory.pop(endpoint.handle, None)  # its privileges die with it
 
     # Helpers
 

@@ -37,6 +37,7 @@ AUTO_RID_TRIES = 65536
 #: Seconds a connect may take.
 CONNECT_TIMEOUT = 10.0
 REGION, QUEUE_PAIR = ".mir", ".qst"
+_KINDS = {REGION: "sharedmem", QUEUE_PAIR: "queuepair"}  # as access control names them
 
 _STREAM = socket.SOCK_STREAM | socket.SOCK_CLOEXEC
 _GONE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ENOENT, errno.ENOTCONN, errno.EPIPE)
@@ -84,6 +85,7 @@ class Listener:
         self.sock = sock
         self._files = files
         self._lock_fd = lock_fd
+        self._on_close = None
 
     def close(self) -> None:
         """Stop listening. The id is free once the files are gone (local) or the port closed."""
@@ -95,6 +97,9 @@ class Listener:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 def listen(runtime: Runtime, suffix: str, resource: Optional[int] = None) -> Listener:
@@ -103,7 +108,12 @@ def listen(runtime: Runtime, suffix: str, resource: Optional[int] = None) -> Lis
     if _is_local(transport):
         register_kinds(transport)
         return transport.allocate(resource, functools.partial(_listen_local, transport, suffix))
-    return _listen_vsock(transport.local_cid, resource)
+    listener = _listen_vsock(transport.local_cid, resource)
+    # No runtime directory to find it by: access control learns of it from us.
+    access, handle = runtime.access, listener.handle
+    access.own(handle, _KINDS[suffix])
+    listener._on_close = lambda: access.disown(handle)
+    return listener
 
 
 def _listen_local(transport, suffix: str, handle: VMCIHandle) -> Listener:

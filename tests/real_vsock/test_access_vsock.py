@@ -5,10 +5,13 @@ privileges live in the owning process (no shared runtime directory across kernel
 so its receive path enforces them, and senders of the same runtime see the denial
 at once. Both cores.
 """
+import os
+
 import pytest
 
 from vsockcompat import constants as C
 from vsockcompat.datagram import Datagram, DatagramEndpoint
+from vsockcompat.errors import NoAccess
 from vsockcompat.handles import VMCIHandle
 from vsockcompat.sdk import VMCILibrary
 
@@ -49,3 +52,80 @@ def test_a_raw_vsock_sender_that_is_denied_is_dropped_and_counted(vsock_runtime,
         friend.send(victim.handle, b"still serving")
         assert victim.recv(timeout=30) == Datagram(friend.handle, b"still serving")
         raw.close()
+
+
+def _write_policy(rundir, text):
+    with open(os.path.join(rundir, "policy.toml"), "w") as f:
+        f.write(text)
+
+
+def test_restricted_contexts_are_refused_over_vsock(core, rundir):
+    """Everything here is CID 1: a policy that restricts context 1 (and does not trust it)
+    forbids it every interaction, so each kind of resource must refuse with the SDK code."""
+    from vsockcompat.queuepair import QueuePair
+    from vsockcompat.sharedmem import SharedRegion
+    from .test_vsock_discovery import vsock_runtime as make_vsock_runtime
+
+    _write_policy(rundir, '[contexts.1]\nflags = ["restricted"]\n')
+    a, b = make_vsock_runtime(core, rundir), make_vsock_runtime(core, rundir)
+    lib = VMCILibrary(a)
+    assert lib.VMCI_InitApp() == C.VMCI_SUCCESS
+    try:
+        server, client = lib.VMCIDatagram_CreateHnd(0), lib.VMCIDatagram_CreateHnd(0)
+        assert lib.VMCIDatagram_SendTo(server, client, 2, b"no") == C.VMCI_ERROR_NO_ACCESS
+        region = SharedRegion.create(64, runtime=a)
+        try:
+            with pytest.raises(NoAccess):
+                SharedRegion.attach(region.handle, runtime=b)
+        finally:
+            region.detach()
+        pair = QueuePair.alloc(None, 4096, 4096, runtime=a)
+        try:
+            with pytest.raises(NoAccess):
+                QueuePair.alloc(pair.handle, 4096, 4096, runtime=b)
+        finally:
+            pair.detach()
+    finally:
+        lib.VMCI_CleanupApp()
+
+
+def test_the_creator_refuses_a_denied_attacher_over_vsock(core, rundir):
+    from vsockcompat.sharedmem import SharedRegion
+    from .test_vsock_discovery import vsock_runtime as make_vsock_runtime
+
+    a, b = make_vsock_runtime(core, rundir), make_vsock_runtime(core, rundir)
+    region = SharedRegion.create(64, runtime=a)
+    try:
+        with SharedRegion.attach(region.handle, runtime=b) as allowed:
+            assert len(allowed.buffer) == 64
+        a.access.change(region.handle, lambda acl: acl.add(VMCIHandle(VMADDR_CID_LOCAL, 0), [],
+                                                           [C.VMCI_PRIV_SM_ATTACH]))
+        with pytest.raises(NoAccess):  # b's own library sees no privileges: the creator refuses
+            SharedRegion.attach(region.handle, runtime=b)
+    finally:
+        region.detach()
+
+
+def test_the_strict_discovery_rule_over_vsock(core, rundir):
+    import subprocess
+    import sys
+    import time
+    from vsockcompat import ds_client
+    from .test_vsock_discovery import START_TIMEOUT, WAIT, vsock_env
+    from .test_vsock_discovery import vsock_runtime as make_vsock_runtime
+
+    _write_policy(rundir, '[discovery]\nregister = "trusted"\n\n[contexts.1]\nflags = []\n')
+    proc = subprocess.Popen([sys.executable, "-m", "vsockcompat", "ds"], env=vsock_env(rundir, core.NAME),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rt = make_vsock_runtime(core, rundir)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while ds_client.lookup_status(C.VMCI_PUBLIC_GROUP_NAME, rt, timeout=5)[0] != C.VMCI_SUCCESS:
+            assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not answer"
+            time.sleep(0.2)
+        with DatagramEndpoint(runtime=rt) as ep:
+            assert ds_client.register_status("strict", ep.handle, rt) == C.VMCI_ERROR_NO_ACCESS
+            assert ds_client.lookup_status("strict", rt)[0] == C.VMCI_ERROR_NOT_FOUND
+    finally:
+        proc.terminate()
+        proc.wait(WAIT)
