@@ -5,14 +5,9 @@
 Like fuzz/c_core.py (same requirements; skipped with the reason when clang has no
 libFuzzer): a crash or a sanitizer report exits non-zero and leaves the reproducer.
 """
-import argparse
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 
-from c_core import FLAGS, HERE, SRC, find_clang
+from c_core import run_target
 
 SOURCES = ["vsc_acl.c", "vsc_policy.c", "vsc_local.c", "vsc_dgram.c"]
 SEEDS = {
@@ -24,38 +19,7 @@ SEEDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=60, help="how long to fuzz (default 60)")
-    parser.add_argument("--workdir", help="where to build and keep findings (default: a temporary folder)")
-    args = parser.parse_args(argv)
-    clang = find_clang()
-    if clang is None:
-        print("fuzz_c_acl: SKIPPED: no clang on PATH (Debian: apt-get install clang-14 libclang-rt-14-dev)")
-        return 0
-    workdir = args.workdir or tempfile.mkdtemp(prefix="vscfuzz")
-    os.makedirs(workdir, exist_ok=True)
-    target = os.path.join(workdir, "fuzz_c_acl")
-    build = subprocess.run([clang] + FLAGS + ["-I", SRC, os.path.join(HERE, "fuzz_c_acl.c")]
-                           + [os.path.join(SRC, s) for s in SOURCES] + ["-o", target],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if build.returncode != 0:
-        if "libclang_rt.fuzzer" in build.stdout or "cannot find" in build.stdout:
-            print("fuzz_c_acl: SKIPPED: clang has no libFuzzer runtime (Debian: libclang-rt-14-dev)\n" + build.stdout)
-            return 0
-        print(build.stdout)
-        return build.returncode
-    corpus = os.path.join(workdir, "corpus_acl")
-    os.makedirs(corpus, exist_ok=True)
-    for name, seed in SEEDS.items():
-        with open(os.path.join(corpus, "seed-" + name), "wb") as f:
-            f.write(seed)
-    run = subprocess.run([target, corpus, "-max_total_time=%d" % args.seconds, "-timeout=10",
-                          "-artifact_prefix=" + workdir + "/", "-print_final_stats=1"])
-    print("fuzz_c_acl: exit %d, work folder %s" % (run.returncode, workdir))
-    if run.returncode == 0 and args.workdir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return run.returncode
-
+    return run_target("fuzz_c_acl", SOURCES, SEEDS, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

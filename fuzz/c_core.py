@@ -28,36 +28,46 @@ def find_clang():
     return None
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_target(name, sources, seeds=None, argv=None):
+    """Build ``fuzz/<name>.c`` with ``sources`` from src/ under the sanitizers and fuzz it for
+    ``--seconds`` from a corpus holding ``seeds`` (name -> bytes). The exit status of the run;
+    0 with a SKIPPED line when clang or its libFuzzer runtime is missing."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=60, help="how long to fuzz (default 60)")
     parser.add_argument("--workdir", help="where to build and keep findings (default: a temporary folder)")
     args = parser.parse_args(argv)
     clang = find_clang()
     if clang is None:
-        print("fuzz_c_core: SKIPPED: no clang on PATH (Debian: apt-get install clang-14 libclang-rt-14-dev)")
+        print("%s: SKIPPED: no clang on PATH (Debian: apt-get install clang-14 libclang-rt-14-dev)" % name)
         return 0
     workdir = args.workdir or tempfile.mkdtemp(prefix="vscfuzz")
     os.makedirs(workdir, exist_ok=True)
-    target = os.path.join(workdir, "fuzz_c_core")
-    build = subprocess.run([clang] + FLAGS + ["-I", SRC, os.path.join(HERE, "fuzz_c_core.c")]
-                           + [os.path.join(SRC, s) for s in SOURCES] + ["-o", target],
+    target = os.path.join(workdir, name)
+    build = subprocess.run([clang] + FLAGS + ["-I", SRC, os.path.join(HERE, name + ".c")]
+                           + [os.path.join(SRC, s) for s in sources] + ["-o", target],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if build.returncode != 0:
         if "libclang_rt.fuzzer" in build.stdout or "cannot find" in build.stdout:
-            print("fuzz_c_core: SKIPPED: clang has no libFuzzer runtime (Debian: libclang-rt-14-dev)\n" + build.stdout)
+            print("%s: SKIPPED: clang has no libFuzzer runtime (Debian: libclang-rt-14-dev)\n%s"
+                  % (name, build.stdout))
             return 0
         print(build.stdout)
         return build.returncode
-    corpus = os.path.join(workdir, "corpus")
+    corpus = os.path.join(workdir, "corpus-" + name)
     os.makedirs(corpus, exist_ok=True)
+    for seed_name, seed in (seeds or {}).items():
+        with open(os.path.join(corpus, "seed-" + seed_name), "wb") as f:
+            f.write(seed)
     run = subprocess.run([target, corpus, "-max_total_time=%d" % args.seconds, "-timeout=10",
                           "-artifact_prefix=" + workdir + "/", "-print_final_stats=1"])
-    print("fuzz_c_core: exit %d, work folder %s" % (run.returncode, workdir))
+    print("%s: exit %d, work folder %s" % (name, run.returncode, workdir))
     if run.returncode == 0 and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return run.returncode
 
+
+def main(argv=None):
+    return run_target("fuzz_c_core", SOURCES, argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())
