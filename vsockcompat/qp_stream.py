@@ -586,14 +586,8 @@ class StreamQueuePair(PairEnd):
             raise BufferError("the destination buffer must be writable")
         return self._read(len(view), consume, view)[0]
 
-    def enqueue(self, buf) -> int:
-        return check(self.enqueue_status(buf))
 
-    def enqueue_many(self, bufs) -> int:
-        return check(self.enqueue_many_status(bufs))
 
-    def dequeue_into(self, buf) -> int:
-        return check(self.dequeue_status(buf))
 
     def dequeue(self, n: int) -> bytes:
         """Up to ``n`` bytes; QueuePairNoData when empty."""
@@ -640,8 +634,6 @@ class StreamQueuePair(PairEnd):
             check(rc)
         return rc
 
-    def consume(self, n: int) -> int:
-        return check(self.consume_status(n))
 
     def _query(self, fn) -> int:
         with self._cv:
@@ -704,11 +696,7 @@ class StreamQueuePair(PairEnd):
                 self._ask_credit()
         return self._wait(lambda: self._free() if self._free() >= n else None, timeout, False)
 
-    def wait_for_data(self, timeout: Optional[float] = None) -> int:
-        return check(self.wait_for_data_status(timeout))
 
-    def wait_for_space(self, n: int = 1, timeout: Optional[float] = None) -> int:
-        return check(self.wait_for_space_status(n, timeout))
 
     # Detach
 

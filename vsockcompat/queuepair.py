@@ -233,15 +233,40 @@ def _map(path: str, flags: int, size: int = 0) -> mmap.mmap:
 
 
 class PairEnd:
-    """What every kind of queue-pair end shares: detach as a context manager, and its repr.
+    """What every kind of queue-pair end shares: the raising forms of the ``*_status`` calls,
+    detach as a context manager, and its repr.
 
     A subclass sets ``handle``, ``created``, ``produce_size``, ``consume_size``, ``_detached``
-    and implements ``detach_status``.
+    and implements the ``*_status`` calls.
     """
 
     def detach(self) -> int:
         """Leave the pair (final): VMCI_SUCCESS or VMCI_SUCCESS_LAST_DETACH; NotFound if already detached."""
         return check(self.detach_status())
+
+    def enqueue(self, buf) -> int:
+        """Write what fits of ``buf`` and return the count; QueuePairNoSpace when full."""
+        return check(self.enqueue_status(buf))
+
+    def enqueue_many(self, bufs) -> int:
+        """Write whole buffers while each fits and return how many; QueuePairNoSpace if none fits."""
+        return check(self.enqueue_many_status(bufs))
+
+    def dequeue_into(self, buf) -> int:
+        """Read into ``buf`` and return the count; QueuePairNoData when empty."""
+        return check(self.dequeue_status(buf))
+
+    def consume(self, n: int) -> int:
+        """``consume_status`` that raises: InvalidArgs if ``n`` > ready, QueuePairNotAttached."""
+        return check(self.consume_status(n))
+
+    def wait_for_data(self, timeout: Optional[float] = None) -> int:
+        """Sleep (in the kernel) until data is ready and return the count; Timeout, QueuePairNotAttached."""
+        return check(self.wait_for_data_status(timeout))
+
+    def wait_for_space(self, n: int = 1, timeout: Optional[float] = None) -> int:
+        """Sleep until ``n`` bytes are free (0 < n < produce_size) and return the free count."""
+        return check(self.wait_for_space_status(n, timeout))
 
     @property
     def detached(self) -> bool:
@@ -604,17 +629,8 @@ class QueuePair(PairEnd):
     def _core_bits(self) -> Tuple[int, int]:
         return self._bits
 
-    def enqueue(self, buf) -> int:
-        """Write what fits of ``buf`` and return the count; QueuePairNoSpace when full."""
-        return check(self.enqueue_status(buf))
 
-    def enqueue_many(self, bufs) -> int:
-        """Write whole buffers while each fits and return how many; QueuePairNoSpace if none fits."""
-        return check(self.enqueue_many_status(bufs))
 
-    def dequeue_into(self, buf) -> int:
-        """Read into ``buf`` and return the count; QueuePairNoData when empty."""
-        return check(self.dequeue_status(buf))
 
     def dequeue(self, n: int) -> bytes:
         """Up to ``n`` bytes; QueuePairNoData when empty."""
@@ -675,9 +691,6 @@ class QueuePair(PairEnd):
             check(rc)
         return rc
 
-    def consume(self, n: int) -> int:
-        """``consume_status`` that raises: InvalidArgs if ``n`` > ready, QueuePairNotAttached."""
-        return check(self.consume_status(n))
 
     def queue_memory(self) -> Tuple[memoryview, memoryview]:
         """This end's (produce queue, consume queue) memory, each laid out as the 2008 kernel
@@ -750,13 +763,7 @@ class QueuePair(PairEnd):
             return VMCI_ERROR_INVALID_ARGS
         return self._wait(self.ring.produce_free_space, self._core_bits()[1], n, timeout, False)
 
-    def wait_for_data(self, timeout: Optional[float] = None) -> int:
-        """Sleep (in the kernel) until data is ready and return the count; Timeout, QueuePairNotAttached."""
-        return check(self.wait_for_data_status(timeout))
 
-    def wait_for_space(self, n: int = 1, timeout: Optional[float] = None) -> int:
-        """Sleep until ``n`` bytes are free (0 < n < produce_size) and return the free count."""
-        return check(self.wait_for_space_status(n, timeout))
 
     # Detach
 
