@@ -166,6 +166,60 @@ def test_check_reports_missing_symbols(cbuild, rundir, tmp_path):
     assert result.stdout.splitlines()[-1] == "1 of 2 SDK symbols are MISSING: VMCIEvent_Subscribe"
 
 
+def test_check_reports_the_sockets_preload(cbuild, rundir, tmp_path):
+    preload = tmp_path / "libvsockcompat-preload.so"
+    preload.write_bytes(b"")  # only its presence is reported; --check loads nothing
+    base = env_for(rundir, "pure", cbuild.library, VSOCKCOMPAT_LIBPRELOAD=str(preload))
+
+    def preload_line(**extra):
+        result = subprocess.run(RUN + ["--check", cbuild.datagramApp], env=dict(base, **extra),
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if line.startswith("  VMCI Sockets")]
+
+    assert preload_line() == ["  VMCI Sockets preload: %s" % preload]
+    assert preload_line(VSOCKCOMPAT_PRELOAD="0") == ["  VMCI Sockets preload: left out (VSOCKCOMPAT_PRELOAD=0)"]
+    assert preload_line(VSOCKCOMPAT_LIBPRELOAD="/no/such.so") == ["  VMCI Sockets preload: NOT BUILT"]
+    required = subprocess.run(RUN + ["--check", cbuild.datagramApp],
+                              env=dict(base, VSOCKCOMPAT_PRELOAD="1", VSOCKCOMPAT_LIBPRELOAD="/no/such.so"),
+                              capture_output=True, text=True)
+    assert required.returncode == 2
+    assert "VSOCKCOMPAT_PRELOAD=1 but libvsockcompat-preload.so is not at /no/such.so" in required.stderr
+
+
+def test_check_notices_a_vmci_sockets_program(cbuild, rundir, tmp_path):
+    # VMware's inline VMCISock_GetAFValue() opens /dev/vsock: the path is in the binary.
+    (tmp_path / "sock.c").write_text('#include <fcntl.h>\nint main(void) { return open("/dev/vsock", O_RDONLY) < 0; }\n')
+    _cc(["-o", "sock", "sock.c"], str(tmp_path))
+    env = env_for(rundir, "pure", cbuild.library, VSOCKCOMPAT_PRELOAD="0")
+    result = subprocess.run(RUN + ["--check", str(tmp_path / "sock")], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert ("  VMCI Sockets: the program names /dev/vsock; if it was built with VMware's vmci_sockets.h, its "
+            "address family comes from the preload (which it will not get)") in result.stdout.splitlines()
+    plain = subprocess.run(RUN + ["--check", cbuild.datagramApp], env=env, capture_output=True, text=True)
+    assert "names /dev/vsock" not in plain.stdout
+
+
+def test_a_program_of_another_abi_is_refused_clearly(cbuild, rundir, tmp_path):
+    # The datagramApp binary, relabelled as an AArch64 program (e_machine at offset 18).
+    foreign = tmp_path / "datagramApp"
+    with open(cbuild.datagramApp, "rb") as f:
+        data = bytearray(f.read())
+    data[18:20] = (183).to_bytes(2, "little")
+    foreign.write_bytes(bytes(data))
+    foreign.chmod(0o755)
+    assert elf_info(str(foreign)).abi == "64-bit AArch64"
+    assert elf_info(cbuild.library).abi == "64-bit x86-64"
+    why = "the program is 64-bit AArch64 but libvmci.so.0 is 64-bit x86-64: ld.so cannot load it"
+    env = env_for(rundir, "pure", cbuild.library)
+    checked = subprocess.run(RUN + ["--check", str(foreign)], env=env, capture_output=True, text=True)
+    assert checked.returncode == 1
+    assert checked.stdout.splitlines()[-1].startswith(why)
+    ran = subprocess.run(RUN + ["--", str(foreign), "-c"], env=env, capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 2
+    assert ran.stderr.startswith("vsockcompat run: %s: %s" % (foreign, why))
+
+
 @pytest.mark.parametrize("args, status", [([], 2), (["--check"], 2), (["--bogus", "x"], 2),
                                           (["--check", "/etc/hostname"], 2), (["--check", "/no/such"], 2),
                                           (["--", "/no/such/program"], 127)])

@@ -15,8 +15,13 @@ start the discovery daemon.
 
 ``vsockcompat run --check PROGRAM`` lists the SDK symbols (``VMCI*``) that
 PROGRAM leaves undefined and its ``DT_NEEDED`` entries, and says which of
-them our library provides; exit status 0 if it provides them all, 1 if not,
-2 if PROGRAM or the library cannot be read.
+them our library provides, whether the VMCI Sockets preload will be there
+(and whether PROGRAM names ``/dev/vsock``, as VMware's VMCI Sockets helpers
+do), and whether PROGRAM's ABI (ELF class and machine) is our library's;
+exit status 0 if the library serves it, 1 if not (a symbol missing, another
+libvmci needed, another ABI), 2 if PROGRAM or the library cannot be read.
+``run`` itself refuses (status 2) a program that needs libvmci.so.0 for an
+ABI ours is not built for, rather than letting ld.so fail less clearly.
 
 ``vsockcompat include-dir`` prints the directory holding ``vmcilib.h``.
 """
@@ -49,6 +54,18 @@ class ElfInfo(NamedTuple):
     soname: Optional[str]
     undefined: Set[str]    # undefined dynamic symbols
     defined: Set[str]      # defined, exported (global or weak, default or protected visibility)
+    bits: int              # 32 or 64 (the ELF class)
+    machine: int           # e_machine
+    names_vsock_device: bool  # the file holds the string "/dev/vsock" (VMCI Sockets' inline helpers)
+
+    @property
+    def abi(self) -> str:
+        """``"64-bit x86-64"`` and the like: what ld.so matches a library against."""
+        return "%d-bit %s" % (self.bits, _MACHINES.get(self.machine, "machine %d" % self.machine))
+
+
+_MACHINES = {3: "i386", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390", 40: "ARM", 62: "x86-64",
+             183: "AArch64", 243: "RISC-V"}
 
 
 def elf_info(path: str) -> ElfInfo:
@@ -63,6 +80,7 @@ def elf_info(path: str) -> ElfInfo:
     end = "<" if encoding == 1 else ">"
     is64 = klass == 2
     try:
+        machine, = struct.unpack_from(end + "H", data, 0x12)
         if is64:
             shoff, = struct.unpack_from(end + "Q", data, 0x28)
             shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
@@ -126,7 +144,7 @@ def elf_info(path: str) -> ElfInfo:
                         defined.add(text)
     except (struct.error, IndexError):
         raise ElfError("%s: malformed dynamic section or symbol table" % path) from None
-    return ElfInfo(needed, soname, undefined, defined)
+    return ElfInfo(needed, soname, undefined, defined, 64 if is64 else 32, machine, b"/dev/vsock" in data)
 
 
 def include_dir() -> str:
@@ -192,6 +210,7 @@ def check(program: str, out=None) -> int:
         print("vsockcompat run --check: %s: no such program" % program, file=sys.stderr)
         return 2
     library = clib.library_path()
+    lib_info = None
     try:
         info = elf_info(path)
         if library is not None:
@@ -201,7 +220,8 @@ def check(program: str, out=None) -> int:
         else:
             provided, provider = set(clib.EXPORTED), "the SDK list (libvmci.so.0 is not built)"
             provided_soname = clib.SONAME
-    except (OSError, ElfError) as exc:
+        preload = sockets_preload()
+    except (OSError, ElfError, SettingError) as exc:
         print("vsockcompat run --check: %s" % exc, file=sys.stderr)
         return 2
     wanted = sorted(name for name in info.undefined if name.startswith(SDK_PREFIX))
@@ -218,6 +238,11 @@ def check(program: str, out=None) -> int:
     print("  SDK symbols needed: %d" % len(wanted), file=out)
     for name in wanted:
         print("    %-*s  %s" % (width, name, "MISSING" if name in missing else "provided"), file=out)
+    _report_sockets_preload(info, preload, out)
+    mismatch = _abi_mismatch(info, lib_info)
+    if mismatch:
+        print(mismatch, file=out)
+        return 1
     if missing:
         print("%d of %d SDK symbols are MISSING: %s" % (len(missing), len(wanted), ", ".join(missing)), file=out)
         return 1
@@ -227,6 +252,42 @@ def check(program: str, out=None) -> int:
         return 1
     print("all %d SDK symbols are provided" % len(wanted), file=out)
     return 0
+
+
+def _report_sockets_preload(info: ElfInfo, preload: Optional[str], out) -> None:
+    """Say whether the VMCI Sockets preload will be there, and whether the program may want it:
+    VMware's inline helpers open /dev/vsock to ask for the address family (an ioctl only the
+    preload answers on today's kernels)."""
+    if preload is not None:
+        state = preload
+    elif clib.preload_path() is None:
+        state = "NOT BUILT"
+    else:
+        state = "left out (%s=0)" % PRELOAD_SETTING
+    print("  VMCI Sockets preload: %s" % state, file=out)
+    if info.names_vsock_device:
+        print("  VMCI Sockets: the program names /dev/vsock; if it was built with VMware's vmci_sockets.h, "
+              "its address family comes from the preload%s" % ("" if preload else " (which it will not get)"),
+              file=out)
+
+
+def _abi_mismatch(info: ElfInfo, lib_info: Optional[ElfInfo]) -> Optional[str]:
+    """Why ld.so cannot give a program that needs libvmci.so.0 our build of it, or None."""
+    if lib_info is None or clib.SONAME not in info.needed:
+        return None
+    if (info.bits, info.machine) == (lib_info.bits, lib_info.machine):
+        return None
+    return ("the program is %s but %s is %s: ld.so cannot load it (a %s build of vsockcompat is needed)"
+            % (info.abi, clib.SONAME, lib_info.abi, info.abi))
+
+
+def _preflight(program: str, library: str) -> Optional[str]:
+    """The reason ``run`` would fail to give ``program`` our library, when that is certain now."""
+    path = _resolve(program)
+    try:
+        return _abi_mismatch(elf_info(path), elf_info(library)) if path else None
+    except (OSError, ElfError):
+        return None  # a script, or something the kernel or ld.so will judge
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -264,6 +325,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preload = sockets_preload()
     except SettingError as exc:
         print("vsockcompat run: %s" % exc, file=sys.stderr)
+        return 2
+    reason = _preflight(argv[0], library)
+    if reason:
+        print("vsockcompat run: %s: %s" % (argv[0], reason), file=sys.stderr)
         return 2
     env = run_env(library, preload=preload)
     sys.stdout.flush()
