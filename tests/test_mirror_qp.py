@@ -294,6 +294,22 @@ def test_waiters_in_several_threads(two):
     b.detach()
 
 
+def test_frames_keep_coming_after_a_waiter_read_the_stream(two):
+    """A waiter reads the stream itself; once it leaves, the reader thread takes the stream
+    back, so a later detach of the peer reaches an ``events`` wait with no reader in sight."""
+    a, b = pair(two)
+    b.enqueue(b"data")
+    assert a.wait_for_data(WAIT) == 4 and a.dequeue(10) == b"data"
+    got = []
+    t = threading.Thread(target=lambda: got.extend(a.events(WAIT)))
+    t.start()
+    time.sleep(0.2)
+    b.detach()
+    t.join(WAIT)
+    assert got == [QPEvent(VMCI_EVENT_QP_PEER_DETACH, a.handle, 3)]
+    a.detach()
+
+
 # Detach and faults
 
 def test_after_the_peer_detaches(two):

@@ -4,8 +4,8 @@
 ``StreamQueuePair`` has ``QueuePair``'s API and results: create/attach with mirrored
 sizes and the same checks (QUEUEPAIR_MISMATCH, peer restriction, ATTACH_ONLY, LOCAL, a
 third end refused), partial enqueue, NOSPACE / NODATA, peek, the four space/ready
-queries, PEER_ATTACH / PEER_DETACH events, blocking waits (on a condition variable, so
-in the kernel) and final detach.
+queries, PEER_ATTACH / PEER_DETACH events, blocking waits (in the kernel: a poll of the
+stream, or a condition variable) and final detach.
 
 Flow control matches the ring's capacity: a queue of ``size`` bytes holds at most
 ``size - 1``. Each end keeps its consume queue in its own memory and tells the peer how
@@ -17,6 +17,11 @@ more than the peer's consume queue can hold. Differences from one kernel: the fr
 end sees lags the peer's dequeues (by less than a quarter of the queue, and by one frame's
 transit once it asks), and bytes enqueued before the peer attaches wait in the creator's
 memory until it does.
+
+Who reads the stream: a caller waiting for data or space reads it itself (no hand-off from
+another thread per frame); otherwise each end's reader thread does, taking it back after
+``READER_TICK`` seconds in which no caller read it (it wakes every tick until detach), so frames (data into the consume queue, credit, WANT, BYE) keep being taken while the
+application is busy elsewhere.
 
 Stream (ends named by ``mirror_link``, frames of ``mirror_wire``): the attacher sends
 HELLO with payload ``<QQII`` (its produce size, consume size, flags, context id); the
@@ -292,7 +297,8 @@ class StreamQueuePair(PairEnd):
             listener = self._listener.sock.fileno()
             ep.register(listener, select.EPOLLIN)
         while not self._detached:
-            events = ep.poll(READER_TICK if self._watching and not self._armed else -1)
+            # Ticks: a caller can take the stream (or _serve add it) while we sleep in here.
+            events = ep.poll(READER_TICK)
             if not events:
                 self._rearm()
             for fd, _ in events:
