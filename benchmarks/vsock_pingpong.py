@@ -49,6 +49,23 @@ def gate_reason():
     return module.gate()
 
 
+def refusal(name):
+    """None inside the guest test bed; elsewhere print why ``name`` refuses to run and return 2."""
+    reason = gate_reason()
+    if reason is None:
+        return None
+    print("%s: refusing to run: %s" % (name, reason), file=sys.stderr)
+    return 2
+
+
+def base_parser(doc):
+    """The options of every guest benchmark: ``--core`` and ``--mode``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--core", choices=("cython", "pure"), default="cython")
+    parser.add_argument("--mode", choices=("auto", "seqpacket", "stream"), default="auto")
+    return parser
+
+
 def runtime(core, mode, rundir):
     from vsockcompat._settings import Settings
     from vsockcompat.runtime import Runtime
@@ -169,19 +186,16 @@ def measure(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--core", choices=("cython", "pure"), default="cython")
-    parser.add_argument("--mode", choices=("auto", "seqpacket", "stream"), default="auto")
+    parser = base_parser(__doc__)
     parser.add_argument("--count", type=int, default=2000, help="round trips per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per implementation and size")
     parser.add_argument("--quick", action="store_true", help="--count 500 --rounds 3")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rundir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    reason = gate_reason()
-    if reason is not None:
-        print("vsock_pingpong: refusing to run: %s" % reason, file=sys.stderr)
-        return 2
+    refused = refusal("vsock_pingpong")
+    if refused:
+        return refused
     if args.serve:
         return serve(args.core, args.mode, args.rundir)
     if args.quick:

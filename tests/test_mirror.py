@@ -517,6 +517,36 @@ def test_the_frame_reader():
     assert W.decode_code(W.HEADER.unpack(W.encode_code(W.REFUSE, -24))[4]) == -24
 
 
+@pytest.mark.parametrize("pieces", [frozenset(), frozenset({W.DATA})], ids=["whole", "pieces"])
+def test_the_frame_reader_at_every_cut(pieces):
+    """Frames cut anywhere, in two or three feeds: whole frames come out as sent; with
+    ``pieces``, DATA payloads come out as they arrive, in order, and nothing else changes."""
+    frames = [(W.DATA, 0, bytes(range(50))), (W.CREDIT, 9, b""), (W.DATA, 0, b"xyz"), (W.BYE, 0, b"")]
+    stream = b"".join(W.encode(*f) for f in frames)
+    for i in range(len(stream) + 1):
+        for j in (i, min(i + 7, len(stream)), min(i + 33, len(stream))):
+            reader = W.FrameReader(pieces)
+            got = []
+            for part in (stream[:i], stream[i:j], stream[j:]):
+                got += [(f.type, f.arg, bytes(f.payload)) for f in reader.feed(part)]
+                assert reader.pending or reader.feed(b"") == []
+            reader.finish()
+            if not pieces:
+                assert got == frames
+            else:
+                assert [g for g in got if g[0] != W.DATA] == [f for f in frames if f[0] != W.DATA]
+                assert all(g[2] for g in got if g[0] == W.DATA)
+                data = [g for g in got if g[0] in (W.DATA, W.CREDIT)]
+                cut = data.index((W.CREDIT, 9, b""))
+                assert b"".join(g[2] for g in data[:cut]) == bytes(range(50))
+                assert b"".join(g[2] for g in data[cut + 1:]) == b"xyz"
+    reader = W.FrameReader(pieces)
+    reader.feed(stream[:W.HEADER.size + 10])
+    assert reader.pending == (40 if pieces else W.HEADER.size + 10)
+    with pytest.raises(W.ProtocolError):
+        reader.finish()
+
+
 # Access control on the creator's side
 
 def test_an_attacher_that_lies_about_its_context_is_refused(two, rundir):

@@ -267,6 +267,49 @@ def test_blocking_waits_sleep(two):
     a.detach()
 
 
+def test_waiters_in_several_threads(two):
+    """Several threads wait on one end: one of them reads the stream itself, the others sleep
+    on the condition; all see what arrives, and a detach of that end wakes every waiter."""
+    a, b = pair(two)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(a.wait_for_data(WAIT))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    assert not got
+    b.enqueue(b"data")
+    for t in threads:
+        t.join(WAIT)
+    assert got == [4, 4, 4] and a.dequeue(10) == b"data"
+    codes = []
+    threads = [threading.Thread(target=lambda: codes.append(a.wait_for_data_status(None))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    assert a.detach() == VMCI_SUCCESS
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads)
+    assert codes == [VMCI_ERROR_QUEUEPAIR_NOTATTACHED] * 3
+    b.detach()
+
+
+def test_frames_keep_coming_after_a_waiter_read_the_stream(two):
+    """A waiter reads the stream itself; once it leaves, the reader thread takes the stream
+    back, so a later detach of the peer reaches an ``events`` wait with no reader in sight."""
+    a, b = pair(two)
+    b.enqueue(b"data")
+    assert a.wait_for_data(WAIT) == 4 and a.dequeue(10) == b"data"
+    got = []
+    t = threading.Thread(target=lambda: got.extend(a.events(WAIT)))
+    t.start()
+    time.sleep(0.2)
+    b.detach()
+    t.join(WAIT)
+    assert got == [QPEvent(VMCI_EVENT_QP_PEER_DETACH, a.handle, 3)]
+    a.detach()
+
+
 # Detach and faults
 
 def test_after_the_peer_detaches(two):
@@ -478,9 +521,8 @@ def test_a_silent_connection_holds_up_nobody(two, rundir):
 
 
 def test_credit_comes_when_asked(two):
-    """Credit is returned a quarter of the queue at a time, when the queue runs empty, or when
-    the producer asks (it finds the queue full or waits for space): it never waits for
-    credit the consumer owes."""
+    """Credit is returned a quarter of the queue at a time, or when the producer asks (it finds
+    the queue full or waits for space): it never waits for credit the consumer owes."""
     a, b = pair(two, produce=1000, consume=1000)
     assert a.enqueue(b"x" * 2000) == 999
     deadline = time.monotonic() + WAIT

@@ -407,17 +407,19 @@ def test_stream_listener_close_ends_readers_and_waiting_connections(stream_liste
     assert threading.active_count() < before
 
 
-def test_the_vsock_benchmark_refuses_outside_the_guest(vsock_refused, monkeypatch, capsys):
+@pytest.mark.parametrize("name, child", [("vsock_pingpong", ["--serve", "--rundir", "/nonexistent"]),
+                                         ("vsock_qp_stream", ["--produce", "--rundir", "/nonexistent"])])
+def test_the_vsock_benchmarks_refuse_outside_the_guest(vsock_refused, monkeypatch, capsys, name, child):
     import importlib.util
     import sys
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the source tree first
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "benchmarks", "vsock_pingpong.py")
-    spec = importlib.util.spec_from_file_location("vsock_pingpong", path)
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.setattr(sys, "path", [benchmarks] + sys.path)  # as when run as a script
+    monkeypatch.delitem(sys.modules, "vsock_pingpong", raising=False)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(benchmarks, name + ".py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.delenv("VSOCKCOMPAT_TESTBED", raising=False)
     assert bench.main(["--quick"]) == 2
-    assert bench.main(["--serve", "--rundir", "/nonexistent"]) == 2
-    assert "refusing to run" in capsys.readouterr().err
+    assert bench.main(child) == 2
+    assert "%s: refusing to run" % name in capsys.readouterr().err
     assert vsock_refused == []

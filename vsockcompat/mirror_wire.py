@@ -15,7 +15,7 @@ and, at end of stream, for a frame cut short. What a type's ``arg`` and payload 
 the business of the protocol using it (``mirror``, ``qp_stream``).
 """
 import struct
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 HEADER = struct.Struct("<IBBHQI")
 MAGIC = 0x4D435356
@@ -57,38 +57,111 @@ def decode_code(arg: int) -> int:
 
 
 class FrameReader:
-    """Accumulates received bytes and returns the whole frames among them."""
+    """Accumulates received bytes and returns the whole frames among them. Frames of the types
+    in ``pieces`` are returned as their bytes arrive instead: one ``Frame`` per piece of the
+    payload, each with the frame's type and arg (for byte streams, where a frame's boundary
+    means nothing to the receiver: no payload is then gathered or copied)."""
 
-    def __init__(self):
-        self._buf = bytearray()
+    def __init__(self, pieces=frozenset()):
+        self._pieces = frozenset(pieces)
+        self._buf = bytearray()  # a frame begun in an earlier call: its header, or the whole frame's room
+        self._have = 0           # bytes of it received
+        self._piece: Optional[Tuple[int, int]] = None  # (type, arg) of a frame returned in pieces
+        self._left = 0           # ... its payload bytes still to come
         self._error: Optional[str] = None
+
+    def _header(self, src, pos: int) -> Optional[Tuple[int, int, int]]:
+        """``(type, arg, length)`` of the header at ``pos``, or None (and ``_error`` set) if it is not one."""
+        magic, ftype, flags, reserved, arg, length = HEADER.unpack_from(src, pos)
+        if magic != MAGIC or ftype not in TYPES or flags or reserved or length > MAX_PAYLOAD:
+            self._error = "bad frame header %s" % bytes(src[pos:pos + HEADER.size]).hex()
+            return None
+        return ftype, arg, length
 
     def feed(self, data) -> List[Frame]:
         """Frames completed by ``data`` (their payloads are read-only views of the received
-        bytes: no copy). At a bad header: ``ProtocolError`` if no good frame came before it in
-        this call, else those frames, and ``failed`` is set (the next ``feed`` or ``finish``
-        raises)."""
+        bytes: no copy, except for a frame split across calls, which is gathered once unless
+        its type is one of ``pieces``). At a bad header: ``ProtocolError`` if no good frame
+        came before it in this call, else those frames, and ``failed`` is set (the next
+        ``feed`` or ``finish`` raises)."""
         if self._error is not None:
             raise ProtocolError(self._error)
-        src = memoryview(bytes(self._buf) + bytes(data) if self._buf else data)
+        src = memoryview(data)
         if src.format != "B" or src.ndim != 1:
             src = src.cast("B")
-        frames = []
+        frames: List[Frame] = []
         pos, size = 0, len(src)
+        if self._have:
+            pos = self._resume(src)
+            if pos < 0:
+                raise ProtocolError(self._error)
+            if self._have:
+                return frames
+            if self._buf:
+                _, ftype, _, _, arg, _ = HEADER.unpack_from(self._buf)
+                frames.append(Frame(ftype, arg, memoryview(self._buf).toreadonly()[HEADER.size:]))
+                self._buf = bytearray()
+        if self._left:
+            take = min(self._left, size - pos)
+            if take:
+                frames.append(Frame(self._piece[0], self._piece[1], src[pos:pos + take]))
+            self._left -= take
+            pos += take
+            if self._left:
+                return frames
         while size - pos >= HEADER.size:
-            magic, ftype, flags, reserved, arg, length = HEADER.unpack_from(src, pos)
-            if magic != MAGIC or ftype not in TYPES or flags or reserved or length > MAX_PAYLOAD:
-                self._error = "bad frame header %s" % bytes(src[pos:pos + HEADER.size]).hex()
+            header = self._header(src, pos)
+            if header is None:
                 if not frames:
                     raise ProtocolError(self._error)
-                break
-            end = pos + HEADER.size + length
+                return frames
+            ftype, arg, length = header
+            start, end = pos + HEADER.size, pos + HEADER.size + length
             if end > size:
-                break
-            frames.append(Frame(ftype, arg, src[pos + HEADER.size:end]))
+                if ftype not in self._pieces:
+                    break
+                if start < size:
+                    frames.append(Frame(ftype, arg, src[start:size]))
+                self._piece, self._left = (ftype, arg), end - size
+                return frames
+            frames.append(Frame(ftype, arg, src[start:end]))
             pos = end
-        self._buf = bytearray(src[pos:])
+        if pos < size:
+            self._start(src[pos:])
         return frames
+
+    def _start(self, tail) -> None:
+        """Keep the beginning of a frame: in a buffer of the whole frame's size once its header is in."""
+        self._have = len(tail)
+        if len(tail) >= HEADER.size:
+            self._buf = bytearray(HEADER.size + HEADER.unpack_from(tail)[5])
+            self._buf[:len(tail)] = tail
+        else:
+            self._buf = bytearray(tail)
+
+    def _resume(self, src) -> int:
+        """Continue the kept frame from ``src``: how much of ``src`` it took, or -1 at a bad header."""
+        pos = 0
+        if self._have < HEADER.size:
+            pos = min(HEADER.size - self._have, len(src))
+            self._buf += src[:pos]
+            self._have += pos
+            if self._have < HEADER.size:
+                return pos
+            header = self._header(self._buf, 0)
+            if header is None:
+                return -1
+            if header[0] in self._pieces:
+                self._piece, self._left = header[:2], header[2]
+                self._have, self._buf = 0, bytearray()
+                return pos
+            self._buf += bytes(header[2])
+        take = min(len(self._buf) - self._have, len(src) - pos)
+        self._buf[self._have:self._have + take] = src[pos:pos + take]
+        self._have += take
+        if self._have == len(self._buf):
+            self._have = 0
+        return pos + take
 
     @property
     def failed(self) -> bool:
@@ -99,9 +172,10 @@ class FrameReader:
         """At end of stream: ``ProtocolError`` if a frame was cut short or a bad header came."""
         if self._error is not None:
             raise ProtocolError(self._error)
-        if self._buf:
-            raise ProtocolError("stream ended inside a frame (%d bytes left)" % len(self._buf))
+        if self._have or self._left:
+            raise ProtocolError("stream ended inside a frame (%d bytes in, %d to come)" % (self._have, self._left))
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        """Bytes of an unfinished frame received, or (pieces) still to come."""
+        return self._have + self._left

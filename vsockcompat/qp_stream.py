@@ -4,19 +4,24 @@
 ``StreamQueuePair`` has ``QueuePair``'s API and results: create/attach with mirrored
 sizes and the same checks (QUEUEPAIR_MISMATCH, peer restriction, ATTACH_ONLY, LOCAL, a
 third end refused), partial enqueue, NOSPACE / NODATA, peek, the four space/ready
-queries, PEER_ATTACH / PEER_DETACH events, blocking waits (on a condition variable, so
-in the kernel) and final detach.
+queries, PEER_ATTACH / PEER_DETACH events, blocking waits (in the kernel: a poll of the
+stream, or a condition variable) and final detach.
 
 Flow control matches the ring's capacity: a queue of ``size`` bytes holds at most
 ``size - 1``. Each end keeps its consume queue in its own memory and tells the peer how
 much it has dequeued (CREDIT frames carry the running total) whenever a quarter of its
-queue is owed, its queue runs empty, or the peer asks (WANT: sent by an end that finds its
-produce queue full or waits for space); an end's produce free space is ``produce_size - 1``
+queue is owed or the peer asks (WANT: sent by an end that finds its produce queue full or
+waits for space); an end's produce free space is ``produce_size - 1``
 minus the bytes it sent that the peer has not reported dequeued, so an enqueue never accepts
 more than the peer's consume queue can hold. Differences from one kernel: the free space an
 end sees lags the peer's dequeues (by less than a quarter of the queue, and by one frame's
 transit once it asks), and bytes enqueued before the peer attaches wait in the creator's
 memory until it does.
+
+Who reads the stream: a caller waiting for data or space reads it itself (no hand-off from
+another thread per frame); otherwise each end's reader thread does, taking it back after
+``READER_TICK`` seconds in which no caller read it (it wakes every tick until detach), so frames (data into the consume queue, credit, WANT, BYE) keep being taken while the
+application is busy elsewhere.
 
 Stream (ends named by ``mirror_link``, frames of ``mirror_wire``): the attacher sends
 HELLO with payload ``<QQII`` (its produce size, consume size, flags, context id); the
@@ -30,7 +35,8 @@ the pair has its two ends every further HELLO is refused with VMCI_ERROR_UNAVAIL
 """
 import collections
 import contextlib
-import selectors
+import os
+import select
 import socket
 import struct
 import threading
@@ -73,6 +79,9 @@ HELLO_TIMEOUT = 10.0
 #: Seconds a send may block (the peer's reader drains its socket into its queue).
 SEND_TIMEOUT = 30.0
 _RECV = 1 << 18
+_PIECES = frozenset({W.DATA})  # queue bytes are a stream: DATA payloads are taken as they arrive
+#: Seconds the reader thread leaves the stream to callers that read it themselves.
+READER_TICK = 0.01
 
 
 def _capacity(size: int) -> int:
@@ -84,16 +93,21 @@ def _bytes_view(buf) -> memoryview:
     return view if view.ndim == 1 and view.format in ("B", "b", "c") else view.cast("B")
 
 
-def _send_parts(sock: socket.socket, parts) -> None:
-    """``sendall`` of several buffers without joining them."""
+def _send_parts(sock: socket.socket, parts, total: int) -> None:
+    """``sendall`` of several byte buffers (``total`` bytes) without joining them."""
+    sent = sock.sendmsg(parts)
+    if sent == total:
+        return
     parts = [memoryview(p) for p in parts]
-    while parts:
-        sent = sock.sendmsg(parts)
+    while True:
         while parts and sent >= len(parts[0]):
             sent -= len(parts[0])
             parts.pop(0)
-        if parts and sent:
+        if not parts:
+            return
+        if sent:
             parts[0] = parts[0][sent:]
+        sent = sock.sendmsg(parts)
 
 
 class _Chunks:
@@ -162,9 +176,19 @@ class StreamQueuePair(PairEnd):
         self._ever_attached = False
         self._peer_gone = False
         self._detached = False
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r, self._wake_w = socket.socketpair()   # written once, at detach; never drained
         self._thread: Optional[threading.Thread] = None
-        self._reader: Optional[W.FrameReader] = None
+        self._reader = W.FrameReader(_PIECES)
+        # The peer's stream is read by whoever holds _rx: the reader thread, or a caller waiting
+        # for data or space (``_pump``), which first takes the stream out of the reader thread's
+        # epoll (_armed False) so the thread is not woken for bytes the caller reads itself.
+        # Lock order: _rx, then _send_lock (only ever tried), then _cv.
+        self._rx = threading.Lock()
+        self._epoll = select.epoll()
+        self._watching = False           # the stream is in the epoll (until it ends)
+        self._armed = False              # ... and the reader thread is woken by it
+        self._pumped = False             # a caller read the stream since the last tick
+        self._poller: Optional[select.poll] = None
         self._asked = False              # WANT sent, no CREDIT since
         self._peer_wants = False         # the peer sent WANT
 
@@ -216,7 +240,7 @@ class StreamQueuePair(PairEnd):
         try:
             sock.settimeout(HELLO_TIMEOUT)
             sock.sendall(W.encode(W.HELLO, 0, _HELLO.pack(produce_size, consume_size, flags, me)))
-            reader = W.FrameReader()
+            reader = W.FrameReader(_PIECES)
             frames: List[W.Frame] = []
             while not frames:
                 data = sock.recv(_RECV)
@@ -238,6 +262,7 @@ class StreamQueuePair(PairEnd):
             sock.settimeout(SEND_TIMEOUT)
             qp._handle_frames(frames[1:])
             qp._reader = reader
+            qp._watch(sock)
         except VMCIError:
             sock.close()
             raise
@@ -264,33 +289,104 @@ class StreamQueuePair(PairEnd):
     # The reader thread
 
     def _run(self) -> None:
-        sel = selectors.DefaultSelector()
-        self._wake_r.setblocking(False)
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        ep, wake = self._epoll, self._wake_r.fileno()
+        ep.register(wake, select.EPOLLIN)
+        listener = -1
         if self._listener is not None:
             self._listener.sock.setblocking(False)
-            sel.register(self._listener.sock, selectors.EVENT_READ, "listen")
-        watching = self._sock is not None
-        if watching:
-            sel.register(self._sock, selectors.EVENT_READ, "peer")
-        reader = self._reader or W.FrameReader()
+            listener = self._listener.sock.fileno()
+            ep.register(listener, select.EPOLLIN)
+        while not self._detached:
+            # Ticks: a caller can take the stream (or _serve add it) while we sleep in here.
+            events = ep.poll(READER_TICK)
+            if not events:
+                self._rearm()
+            for fd, _ in events:
+                if fd == wake or self._detached:
+                    return
+                if fd == listener:
+                    self._accept()
+                elif self._rx.acquire(False):   # else a caller reads it (and has disarmed us)
+                    try:
+                        if self._armed and not self._receive(self._reader):
+                            self._unwatch()
+                    finally:
+                        self._rx.release()
+
+    def _watch(self, sock: socket.socket) -> None:
+        """Put the peer's stream in the reader thread's epoll."""
+        with self._rx:
+            self._epoll.register(sock, select.EPOLLIN)
+            self._watching = self._armed = True
+
+    def _unwatch(self) -> None:
+        """The stream is over: nobody reads it any more (``_rx`` held)."""
+        if self._watching:
+            self._watching = self._armed = False
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(self._sock)
+
+    def _rearm(self) -> None:
+        """At a tick of the reader thread while callers read the stream: if none has for a
+        whole tick, the reader thread watches it again (frames then wait at most two ticks
+        for a reader while the application is busy elsewhere)."""
+        if self._rx.acquire(False):
+            try:
+                if self._pumped:
+                    self._pumped = False
+                elif self._watching and not self._armed and not self._detached:
+                    self._epoll.modify(self._sock, select.EPOLLIN)
+                    self._armed = True
+            finally:
+                self._rx.release()
+
+    def _take_stream(self) -> bool:
+        """With ``_rx`` held: take the stream from the reader thread; False if it is over."""
+        if not self._watching or self._detached:
+            return False
+        if self._armed:
+            self._epoll.modify(self._sock, 0)
+            self._armed = False
+        self._pumped = True
+        return True
+
+    def _poke(self) -> None:
+        """Read what the stream holds now, without waiting, if the reader thread is not
+        watching it and nobody else reads it."""
+        if not self._armed and self._rx.acquire(False):
+            try:
+                if self._take_stream() and not self._receive(self._reader):
+                    self._unwatch()
+            finally:
+                self._rx.release()
+
+    def _pump(self, done, timeout: Optional[float]) -> None:
+        """With ``_rx`` taken by the caller (and released here): read the peer's stream in the
+        calling thread until ``done()`` (called under the condition) is true, the stream ends,
+        detach, or ``timeout``. Saves the waiter a hand-off from the reader thread per frame;
+        the reader thread stays out of the stream until callers leave it alone (``_rearm``)."""
         try:
-            while not self._detached:
-                for key, _ in sel.select():
-                    if key.data == "wake":
-                        with contextlib.suppress(BlockingIOError):
-                            self._wake_r.recv(4096)
-                        sock = self._sock
-                        if sock is not None and not watching and not self._detached:
-                            sel.register(sock, selectors.EVENT_READ, "peer")
-                            watching = True
-                    elif key.data == "listen":
-                        self._accept()
-                    elif not self._receive(reader):
-                        with contextlib.suppress(KeyError, ValueError):
-                            sel.unregister(key.fileobj)
+            if not self._take_stream():
+                return
+            if self._poller is None:
+                self._poller = select.poll()
+                self._poller.register(self._sock, select.POLLIN)
+                self._poller.register(self._wake_r, select.POLLIN)
+            fd = self._sock.fileno()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                with self._cv:
+                    if done() or self._detached or self._peer_gone:
+                        return
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                ready = self._poller.poll(None if left is None else int(left * 1000) + 1)
+                if not ready or any(r[0] != fd for r in ready):
+                    return   # timed out, or detached
+                if not self._receive(self._reader):
+                    self._unwatch()
+                    return
         finally:
-            sel.close()
+            self._rx.release()
 
     def _accept(self) -> None:
         """Take a connection; its handshake runs in a thread of its own, so a peer that says
@@ -348,9 +444,8 @@ class StreamQueuePair(PairEnd):
             except OSError:
                 self._on_peer_gone()
             if outbox and not self._peer_gone:
-                self._send_raw(outbox)
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+                self._send_raw([outbox], len(outbox))
+            self._watch(sock)
 
     def _admit(self, produce: int, consume: int, flags: int, cid: int) -> int:
         """The code for an attacher asking with these values (VMCI_SUCCESS to admit it)."""
@@ -373,9 +468,8 @@ class StreamQueuePair(PairEnd):
 
     def _receive(self, reader: W.FrameReader) -> bool:
         """Read from the peer; False once the stream is over."""
-        sock = self._sock
         try:
-            data = sock.recv(_RECV, socket.MSG_DONTWAIT)
+            data = os.read(self._sock.fileno(), _RECV)   # the socket has a timeout: its fd does not block
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -434,20 +528,30 @@ class StreamQueuePair(PairEnd):
 
     # Sending
 
-    def _send_raw(self, data) -> None:
-        """Send queue bytes as DATA frames; the caller holds the send lock."""
-        view = memoryview(data)
+    def _send_raw(self, chunks, total: int) -> None:
+        """Send queue bytes (the buffers ``chunks``, ``total`` bytes) as DATA frames; the caller
+        holds the send lock."""
         try:
-            for pos in range(0, len(view), W.MAX_PAYLOAD):
+            if total <= W.MAX_PAYLOAD:
+                _send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, total), *chunks],
+                            W.HEADER.size + total)
+                return
+            view = memoryview(b"".join(chunks))
+            for pos in range(0, total, W.MAX_PAYLOAD):
                 chunk = view[pos:pos + W.MAX_PAYLOAD]
-                _send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, len(chunk)), chunk])
+                _send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, len(chunk)), chunk],
+                            W.HEADER.size + len(chunk))
         except OSError:
             self._on_peer_gone()
 
+    def _credit_due(self) -> bool:
+        """Whether a CREDIT is worth a frame: a quarter of the queue is owed or the peer asked (WANT)."""
+        owed = self._consumed - self._credited
+        return bool(owed) and (self._peer_wants or owed * 4 >= self.consume_size)
+
     def _send_credit(self, blocking: bool = True) -> None:
-        """Tell the peer how much we have dequeued, when it is worth a frame: a quarter of the
-        queue is owed, the queue ran empty, or the peer asked (WANT). The reader thread never
-        waits for the send lock (``blocking`` False): its holder sends the credit after its data."""
+        """Send the CREDIT due, if one is (``_credit_due``). The reader thread never waits for
+        the send lock (``blocking`` False): its holder sends the credit after its data."""
         if not self._send_lock.acquire(blocking):
             return
         try:
@@ -480,10 +584,7 @@ class StreamQueuePair(PairEnd):
 
     def _credit_locked(self) -> None:
         with self._cv:
-            owed = self._consumed - self._credited
-            if not owed or self._sock is None or self._peer_gone:
-                return
-            if not (self._peer_wants or not len(self._in) or owed * 4 >= self.consume_size):
+            if not self._credit_due() or self._sock is None or self._peer_gone:
                 return
             self._credited = total = self._consumed
             self._peer_wants = False
@@ -534,7 +635,8 @@ class StreamQueuePair(PairEnd):
     def _write(self, take) -> int:
         """``take(free)`` returns ``(count, chunks)`` or None when nothing fits. Sends happen
         under the send lock, so concurrent writers keep the stream in their reservation order."""
-        with self._sending():
+        self._send_lock.acquire()
+        try:
             with self._cv:
                 if self._detached or self._peer_gone:
                     return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
@@ -542,21 +644,26 @@ class StreamQueuePair(PairEnd):
                 taken = take(free) if free > 0 else None
                 if taken is not None:
                     n, chunks = taken
-                    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    self._sent += len(data)
+                    total = sum(len(c) for c in chunks)
+                    self._sent += total
                     if self._sock is None:
-                        self._outbox += data
+                        for chunk in chunks:
+                            self._outbox += chunk
                         return n
             if taken is None:
                 self._ask_credit()
                 return VMCI_ERROR_QUEUEPAIR_NOSPACE
-            if data:
-                self._send_raw(data)
+            if total:
+                self._send_raw(chunks, total)
             return n
+        finally:
+            self._release_send()
 
     def _read(self, buf_len: int, consume: bool, into: Optional[memoryview] = None
               ) -> Tuple[int, Optional[bytes]]:
         """``(count, bytes)``, or ``(count, None)`` when copied ``into`` a view, or ``(code, None)``."""
+        if not self._in and self._watching:
+            self._poke()
         with self._cv:
             if self._detached:
                 return VMCI_ERROR_QUEUEPAIR_NOTATTACHED, None
@@ -569,7 +676,8 @@ class StreamQueuePair(PairEnd):
             if consume:
                 self._in.drop(n)
                 self._consumed += n
-        if consume and n:
+                due = self._credit_due()
+        if consume and due:
             self._send_credit()
         return n, data
 
@@ -624,7 +732,8 @@ class StreamQueuePair(PairEnd):
                 return VMCI_ERROR_INVALID_ARGS
             self._in.drop(n)
             self._consumed += n
-        if n:
+            due = self._credit_due()
+        if due:
             self._send_credit()
         return n
 
@@ -661,6 +770,8 @@ class StreamQueuePair(PairEnd):
 
     def events(self, timeout: float = 0.0) -> List[QPEvent]:
         """Events since the last call; waits up to ``timeout`` seconds (None: forever) for one."""
+        if self._watching:
+            self._poke()
         with self._cv:
             self._cv.wait_for(lambda: self._events or self._detached, timeout)
             out = list(self._events)
@@ -668,9 +779,11 @@ class StreamQueuePair(PairEnd):
         return out
 
     def _wait(self, ready, timeout: Optional[float], drain: bool) -> int:
+        """Until ``ready()`` is not None. The waiter reads the stream itself when nobody else
+        does (``_pump``); it takes ``_rx`` under the condition, so it cannot miss a notify."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cv:
-            while True:
+        while True:
+            with self._cv:
                 if self._detached or (not drain and self._peer_gone):
                     return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
                 got = ready()
@@ -681,7 +794,10 @@ class StreamQueuePair(PairEnd):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return VMCI_ERROR_TIMEOUT
-                self._cv.wait(left)
+                if not (self._watching and self._rx.acquire(False)):
+                    self._cv.wait(left)
+                    continue
+            self._pump(lambda: ready() is not None, left)
 
     def wait_for_data_status(self, timeout: Optional[float] = None) -> int:
         """Sleep until data is ready: the byte count, VMCI_ERROR_TIMEOUT, or QUEUEPAIR_NOTATTACHED."""
@@ -716,9 +832,11 @@ class StreamQueuePair(PairEnd):
             self._wake_w.send(b"\0")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(SEND_TIMEOUT)
-        for sock in (self._sock, self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
+        with self._rx:   # a waiter reading the stream has seen the wake-up and let go
+            self._epoll.close()
+            for sock in (self._sock, self._wake_r, self._wake_w):
+                if sock is not None:
+                    sock.close()
         if self._listener is not None:
             self._listener.close()
         return VMCI_SUCCESS_LAST_DETACH if last else VMCI_SUCCESS
