@@ -78,7 +78,7 @@ class HybridTransport(StreamLinks, Transport):
     """Host endpoints behind a VMM's hybrid-vsock Unix sockets; the peer is its guest."""
 
     name = "hybrid"
-    features = frozenset({"dgram", "peer-identity"})
+    features = frozenset({"dgram", "peer-identity", "verdicts"})
 
     def __init__(self, core, uds_path: str, guest_cid: int = 3):
         """``uds_path``: the VMM's socket; ``guest_cid``: its guest's CID. Opens nothing yet."""

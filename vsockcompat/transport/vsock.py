@@ -133,6 +133,7 @@ from .streams import (  # noqa: F401  (the hello and the pump are part of this t
     parse_hello,
     read_stream_hello,
 )
+from .verdicts import VERDICT, VERDICT_MAGIC, decode_verdict, encode_verdict  # noqa: F401  (wire format)
 
 VSOCK_DEVICE = "/dev/vsock"
 
@@ -215,7 +216,7 @@ class VsockTransport(StreamLinks, Transport):
     """AF_VSOCK links (SEQPACKET or STREAM); identity: kernel CID + the connection's hello."""
 
     name = "vsock"
-    features = frozenset({"dgram", "peer-identity"})
+    features = frozenset({"dgram", "peer-identity", "verdicts"})
 
     def __init__(self, core, cid: Optional[int] = None, *, context: Optional[int] = None,
                  mode: str = "auto"):
@@ -387,6 +388,15 @@ class VsockTransport(StreamLinks, Transport):
             return None
         return Peer(VMCIHandle(context, hello[1]), 0, None)  # pid 0, uid None: not known across kernels
 
+    def tell(self, conn, denied: bool) -> None:
+        if self.mode == "stream":
+            super().tell(conn, denied)
+            return
+        try:
+            conn.send(encode_verdict(denied), socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # a sender that leaves its buffer full misses it; its datagrams are still dropped
+
     # Introspection
 
     def endpoint_alive(self, handle: VMCIHandle) -> bool:
@@ -404,4 +414,5 @@ class VsockTransport(StreamLinks, Transport):
 
 __all__ = ["VsockTransport", "StreamListener", "StreamLinks", "choose_mode", "read_local_cid",
            "parse_hello", "decode_hello", "encode_hello", "read_stream_hello", "well_known_cid",
-           "HELLO", "HELLO_MAGIC", "HELLO_WELL_KNOWN_MAGIC", "HELLO_TIMEOUT", "MODES"]
+           "HELLO", "HELLO_MAGIC", "HELLO_WELL_KNOWN_MAGIC", "HELLO_TIMEOUT", "MODES",
+           "VERDICT", "VERDICT_MAGIC", "decode_verdict", "encode_verdict"]
