@@ -71,6 +71,27 @@ magic, truncated, nothing within the timeout) is refused. From then on the core'
 drops (and the endpoint counts as ``forged``) any frame whose ``src`` is not exactly that
 (context, resource) or whose ``dst`` is not the endpoint's own handle.
 
+The other direction carries **verdicts** (``transport/verdicts.py``): privileges live in the
+receiving process, so it tells a sender whether it may send, each verdict an 8-byte message
+(back to back in stream mode)::
+
+    offset 0  u32 little-endian  magic 0x31565356 (the bytes "VSV1")
+    offset 4  u32 little-endian  0: the sender may send; 1: it is denied VMCI_PRIV_DG_SEND
+
+A link starts allowed. The receiver writes a verdict when it accepts a connection whose sender
+is denied, and again whenever that sender's verdict changes (the endpoint's privileges or a
+group they name changed), at once, from the thread that made the change. It never blocks on
+it: a sender that does not read them may miss some. The sender's pump keeps the last verdict;
+while it says denied, ``VMCIDatagram_SendTo`` returns ``VMCI_ERROR_NO_ACCESS`` (``send``
+raises ``NoAccess``) on the cached link, without a syscall; a message that is not a verdict
+(wrong size, magic or word) ends the link, counted in ``stats.bad_verdicts``. The receiver
+still enforces the privileges itself, so a sender that ignores verdicts is dropped and counted
+(``stats.denied``). The race is inherent: datagrams sent before a verdict reaches the sender
+(the first ones on a fresh link to a receiver that denies it, or ones in flight when the
+privileges change) are dropped and counted by the receiver, not reported to the sender. A
+sender of an older version, which took any byte from the receiver for a hang-up, sees a denial
+as a lost connection and reconnects.
+
 Trust: the context is the kernel's word; the resource id is the sender's, fixed once per
 connection. Processes of one context can therefore claim each other's resource ids (as any
 process of a VM could on VMCI's datagram API with a trusted handle); across contexts nobody can
