@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vsockcompat.transport import streams
@@ -124,6 +124,27 @@ def test_garbage_verdicts_are_refused_and_change_nothing(link, stream, data):
     verdict.watch(sender)
     assert verdict.apply(data) is False
     assert verdict.garbled and not verdict.denied
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.binary(max_size=12), st.booleans().map(encode_verdict)), max_size=12))
+def test_a_stream_verdict_follows_any_bytes_or_refuses_them(link, chunks):
+    """Whatever a receiver writes, in whatever pieces: the last whole verdict, or the link ends."""
+    _, page, sender, _ = link
+    verdict = LinkVerdict(page, stream=True)
+    verdict.watch(sender)
+    taken = []  # a new LinkVerdict each time: the shared link only lends its page and sender
+    for chunk in chunks:
+        taken.append(verdict.apply(chunk))
+        if not taken[-1]:
+            assert verdict.apply(encode_verdict(True)) is False  # the pump stops; so does the state
+            break
+    split = split_verdicts(b"".join(chunks))
+    if split is None:
+        assert verdict.garbled and taken[-1] is False and all(taken[:-1])
+    else:
+        assert all(taken) and not verdict.garbled
+        assert verdict.denied == (split[0][-1] if split[0] else False)
 
 
 # The pump reads the verdicts the receiver writes back on the link's connection.

@@ -113,7 +113,10 @@ class LinkVerdict:
         return self.apply(data, truncated)
 
     def apply(self, data: bytes, truncated: bool = False) -> bool:
-        """Take one message (SEQPACKET) or the next bytes (stream); False if they are garbage."""
+        """Take one message (SEQPACKET) or the next bytes (stream); False if they are garbage
+        (and from then on: a garbled link takes nothing more)."""
+        if self.garbled:
+            return False
         if self._stream:
             split = split_verdicts(self._pending + data)
             if split is None:
