@@ -12,6 +12,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -357,3 +358,105 @@ def test_no_threads_or_files_left_behind(hybrid_runtime, vmm, fd_guard):
         thread.join(WAIT)
     assert threading.active_count() <= before
     assert sorted(os.listdir(os.path.dirname(vmm.path))) == [os.path.basename(vmm.path)]
+
+
+# Verdicts: the receiver tells a denied sender so, on the link's own stream (transport/verdicts.py).
+
+def _verdict_bytes(sock, n):
+    sock.settimeout(WAIT)
+    return recv_exact(sock, 8 * n)
+
+
+def test_a_host_receiver_tells_a_denied_guest_and_then_lets_it_in(hybrid_runtime, vmm):
+    from vsockcompat.constants import VMCI_PRIV_DG_SEND
+    from vsockcompat.transport.verdicts import encode_verdict
+    hello = vsock_module.encode_hello
+    with DatagramEndpoint(runtime=hybrid_runtime) as ep:
+        me, guest = tuple(ep.handle), VMCIHandle(GUEST, 5001)
+        hybrid_runtime.access.change(ep.handle, lambda acl: acl.add(guest, [], [VMCI_PRIV_DG_SEND]))
+        sock = connect_as_guest(vmm, me[1], hello(5001) + frame(me, guest, b"denied"))
+        with pytest.raises(Timeout):
+            ep.recv(timeout=2)  # accepts, tells, drops
+        assert ep.stats.denied == 1 and ep.stats.received == 0, ep.stats
+        assert _verdict_bytes(sock, 1) == encode_verdict(True)
+        hybrid_runtime.access.change(ep.handle, lambda acl: acl.remove_all(guest))
+        assert _verdict_bytes(sock, 1) == encode_verdict(False)  # at once, with no receive
+        sock.sendall(frame(me, guest, b"welcome"))
+        assert ep.recv(timeout=WAIT) == (guest, b"welcome")
+        sock.close()
+
+
+class VerdictGuest:
+    """A guest that hands each host link's stream to the test (after reading its hello)."""
+
+    def __init__(self):
+        self.links = queue.Queue()
+        self.socks = []
+
+    def __call__(self, port, conn):
+        conn.settimeout(WAIT)
+        self.socks.append(conn)
+        self.links.put((vsock_module.decode_hello(recv_exact(conn, 8)), conn))
+
+
+@pytest.fixture
+def verdict_vmm(core, rundir, tmp_path):
+    uds = str(tmp_path / "vm.vsock")
+    guest = VerdictGuest()
+    fake = FakeVMM(uds, guest)
+    settings = Settings(no_extensions=False, rundir=rundir, cid=2, transport="hybrid",
+                        ds_autostart=False)._replace(hybrid_uds=uds, hybrid_cid=GUEST)
+    yield Runtime(settings, core=core), guest
+    fake.close()
+    for sock in guest.socks:
+        sock.close()
+
+
+def _send_until(ep, dst, payload, expected):
+    """Send until the status is ``expected`` (the verdict crosses a thread); the statuses seen."""
+    seen = []
+    deadline = time.monotonic() + WAIT
+    while not seen or seen[-1] != expected:
+        assert time.monotonic() < deadline, "send never returned %d: %s" % (expected, seen[-5:])
+        seen.append(ep.send_status(dst, payload, len(payload)))
+        time.sleep(0.01)
+    return seen
+
+
+def test_a_host_sender_gets_no_access_while_the_guest_denies_it(verdict_vmm):
+    from vsockcompat import constants as C
+    from vsockcompat.errors import NoAccess
+    from vsockcompat.transport.verdicts import encode_verdict
+    rt, guest = verdict_vmm
+    dst = VMCIHandle(GUEST, 5000)
+    with DatagramEndpoint(runtime=rt) as ep:
+        assert ep.send(dst, b"first") == 5  # a link starts allowed
+        hello, conn = guest.links.get(timeout=WAIT)
+        assert hello == (False, ep.handle.resource) and read_frame(conn)[1] == b"first"
+        conn.sendall(encode_verdict(True))
+        seen = _send_until(ep, dst, b"while denied", C.VMCI_ERROR_NO_ACCESS)
+        with pytest.raises(NoAccess, match="denied DG_SEND"):
+            ep.send(dst, b"while denied")  # the cached link, not a new one
+        assert guest.links.empty()
+        conn.sendall(encode_verdict(False))
+        _send_until(ep, dst, b"again", len(b"again") + 24)
+        sent = sum(rc > 0 for rc in seen)  # before the verdict reached the link: the race
+        assert [read_frame(conn)[1] for _ in range(sent + 1)] == [b"while denied"] * sent + [b"again"]
+        assert guest.links.empty() and ep.stats.bad_verdicts == 0
+
+
+def test_a_guest_that_writes_garbage_loses_its_link_and_is_counted(verdict_vmm):
+    rt, guest = verdict_vmm
+    dst = VMCIHandle(GUEST, 5000)
+    with DatagramEndpoint(runtime=rt) as ep:
+        ep.send(dst, b"first")
+        _, conn = guest.links.get(timeout=WAIT)
+        conn.sendall(b"not a verdict at all")
+        link = ep._links[dst].link.sock
+        poller = select.poll()
+        poller.register(link, select.POLLIN)
+        assert poller.poll(WAIT * 1000), "the link did not end"
+        ep.send(dst, b"second")  # a fresh link
+        _, fresh = guest.links.get(timeout=WAIT)
+        assert read_frame(fresh)[1] == b"second"
+        assert ep.stats.bad_verdicts == 1, ep.stats

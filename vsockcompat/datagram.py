@@ -21,11 +21,12 @@ from .constants import (
     VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_INVALID_RESOURCE,
     VMCI_ERROR_NO_MEM,
+    VMCI_ERROR_NO_ACCESS,
     VMCI_ERROR_NO_MORE_DATAGRAMS,
     VMCI_ERROR_TIMEOUT,
     VMCI_MAX_DG_PAYLOAD_SIZE,
 )
-from .errors import VMCIError, check, error_for
+from .errors import NoAccess, VMCIError, check, error_for
 from .handles import VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
 
@@ -48,7 +49,7 @@ class Datagram(NamedTuple):
 class EndpointStats:
     """Counters of one endpoint (what was received, dropped and why)."""
 
-    __slots__ = ("received", "sent", "bad_frames", "forged", "denied", "refused_connections")
+    __slots__ = ("received", "sent", "bad_frames", "forged", "denied", "refused_connections", "bad_verdicts")
 
     def __init__(self):
         for name in self.__slots__:
@@ -66,6 +67,8 @@ class _OpenLink:
 
     The sender watches the receiver's ACL epoch word (``Link.watch_acl``): once the
     receiver's privileges change, its sends return STALE and the link is checked again.
+    Where the receiver tells its verdicts (``link.verdict``), the word is the link's own, moved
+    by each verdict; sends return STALE while denied.
     """
 
     __slots__ = ("sender", "link")
@@ -73,7 +76,10 @@ class _OpenLink:
     def __init__(self, sender, link):
         self.sender = sender
         self.link = link
-        sender.watch_acl()  # the epoch first, then the privileges it covers
+        if link.verdict is None:
+            sender.watch_acl()  # the epoch first, then the privileges it covers
+        else:
+            link.verdict.watch(sender)
 
 
 def _weak_call(obj, function) -> Callable[[], None]:
@@ -126,6 +132,11 @@ class DatagramEndpoint:
         self._conns: Dict[int, tuple] = {}
         #: Connections whose sender may not reach us: the core reads their datagrams and drops them.
         self._denied_fds = set()
+        #: fd -> whether its sender was last told it is denied (a link starts allowed). Where the
+        #: transport tells verdicts; ``_conns`` changes under ``_verdict_lock`` too, for the pushes.
+        self._verdicts = "verdicts" in self._transport.features
+        self._told: Dict[int, bool] = {}
+        self._verdict_lock = threading.Lock()
         self._rx.watch_acl(_weak_call(self, lambda endpoint: endpoint._recheck_access()))
         self._links: Dict[VMCIHandle, _OpenLink] = {}
         #: dst -> the core sender of ``_links[dst]``: the send fast path's one lookup.
@@ -176,6 +187,9 @@ class DatagramEndpoint:
             attempts = 1
             state = self._links.get(dst)
             if state is not None and state.sender is failed:
+                rc = self._judged_send(dst, state, buf, length)
+                if rc is not None:
+                    return rc
                 self._close_link(dst, state)
         for _ in range(attempts):
             try:
@@ -189,8 +203,27 @@ class DatagramEndpoint:
                 return rc
             if rc > _CORE_STATUS_FLOOR:
                 return rc
+            rc = self._judged_send(dst, state, buf, length)
+            if rc is not None:
+                return rc
             self._close_link(dst, state)
         return VMCI_ERROR_INVALID_RESOURCE
+
+    def _judged_send(self, dst: VMCIHandle, state: _OpenLink, buf, length: int) -> Optional[int]:
+        """Send again on a link whose send was refused, if it was for the receiver's verdict:
+        VMCI_ERROR_NO_ACCESS while denied. None: the link is gone or has no verdicts."""
+        verdict = state.link.verdict
+        if verdict is None or verdict.ended:
+            return None
+        if verdict.watch(state.sender):
+            self._link_error = (dst, NoAccess("%s is denied DG_SEND on %s (the receiver's verdict)"
+                                              % (self.handle, dst)))
+            return VMCI_ERROR_NO_ACCESS
+        rc = state.sender.send(buf, length)
+        if rc >= 0:
+            self.stats.sent += 1
+            return rc
+        return rc if rc > _CORE_STATUS_FLOOR else None
 
     def send(self, dst, data, length: Optional[int] = None) -> int:
         """Send a datagram to ``dst``; return the payload length sent. Raises VMCIError."""
@@ -278,6 +311,8 @@ class DatagramEndpoint:
             self._last_sender = (None, None)
         state.sender.close()
         self._transport.disconnect(self.handle, state.link)
+        if state.link.verdict is not None and state.link.verdict.garbled:
+            self.stats.bad_verdicts += 1
 
     # Receiving
 
@@ -413,9 +448,14 @@ class DatagramEndpoint:
                 continue
             conn.setblocking(False)
             fd = conn.fileno()
-            self._conns[fd] = (conn, peer)
+            with self._verdict_lock:  # read the privileges in the lock: a change then pushes after us
+                denied = not self._access.may_send(peer.handle, self.handle)
+                self._conns[fd] = (conn, peer)
+                if denied and self._verdicts:
+                    self._told[fd] = True
+                    self._transport.tell(conn, True)
             self._rx.add(conn, peer.handle.context, peer.handle.resource, peer)
-            if not self._access.may_send(peer.handle, self.handle):
+            if denied:
                 self._denied_fds.add(fd)
                 self._rx.deny(fd, True)
 
@@ -425,8 +465,22 @@ class DatagramEndpoint:
         return owner is None or peer.uid is None or peer.uid == owner
 
     def acl_changed(self) -> None:
-        """This endpoint's privileges changed: check every sender again before the next delivery."""
+        """This endpoint's privileges changed: check every sender again before the next delivery,
+        and (feature ``verdicts``) tell at once each sender whose verdict changed."""
         self._rx.acl_changed()
+        if self._verdicts:
+            self._push_verdicts()
+
+    def _push_verdicts(self) -> None:
+        with self._verdict_lock:
+            if self._closing:
+                return
+            may_send = self._access.send_checker(self.handle)
+            for fd, (conn, peer) in self._conns.items():
+                denied = not may_send(peer.handle)
+                if self._told.get(fd, False) != denied:
+                    self._told[fd] = denied
+                    self._transport.tell(conn, denied)
 
     def _recheck_access(self) -> None:
         """Called by the core (receive lock held) once the ACL epoch word has been read again."""
@@ -439,7 +493,9 @@ class DatagramEndpoint:
     def _drop_conn(self, fd: int) -> None:
         self._rx.remove(fd)
         self._denied_fds.discard(fd)
-        self._conns.pop(fd)[0].close()
+        with self._verdict_lock:
+            self._told.pop(fd, None)
+            self._conns.pop(fd)[0].close()
 
     def _drain_wake(self) -> None:
         try:
@@ -478,9 +534,11 @@ class DatagramEndpoint:
         with self._recv_lock:
             self._transport.unbind(self._bound)
             self._rx.close()
-            for conn, _ in self._conns.values():
-                conn.close()
-            self._conns.clear()
+            with self._verdict_lock:
+                for conn, _ in self._conns.values():
+                    conn.close()
+                self._conns.clear()
+                self._told.clear()
             with self._link_lock:
                 links, self._links = self._links, {}
                 self._senders = {}

@@ -9,6 +9,8 @@ per available core, at ``HOST_RIDS[core]`` in context 2, each on its own thread:
 * ``b"call <rid>"``: sends ``b"host calls <rid>"`` to ``(guest CID, rid)``, a host-initiated
   datagram to an endpoint that never sent us anything; when that send fails, answers the caller
   ``b"call <rid> failed: <VMCIError subclass>"``;
+* ``b"deny <rid>"`` / ``b"allow <rid>"``: denies ``(guest CID, rid)`` DG_SEND on this endpoint,
+  or lifts that, then answers the caller with the same words (the verdicts reach the guest);
 * anything else: echoed to its sender as ``payload + b" from <context>:<resource>"`` (the
   sender's handle as this side saw it).
 
@@ -26,6 +28,7 @@ if importlib.util.find_spec("vsockcompat") is None:     # not installed: run fro
 
 from vsockcompat._backend import load_core
 from vsockcompat._settings import Settings
+from vsockcompat.constants import VMCI_PRIV_DG_SEND
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.errors import Timeout, VMCIError
 from vsockcompat.handles import VMCIHandle
@@ -53,6 +56,14 @@ def serve(settings, core, stop, failures):
                         ep.send(VMCIHandle(guest_cid, rid), b"host calls %d" % rid)
                     except VMCIError as exc:
                         ep.send(dg.src, b"call %d failed: %s" % (rid, type(exc).__name__.encode()))
+                elif dg.payload.startswith((b"deny ", b"allow ")):
+                    word, rid = dg.payload.split()
+                    client = VMCIHandle(guest_cid, int(rid))
+                    if word == b"deny":
+                        runtime.access.change(ep.handle, lambda acl: acl.add(client, [], [VMCI_PRIV_DG_SEND]))
+                    else:
+                        runtime.access.change(ep.handle, lambda acl: acl.remove_all(client))
+                    ep.send(dg.src, dg.payload)
                 else:
                     ep.send(dg.src, dg.payload + b" from %d:%d" % (dg.src.context,
                                                                      dg.src.resource))

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from vsockcompat._settings import Settings
-from vsockcompat.constants import VMCI_HOST_CONTEXT_ID, VMCI_MAX_DG_PAYLOAD_SIZE
+from vsockcompat.constants import VMCI_ERROR_NO_ACCESS, VMCI_HOST_CONTEXT_ID, VMCI_MAX_DG_PAYLOAD_SIZE
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.errors import DstUnreachable, InvalidResource, Timeout
 from vsockcompat.handles import VMCIHandle
@@ -97,3 +97,34 @@ def test_host_to_a_guest_port_nobody_listens_on(guest_runtime, host):
         assert got.src == host
         assert got.payload == b"call %d failed: InvalidResource" % free
         assert ask(control, host, b"still there").payload.startswith(b"still there from ")
+
+
+def _send_until(ep, dst, payload, done):
+    """Send until ``done(status)``: the host's verdict crosses the VM boundary meanwhile."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        rc = ep.send_status(dst, payload, len(payload))
+        if done(rc):
+            return rc
+        assert time.monotonic() < deadline, "the host's verdict never arrived (last status %d)" % rc
+        time.sleep(0.05)
+
+
+def test_a_guest_the_host_denies_gets_no_access_and_then_in_again(guest_runtime, host):
+    """The host's privileges live on the host: its verdicts tell the guest's cached link."""
+    with DatagramEndpoint(runtime=guest_runtime) as control, \
+            DatagramEndpoint(runtime=guest_runtime) as sender:
+        assert ask(sender, host, b"before").payload.startswith(b"before from ")
+        link = sender._links[host]
+        rid = sender.handle.resource
+        assert ask(control, host, b"deny %d" % rid).payload == b"deny %d" % rid
+        try:
+            assert _send_until(sender, host, b"denied", lambda rc: rc == VMCI_ERROR_NO_ACCESS) \
+                == VMCI_ERROR_NO_ACCESS
+            assert sender._links[host] is link
+        finally:  # the next test's endpoints may get the same resource ids
+            assert ask(control, host, b"allow %d" % rid).payload == b"allow %d" % rid
+        assert _send_until(sender, host, b"after", lambda rc: rc > 0) > 0
+        # What left before the verdict arrived reached the host after the denial: dropped there.
+        assert sender.recv(timeout=WAIT).payload == b"after from %d:%d" % (BED_CID, rid)
+        assert sender._links[host] is link

@@ -32,6 +32,7 @@ class Link(NamedTuple):
     sock: object  # socket.socket
     account: object  # core.Account of the destination
     page: object
+    verdict: object = None  # a LinkVerdict where the receiver tells its verdicts (feature "verdicts")
 
 
 class Transport(abc.ABC):
@@ -67,6 +68,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def identify(self, conn, dst: VMCIHandle) -> Optional[Peer]:
         """The kernel-verified sender of an accepted connection, or None to refuse it."""
+
+    def tell(self, conn, denied: bool) -> None:
+        """Tell the sender of the accepted ``conn`` whether it is denied DG_SEND (feature
+        ``verdicts``: its senders cannot read our privileges). Never blocks; by default nothing."""
 
     # Introspection
     @abc.abstractmethod

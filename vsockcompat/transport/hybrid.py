@@ -20,6 +20,8 @@ and it does so only for its guest, so the peer's context is that CID, never what
 Streams carry the vsock transport's stream mode (``transport.vsock``): the 8-byte hello, then
 frames back to back; the guest must run the vsock transport with ``VSOCKCOMPAT_VSOCK_MODE=stream``
 (these devices have no SEQPACKET). A guest's hello claiming the well-known context is refused.
+Verdicts flow back on each stream as they do over vsock, so the guest and the host each learn
+when the other denies them DG_SEND.
 """
 import contextlib
 import errno
@@ -78,7 +80,7 @@ class HybridTransport(StreamLinks, Transport):
     """Host endpoints behind a VMM's hybrid-vsock Unix sockets; the peer is its guest."""
 
     name = "hybrid"
-    features = frozenset({"dgram", "peer-identity"})
+    features = frozenset({"dgram", "peer-identity", "verdicts"})
 
     def __init__(self, core, uds_path: str, guest_cid: int = 3):
         """``uds_path``: the VMM's socket; ``guest_cid``: its guest's CID. Opens nothing yet."""

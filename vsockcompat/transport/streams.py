@@ -22,6 +22,7 @@ from typing import Callable, Dict, Optional, Tuple
 from ..constants import VMADDR_PORT_ANY, VMCI_DG_HEADERSIZE, VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_MAX_DG_SIZE
 from ..handles import VMCIHandle
 from .base import Link, Peer
+from .verdicts import LinkVerdict, encode_verdict
 
 HELLO = struct.Struct("<II")
 HELLO_MAGIC = 0x31435356  # b"VSC1" read as a little-endian u32
@@ -64,13 +65,15 @@ def encode_hello(rid: int, well_known: bool = False) -> bytes:
     return HELLO.pack(HELLO_WELL_KNOWN_MAGIC if well_known else HELLO_MAGIC, rid)
 
 
-def _pump(back: socket.socket, vs: socket.socket, stream: bool = False) -> None:
+def _pump(back: socket.socket, vs: socket.socket, stream: bool = False,
+          verdict: Optional[LinkVerdict] = None) -> None:
     """Forward whole messages from a link's AF_UNIX end to its connection ``vs``, blocking.
 
-    ``stream``: ``vs`` is a stream and the messages go back to back. Ends (closing ``back``,
-    so the core's next send sees EPIPE) when the core closes its end, when the receiver hangs
-    up (it never writes: any event on ``vs`` is a hang-up) or when a send fails. ``vs`` is
-    closed by ``disconnect``.
+    ``stream``: ``vs`` is a stream and the messages go back to back. What the receiver writes
+    on ``vs`` is verdicts, which ``verdict`` takes (without one, any event on ``vs`` is a
+    hang-up). Ends (closing ``back``, so the core's next send sees EPIPE) when the core closes
+    its end, when the receiver hangs up or sends what is not a verdict, or when a send fails.
+    ``vs`` is closed by ``disconnect``.
     """
     buf = bytearray(VMCI_MAX_DG_SIZE + 1)
     view = memoryview(buf)
@@ -80,9 +83,14 @@ def _pump(back: socket.socket, vs: socket.socket, stream: bool = False) -> None:
     vs_fd = vs.fileno()
     try:
         while True:
-            events = poller.poll()
-            if any(fd == vs_fd for fd, _ in events):
-                return
+            forward = False
+            for fd, _ in poller.poll():
+                if fd != vs_fd:
+                    forward = True
+                elif verdict is None or not verdict.receive(vs):
+                    return
+            if not forward:
+                continue
             n = back.recv_into(buf)
             if n == 0:
                 return
@@ -90,9 +98,11 @@ def _pump(back: socket.socket, vs: socket.socket, stream: bool = False) -> None:
                 vs.sendall(view[:n])
             elif vs.send(view[:n]) != n:  # blocking SEQPACKET: whole message or an error
                 return
-    except OSError:
+    except (OSError, ValueError):  # ValueError: the link's page was released under a stuck pump
         return
     finally:
+        if verdict is not None:
+            verdict.ended = True
         view.release()
         back.close()
 
@@ -172,6 +182,7 @@ class StreamListener:
         self._lock = threading.Lock()
         self._queue = collections.deque()
         self._peers: Dict[socket.socket, Optional[Peer]] = {}
+        self._streams: Dict[socket.socket, socket.socket] = {}  # handed-over core end -> its connection
         self._readers: Dict[threading.Thread, tuple] = {}
         self._closed = False
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -195,6 +206,19 @@ class StreamListener:
     def peer(self, sock) -> Optional[Peer]:
         with self._lock:
             return self._peers.pop(sock, None)
+
+    def tell(self, front, denied: bool) -> bool:
+        """Write a verdict on the connection behind the handed-over ``front`` (never blocking;
+        a sender that leaves its buffer full misses it). False if ``front`` is not ours."""
+        with self._lock:
+            conn = self._streams.get(front)
+            if conn is None:
+                return False
+            try:
+                conn.send(encode_verdict(denied), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            return True
 
     def _accept_loop(self) -> None:
         poller = select.poll()
@@ -221,7 +245,7 @@ class StreamListener:
 
     def _read(self, conn: socket.socket) -> None:
         me = threading.current_thread()
-        front = back = None
+        front = back = handed = None
         try:
             hello = read_stream_hello(conn, HELLO_TIMEOUT)
             handle = self._identify(conn, hello) if hello is not None else None
@@ -231,6 +255,8 @@ class StreamListener:
                     return
                 self._readers[me] = (conn, back)
                 self._peers[front] = Peer(handle, 0, None) if handle is not None else None
+                self._streams[front] = conn
+                handed = front
                 self._queue.append(front)
                 os.write(self._ready_w, b"\0")
                 front = None  # the endpoint owns it now
@@ -241,6 +267,7 @@ class StreamListener:
         finally:
             with self._lock:
                 self._readers.pop(me, None)
+                self._streams.pop(handed, None)
             for sock in (front, back, conn):
                 if sock is not None:
                     sock.close()
@@ -254,6 +281,7 @@ class StreamListener:
             readers = dict(self._readers)
             queued, self._queue = list(self._queue), collections.deque()
             self._peers.clear()
+            self._streams.clear()
         os.write(self._stop_w, b"\0")
         self._acceptor.join(PUMP_JOIN_TIMEOUT)
         self._listener.close()
@@ -289,7 +317,8 @@ class StreamLinks:
         try:
             front.setblocking(False)
             account, page = self._private_account()
-            pump = threading.Thread(target=_pump, args=(back, vs, stream), daemon=True,
+            verdict = LinkVerdict(page, stream)
+            pump = threading.Thread(target=_pump, args=(back, vs, stream, verdict), daemon=True,
                                     name="vsockcompat-%s-link-%d-%d.%d" % (self.name, src.resource, *dst))
             pump.start()
         except BaseException:
@@ -298,7 +327,7 @@ class StreamLinks:
             raise
         with self._lock:
             self._pumps[id(front)] = (vs, pump)
-        return Link(front, account, page)
+        return Link(front, account, page, verdict)
 
     def disconnect(self, src: VMCIHandle, link: Link) -> None:
         """Close a link once its pump forwarded what was sent (at most ``LINGER`` seconds)."""
@@ -324,6 +353,12 @@ class StreamLinks:
 
     def _stream_listeners(self):
         return ()
+
+    def tell(self, conn, denied: bool) -> None:
+        """Write a verdict to the sender of ``conn``, which a StreamListener handed over."""
+        for bound_listener in self._stream_listeners():
+            if bound_listener.tell(conn, denied):
+                return
 
     def _private_account(self):
         page = mmap.mmap(-1, self._core.ACCOUNT_SIZE)

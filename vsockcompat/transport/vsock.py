@@ -71,6 +71,27 @@ magic, truncated, nothing within the timeout) is refused. From then on the core'
 drops (and the endpoint counts as ``forged``) any frame whose ``src`` is not exactly that
 (context, resource) or whose ``dst`` is not the endpoint's own handle.
 
+The other direction carries **verdicts** (``transport/verdicts.py``): privileges live in the
+receiving process, so it tells a sender whether it may send, each verdict an 8-byte message
+(back to back in stream mode)::
+
+    offset 0  u32 little-endian  magic 0x31565356 (the bytes "VSV1")
+    offset 4  u32 little-endian  0: the sender may send; 1: it is denied VMCI_PRIV_DG_SEND
+
+A link starts allowed. The receiver writes a verdict when it accepts a connection whose sender
+is denied, and again whenever that sender's verdict changes (the endpoint's privileges or a
+group they name changed), at once, from the thread that made the change. It never blocks on
+it: a sender that does not read them may miss some. The sender's pump keeps the last verdict;
+while it says denied, ``VMCIDatagram_SendTo`` returns ``VMCI_ERROR_NO_ACCESS`` (``send``
+raises ``NoAccess``) on the cached link, without a syscall; a message that is not a verdict
+(wrong size, magic or word) ends the link, counted in ``stats.bad_verdicts``. The receiver
+still enforces the privileges itself, so a sender that ignores verdicts is dropped and counted
+(``stats.denied``). The race is inherent: datagrams sent before a verdict reaches the sender
+(the first ones on a fresh link to a receiver that denies it, or ones in flight when the
+privileges change) are dropped and counted by the receiver, not reported to the sender. A
+sender of an older version, which took any byte from the receiver for a hang-up, sees a denial
+as a lost connection and reconnects.
+
 Trust: the context is the kernel's word; the resource id is the sender's, fixed once per
 connection. Processes of one context can therefore claim each other's resource ids (as any
 process of a VM could on VMCI's datagram API with a trusted handle); across contexts nobody can
@@ -133,6 +154,7 @@ from .streams import (  # noqa: F401  (the hello and the pump are part of this t
     parse_hello,
     read_stream_hello,
 )
+from .verdicts import VERDICT, VERDICT_MAGIC, decode_verdict, encode_verdict  # noqa: F401  (wire format)
 
 VSOCK_DEVICE = "/dev/vsock"
 
@@ -215,7 +237,7 @@ class VsockTransport(StreamLinks, Transport):
     """AF_VSOCK links (SEQPACKET or STREAM); identity: kernel CID + the connection's hello."""
 
     name = "vsock"
-    features = frozenset({"dgram", "peer-identity"})
+    features = frozenset({"dgram", "peer-identity", "verdicts"})
 
     def __init__(self, core, cid: Optional[int] = None, *, context: Optional[int] = None,
                  mode: str = "auto"):
@@ -387,6 +409,15 @@ class VsockTransport(StreamLinks, Transport):
             return None
         return Peer(VMCIHandle(context, hello[1]), 0, None)  # pid 0, uid None: not known across kernels
 
+    def tell(self, conn, denied: bool) -> None:
+        if self.mode == "stream":
+            super().tell(conn, denied)
+            return
+        try:
+            conn.send(encode_verdict(denied), socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # a sender that leaves its buffer full misses it; its datagrams are still dropped
+
     # Introspection
 
     def endpoint_alive(self, handle: VMCIHandle) -> bool:
@@ -404,4 +435,5 @@ class VsockTransport(StreamLinks, Transport):
 
 __all__ = ["VsockTransport", "StreamListener", "StreamLinks", "choose_mode", "read_local_cid",
            "parse_hello", "decode_hello", "encode_hello", "read_stream_hello", "well_known_cid",
-           "HELLO", "HELLO_MAGIC", "HELLO_WELL_KNOWN_MAGIC", "HELLO_TIMEOUT", "MODES"]
+           "HELLO", "HELLO_MAGIC", "HELLO_WELL_KNOWN_MAGIC", "HELLO_TIMEOUT", "MODES",
+           "VERDICT", "VERDICT_MAGIC", "decode_verdict", "encode_verdict"]
