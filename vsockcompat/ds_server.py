@@ -329,9 +329,10 @@ class DiscoveryServer:
 
     def _reply(self, dst: VMCIHandle, msgid: int, code: int, handle: VMCIHandle, msg: bytes) -> None:
         reply = encode_reply(msgid, code, handle, msg)
-        rc = self._endpoint.send_status(dst, reply, len(reply))
-        if rc < 0:
-            log.info("reply to %s failed: %s", tuple(dst), code_name(rc))
+        try:
+            self._endpoint.send(dst, reply)
+        except VMCIError as exc:
+            log.info("reply to %s failed: %s (%s)", tuple(dst), code_name(exc.code), exc)
         # Clients ask from a fresh endpoint each time: keep no link to it.
         self._endpoint.forget(dst)
 
