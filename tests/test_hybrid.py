@@ -17,7 +17,7 @@ import time
 import pytest
 
 from vsockcompat import constants as C
-from vsockcompat import ds_client
+from vsockcompat import ds_client, errors, mirror_link
 from vsockcompat._settings import SettingError, Settings
 from vsockcompat.constants import DG_HEADER_FORMAT, VMCI_MAX_DG_PAYLOAD_SIZE
 from vsockcompat.datagram import DatagramEndpoint
@@ -26,6 +26,7 @@ from vsockcompat.ds_server import DiscoveryServer
 from vsockcompat.errors import DstUnreachable, DuplicateEntry, InvalidResource, Timeout
 from vsockcompat.handles import VMCI_INVALID_HANDLE, VMCIHandle
 from vsockcompat.runtime import Runtime
+from vsockcompat.sharedmem import SharedRegion
 from vsockcompat.transport import TransportUnavailable, open_transport
 from vsockcompat.transport import hybrid as hybrid_module
 from vsockcompat.transport import streams
@@ -522,3 +523,88 @@ def test_daemon_drops_bad_guest_input_and_keeps_serving(hybrid_ds, core, rundir,
     assert guest_reply(ds_vmm, 5005).code == C.VMCI_SUCCESS
     for sock in socks + [honest]:
         sock.close()
+
+
+# Mirrored regions through the VMM
+
+class LoopbackGuest:
+    """A "guest" that is this machine: each connection the VMM hands over for guest port P is
+    relayed to ``<uds>_P``, as if the guest's listener at P were the host's."""
+
+    def __init__(self, uds):
+        self.uds = uds
+        self.threads = []
+        self.socks = []
+
+    def __call__(self, port, conn):
+        out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            out.connect("%s_%d" % (self.uds, port))
+        except OSError:
+            out.close()
+            conn.close()
+            return
+        conn.settimeout(None)
+        self.socks += [conn, out]
+        for a, b in ((conn, out), (out, conn)):
+            thread = threading.Thread(target=self._relay, args=(a, b), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    @staticmethod
+    def _relay(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_path):
+    """The creator listens where the VMM delivers the guest's connections; the attacher (here
+    the host again, behind a VMM that loops back) reaches it with ``CONNECT``, and the creator
+    sees the guest's context."""
+    uds = str(tmp_path / "vm.vsock")
+    guest = LoopbackGuest(uds)
+    fake = FakeVMM(uds, guest)
+    try:
+        creator_rt = Runtime(hybrid_settings(rundir, uds), core=core)
+        attacher_rt = Runtime(hybrid_settings(rundir, uds), core=core)
+        assert mirror_link.mirrored(creator_rt)
+        region = SharedRegion.create(128, runtime=creator_rt)
+        try:
+            rid = region.handle.resource
+            assert region.handle.context == 2 and os.path.exists("%s_%d" % (uds, rid))
+            with pytest.raises(DuplicateEntry):
+                DatagramEndpoint(rid, runtime=creator_rt)       # one id space with endpoints
+            region.buffer[:5] = b"hello"
+            other = SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
+            assert fake.connects == [rid]
+            region.sync()
+            assert bytes(other.buffer[:5]) == b"hello"
+            other.buffer[64:69] = b"world"
+            other.sync()
+            assert bytes(region.buffer[64:69]) == b"world"
+            other.detach()
+            with pytest.raises(DstUnreachable, match="guest"):
+                SharedRegion.attach(region.handle, runtime=attacher_rt)
+            fake.answer = lambda port: "close"
+            with pytest.raises(errors.NotFound):
+                SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
+        finally:
+            region.detach()
+        assert not os.path.exists("%s_%d" % (uds, rid))
+    finally:
+        fake.close()
+        for sock in guest.socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in guest.threads:
+            thread.join(WAIT)
+        for sock in guest.socks:
+            sock.close()

@@ -14,7 +14,7 @@ datagram endpoint per available core, at ``HOST_RIDS[core]`` in context 2, each 
 * ``b"lookup <name>"``: looks ``name`` up in the discovery service from here and answers
   ``b"<code> <context>:<resource>"``;
 * ``b"start <app> <core>"`` (``app`` one of ``APPS``): starts the SDK sample's server here
-  (``vsockcompat <app> -s`` on that core) and answers its first line of output once it printed
+  (``vsockcompat <app> -s`` on that core, regions mirrored) and answers its first line of output once it printed
   it (``b"started: <line>"``), or ``b"failed: <reason>"``;
 * ``b"result"``: waits for that server to exit and answers ``b"<status>\\n<stdout>\\0<stderr>"``;
 * anything else: echoed to its sender as ``payload + b" from <context>:<resource>"`` (the
@@ -98,7 +98,8 @@ class Samples:
             if self.proc is not None:
                 return b"failed: a server runs already"
             self.proc = subprocess.Popen([sys.executable, "-m", "vsockcompat", app, "-s"],
-                                         env=child_env(core), stdin=subprocess.DEVNULL,
+                                         env=child_env(core, VSOCKCOMPAT_SHM_MODE="mirrored"),
+                                         stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             line = self.first = self.proc.stdout.readline()  # blocks until the server is up (or gone)
         return (b"started: " if line else b"failed: no output: ") + line.rstrip(b"\n")

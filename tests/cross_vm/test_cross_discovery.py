@@ -1,20 +1,22 @@
 """The discovery service across a VM boundary: the daemon runs on the machine (hybrid transport,
 context 1, started by ``host_peer.py``), this guest reaches it at (2, 1) over vsock (stream mode).
-The SDK's datagramApp runs its server on the machine and its client here, finding each other by
-name alone. Inside the cross bed's guest only (gate: ``conftest.py``).
+The SDK's datagramApp and sharedMemApp (its region mirrored) run their servers on the machine and
+their clients here, finding each other by name alone. Inside the cross bed's guest only (gate:
+``conftest.py``).
 
 Every pair of cores: the guest's core is the ``core`` fixture, the host server's is ``host_core``.
 """
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 import vsockcompat
 from vsockcompat import constants as C
 from vsockcompat import ds_client
-from vsockcompat.apps import datagram_app
+from vsockcompat.apps import datagram_app, sharedmem_app
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.handles import VMCIHandle
 from vsockcompat.sdk import VMCILibrary
@@ -77,10 +79,10 @@ def run_client(env):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def client_in_process(runtime, capsys):
+def client_in_process(runtime, capsys, app=datagram_app):
     """The same sample client run in this process (a Python start costs seconds under TCG)."""
     capsys.readouterr()
-    status = datagram_app.main(["-c"], lib=VMCILibrary(runtime))
+    status = app.main(["-c"], lib=VMCILibrary(runtime))
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -131,3 +133,25 @@ def test_public_group_and_a_guest_registration_that_dies_with_its_endpoint(core,
         assert control.recv(timeout=WAIT).payload == b"%d 4294967295:4294967295" % (
             C.VMCI_ERROR_NOT_FOUND)
     assert ds_client.lookup_status(name, guest_runtime)[0] == C.VMCI_ERROR_NOT_FOUND
+
+
+def test_sharedmem_app_server_on_the_host_client_in_the_guest(core, guest_runtime, capsys):
+    """The host's region, mirrored here: three readings of the time the server writes each
+    second. The host server runs the guest's core (a server takes 10 s)."""
+    with DatagramEndpoint(runtime=guest_runtime) as control:
+        started = ask(control, HOST, b"start sharedmem-app %s" % core.NAME.encode())
+        assert started.payload == b"started: Running shared memory server for 10 seconds."
+        try:
+            status, out, err = client_in_process(guest_runtime, capsys, sharedmem_app)
+        finally:
+            control.send(HOST, b"result")
+            result = control.recv(timeout=WAIT).payload
+    assert (status, err) == (0, "")
+    readings = out.splitlines()
+    assert len(readings) == sharedmem_app.READINGS, out
+    times = [time.strptime(line, sharedmem_app.TIME_FORMAT) for line in readings]
+    assert times == sorted(times)
+    status, _, output = result.partition(b"\n")
+    out, _, err = output.partition(b"\0")
+    assert (int(status), out.decode(), err.decode()) == (
+        0, "Running shared memory server for 10 seconds.\n", "0.1.2.3.4.5.6.7.8.9.\n")

@@ -57,7 +57,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..constants import VMCI_HOST_CONTEXT_ID, VMCI_WELL_KNOWN_CONTEXT_ID
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoResources, Timeout
@@ -172,7 +172,7 @@ class HybridTransport(StreamLinks, Transport):
     # Endpoints
 
     def bind(self, resource: Optional[int]) -> Bound:
-        rid, socks = self._bind_explicit(resource) if resource is not None else self._bind_auto()
+        rid, socks = self._bind(resource, (self.port_path, self.host_path))
         try:
             for sock in socks:
                 sock.listen(socket.SOMAXCONN)
@@ -197,18 +197,18 @@ class HybridTransport(StreamLinks, Transport):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    def _try_bind(self, rid: int) -> Optional[Tuple[socket.socket, socket.socket]]:
-        """Listeners bound at ``rid``'s two paths; None if a live one holds either (a dead
-        one's file is reclaimed)."""
+    def _try_bind(self, rid: int, paths) -> Optional[List[socket.socket]]:
+        """Sockets bound at ``path(rid)`` for each of ``paths``; None if a live listener holds
+        any (a dead one's file is reclaimed)."""
         socks = []
         try:
-            for path in (self.port_path(rid), self.host_path(rid)):
+            for path in paths:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
                 socks.append(sock)
-                if not self._try_bind_path(sock, path):
-                    if len(socks) == 2:
+                if not self._try_bind_path(sock, path(rid)):
+                    for bound in paths[:len(socks) - 1]:
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self.port_path(rid))
+                            os.unlink(bound(rid))
                     for s in socks:
                         s.close()
                     return None
@@ -216,7 +216,7 @@ class HybridTransport(StreamLinks, Transport):
             for s in socks:
                 s.close()
             raise
-        return socks[0], socks[1]
+        return socks
 
     def _try_bind_path(self, sock: socket.socket, path: str) -> bool:
         for _ in range(2):
@@ -243,17 +243,17 @@ class HybridTransport(StreamLinks, Transport):
         finally:
             probe.close()
 
-    def _bind_explicit(self, rid: int):
-        socks = self._try_bind(rid)
-        if socks is None:
-            raise DuplicateEntry("resource id %d is taken (%s is in use)" % (rid, self.port_path(rid)))
-        return rid, socks
-
-    def _bind_auto(self):
+    def _bind(self, rid: Optional[int], paths):
+        """``(rid, sockets)`` bound at ``rid`` (None: the next free id) for each of ``paths``."""
+        if rid is not None:
+            socks = self._try_bind(rid, paths)
+            if socks is None:
+                raise DuplicateEntry("resource id %d is taken (%s is in use)" % (rid, self.port_path(rid)))
+            return rid, socks
         with self._lock:
             rid = self._next_rid
         for _ in range(AUTO_RID_TRIES):
-            socks = self._try_bind(rid)
+            socks = self._try_bind(rid, paths)
             if socks is not None:
                 with self._lock:
                     self._next_rid = rid + 1 if rid < _MAX_PORT else FIRST_AUTO_RID
@@ -333,6 +333,39 @@ class HybridTransport(StreamLinks, Transport):
             raise DstUnreachable("the VMM at %s answered CONNECT %d with %r, not OK <port>"
                                  % (self.uds_path, dst.resource, reply))
         return port
+
+    # Streams of mirrored regions and queue pairs (``mirror_link``): the guest's side only
+
+    def listen_stream(self, resource: Optional[int]) -> Tuple[int, socket.socket]:
+        """A stream listener where the VMM delivers the guest's connections to ``resource``
+        (None: a fresh id), in the id space of this transport's endpoints."""
+        rid, (sock,) = self._bind(resource, (self.port_path,))
+        try:
+            sock.listen(socket.SOMAXCONN)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.port_path(rid))
+            raise
+        return rid, sock
+
+    def connect_stream(self, dst: VMCIHandle, timeout: float) -> socket.socket:
+        """A stream to the guest's listener ``dst`` through the VMM; a VMCIError otherwise."""
+        if dst.context != self.guest_cid:
+            raise DstUnreachable("on the hybrid transport mirrored regions and queue pairs reach "
+                                 "the guest (%d) only, not context %d" % (self.guest_cid, dst.context))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._handshake(sock, dst, timeout)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def stream_peer_context(self, sock: socket.socket) -> Optional[int]:
+        """The context of the peer of a stream ``listen_stream`` accepted: the guest's."""
+        return None if sock.getsockname().endswith(HOST_SUFFIX) else self.guest_cid
 
     # Identity
 
