@@ -36,7 +36,10 @@ kernel reports (``getsockname``), decides who the peer is:
   ties a host registration to its process as on the local transport.
 
 A link to context 1 or 2 connects to the destination's ``host_path`` and sends the hello; a
-link to ``guest_cid`` goes through the VMM; any other context is ``DstUnreachable``.
+link to ``guest_cid`` goes through the VMM; any other context is ``DstUnreachable``. Mirrored
+regions and streamed queue pairs (``mirror_link``) use plain streams, between the host and the
+guest only: the owner's listener at ``<uds_path>_<rid>`` (``listen_stream``), the host's
+connection through the VMM (``connect_stream``).
 
 Streams carry the vsock transport's stream mode (``transport.vsock``): the 8-byte hello, then
 frames back to back; the guest must run the vsock transport with ``VSOCKCOMPAT_VSOCK_MODE=stream``
