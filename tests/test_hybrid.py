@@ -427,12 +427,19 @@ def ds_vmm(tmp_path):
     guest = EchoGuest(uds, echo=False)
     fake = FakeVMM(uds, guest)
     yield fake
+    stop_vmm(fake, guest)
+
+
+def stop_vmm(fake, guest):
+    """Close the fake VMM, end its guest's connections and threads."""
     fake.close()
     for sock in guest.socks:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
     for thread in guest.threads:
         thread.join(WAIT)
+    for sock in guest.socks:
+        sock.close()
 
 
 @pytest.fixture
@@ -600,11 +607,4 @@ def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_pat
             region.detach()
         assert not os.path.exists("%s_%d" % (uds, rid))
     finally:
-        fake.close()
-        for sock in guest.socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for thread in guest.threads:
-            thread.join(WAIT)
-        for sock in guest.socks:
-            sock.close()
+        stop_vmm(fake, guest)
