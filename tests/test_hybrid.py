@@ -16,12 +16,17 @@ import time
 
 import pytest
 
+from vsockcompat import constants as C
+from vsockcompat import ds_client, errors, mirror_link
 from vsockcompat._settings import SettingError, Settings
 from vsockcompat.constants import DG_HEADER_FORMAT, VMCI_MAX_DG_PAYLOAD_SIZE
 from vsockcompat.datagram import DatagramEndpoint
+from vsockcompat.ds_protocol import decode_reply, encode_request
+from vsockcompat.ds_server import DiscoveryServer
 from vsockcompat.errors import DstUnreachable, DuplicateEntry, InvalidResource, Timeout
-from vsockcompat.handles import VMCIHandle
+from vsockcompat.handles import VMCI_INVALID_HANDLE, VMCIHandle
 from vsockcompat.runtime import Runtime
+from vsockcompat.sharedmem import SharedRegion
 from vsockcompat.transport import TransportUnavailable, open_transport
 from vsockcompat.transport import hybrid as hybrid_module
 from vsockcompat.transport import streams
@@ -131,10 +136,12 @@ class FakeVMM:
 
 
 class EchoGuest:
-    """A guest whose endpoints echo every datagram back through ``<uds>_<src port>``."""
+    """A guest whose endpoints echo every datagram back through ``<uds>_<src port>`` (or, with
+    ``echo`` False, only record what they receive)."""
 
-    def __init__(self, uds):
+    def __init__(self, uds, echo=True):
         self.uds = uds
+        self.echo = echo
         self.received = queue.Queue()
         self.threads = []
         self.socks = []
@@ -155,6 +162,8 @@ class EchoGuest:
                 break
             fields, payload = got
             self.received.put(("frame", fields, payload))
+            if not self.echo:
+                continue
             if back is None:
                 back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 back.connect("%s_%d" % (self.uds, hello[1]))
@@ -177,11 +186,14 @@ def vmm(tmp_path):
         thread.join(WAIT)
 
 
+def hybrid_settings(rundir, uds, cid=2):
+    return Settings(no_extensions=False, rundir=rundir, cid=cid, transport="hybrid",
+                    ds_autostart=False)._replace(hybrid_uds=uds, hybrid_cid=GUEST)
+
+
 @pytest.fixture
 def hybrid_runtime(core, rundir, vmm):
-    settings = Settings(no_extensions=False, rundir=rundir, cid=2, transport="hybrid",
-                        ds_autostart=False)._replace(hybrid_uds=vmm.path, hybrid_cid=GUEST)
-    rt = Runtime(settings, core=core)
+    rt = Runtime(hybrid_settings(rundir, vmm.path), core=core)
     assert isinstance(rt.transport, HybridTransport) and rt.transport.local_cid == 2
     return rt
 
@@ -260,9 +272,14 @@ def test_no_vmm_and_foreign_contexts_are_unreachable(core, rundir, tmp_path):
             rt.transport.connect(ep.handle, VMCIHandle(GUEST, 5000))
         with pytest.raises(DstUnreachable, match="its guest is 3"):
             rt.transport.connect(ep.handle, VMCIHandle(4, 5000))
-        for dst in ((GUEST, 5000), (4, 5000), (2, ep.handle.resource)):
+        for dst in ((GUEST, 5000), (4, 5000), (0, 5000)):
             with pytest.raises(DstUnreachable):
                 ep.send(dst, b"x")
+        # The host's own contexts are reached without the VMM.
+        assert ep.send(ep.handle, b"to myself") == 9
+        assert ep.recv(timeout=WAIT) == (ep.handle, b"to myself")
+        with pytest.raises(InvalidResource, match="on this host"):
+            ep.send((2, ep.handle.resource + 1), b"x")
 
 
 def test_guest_initiated_bad_input_is_dropped_and_counted(hybrid_runtime, vmm):
@@ -460,3 +477,236 @@ def test_a_guest_that_writes_garbage_loses_its_link_and_is_counted(verdict_vmm):
         _, fresh = guest.links.get(timeout=WAIT)
         assert read_frame(fresh)[1] == b"second"
         assert ep.stats.bad_verdicts == 1, ep.stats
+
+
+# The host's contexts 1 and 2, and the discovery daemon across the VMM
+
+def test_host_processes_reach_each_other_and_context_1_only_from_the_host(core, rundir, vmm):
+    host = Runtime(hybrid_settings(rundir, vmm.path), core=core)
+    well_known = Runtime(hybrid_settings(rundir, vmm.path, cid=1), core=core)
+    assert well_known.transport.local_cid == 1
+    with DatagramEndpoint(runtime=host) as a, DatagramEndpoint(40001, runtime=well_known) as svc:
+        assert svc.handle == VMCIHandle(1, 40001)
+        a.send(svc.handle, b"to context 1")
+        got = svc.recv(timeout=WAIT)
+        assert got == (a.handle, b"to context 1") and svc.last_peer.pid == os.getpid()
+        svc.send(a.handle, b"from context 1")  # its hello says "VSW1": believed on the host path
+        assert a.recv(timeout=WAIT) == (svc.handle, b"from context 1")
+        assert host.transport.endpoint_alive(svc.handle) and host.transport.endpoint_alive(VMCIHandle(2, 40001))
+        # Through the guest's path the same claim is refused, and a host source is forged.
+        claim = connect_as_guest(vmm, a.handle.resource, vsock_module.encode_hello(40001, well_known=True)
+                                 + frame(a.handle, svc.handle, b"I am context 1"))
+        forged = connect_as_guest(vmm, a.handle.resource, vsock_module.encode_hello(40001)
+                                  + frame(a.handle, (2, 40001), b"I am the host"))
+        with pytest.raises(Timeout):
+            a.recv(timeout=2)
+        assert a.stats.refused_connections == 1 and a.stats.forged == 1, a.stats
+        claim.close()
+        forged.close()
+    assert not host.transport.endpoint_alive(VMCIHandle(1, 40001))
+    with pytest.raises(TransportUnavailable, match="context 2"):
+        HybridTransport(core, vmm.path, GUEST, context=3)
+
+
+def test_guest_endpoints_are_probed_through_the_vmm(hybrid_runtime, vmm):
+    transport = hybrid_runtime.transport
+    with DatagramEndpoint(runtime=hybrid_runtime) as ep:
+        assert transport.endpoint_alive(VMCIHandle(GUEST, 5000))
+        assert vmm.guest.received.get(timeout=WAIT) == ("hello", (False, ep.handle.resource))
+        for answer, alive in (("close", False), (b"nonsense\n", False), ("silent", True)):
+            vmm.answer = lambda port: answer
+            assert transport.endpoint_alive(VMCIHandle(GUEST, 5000)) is alive, answer
+        assert not transport.endpoint_alive(VMCIHandle(GUEST + 1, 5000))
+    vmm.close()
+    assert not transport.endpoint_alive(VMCIHandle(GUEST, 5000))
+    vmm.close = lambda: None
+
+
+@pytest.fixture
+def ds_vmm(tmp_path):
+    """A VMM whose guest only records what reaches it."""
+    uds = str(tmp_path / "vm.vsock")
+    guest = EchoGuest(uds, echo=False)
+    fake = FakeVMM(uds, guest)
+    yield fake
+    stop_vmm(fake, guest)
+
+
+def stop_vmm(fake, guest):
+    """Close the fake VMM, end its guest's connections and threads."""
+    fake.close()
+    for sock in guest.socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    for thread in guest.threads:
+        thread.join(WAIT)
+    for sock in guest.socks:
+        sock.close()
+
+
+@pytest.fixture
+def hybrid_ds(core, rundir, ds_vmm):
+    """A discovery daemon of context 1 on the hybrid transport, serving in a thread."""
+    srv = DiscoveryServer(Runtime(hybrid_settings(rundir, ds_vmm.path, cid=1), core=core), tick=0.05)
+    thread = threading.Thread(target=srv.serve_forever, name="hybrid-ds", daemon=True)
+    thread.start()
+    yield srv
+    srv.stop()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+
+
+def guest_asks(vmm, rid, payload, src=None, well_known=False):
+    """The guest's endpoint ``rid`` sends ``payload`` to (1, 1) (the VMM delivers it at
+    ``<uds>_1``); returns the connection (close it)."""
+    src = (GUEST, rid) if src is None else src
+    return connect_as_guest(vmm, 1, vsock_module.encode_hello(rid, well_known)
+                            + frame((1, 1), src, payload))
+
+
+def guest_reply(vmm, rid):
+    """The daemon's reply to the guest's endpoint ``rid``: it came through ``CONNECT rid`` on a
+    connection whose hello speaks for (1, 1), as every connection the daemon opens does."""
+    hellos = []
+    while True:
+        item = vmm.guest.received.get(timeout=WAIT)
+        if item[0] == "hello":
+            hellos.append(item[1])
+        elif item[1][:2] == (GUEST, rid):
+            assert item[1][2:4] == (1, 1) and hellos and set(hellos) == {(True, 1)}, hellos
+            return decode_reply(item[2])
+
+
+def test_daemon_serves_the_host_and_the_guest(hybrid_ds, core, rundir, ds_vmm):
+    host = Runtime(hybrid_settings(rundir, ds_vmm.path), core=core)
+    with DatagramEndpoint(runtime=host) as server:
+        assert ds_client.register_status("HOST INFO", server.handle, host) == C.VMCI_SUCCESS
+        assert ds_client.lookup_status("HOST INFO", host) == (C.VMCI_SUCCESS, server.handle)
+        entry = hybrid_ds._registry[b"HOST INFO"]
+        assert (entry.owner, entry.pid, entry.watch_endpoint) == (2, os.getpid(), True)
+        ask = guest_asks(ds_vmm, 5000, encode_request(C.VMCI_DS_ACTION_LOOKUP, 7, VMCI_INVALID_HANDLE,
+                                                      "HOST INFO"))
+        reply = guest_reply(ds_vmm, 5000)
+        assert (reply.msgid, reply.code, reply.handle) == (7, C.VMCI_SUCCESS, server.handle)
+        # The guest registers its endpoint: the entry lives while the VMM says it listens.
+        reg = guest_asks(ds_vmm, 5001, encode_request(C.VMCI_DS_ACTION_REGISTER, 8, (GUEST, 6000),
+                                                      "GUEST SVC"))
+        assert guest_reply(ds_vmm, 5001).code == C.VMCI_SUCCESS
+        entry = hybrid_ds._registry[b"GUEST SVC"]
+        assert (entry.owner, entry.pid, entry.watch_endpoint) == (GUEST, 0, True)
+        assert ds_client.lookup_status("GUEST SVC", host) == (C.VMCI_SUCCESS, (GUEST, 6000))
+        # The guest may not remove the host's entry; the host may remove the guest's.
+        unreg = guest_asks(ds_vmm, 5002, encode_request(C.VMCI_DS_ACTION_UNREGISTER, 9,
+                                                        VMCI_INVALID_HANDLE, "HOST INFO"))
+        assert guest_reply(ds_vmm, 5002).code == C.VMCI_ERROR_NO_ACCESS
+        # The guest's endpoint goes away (the VMM refuses its port): so does its entry.
+        ds_vmm.answer = lambda port: "close" if port == 6000 else "ok"
+        assert ds_client.lookup_status("GUEST SVC", host)[0] == C.VMCI_ERROR_NOT_FOUND
+        assert ds_client.unregister_status("HOST INFO", host) == C.VMCI_SUCCESS
+        for sock in (ask, reg, unreg):
+            sock.close()
+
+
+def test_daemon_drops_bad_guest_input_and_keeps_serving(hybrid_ds, core, rundir, ds_vmm):
+    host = Runtime(hybrid_settings(rundir, ds_vmm.path), core=core)
+    lookup = encode_request(C.VMCI_DS_ACTION_LOOKUP, 11, VMCI_INVALID_HANDLE, C.VMCI_PUBLIC_GROUP_NAME)
+    garbage = connect_as_guest(ds_vmm, 1, vsock_module.encode_hello(5000) + b"not a frame, garbage")
+    garbage.shutdown(socket.SHUT_WR)
+    noise = connect_as_guest(ds_vmm, 1, b"\xff" * 64)  # no hello at all
+    socks = [garbage, noise,
+             guest_asks(ds_vmm, 1, lookup, src=(1, 1), well_known=True),   # claims context 1
+             guest_asks(ds_vmm, 5003, encode_request(C.VMCI_DS_ACTION_REGISTER, 12, (2, 5003), "X"),
+                        src=(2, 5003)),                                    # claims the host
+             guest_asks(ds_vmm, 5004, struct.pack("<iiiiI", 0, 13, 0, 0, 9999) + b"short")]
+    reply = guest_reply(ds_vmm, 5004)
+    assert (reply.msgid, reply.code) == (13, C.VMCI_ERROR_INVALID_ARGS)
+    stats = hybrid_ds._endpoint.stats
+    for _ in range(100):  # the daemon counts them as it reads them: wait for all, then compare
+        if stats.bad_frames >= 1 and stats.refused_connections >= 2 and stats.forged >= 1:
+            break
+        time.sleep(0.1)
+    assert (stats.bad_frames, stats.refused_connections, stats.forged) == (1, 2, 1), stats
+    assert hybrid_ds.stats["malformed"] == 1 and b"X" not in hybrid_ds._registry
+    assert ds_client.lookup_status(C.VMCI_PUBLIC_GROUP_NAME, host) == (C.VMCI_SUCCESS, (2, 1023))
+    honest = guest_asks(ds_vmm, 5005, lookup)
+    assert guest_reply(ds_vmm, 5005).code == C.VMCI_SUCCESS
+    for sock in socks + [honest]:
+        sock.close()
+
+
+# Mirrored regions through the VMM
+
+class LoopbackGuest:
+    """A "guest" that is this machine: each connection the VMM hands over for guest port P is
+    relayed to ``<uds>_P``, as if the guest's listener at P were the host's."""
+
+    def __init__(self, uds):
+        self.uds = uds
+        self.threads = []
+        self.socks = []
+
+    def __call__(self, port, conn):
+        out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            out.connect("%s_%d" % (self.uds, port))
+        except OSError:
+            out.close()
+            conn.close()
+            return
+        conn.settimeout(None)
+        self.socks += [conn, out]
+        for a, b in ((conn, out), (out, conn)):
+            thread = threading.Thread(target=self._relay, args=(a, b), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    @staticmethod
+    def _relay(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_path):
+    """The creator listens where the VMM delivers the guest's connections; the attacher (here
+    the host again, behind a VMM that loops back) reaches it with ``CONNECT``, and the creator
+    sees the guest's context."""
+    uds = str(tmp_path / "vm.vsock")
+    guest = LoopbackGuest(uds)
+    fake = FakeVMM(uds, guest)
+    try:
+        creator_rt = Runtime(hybrid_settings(rundir, uds), core=core)
+        attacher_rt = Runtime(hybrid_settings(rundir, uds), core=core)
+        assert mirror_link.mirrored(creator_rt)
+        region = SharedRegion.create(128, runtime=creator_rt)
+        try:
+            rid = region.handle.resource
+            assert region.handle.context == 2 and os.path.exists("%s_%d" % (uds, rid))
+            with pytest.raises(DuplicateEntry):
+                DatagramEndpoint(rid, runtime=creator_rt)       # one id space with endpoints
+            region.buffer[:5] = b"hello"
+            other = SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
+            assert fake.connects == [rid]
+            region.sync()
+            assert bytes(other.buffer[:5]) == b"hello"
+            other.buffer[64:69] = b"world"
+            other.sync()
+            assert bytes(region.buffer[64:69]) == b"world"
+            other.detach()
+            with pytest.raises(DstUnreachable, match="guest"):
+                SharedRegion.attach(region.handle, runtime=attacher_rt)
+            fake.answer = lambda port: "close"
+            with pytest.raises(errors.NotFound):
+                SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
+        finally:
+            region.detach()
+        assert not os.path.exists("%s_%d" % (uds, rid))
+    finally:
+        stop_vmm(fake, guest)

@@ -20,6 +20,7 @@ from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.handles import VMCIHandle
 from vsockcompat.runtime import Runtime
 from vsockcompat.transport import LocalTransport, TransportUnavailable, open_transport
+from vsockcompat.transport.base import Peer
 from vsockcompat.transport import streams
 from vsockcompat.transport import vsock as vsock_module
 
@@ -271,7 +272,7 @@ def test_only_the_host_or_this_kernel_may_claim_context_1(transport, pair, peer_
 def test_daemon_transport():
     from vsockcompat.ds_server import daemon_transport
     assert [daemon_transport(n) for n in ("auto", "local", "vsock", "hybrid")] == [
-        "local", "local", "vsock", "local"]
+        "local", "local", "vsock", "hybrid"]
 
 
 def test_open_transport_passes_the_well_known_context_and_the_mode(vsock_refused, monkeypatch, core, rundir):
@@ -325,7 +326,7 @@ def stream_listener(tmp_path, monkeypatch):
     sock.bind(path)
     sock.listen(16)
     listener = vsock_module.StreamListener(
-        sock, lambda conn, hello: None if hello[0] else VMCIHandle(9, hello[1]), "test")
+        sock, lambda conn, hello: None if hello[0] else Peer(VMCIHandle(9, hello[1]), 0, None), "test")
     clients = []
 
     def connect(data=b""):

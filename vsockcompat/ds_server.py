@@ -32,6 +32,13 @@ warning in the log and never stops the daemon. Temporary files of an
 interrupted rewrite (``ds.registry.json.<pid>.tmp``) are removed.
 ``DiscoveryServer.recovery`` counts what was recovered and dropped.
 
+Transports: the local one, ``vsock`` (context 1 at the host's CID) or ``hybrid`` (the host side
+of a VMM's Unix sockets: the guest reaches ``(1, 1)`` at ``<uds>_1``, the host's processes at
+``<uds>_1.host``; ``transport/hybrid.py``), as ``VSOCKCOMPAT_TRANSPORT`` says. On ``hybrid``,
+a guest's registration lives while the VMM says the guest listens on the port it names (a
+probe through the VMM each time the daemon prunes: every ``tick`` and before LOOKUP and
+REGISTER), a host process's while that process (and the endpoint it named) lives.
+
 Access control is not enforced yet: any context may REGISTER and UNREGISTER
 (as the SDK's developer builds did); the release drivers' TRUSTED check is a
 later issue.
@@ -78,8 +85,10 @@ class AlreadyRunning(RuntimeError):
 
 class Entry(NamedTuple):
     """One registration. ``pid``/``start`` are None for entries that never expire, 0 for
-    entries registered over vsock (the registering process is not visible: the entry lives
-    until unregistered, or while the endpoint it named at registration lives)."""
+    entries registered from another kernel (over vsock, or the guest's on the hybrid
+    transport): the registering process is not visible, so the entry lives until
+    unregistered, or while the endpoint it named at registration lives (which the hybrid
+    transport can tell for its guest's endpoints, the vsock transport only for its own)."""
 
     handle: VMCIHandle
     owner: int  # context id of the registering endpoint
@@ -97,8 +106,9 @@ def _process_start(pid: int) -> Optional[int]:
 
 
 def daemon_transport(name: str) -> str:
-    """The transport the daemon serves on: ``vsock`` when the environment asks for it, else local."""
-    return "vsock" if name == "vsock" else "local"
+    """The transport the daemon serves on: ``vsock`` or ``hybrid`` when the environment asks for
+    it, else local."""
+    return name if name in ("vsock", "hybrid") else "local"
 
 
 def _u32(value) -> bool:
@@ -319,9 +329,10 @@ class DiscoveryServer:
 
     def _reply(self, dst: VMCIHandle, msgid: int, code: int, handle: VMCIHandle, msg: bytes) -> None:
         reply = encode_reply(msgid, code, handle, msg)
-        rc = self._endpoint.send_status(dst, reply, len(reply))
-        if rc < 0:
-            log.info("reply to %s failed: %s", tuple(dst), code_name(rc))
+        try:
+            self._endpoint.send(dst, reply)
+        except VMCIError as exc:
+            log.info("reply to %s failed: %s (%s)", tuple(dst), code_name(exc.code), exc)
         # Clients ask from a fresh endpoint each time: keep no link to it.
         self._endpoint.forget(dst)
 
@@ -330,7 +341,7 @@ class DiscoveryServer:
     def _alive(self, entry: Entry) -> bool:
         if entry.pid is None:
             return True
-        if entry.pid == 0:  # registered over vsock: no process to watch, only its endpoint
+        if entry.pid == 0:  # registered from another kernel: no process to watch, only its endpoint
             return not entry.watch_endpoint or self.runtime.transport.resource_alive(entry.handle)
         if entry.start is None or _process_start(entry.pid) != entry.start:
             return False

@@ -14,7 +14,12 @@ Naming of a stream endpoint of kind ``suffix`` (``.mir`` regions, ``.qst`` queue
 - vsock transport: the owner listens on ``AF_VSOCK`` ``SOCK_STREAM`` at
   ``(VMADDR_CID_ANY, rid)``; the handle is ``(local cid, rid)`` and a peer connects to
   ``(cid, rid)``. The port space is the one datagram endpoints bind in, so a handle
-  names one thing. Used only when the runtime's transport is ``vsock``.
+  names one thing. Used only when the runtime's transport is ``vsock``;
+- hybrid transport (the host side of a VMM's Unix sockets): the owner listens on
+  ``AF_UNIX`` at ``<uds>_<rid>``, where the VMM delivers the guest's connections to host
+  port ``rid`` (so a guest reaches ``(2, rid)`` as over vsock); the peer is the guest
+  (``transport.hybrid``). The host reaches the guest's endpoints through the VMM
+  (``CONNECT <rid>``). Only host <-> guest: host programs share memory directly.
 """
 import contextlib
 import errno
@@ -24,8 +29,8 @@ import os
 import socket
 from typing import Optional
 
-from .errors import (DstUnreachable, DuplicateEntry, NoAccess, NoResources, NotFound,
-                     Timeout, Unavailable)
+from .errors import (DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, NoResources,
+                     NotFound, Timeout, Unavailable)
 from .handles import VMCIHandle
 from .runtime import Runtime
 
@@ -54,6 +59,10 @@ def mirrored(runtime: Runtime) -> bool:
 
 def _is_local(transport) -> bool:
     return hasattr(transport, "add_resource_kind")
+
+
+def _is_hybrid(transport) -> bool:
+    return hasattr(transport, "listen_stream")
 
 
 def _alive(marker: str) -> bool:
@@ -108,7 +117,11 @@ def listen(runtime: Runtime, suffix: str, resource: Optional[int] = None) -> Lis
     if _is_local(transport):
         register_kinds(transport)
         return transport.allocate(resource, functools.partial(_listen_local, transport, suffix))
-    listener = _listen_vsock(transport.local_cid, resource)
+    if _is_hybrid(transport):
+        rid, sock = transport.listen_stream(resource)
+        listener = Listener(VMCIHandle(transport.local_cid, rid), sock, (transport.port_path(rid),))
+    else:
+        listener = _listen_vsock(transport.local_cid, resource)
     # No runtime directory to find it by: access control learns of it from us.
     access, handle = runtime.access, listener.handle
     access.own(handle, _KINDS[suffix])
@@ -166,6 +179,11 @@ def connect(runtime: Runtime, suffix: str, handle: VMCIHandle,
     """A stream connected to the endpoint ``handle`` of kind ``suffix``, blocking with a
     ``timeout``. NotFound when nothing listens there."""
     transport = runtime.transport
+    if _is_hybrid(transport):
+        try:
+            return transport.connect_stream(handle, timeout)
+        except InvalidResource:
+            raise NotFound("nothing at %s" % (tuple(handle),)) from None
     if _is_local(transport):
         family, address = socket.AF_UNIX, transport.endpoint_path(handle) + suffix + ".sock"
     else:
@@ -203,12 +221,15 @@ def connect(runtime: Runtime, suffix: str, handle: VMCIHandle,
 def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> Optional[int]:
     """The context of a connected peer as the kernel says, or None if its claim is false.
 
-    vsock: the peer's CID. Local transport: the peer must be bound in ``c<claimed>/`` and
-    run as the user who owns that directory (``SO_PEERCRED``), as datagram links are.
+    vsock: the peer's CID. Hybrid: the guest's, for a stream the VMM delivered. Local
+    transport: the peer must be bound in ``c<claimed>/`` and run as the user who owns that
+    directory (``SO_PEERCRED``), as datagram links are.
     """
     if sock.family == AF_VSOCK:
         cid = sock.getpeername()[0]
         return runtime.transport.local_cid if cid == VMADDR_CID_LOCAL else cid
+    if _is_hybrid(runtime.transport):
+        return runtime.transport.stream_peer_context(sock)
     return claimed if runtime.transport.peer_in_context(sock, claimed) else None
 
 

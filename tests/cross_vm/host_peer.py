@@ -3,44 +3,152 @@
     python tests/cross_vm/host_peer.py
 
 Uses the ``hybrid`` transport only (``VSOCKCOMPAT_TRANSPORT=hybrid``, ``VSOCKCOMPAT_HYBRID_UDS``
-and ``VSOCKCOMPAT_HYBRID_CID`` come from the bed; AF_UNIX, never AF_VSOCK). One datagram endpoint
-per available core, at ``HOST_RIDS[core]`` in context 2, each on its own thread:
+and ``VSOCKCOMPAT_HYBRID_CID`` come from the bed; AF_UNIX, never AF_VSOCK), in a runtime
+directory of its own. First it starts the discovery daemon (``vsockcompat ds``, context 1 on the
+hybrid transport: the guest reaches it at (2, 1)) and waits until it answers; then it opens one
+datagram endpoint per available core, at ``HOST_RIDS[core]`` in context 2, each on its own thread:
 
 * ``b"call <rid>"``: sends ``b"host calls <rid>"`` to ``(guest CID, rid)``, a host-initiated
   datagram to an endpoint that never sent us anything; when that send fails, answers the caller
   ``b"call <rid> failed: <VMCIError subclass>"``;
 * ``b"deny <rid>"`` / ``b"allow <rid>"``: denies ``(guest CID, rid)`` DG_SEND on this endpoint,
   or lifts that, then answers the caller with the same words (the verdicts reach the guest);
+* ``b"lookup <name>"``: looks ``name`` up in the discovery service from here and answers
+  ``b"<code> <context>:<resource>"``;
+* ``b"start <app> <core>"`` (``app`` one of ``APPS``): starts the SDK sample's server here
+  (``vsockcompat <app> -s`` on that core, regions mirrored) and answers its first line of output once it printed
+  it (``b"started: <line>"``), or ``b"failed: <reason>"``;
+* ``b"result"``: waits for that server to exit and answers ``b"<status>\\n<stdout>\\0<stderr>"``;
 * anything else: echoed to its sender as ``payload + b" from <context>:<resource>"`` (the
   sender's handle as this side saw it).
 
-Runs until SIGTERM; exits 0, 1 when a reply could not be sent or an endpoint failed, 2 (at once,
-nothing opened) when the transport asked for is not ``hybrid``.
+Runs until SIGTERM; exits 0, 1 when a reply could not be sent, an endpoint failed or the daemon
+died, 2 (at once, nothing opened) when the transport asked for is not ``hybrid``.
 """
 import importlib.util
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if importlib.util.find_spec("vsockcompat") is None:     # not installed: run from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    sys.path.insert(0, REPO)
 
-from vsockcompat._backend import load_core
-from vsockcompat._settings import Settings
-from vsockcompat.constants import VMCI_PRIV_DG_SEND
-from vsockcompat.datagram import DatagramEndpoint
-from vsockcompat.errors import Timeout, VMCIError
-from vsockcompat.handles import VMCIHandle
-from vsockcompat.runtime import Runtime
+import vsockcompat  # noqa: E402
+from vsockcompat import ds_client  # noqa: E402
+from vsockcompat._backend import load_core  # noqa: E402
+from vsockcompat._settings import Settings  # noqa: E402
+from vsockcompat.constants import VMCI_PRIV_DG_SEND, VMCI_PUBLIC_GROUP_NAME, VMCI_SUCCESS  # noqa: E402
+from vsockcompat.datagram import DatagramEndpoint  # noqa: E402
+from vsockcompat.errors import Timeout, VMCIError  # noqa: E402
+from vsockcompat.handles import VMCIHandle  # noqa: E402
+from vsockcompat.runtime import Runtime  # noqa: E402
 
 #: The host endpoints' resource ids, one per core (the guest tests send to these).
 HOST_RIDS = {"cython": 5001, "pure": 5002}
+#: The SDK samples whose server ``start`` runs here.
+APPS = ("datagram-app", "sharedmem-app")
+#: Seconds for the daemon, or a sample's server, to come up; and for a server to finish.
+START_WAIT = 30.0
+#: The most of a server's output ``result`` returns.
+OUTPUT_MAX = 16384
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(vsockcompat.__file__)))
 
 
-def serve(settings, core, stop, failures):
+def child_env(core=None, **extra):
+    """This process's environment (the bed's hybrid settings, our runtime directory) for a child."""
+    env = dict(os.environ, VSOCKCOMPAT_DS_AUTOSTART="0", **extra)
+    if core is not None:
+        env["VSOCKCOMPAT_NO_EXTENSIONS"] = "1" if core == "pure" else "0"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start_daemon(settings, log):
+    """``vsockcompat ds`` on the hybrid transport; returns it once it answers from here."""
+    proc = subprocess.Popen([sys.executable, "-m", "vsockcompat", "ds"], env=child_env(),
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    runtime = Runtime(settings)
+    deadline = time.monotonic() + START_WAIT
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ds_client.lookup_status(VMCI_PUBLIC_GROUP_NAME, runtime, timeout=2)[0] == VMCI_SUCCESS:
+            print("host-peer: discovery daemon (pid %d) serves (1, 1)" % proc.pid, flush=True)
+            return proc
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("the discovery daemon did not answer (status %s)" % proc.returncode)
+
+
+class Samples:
+    """The one SDK sample server at a time that the guest's ``start`` runs here."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.proc = None
+        self.first = b""
+
+    def start(self, app, core):
+        if app not in APPS or core not in HOST_RIDS:
+            return b"failed: unknown app or core"
+        with self.lock:
+            if self.proc is not None:
+                return b"failed: a server runs already"
+            self.proc = subprocess.Popen([sys.executable, "-m", "vsockcompat", app, "-s"],
+                                         env=child_env(core, VSOCKCOMPAT_SHM_MODE="mirrored"),
+                                         stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            line = self.first = self.proc.stdout.readline()  # blocks until the server is up (or gone)
+        return (b"started: " if line else b"failed: no output: ") + line.rstrip(b"\n")
+
+    def result(self):
+        with self.lock:
+            proc, self.proc = self.proc, None
+        if proc is None:
+            return b"failed: no server"
+        try:
+            out, err = proc.communicate(timeout=START_WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        out = self.first + out
+        return b"%d\n%s\0%s" % (proc.returncode, out[:OUTPUT_MAX], err[:OUTPUT_MAX])
+
+
+def answer(ep, dg, runtime, samples, guest_cid):
+    """The reply to one datagram (see the module docstring), or None once a ``call`` was made."""
+    words = dg.payload.split(b" ")
+    if words[0] == b"call":
+        rid = int(words[1])
+        try:
+            ep.send(VMCIHandle(guest_cid, rid), b"host calls %d" % rid)
+            return None
+        except VMCIError as exc:
+            return b"call %d failed: %s" % (rid, type(exc).__name__.encode())
+    if words[0] in (b"deny", b"allow") and len(words) == 2:
+        client = VMCIHandle(guest_cid, int(words[1]))
+        if words[0] == b"deny":
+            runtime.access.change(ep.handle, lambda acl: acl.add(client, [], [VMCI_PRIV_DG_SEND]))
+        else:
+            runtime.access.change(ep.handle, lambda acl: acl.remove_all(client))
+        return dg.payload
+    if words[0] == b"lookup":
+        rc, handle = ds_client.lookup_status(dg.payload[len(b"lookup "):], runtime)
+        return b"%d %d:%d" % (rc, handle.context, handle.resource)
+    if words[0] == b"start" and len(words) == 3:
+        return samples.start(words[1].decode(), words[2].decode())
+    if dg.payload == b"result":
+        return samples.result()
+    return dg.payload + b" from %d:%d" % (dg.src.context, dg.src.resource)
+
+
+def serve(settings, core, stop, failures, samples):
     runtime = Runtime(settings, core=core)
-    guest_cid = settings.hybrid_cid
     with DatagramEndpoint(HOST_RIDS[core], runtime=runtime) as ep:
         print("host-peer: %s endpoint %d:%d ready" % (core, ep.handle.context, ep.handle.resource),
               flush=True)
@@ -50,55 +158,57 @@ def serve(settings, core, stop, failures):
             except Timeout:
                 continue
             try:
-                if dg.payload.startswith(b"call "):
-                    rid = int(dg.payload[5:])
-                    try:
-                        ep.send(VMCIHandle(guest_cid, rid), b"host calls %d" % rid)
-                    except VMCIError as exc:
-                        ep.send(dg.src, b"call %d failed: %s" % (rid, type(exc).__name__.encode()))
-                elif dg.payload.startswith((b"deny ", b"allow ")):
-                    word, rid = dg.payload.split()
-                    client = VMCIHandle(guest_cid, int(rid))
-                    if word == b"deny":
-                        runtime.access.change(ep.handle, lambda acl: acl.add(client, [], [VMCI_PRIV_DG_SEND]))
-                    else:
-                        runtime.access.change(ep.handle, lambda acl: acl.remove_all(client))
-                    ep.send(dg.src, dg.payload)
-                else:
-                    ep.send(dg.src, dg.payload + b" from %d:%d" % (dg.src.context,
-                                                                     dg.src.resource))
-            except (VMCIError, ValueError) as exc:
+                reply = answer(ep, dg, runtime, samples, settings.hybrid_cid)
+                if reply is not None:
+                    ep.send(dg.src, reply)
+            except (VMCIError, ValueError, IndexError) as exc:
                 print("host-peer: %s: reply to %s failed: %r" % (core, dg.src, exc), flush=True)
                 failures.append(exc)
 
 
 def main():
-    settings = Settings.from_environ()
-    if settings.transport != "hybrid":
+    if Settings.from_environ().transport != "hybrid":
         # Checked before any transport is opened: another one (vsock) could use AF_VSOCK here.
-        print("host-peer: refusing: VSOCKCOMPAT_TRANSPORT is %r, not 'hybrid'" % settings.transport,
-              flush=True)
+        print("host-peer: refusing: VSOCKCOMPAT_TRANSPORT is %r, not 'hybrid'"
+              % Settings.from_environ().transport, flush=True)
         return 2
+    rundir = tempfile.mkdtemp(prefix="vsc-host-")
+    os.environ["VSOCKCOMPAT_RUNDIR"] = rundir      # the daemon's files, the samples' too
+    settings = Settings.from_environ()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    log = open(os.path.join(rundir, "ds.log"), "wb")
+    try:
+        daemon = start_daemon(settings, log)
+    except RuntimeError as exc:
+        print("host-peer: %s" % exc, flush=True)
+        shutil.rmtree(rundir, ignore_errors=True)
+        return 1
     failures = []
     threads = []
+    samples = Samples()
     for core in HOST_RIDS:
         try:
             load_core(core)
         except ImportError:
             print("host-peer: the %s core is not built: not served" % core, flush=True)
             continue
-        t = threading.Thread(target=serve, args=(settings, core, stop, failures), daemon=True)
+        t = threading.Thread(target=serve, args=(settings, core, stop, failures, samples), daemon=True)
         t.start()
         threads.append(t)
-    while not stop.is_set() and all(t.is_alive() for t in threads):
+    while not stop.is_set() and all(t.is_alive() for t in threads) and daemon.poll() is None:
         stop.wait(0.5)
-    died = not stop.is_set()        # a serving thread ended on its own (its traceback is above)
+    died = not stop.is_set()        # a serving thread or the daemon ended on its own
     stop.set()
     for t in threads:
         t.join(5)
-    return 1 if died or failures or not threads else 0
+    daemon.terminate()
+    daemon_status = daemon.wait(10)
+    log.close()
+    with open(log.name, "rb") as f:
+        sys.stdout.write(f.read().decode("utf-8", "replace"))
+    shutil.rmtree(rundir, ignore_errors=True)
+    return 1 if died or failures or not threads or daemon_status not in (0, -signal.SIGTERM) else 0
 
 
 if __name__ == "__main__":

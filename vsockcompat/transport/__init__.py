@@ -17,7 +17,8 @@ def open_transport(settings, core):
     context id is the kernel's, not ``settings.cid``, except that ``cid`` 1 makes the process
     speak for the well-known context (the discovery service, on a host); its socket type is
     ``settings.vsock_mode``. ``hybrid`` (the host side of a VMM's hybrid vsock) needs
-    ``settings.hybrid_uds``; its endpoints are in context 2, its peer is ``settings.hybrid_cid``.
+    ``settings.hybrid_uds``; its endpoints are in context 2 (or 1, as on vsock), its guest is
+    ``settings.hybrid_cid``.
     """
     name = settings.transport
     if name in ("auto", "local"):
@@ -34,7 +35,8 @@ def open_transport(settings, core):
         if not uds:
             raise TransportUnavailable("the hybrid transport needs VSOCKCOMPAT_HYBRID_UDS, the path "
                                        "of the VMM's vsock Unix socket")
-        return HybridTransport(core, uds, settings.hybrid_cid)
+        context = VMCI_WELL_KNOWN_CONTEXT_ID if settings.cid == VMCI_WELL_KNOWN_CONTEXT_ID else None
+        return HybridTransport(core, uds, settings.hybrid_cid, context=context)
     raise TransportUnavailable(
         "the %r transport is not part of this release; use VSOCKCOMPAT_TRANSPORT=local" % name
     )

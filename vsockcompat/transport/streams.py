@@ -165,18 +165,19 @@ def _deframe(sock: socket.socket, out: socket.socket) -> None:
 class StreamListener:
     """The listener of a stream-mode endpoint, as the core and the endpoint use it.
 
-    Wraps a listening stream socket (AF_VSOCK or AF_UNIX). A thread accepts its connections;
-    each gets a reader thread that reads the hello, asks ``identify(sock, hello)`` for the
-    sender's handle (None refuses it) and then forwards its frames as messages on an AF_UNIX
-    SEQPACKET pair. ``fileno()`` is readable while such pairs wait; ``accept()`` returns the next
+    Wraps one listening stream socket (AF_VSOCK or AF_UNIX), or several that make one endpoint
+    (the hybrid transport's guest and host paths). A thread accepts their connections; each gets
+    a reader thread that reads the hello, asks ``identify(sock, hello)`` for the sender (a
+    ``Peer``; None refuses it) and then forwards its frames as messages on an AF_UNIX SEQPACKET
+    pair. ``fileno()`` is readable while such pairs wait; ``accept()`` returns the next
     one's core end as ``(sock, None)`` (``BlockingIOError`` when none waits), and ``peer(sock)``
     the identity found for it (None: refused).
     """
 
-    def __init__(self, listener: socket.socket,
-                 identify: Callable[[socket.socket, Tuple[bool, int]], Optional[VMCIHandle]],
+    def __init__(self, listener,
+                 identify: Callable[[socket.socket, Tuple[bool, int]], Optional[Peer]],
                  name: str):
-        self._listener = listener
+        self._listeners = tuple(listener) if isinstance(listener, (tuple, list)) else (listener,)
         self._identify = identify
         self._name = name
         self._lock = threading.Lock()
@@ -187,7 +188,8 @@ class StreamListener:
         self._closed = False
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        listener.setblocking(False)
+        for sock in self._listeners:
+            sock.setblocking(False)
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
                                           name="vsockcompat-%s-accept" % name)
         self._acceptor.start()
@@ -222,45 +224,55 @@ class StreamListener:
 
     def _accept_loop(self) -> None:
         poller = select.poll()
-        poller.register(self._listener, select.POLLIN)
+        by_fd = {sock.fileno(): sock for sock in self._listeners}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         while True:
-            if any(fd == self._stop_r for fd, _ in poller.poll()):
+            ready = [fd for fd, _ in poller.poll()]
+            if self._stop_r in ready:
                 return
-            try:
-                conn, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return
-            conn.setblocking(True)
-            reader = threading.Thread(target=self._read, args=(conn,), daemon=True,
-                                      name="vsockcompat-%s-read" % self._name)
-            with self._lock:
-                if self._closed:
-                    conn.close()
+            for fd in ready:
+                try:
+                    conn, _ = by_fd[fd].accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
                     return
-                self._readers[reader] = (conn, None)
-            reader.start()
+                if not self._start_reader(conn):
+                    return
+
+    def _start_reader(self, conn: socket.socket) -> bool:
+        """Read ``conn`` on a thread of its own; False (``conn`` closed) once the listener closed."""
+        conn.setblocking(True)
+        reader = threading.Thread(target=self._read, args=(conn,), daemon=True,
+                                  name="vsockcompat-%s-read" % self._name)
+        with self._lock:
+            if self._closed:
+                conn.close()
+                return False
+            self._readers[reader] = (conn, None)
+        reader.start()
+        return True
 
     def _read(self, conn: socket.socket) -> None:
         me = threading.current_thread()
         front = back = handed = None
         try:
             hello = read_stream_hello(conn, HELLO_TIMEOUT)
-            handle = self._identify(conn, hello) if hello is not None else None
+            peer = self._identify(conn, hello) if hello is not None else None
             front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             with self._lock:
                 if self._closed:
                     return
                 self._readers[me] = (conn, back)
-                self._peers[front] = Peer(handle, 0, None) if handle is not None else None
+                self._peers[front] = peer
                 self._streams[front] = conn
                 handed = front
                 self._queue.append(front)
                 os.write(self._ready_w, b"\0")
                 front = None  # the endpoint owns it now
-            if handle is not None:
+            if peer is not None:
                 _deframe(conn, back)
         except OSError:
             pass
@@ -284,7 +296,8 @@ class StreamListener:
             self._streams.clear()
         os.write(self._stop_w, b"\0")
         self._acceptor.join(PUMP_JOIN_TIMEOUT)
-        self._listener.close()
+        for sock in self._listeners:
+            sock.close()
         for conn, back in readers.values():
             for sock in (conn, back):
                 if sock is not None:

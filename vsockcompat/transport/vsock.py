@@ -381,9 +381,9 @@ class VsockTransport(StreamLinks, Transport):
             return VMCI_WELL_KNOWN_CONTEXT_ID if own or peer_cid == VMADDR_CID_HOST else None
         return self._kcid if own else peer_cid
 
-    def _identify_stream(self, conn: socket.socket, hello: Tuple[bool, int]) -> Optional[VMCIHandle]:
+    def _identify_stream(self, conn: socket.socket, hello: Tuple[bool, int]) -> Optional[Peer]:
         context = self._peer_context(conn.getpeername()[0], hello[0])
-        return None if context is None else VMCIHandle(context, hello[1])
+        return None if context is None else Peer(VMCIHandle(context, hello[1]), 0, None)
 
     def _stream_listeners(self):
         with self._lock:
