@@ -411,7 +411,7 @@ class DatagramEndpoint:
                 self.stats.refused_connections += 1
                 conn.close()
                 continue
-            conn.setblocking(False)
+            conn.setblocking(True)  # so the core may read it hot; its other reads never block
             fd = conn.fileno()
             self._conns[fd] = (conn, peer)
             self._rx.add(conn, peer.handle.context, peer.handle.resource, peer)
