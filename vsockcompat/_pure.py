@@ -323,6 +323,10 @@ def recv_datagram(sock, account, buf, spill):
 _SKIP_MAX = 16  # VSC_RX_SKIPS: receives in a row without epoll while one sender is served
 _HOT_TIMEOUT = struct.pack("@ll", 0, 1000)  # VSC_RX_HOT_MS, as a struct timeval for SO_RCVTIMEO
 _HOT_MIN_WAIT = 0.1  # VSC_RX_HOT_MIN_WAIT_MS: the shortest caller timeout a hot read may serve
+# Through libc: socket.setsockopt takes only integers on AF_VSOCK sockets.
+_setsockopt = _libc.setsockopt
+_setsockopt.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_setsockopt.restype = ctypes.c_int
 
 
 class Receiver:
@@ -363,12 +367,8 @@ class Receiver:
         a receive timeout (SO_RCVTIMEO) and may be read hot, see ``vsc_rx_add``."""
         fd = sock.fileno()
         self._epoll.register(fd, select.EPOLLIN)
-        hot_ok = sock.gettimeout() is None
-        if hot_ok:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _HOT_TIMEOUT)
-            except OSError:
-                hot_ok = False
+        hot_ok = sock.gettimeout() is None and _setsockopt(
+            fd, socket.SOL_SOCKET, socket.SO_RCVTIMEO, _HOT_TIMEOUT, len(_HOT_TIMEOUT)) == 0
         self._conns[fd] = (sock, src_context, src_resource, self._seq, fd, hot_ok)
         self._tags[fd] = tag
         self._seq += 1
