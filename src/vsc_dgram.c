@@ -3,6 +3,7 @@
 #include "vsc_dgram.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -270,17 +272,16 @@ static ssize_t check_frame(uint8_t *acct, const uint8_t *hdr, ssize_t n, int msg
     return n;
 }
 
-ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, size_t buf_len,
-                    void *spill, size_t spill_len, int *sys_errno)
+/* One recvmsg of a frame: header to hdr, payload to buf, then spill. -1 with errno set. */
+static ssize_t recv_frame(int sock_fd, uint8_t *hdr, void *buf, size_t buf_len, void *spill,
+                          size_t spill_len, int flags, int *msg_flags)
 {
-    uint8_t hdr[VMCI_DG_HEADERSIZE];
     struct iovec iov[3];
     struct msghdr msg;
     ssize_t n;
 
-    *sys_errno = 0;
     iov[0].iov_base = hdr;
-    iov[0].iov_len = sizeof hdr;
+    iov[0].iov_len = VMCI_DG_HEADERSIZE;
     iov[1].iov_base = buf;
     iov[1].iov_len = buf_len;
     iov[2].iov_base = spill;
@@ -288,8 +289,21 @@ ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, siz
     memset(&msg, 0, sizeof msg);
     msg.msg_iov = iov;
     msg.msg_iovlen = 3;
+    n = recvmsg(sock_fd, &msg, flags);
+    *msg_flags = msg.msg_flags;
+    return n;
+}
+
+ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, size_t buf_len,
+                    void *spill, size_t spill_len, int *sys_errno)
+{
+    uint8_t hdr[VMCI_DG_HEADERSIZE];
+    int flags;
+    ssize_t n;
+
+    *sys_errno = 0;
     do {
-        n = recvmsg(sock_fd, &msg, MSG_DONTWAIT);
+        n = recv_frame(sock_fd, hdr, buf, buf_len, spill, spill_len, MSG_DONTWAIT, &flags);
     } while (n < 0 && errno == EINTR);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -297,7 +311,7 @@ ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, siz
         *sys_errno = errno;
         return errno == ECONNRESET ? VSC_PEER_GONE : VMCI_ERROR_GENERIC;
     }
-    return check_frame(acct, hdr, n, msg.msg_flags, h);
+    return check_frame(acct, hdr, n, flags, h);
 }
 
 /* Receiver */
@@ -315,6 +329,7 @@ int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_han
     rx->acct = acct;
     rx->self = self;
     rx->last_fd = -1;
+    rx->hot_fd = -1;
     rx->batch_fd = -1;
     rx->pending_fd = -1;
     rx->polled = 1;
@@ -364,6 +379,15 @@ void vsc_rx_destroy(vsc_rx *rx)
     rx->nready = 0;
 }
 
+/* Whether fd blocks and its blocking reads now end after VSC_RX_HOT_MS. */
+static int hot_setup(int fd)
+{
+    struct timeval tv = { .tv_sec = 0, .tv_usec = VSC_RX_HOT_MS * 1000 };
+    int fl = fcntl(fd, F_GETFL);
+
+    return fl >= 0 && !(fl & O_NONBLOCK) && setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0;
+}
+
 int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src)
 {
     struct epoll_event ev;
@@ -392,8 +416,10 @@ int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src)
     rx->conns[fd].fd = fd;
     rx->conns[fd].src = src;
     rx->conns[fd].seq = rx->next_seq++;
+    rx->conns[fd].hot_ok = hot_setup(fd);
     rx->nlive++;
     rx->only_fd = fd;
+    rx->hot_fd = -1;
     return 0;
 }
 
@@ -438,6 +464,8 @@ void vsc_rx_remove(vsc_rx *rx, int fd)
         return;
     epoll_ctl(rx->epfd, EPOLL_CTL_DEL, fd, NULL);
     rx->conns[fd].fd = -1;
+    if (fd == rx->hot_fd)
+        rx->hot_fd = -1;
     if (fd == rx->batch_fd)
         batch_discard(rx);
     if (--rx->nlive == 1) {
@@ -536,17 +564,21 @@ static ssize_t batch_next(vsc_rx *rx, vsc_dg_header *h, void *buf, size_t buf_le
     return check_frame(rx->acct, frame, n, flags, h);
 }
 
-/* Read up to VSC_RX_BATCH frames from fd; 0 when some were read, else a vsc_dg_recv status. */
-static ssize_t batch_fill(vsc_rx *rx, int fd, int *sys_errno)
+#define NO_BATCH 1 /* batch_fill: no read-ahead, the caller reads one frame */
+
+/* Read up to VSC_RX_BATCH frames from fd, waiting for the first only with MSG_WAITFORONE
+ * (flags, else MSG_DONTWAIT); 0 when some were read, NO_BATCH, VSC_INTR on a signal,
+ * else a vsc_dg_recv status. */
+static ssize_t batch_fill(vsc_rx *rx, int fd, int flags, int *sys_errno)
 {
     struct mmsghdr msgs[VSC_RX_BATCH];
     struct iovec iov[VSC_RX_BATCH];
     int i, n;
 
     if (rx->pending_fd < 0)
-        return VSC_AGAIN; /* no read-ahead: the caller reads one frame */
+        return NO_BATCH;
     if (rx->batch == NULL && (rx->batch = malloc((size_t)VSC_RX_BATCH * VSC_RX_SLOT)) == NULL)
-        return VSC_AGAIN;
+        return NO_BATCH;
     memset(msgs, 0, sizeof msgs);
     for (i = 0; i < VSC_RX_BATCH; i++) {
         iov[i].iov_base = rx->batch + (size_t)i * VSC_RX_SLOT;
@@ -555,9 +587,11 @@ static ssize_t batch_fill(vsc_rx *rx, int fd, int *sys_errno)
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
     do {
-        n = recvmmsg(fd, msgs, VSC_RX_BATCH, MSG_DONTWAIT, NULL);
-    } while (n < 0 && errno == EINTR);
+        n = recvmmsg(fd, msgs, VSC_RX_BATCH, flags, NULL);
+    } while (n < 0 && errno == EINTR && (flags & MSG_DONTWAIT));
     if (n < 0) {
+        if (errno == EINTR)
+            return VSC_INTR;
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             return VSC_AGAIN;
         *sys_errno = errno;
@@ -596,27 +630,75 @@ static ssize_t rx_check_source(const vsc_rx *rx, int fd, const vsc_dg_header *h,
     return n;
 }
 
+/* One frame from the hot connection fd, blocking for at most VSC_RX_HOT_MS: as
+ * vsc_dg_recv, or VSC_INTR on a signal. */
+static ssize_t rx_hot_recv(vsc_rx *rx, int fd, vsc_dg_header *h, void *buf, size_t buf_len, void *spill,
+                           size_t spill_len, int *sys_errno)
+{
+    uint8_t hdr[VMCI_DG_HEADERSIZE];
+    int flags;
+    ssize_t n = recv_frame(fd, hdr, buf, buf_len, spill, spill_len, 0, &flags);
+
+    if (n >= 0)
+        return check_frame(rx->acct, hdr, n, flags, h);
+    if (errno == EINTR)
+        return VSC_INTR;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return VSC_AGAIN;
+    *sys_errno = errno;
+    return errno == ECONNRESET ? VSC_PEER_GONE : VMCI_ERROR_GENERIC;
+}
+
+/* A frame came from fd: checked, and while fd is the only connection, it is hot. */
+static ssize_t rx_delivered(vsc_rx *rx, int fd, const vsc_dg_header *h, ssize_t n)
+{
+    n = rx_check_source(rx, fd, h, n);
+    if (n >= 0)
+        rx->hot_fd = rx->nlive == 1 && rx->conns[fd].hot_ok ? fd : -1;
+    return n;
+}
+
 ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
                     int timeout_ms, int *sys_errno)
 {
     vsc_dg_header h;
     ssize_t n;
-    int fd, rc, skipped;
+    int fd, rc;
 
     *sys_errno = 0;
     if (rx->batch_count > 0) {
         fd = rx->batch_fd;
-        return rx_check_source(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
+        return rx_delivered(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
     }
     for (;;) {
-        /* Streaming from one sender: the account says data is queued, so try its
-         * connection before epoll_wait; bounded so new connections are still seen. */
-        skipped = 0;
-        if (rx->nready == 0 && rx->nlive == 1 && rx->skips < 16 && vsc_acct_queued(rx->acct) > 0) {
-            rx->skips++;
-            skipped = 1;
-            rx->ready[rx->nready++] = rx->only_fd;
-        } else if (rx->nready == 0) {
+        /* One sender, bytes queued (the account says so) or its connection hot: read it
+         * without epoll_wait (a hot read may block, briefly), a batch if bytes are queued.
+         * Bounded, so that new connections and wake-ups are still seen. */
+        if (rx->nready == 0 && rx->nlive == 1 && rx->skips < VSC_RX_SKIPS) {
+            int queued = vsc_acct_queued(rx->acct) > 0;
+            int hot = rx->hot_fd == rx->only_fd && (timeout_ms < 0 || timeout_ms >= VSC_RX_HOT_MIN_WAIT_MS);
+
+            if (queued || hot) {
+                rx->skips++;
+                fd = rx->last_fd = rx->only_fd;
+                n = queued ? batch_fill(rx, fd, hot ? MSG_WAITFORONE : MSG_DONTWAIT, sys_errno) : NO_BATCH;
+                if (n == 0)
+                    return rx_delivered(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
+                if (n == NO_BATCH)
+                    n = hot ? rx_hot_recv(rx, fd, &h, buf, buf_len, spill, spill_len, sys_errno)
+                            : vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
+                if (n == VSC_AGAIN && hot) {
+                    rx->hot_fd = -1; /* nothing came in time: the next call waits on everything */
+                    return VSC_INTR;
+                }
+                if (n == VSC_AGAIN) {
+                    rx->skips = VSC_RX_SKIPS; /* the queued bytes are elsewhere: wait properly */
+                    continue;
+                }
+                return n == VSC_INTR ? n : rx_delivered(rx, fd, &h, n);
+            }
+        }
+        if (rx->nready == 0) {
             rx->skips = 0;
             rc = rx_wait(rx, timeout_ms, sys_errno);
             if (rc != 0)
@@ -630,24 +712,12 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
         if (fd == rx->listener_fd)
             return VSC_ACCEPT;
         rx->last_fd = fd;
-        if (skipped) {
-            n = batch_fill(rx, fd, sys_errno);
-            if (n == 0)
-                return rx_check_source(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
-            if (n == VSC_AGAIN && (rx->batch == NULL || rx->pending_fd < 0))
-                n = vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
-        } else {
-            n = vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
-        }
+        n = vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
         if (n == VSC_AGAIN) {
-            if (skipped) {
-                rx->skips = 16; /* the queued bytes are elsewhere: wait properly */
-                continue;
-            }
             if (rx->nready == 0)
                 return VSC_INTR; /* a spurious wake-up: the caller recomputes its timeout */
             continue;
         }
-        return rx_check_source(rx, fd, &h, n);
+        return rx_delivered(rx, fd, &h, n);
     }
 }

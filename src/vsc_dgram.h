@@ -112,12 +112,20 @@ typedef struct {
     int fd;          /* -1: slot unused */
     vsc_handle src;  /* the kernel-verified sender */
     uint64_t seq;    /* accept order */
+    int hot_ok;      /* blocking, with a read timeout of VSC_RX_HOT_MS: may be read hot */
 } vsc_rx_conn;
 
 #define VSC_RX_MAX_READY 64
 /* Frames read with one recvmmsg while one sender streams; each slot holds any frame. */
 #define VSC_RX_BATCH 16
 #define VSC_RX_SLOT  (VMCI_DG_HEADERSIZE + VMCI_MAX_DG_PAYLOAD_SIZE + 1)
+/* Receives in a row that skip epoll_wait while one connection is served. */
+#define VSC_RX_SKIPS 16
+/* A hot read blocks on the one connection for at most this (its SO_RCVTIMEO, which
+ * the kernel rounds up to clock ticks: a few ms)... */
+#define VSC_RX_HOT_MS 1
+/* ...so it is tried only when the caller waits forever or at least this long. */
+#define VSC_RX_HOT_MIN_WAIT_MS 100
 
 typedef struct {
     int epfd, listener_fd, wake_fd;
@@ -132,6 +140,7 @@ typedef struct {
     int nlive;           /* connections being served */
     int only_fd;         /* the connection, when nlive == 1 */
     int skips;           /* epoll_wait calls skipped in a row (bounded) */
+    int hot_fd;          /* the only connection, while its last read delivered a frame; -1: none */
     /* Frames read ahead from connection batch_fd, delivered (and only then released from
      * the account, so the queue bound stays exact) before anything else is read. */
     uint8_t *batch;      /* VSC_RX_BATCH slots, allocated when a sender first streams */
@@ -148,6 +157,11 @@ typedef struct {
 
 int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_handle self);
 void vsc_rx_destroy(vsc_rx *rx);
+/*
+ * Serve the connection fd. A blocking fd gets a receive timeout (SO_RCVTIMEO) of
+ * VSC_RX_HOT_MS and may then be read hot (see vsc_rx_recv); every other read of
+ * it passes MSG_DONTWAIT. Returns 0 or an errno value.
+ */
 int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src);
 void vsc_rx_remove(vsc_rx *rx, int fd);
 /*
@@ -160,6 +174,13 @@ void vsc_rx_remove(vsc_rx *rx, int fd);
  * VSC_RX_BATCH frames are read from it with one recvmmsg and handed out one
  * per call, each checked and released from the account as it is handed out;
  * removing the connection discards (and releases) the rest.
+ * While one connection is served and its last read delivered a frame (it is
+ * hot), a receive that would wait blocks in recvmsg on it alone, without
+ * epoll_wait, for at most VSC_RX_HOT_MS (only when timeout_ms is -1 or at least
+ * VSC_RX_HOT_MIN_WAIT_MS); if nothing came, the connection is no longer hot and
+ * the call returns VSC_INTR, so the next one waits on everything with epoll. A
+ * new connection, a wake-up or a close is thus noticed within that bound, and
+ * at the latest every VSC_RX_SKIPS receives.
  */
 ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
                     int timeout_ms, int *sys_errno);

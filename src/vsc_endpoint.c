@@ -283,7 +283,8 @@ static void accept_all(vsc_endpoint *ep)
 {
     for (;;) {
         vsc_handle src;
-        int fd = accept4(ep->bound.listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        /* Blocking, so that the receiver may read it hot (vsc_rx_add). */
+        int fd = accept4(ep->bound.listener, NULL, NULL, SOCK_CLOEXEC);
 
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)

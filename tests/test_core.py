@@ -8,6 +8,8 @@ import mmap
 import os
 import socket
 import tempfile
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -311,9 +313,10 @@ ACL_EPOCH_WORD = 7  # VSC_ACCT_OFF_ACL_EPOCH / 8
 
 
 class Rx:
-    """A Receiver of one core over a page, a listener, a wake pipe and one sender connection."""
+    """A Receiver of one core over a page, a listener, a wake pipe and one sender connection
+    (blocking, as endpoints accept them, so that the receiver may read it hot)."""
 
-    def __init__(self, core, page, tmp_path, sender_core=None):
+    def __init__(self, core, page, tmp_path, sender_core=None, blocking=True):
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind(str(tmp_path / "listener"))
         self.listener.listen(4)
@@ -322,7 +325,7 @@ class Rx:
         self.account = page.account(core)
         self.rx = core.Receiver(self.listener, self.wake_r, self.account, 2, 1025)
         self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.b.setblocking(False)
+        self.b.setblocking(blocking)
         self.a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
         self.rx.add(self.b, 3, 1024, "tag-3")
         self.link = (sender_core or core).Link(self.a, page.account(sender_core or core), 2, 1025, 3, 1024)
@@ -447,6 +450,62 @@ def test_a_forged_frame_inside_a_stream_is_reported(core, rx):
     for i in range(3):
         assert rx.take() == (1, "tag-3")
     assert rx.take() == (core.FORGED, None)
+
+
+# A hot connection: the only one, and its last read delivered a frame. A receive that
+# would wait blocks in recvmsg on it alone (SO_RCVTIMEO bounds that), then waits with epoll.
+
+def _make_hot(core, rx):
+    assert rx.link.send(b"a", 1) == 25
+    assert rx.take() == (1, "tag-3")
+    # A frame the account does not show, so that only a read of the connection finds it.
+    rx.a.send(core.encode_datagram(2, 1025, 3, 1024, b"b"))
+    os.write(rx.wake_w, b"\0")
+
+
+def test_a_hot_receive_reads_its_connection_first_then_sees_a_wake_up(core, rx):
+    _make_hot(core, rx)
+    assert rx.take(None) == (1, "tag-3") and rx.buf[0] == ord("b")
+    assert rx.take(None) == (core.WAKE, None), "the bounded hot read gave way to epoll"
+
+
+def test_a_caller_timeout_below_the_hot_minimum_waits_with_epoll(core, rx):
+    _make_hot(core, rx)
+    assert rx.take(0.05) == (core.WAKE, None)  # served before any connection
+    os.read(rx.wake_r, 1)
+    assert rx.take(0.05) == (1, "tag-3") and rx.buf[0] == ord("b")
+    assert rx.take(0.05) == (core.AGAIN, None)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_new_sender_is_seen_while_the_receiver_waits_on_a_hot_one(core, page, tmp_path, blocking):
+    r = Rx(core, page, tmp_path, blocking=blocking)
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        assert r.link.send(b"a", 1) == 25
+        assert r.take() == (1, "tag-3")
+        result = []
+        waiter = threading.Thread(target=lambda: result.append(r.take(60)))
+        waiter.start()
+        time.sleep(0.05)  # most likely blocked on the first connection by now
+        second.connect(str(tmp_path / "listener"))
+        waiter.join(10)
+        if waiter.is_alive():
+            r.link.send(b"x", 1)  # release it, then fail
+            waiter.join(10)
+        assert result == [(core.ACCEPT, None)]
+        conn, _ = r.listener.accept()
+        conn.setblocking(True)
+        r.rx.add(conn, 4, 1024, "tag-4")
+        second.send(core.encode_datagram(2, 1025, 4, 1024, b"second"))
+        assert r.take() == (6, "tag-4") and bytes(r.buf[:6]) == b"second"
+        assert r.link.send(b"c", 1) == 25
+        assert r.take() == (1, "tag-3")
+        r.rx.remove(conn.fileno())
+        conn.close()
+    finally:
+        second.close()
+        r.close()
 
 
 @both_cores

@@ -197,6 +197,26 @@ def test_close_wakes_a_blocked_receiver(runtime):
     assert result == [(VMCI_ERROR_NO_MORE_DATAGRAMS, None)]
 
 
+def test_close_wakes_a_receiver_blocked_on_its_one_sender(pair):
+    """After a datagram, the receiver first blocks on that sender's connection alone."""
+    sender, endpoint = pair
+    assert sender.send_status(endpoint.handle, b"x", 1) == 25
+    assert endpoint.recv_status(memoryview(bytearray(8)), timeout=5)[0] == 1
+    result = []
+    thread = threading.Thread(target=lambda: result.append(endpoint.recv_status(memoryview(bytearray(8)))))
+    thread.start()
+    time.sleep(0.002)  # most likely on that connection by now (the test holds either way)
+    closer = threading.Thread(target=endpoint.close)
+    closer.start()
+    closer.join(10)
+    thread.join(10)
+    if thread.is_alive():
+        sender.send_status(endpoint.handle, b"x", 1)  # release it, then fail
+        thread.join(10)
+    assert not closer.is_alive()
+    assert result == [(VMCI_ERROR_NO_MORE_DATAGRAMS, None)]
+
+
 def test_iteration_ends_when_closed(pair):
     a, b = pair
     for word in (b"one", b"two"):

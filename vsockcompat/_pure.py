@@ -320,7 +320,13 @@ def recv_datagram(sock, account, buf, spill):
     return n, fields
 
 
-_SKIP_MAX = 16  # as vsc_rx_recv: receives in a row without epoll while one sender streams
+_SKIP_MAX = 16  # VSC_RX_SKIPS: receives in a row without epoll while one sender is served
+_HOT_TIMEOUT = struct.pack("@ll", 0, 1000)  # VSC_RX_HOT_MS, as a struct timeval for SO_RCVTIMEO
+_HOT_MIN_WAIT = 0.1  # VSC_RX_HOT_MIN_WAIT_MS: the shortest caller timeout a hot read may serve
+# Through libc: socket.setsockopt takes only integers on AF_VSOCK sockets.
+_setsockopt = _libc.setsockopt
+_setsockopt.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_setsockopt.restype = ctypes.c_int
 
 
 class Receiver:
@@ -345,6 +351,7 @@ class Receiver:
         self._seq = 0
         self._only = None  # the connection's entry while exactly one is served
         self._skips = 0
+        self._hot = None  # the only connection's entry, while its last read delivered a frame
         self._header = bytearray(VMCI_DG_HEADERSIZE)
         self._recheck = None
         self._epoch = 0
@@ -356,13 +363,17 @@ class Receiver:
 
     def add(self, sock, src_context, src_resource, tag=None):
         """Serve ``sock``, whose sender the kernel says is ``(src_context, src_resource)``;
-        ``take`` returns ``tag`` with each datagram read from it."""
+        ``take`` returns ``tag`` with each datagram read from it. A blocking ``sock`` gets
+        a receive timeout (SO_RCVTIMEO) and may be read hot, see ``vsc_rx_add``."""
         fd = sock.fileno()
         self._epoll.register(fd, select.EPOLLIN)
-        self._conns[fd] = (sock, src_context, src_resource, self._seq, fd)
+        hot_ok = sock.gettimeout() is None and _setsockopt(
+            fd, socket.SOL_SOCKET, socket.SO_RCVTIMEO, _HOT_TIMEOUT, len(_HOT_TIMEOUT)) == 0
+        self._conns[fd] = (sock, src_context, src_resource, self._seq, fd, hot_ok)
         self._tags[fd] = tag
         self._seq += 1
         self._only = self._conns[fd] if len(self._conns) == 1 else None
+        self._hot = None
 
     def remove(self, fd):
         """Stop serving the connection ``fd`` (the caller closes it)."""
@@ -372,6 +383,8 @@ class Receiver:
             self._tags.pop(fd, None)
             self._denied.discard(fd)
             self._only = next(iter(self._conns.values())) if len(self._conns) == 1 else None
+            if self._hot is not None and self._hot[4] == fd:
+                self._hot = None
 
     def deny(self, fd, denied):
         """Drop (``take`` returns DENIED) or deliver again what the connection ``fd`` sends."""
@@ -418,6 +431,7 @@ class Receiver:
         ready, words = self._ready, self._words
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
+            skipped = hot = False
             if ready:
                 fd = ready.pop()
                 if fd == self._wake_fd:
@@ -425,24 +439,28 @@ class Receiver:
                 if fd == self._listener_fd:
                     return ACCEPT
                 conn = self._conns[fd]
-                skipped = False
-            elif (self._only is not None and self._skips < _SKIP_MAX
-                  and words[_W_PRODUCED] > words[_W_CONSUMED]):
-                # Streaming from one sender: its frames are queued, so skip epoll (bounded).
-                self._skips += 1
-                conn = self._only
-                skipped = True
             else:
-                self._skips = 0
-                if self._wait(deadline) is AGAIN:
-                    return AGAIN
-                continue
+                # One sender, its connection hot or bytes queued (the account says so): read it
+                # without epoll (a hot read may block, briefly: SO_RCVTIMEO). Bounded, so that
+                # new connections and wake-ups are still seen.
+                conn = self._only
+                if conn is not None and self._skips < _SKIP_MAX:
+                    hot = self._hot is conn and (deadline is None or deadline - time.monotonic() >= _HOT_MIN_WAIT)
+                    skipped = not hot and words[_W_PRODUCED] > words[_W_CONSUMED]
+                if not (skipped or hot):
+                    self._skips = 0
+                    if self._wait(deadline) is AGAIN:
+                        return AGAIN
+                    continue
+                self._skips += 1
             self.last_fd = conn[4]
             header = self._header
             try:
-                n, _, flags, _ = conn[0].recvmsg_into((header, buf, spill), 0, socket.MSG_DONTWAIT)
+                n, _, flags, _ = conn[0].recvmsg_into((header, buf, spill), 0, 0 if hot else socket.MSG_DONTWAIT)
             except BlockingIOError:
-                if skipped:
+                if hot:
+                    self._hot = None  # nothing came in time: wait on everything
+                elif skipped:
                     self._skips = _SKIP_MAX  # the queued bytes are elsewhere: wait properly
                 elif not ready and deadline is not None and time.monotonic() >= deadline:
                     return AGAIN
@@ -463,6 +481,7 @@ class Receiver:
                 return BAD_FRAME
             if sc != conn[1] or sr != conn[2] or dc != self._self_context or dr != self._self_resource:
                 return FORGED
+            self._hot = conn if conn is self._only and conn[5] else None
             return n
 
     def take(self, buf, spill, timeout):
@@ -488,6 +507,7 @@ class Receiver:
         self._denied.clear()
         self._recheck = None
         self._only = None
+        self._hot = None
         self._ready = []
 
 

@@ -446,7 +446,7 @@ class DatagramEndpoint:
                 self.stats.refused_connections += 1
                 conn.close()
                 continue
-            conn.setblocking(False)
+            conn.setblocking(True)  # so the core may read it hot; its other reads never block
             fd = conn.fileno()
             with self._verdict_lock:  # read the privileges in the lock: a change then pushes after us
                 denied = not self._access.may_send(peer.handle, self.handle)

@@ -275,7 +275,7 @@ Threads(void)
    char buf[16];
    void *result;
    long failures = 0;
-   VMCIHandle h;
+   VMCIHandle h, peer;
    int i, received = 0;
 
    sink = VMCIDatagram_CreateHnd(0);
@@ -306,6 +306,17 @@ Threads(void)
    Show("destroy_while_receiving", VMCIDatagram_DestroyHnd(h));
    pthread_join(threads[0], &result);
    Show("recv_interrupted_by_destroy", (long)result);
+
+   /* ... also after a datagram came, when it blocks on that one sender's connection first. */
+   h = VMCIDatagram_CreateHnd(0);
+   peer = VMCIDatagram_CreateHnd(0);
+   Show("hot_send", VMCIDatagram_SendTo(h, peer, 1, "x"));
+   Show("hot_recv", VMCIDatagram_RecvFrom(h, NULL, buf, sizeof buf));
+   StartBlockedReceiver(&threads[0], &h);
+   Show("destroy_while_receiving_hot", VMCIDatagram_DestroyHnd(h));
+   pthread_join(threads[0], &result);
+   Show("recv_hot_interrupted_by_destroy", (long)result);
+   VMCIDatagram_DestroyHnd(peer);
 
    /* ... and when another cleans the library up. */
    h = VMCIDatagram_CreateHnd(0);
