@@ -543,3 +543,16 @@ def test_asking_for_fileno_late_still_shows_frames_read_ahead(core, rx):
         assert select.select([fd], [], [], 0)[0]
         assert rx.take(0) == (1, "tag-3")
     assert not select.select([fd], [], [], 0)[0]
+
+
+def test_the_pure_receivers_tuning_is_the_c_cores():
+    """The pure core copies three of vsc_rx's tuning values; they must stay the C header's."""
+    import re
+    import struct
+    from vsockcompat import _pure
+    header = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "vsc_dgram.h")
+    with open(header, encoding="utf-8") as f:
+        defines = dict(re.findall(r"^#define (VSC_RX_\w+) (\d+)$", f.read(), re.M))
+    assert int(defines["VSC_RX_SKIPS"]) == _pure._SKIP_MAX
+    assert int(defines["VSC_RX_HOT_MS"]) * 1000 == struct.unpack("@ll", _pure._HOT_TIMEOUT)[1]
+    assert int(defines["VSC_RX_HOT_MIN_WAIT_MS"]) / 1000 == _pure._HOT_MIN_WAIT
