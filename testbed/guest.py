@@ -420,6 +420,8 @@ class Guest:
         proc = self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, start_new_session=True,
                                             cwd=REPO, env=env)
+        if getattr(self, "stopping", False):        # stop() came before the Popen
+            self._kill(proc)
         marks = {}
         streams = {proc.stdout.fileno(): sys.stdout, proc.stderr.fileno(): sys.stderr}
         pending = {fd: b"" for fd in streams}
@@ -468,6 +470,7 @@ class Guest:
 
     def stop(self):
         """Ends a boot running in another thread (its ``boot`` then returns QEMU's status)."""
+        self.stopping = True
         proc = getattr(self, "proc", None)
         if proc is not None:
             self._kill(proc)
