@@ -11,8 +11,8 @@ One exchange per pair of cores (the guest's core is the ``core`` fixture, CID 4'
 CID 4's VMM socket (each VMM socket has a daemon of its own, see ``guest_peer.py``), then sends
 to the handle found a 4-byte and a 1,024-byte datagram, and checks the echoes and both sides'
 view of the other's handle. Not larger ones: ``vhost-device-vsock`` 0.3.0 forwards a packet
-between siblings whole into one receive buffer of the other guest, and a frame of 4,000 bytes
-was lost on the way (``testbed/README.rst``), so a maximum-payload datagram cannot cross yet.
+between siblings whole into one receive buffer of the other guest, and datagrams from 3,800
+bytes on were lost on the way (``testbed/README.rst``), so a maximum-payload one cannot cross yet.
 """
 import os
 
