@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The cross-VM test bed: one guest (CID 3) whose vsock device is served by ``vhost-device-vsock``.
+"""The cross-VM test bed: a guest (CID 3), whose vsock device is served by ``vhost-device-vsock``,
+and optionally a second one (CID 4) behind the same daemon.
 
     python testbed/cross.py setup                              # guest.py's setup + the daemon
     python testbed/cross.py run [--host-cmd CMD] -- COMMAND... # boot, run COMMAND in the guest
@@ -22,6 +23,12 @@ sending ``CONNECT P`` (the ``hybrid`` transport). No AF_VSOCK socket is used on 
 ``--host-cmd`` runs on this machine, started before the guest boots and stopped after it ends, with
 ``VSOCKCOMPAT_TRANSPORT=hybrid``, ``VSOCKCOMPAT_HYBRID_UDS`` and ``VSOCKCOMPAT_HYBRID_CID`` set.
 The run fails when either command fails. Status 77 from ``setup``: the bed cannot be built here.
+
+``--guests 2 --peer-cmd CMD`` adds a second guest, CID 4, behind the same daemon (a second
+``--vm`` in its one default group: the daemon carries the guests' connections to each other),
+booted beside CID 3 with its own guard, nonce and job, running CMD until CID 3's command ended;
+``--host-cmd`` then runs once per VMM socket (the hybrid transport serves one guest CID), and
+CID 3's command gets ``VSOCKCOMPAT_CROSS_SIBLING=4``. A sibling that ends first fails the run.
 """
 import argparse
 import fcntl
@@ -35,6 +42,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -42,6 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import guest  # noqa: E402  (the single-guest bed: kernel, virtme-ng, the boot loop)
 
 GUEST_CID = 3
+#: The second guest of ``--guests 2``: a sibling of CID 3 in the daemon's one (default) group.
+SIBLING_CID = 4
 DAEMON_PACKAGE = "vhost-device-vsock"
 DAEMON_SUITE = "unstable"               # not in Debian 12; its binary runs there (glibc >= 2.34)
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -168,10 +178,14 @@ def cmd_setup(args):
 
 # ---------------------------------------------------------------- run (host side)
 
-def daemon_command(binary, vhost_socket, uds_path):
-    """The daemon's one command line: Unix sockets only (checked, fail closed)."""
+def daemon_command(binary, vhost_socket, uds_path, sibling=None):
+    """The daemon's one command line: Unix sockets only (checked, fail closed). ``sibling``, a
+    (vhost socket, uds path) pair, adds CID 4 as a second ``--vm``: both in the default group,
+    so the daemon carries the two guests' connections to each other."""
     cmd = [binary, "--vm", "guest-cid=%d,socket=%s,uds-path=%s"
            % (GUEST_CID, vhost_socket, uds_path)]
+    if sibling is not None:
+        cmd += ["--vm", "guest-cid=%d,socket=%s,uds-path=%s" % ((SIBLING_CID,) + tuple(sibling))]
     if any(word.startswith(FORBIDDEN_DAEMON_OPTIONS) or "forward" in word for word in cmd):
         raise SystemExit("testbed: refusing a %s command line that forwards to AF_VSOCK: %s"
                          % (DAEMON_PACKAGE, cmd))
@@ -295,41 +309,52 @@ def cmd_run(args):
         shutil.rmtree(jobdir, ignore_errors=True)
 
 
+def _paths(jobdir, cid):
+    """(vhost socket, hybrid uds path) of guest ``cid``."""
+    return (os.path.join(jobdir, "vhost%d.sock" % cid), os.path.join(jobdir, "vm%d.vsock" % cid))
+
+
 def _run_cross(args, command, cache, kernel, daemon, jobdir):
-    vhost_socket = os.path.join(jobdir, "vhost%d.sock" % GUEST_CID)
-    uds_path = os.path.join(jobdir, "vm%d.vsock" % GUEST_CID)
-    host_env = dict(os.environ, VSOCKCOMPAT_TRANSPORT="hybrid", VSOCKCOMPAT_HYBRID_UDS=uds_path,
-                    VSOCKCOMPAT_HYBRID_CID=str(GUEST_CID))
+    cids = (GUEST_CID, SIBLING_CID)[:args.guests]
+    paths = {cid: _paths(jobdir, cid) for cid in cids}
+    vhost_socket, uds_path = paths[GUEST_CID]
     start = time.monotonic()
     log = open(os.path.join(jobdir, "daemon.log"), "w")
-    proc_daemon = subprocess.Popen(daemon_command(daemon["binary"], vhost_socket, uds_path),
+    proc_daemon = subprocess.Popen(daemon_command(daemon["binary"], vhost_socket, uds_path,
+                                                  paths.get(SIBLING_CID)),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env=dict(os.environ, RUST_LOG="warn"))
-    host = None
+    hosts = []
     try:
-        if not _wait_for_socket(vhost_socket, proc_daemon, SOCKET_WAIT):
-            log.flush()
-            with open(log.name) as f:
-                out = guest._tail(f.read())
-            say("%s did not create %s (status %s): %s"
-                % (DAEMON_PACKAGE, vhost_socket, proc_daemon.poll(), out))
-            return guest.BED_ERROR
-        say("%s %s serves CID %d: vhost socket %s, hybrid socket %s"
-            % (DAEMON_PACKAGE, daemon["version"], GUEST_CID, vhost_socket, uds_path))
+        for cid in cids:
+            if not _wait_for_socket(paths[cid][0], proc_daemon, SOCKET_WAIT):
+                log.flush()
+                with open(log.name) as f:
+                    out = guest._tail(f.read())
+                say("%s did not create %s (status %s): %s"
+                    % (DAEMON_PACKAGE, paths[cid][0], proc_daemon.poll(), out))
+                return guest.BED_ERROR
+            say("%s %s serves CID %d: vhost socket %s, hybrid socket %s"
+                % (DAEMON_PACKAGE, daemon["version"], cid, paths[cid][0], paths[cid][1]))
         if args.host_cmd:
-            say("host command: %s" % args.host_cmd)
-            host = subprocess.Popen(shlex.split(args.host_cmd), stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=host_env)
-        status = _boot(args, command, cache, kernel, jobdir, vhost_socket, start)
+            # One host command per VMM socket: the hybrid transport serves one guest CID.
+            for cid in cids:
+                say("host command for CID %d: %s" % (cid, args.host_cmd))
+                env = dict(os.environ, VSOCKCOMPAT_TRANSPORT="hybrid",
+                           VSOCKCOMPAT_HYBRID_UDS=paths[cid][1], VSOCKCOMPAT_HYBRID_CID=str(cid))
+                hosts.append(subprocess.Popen(shlex.split(args.host_cmd),
+                                              stdin=subprocess.DEVNULL, start_new_session=True,
+                                              env=env))
+        status = _boot_all(args, command, cache, kernel, jobdir, paths, start)
     finally:
-        host_status = _stop(host, "the host command") if host is not None else None
+        host_statuses = [_stop(host, "the host command") for host in hosts]
         _stop(proc_daemon, DAEMON_PACKAGE)
         log.close()
-    if host is not None:
+    for cid, host_status in zip(cids, host_statuses):
         # Stopped by our SIGTERM counts as success; a host command that failed on its own does not.
-        say("host command status %s" % host_status)
+        say("host command (CID %d) status %s" % (cid, host_status))
         if host_status not in (0, -signal.SIGTERM) and status == 0:
-            return 1
+            status = 1
     return status
 
 
@@ -349,12 +374,12 @@ def choose_accel(cache):
     return "tcg", "no KVM probe in this boot"
 
 
-def _boot(args, command, cache, kernel, jobdir, vhost_socket, start):
+def _prepare(args, kernel, jobdir, vhost_socket, cid, command, extra_env):
+    """The guest of ``cid``: its guard (its own device only), nonce and job in ``jobdir``.
+    Returns (vm, inner command, nonce)."""
     opts = qemu_options(vhost_socket, args.memory)
     guard = write_cross_guard(jobdir, opts)
     vm = CrossGuest(kernel, jobdir, guard, args.cpus, args.memory, args.verbose, qemu_opts=opts)
-    cwd = guest.guest_cwd()
-    accel, why = choose_accel(cache)
     nonce = uuid.uuid4().hex
     env = {name: os.environ[name] for name in guest.FORWARDED_ENV if name in os.environ}
     for item in args.env:
@@ -362,16 +387,57 @@ def _boot(args, command, cache, kernel, jobdir, vhost_socket, start):
         if not sep or not name:
             raise SystemExit("testbed: --env takes NAME=VALUE, not %r" % item)
         env[name] = value
+    env.update(extra_env)
     job = os.path.join(jobdir, "job.json")
     with open(job, "w") as f:
-        json.dump({"nonce": nonce, "command": command, "env": env, "cwd": cwd,
-                   "cid": GUEST_CID}, f)
-    inner = "%s %s inside %s" % (sys.executable, os.path.abspath(__file__), job)
+        json.dump({"nonce": nonce, "command": command, "env": env, "cwd": guest.guest_cwd(),
+                   "cid": cid}, f)
+    return vm, "%s %s inside %s" % (sys.executable, os.path.abspath(__file__), job), nonce
+
+
+def _boot_all(args, command, cache, kernel, jobdir, paths, start):
+    """Boots CID 3 (COMMAND) and, with ``--guests 2``, CID 4 (``--peer-cmd``) beside it; CID 4
+    is stopped once CID 3's command ended. Returns CID 3's status, or a failure when CID 4's
+    guest ended on its own first."""
+    accel, why = choose_accel(cache)
+    cwd = guest.guest_cwd()
+    sibling = None
+    extra = {}
+    if args.guests == 2:
+        peer_dir = os.path.join(jobdir, "cid%d" % SIBLING_CID)
+        os.mkdir(peer_dir)
+        vm4, inner4, nonce4 = _prepare(args, kernel, peer_dir, paths[SIBLING_CID][0], SIBLING_CID,
+                                       shlex.split(args.peer_cmd), {})
+        result = {}
+        say("booting the sibling, CID %d, running: %s" % (SIBLING_CID, args.peer_cmd))
+        sibling = threading.Thread(target=lambda: result.update(
+            zip(("status", "marks"), vm4.boot(accel, inner4, cwd, nonce4,
+                                              timeout=args.timeout - (time.monotonic() - start)))),
+            daemon=True)
+        sibling.start()
+        extra = {"VSOCKCOMPAT_CROSS_SIBLING": str(SIBLING_CID)}
+    vm, inner, nonce = _prepare(args, kernel, jobdir, paths[GUEST_CID][0], GUEST_CID, command,
+                                extra)
     remaining = args.timeout - (time.monotonic() - start)
     say("booting Linux %s, CID %d behind %s (%s: %s; %d vCPUs, %s)"
         % (kernel["kver"], GUEST_CID, DAEMON_PACKAGE, accel.upper(), why, args.cpus, args.memory))
     say("command: %s (in %s, at most %.0f s)" % (" ".join(command), cwd, remaining))
     status, marks = vm.boot(accel, inner, cwd, nonce, timeout=remaining)
+    status = _verdict(status, marks, start)
+    if sibling is not None:
+        ended_first = not sibling.is_alive()
+        vm4.stop()
+        sibling.join(30)
+        if ended_first:
+            say("the sibling CID %d ended before CID %d's command (status %s, marks %s): failing"
+                % (SIBLING_CID, GUEST_CID, result.get("status"), result.get("marks")))
+            status = status or guest.BED_ERROR
+        else:
+            say("sibling CID %d stopped after CID %d's command" % (SIBLING_CID, GUEST_CID))
+    return status
+
+
+def _verdict(status, marks, start):
     total = time.monotonic() - start
     if status == guest.TIMED_OUT:
         say("timed out after %.1f s in all: QEMU killed" % total)
@@ -466,6 +532,12 @@ def main(argv=None):
                      help="a command line (split like a shell's words, no shell) run on this "
                     "machine with the hybrid transport, from before the boot to its end")
     run.add_argument("--verbose", action="store_true", help="show the guest's boot console")
+    run.add_argument("--guests", type=int, choices=(1, 2), default=1,
+                     help="2: also boot CID %d, a sibling of CID %d behind the same daemon, "
+                     "running --peer-cmd" % (SIBLING_CID, GUEST_CID))
+    run.add_argument("--peer-cmd", metavar="SHELL_CMD",
+                     help="with --guests 2: the command (split like a shell's words) run in "
+                     "CID %d from its boot until CID %d's command ended" % (SIBLING_CID, GUEST_CID))
     run.add_argument("command", nargs=argparse.REMAINDER)
     inside = sub.add_parser("inside", help=argparse.SUPPRESS)
     inside.add_argument("job")
@@ -473,6 +545,8 @@ def main(argv=None):
     if args.action == "setup":
         return cmd_setup(args)
     if args.action == "run":
+        if args.guests == 2 and not args.peer_cmd:
+            parser.error("--guests 2 needs --peer-cmd")
         return cmd_run(args)
     return cmd_inside(args)
 

@@ -417,8 +417,11 @@ class Guest:
         # vng runs virtme-run through PATH: put the scripts of this Python first.
         env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(cmd[0]),
                                                      os.environ.get("PATH", "")]))
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, cwd=REPO, env=env)
+        proc = self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, start_new_session=True,
+                                            cwd=REPO, env=env)
+        if getattr(self, "stopping", False):        # stop() came before the Popen
+            self._kill(proc)
         marks = {}
         streams = {proc.stdout.fileno(): sys.stdout, proc.stderr.fileno(): sys.stderr}
         pending = {fd: b"" for fd in streams}
@@ -464,6 +467,13 @@ class Guest:
         if echo:
             stream.write(text)
             stream.flush()
+
+    def stop(self):
+        """Ends a boot running in another thread (its ``boot`` then returns QEMU's status)."""
+        self.stopping = True
+        proc = getattr(self, "proc", None)
+        if proc is not None:
+            self._kill(proc)
 
     @staticmethod
     def _kill(proc):

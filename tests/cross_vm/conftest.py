@@ -13,7 +13,8 @@ checked in this order (it creates no socket):
 3. ``vmw_vsock_virtio_transport`` is loaded, no other transport that leads out
    (``vmw_vsock_vmci_transport``, ``hv_sock``) is, and exactly one virtio vsock device exists;
 4. ``IOCTL_VM_SOCKETS_GET_LOCAL_CID`` says ``BED_CID`` (3), the CID the bed gave the daemon, and
-   ``VSOCKCOMPAT_CROSS_CID`` says the same.
+   ``VSOCKCOMPAT_CROSS_CID`` says the same. (``guest_peer.py``, in the second guest of
+   ``cross.py run --guests 2``, opens the same gate for its own CID, ``SIBLING_CID``.)
 
 Where ``VSOCKCOMPAT_CROSS=1`` is set but the gate stays closed, the tests skip and the session fails.
 """
@@ -26,6 +27,9 @@ import pytest
 
 MARKER = "cross_vm"
 BED_CID = 3
+#: The second guest's CID (``cross.py run --guests 2``), which the bed exports to CID 3 as
+#: ``VSOCKCOMPAT_CROSS_SIBLING`` when that guest runs.
+SIBLING_CID = 4
 NONCE_PARAM = "vsockcompat_cross"
 OTHER_TRANSPORTS = ("vmw_vsock_vmci_transport", "hv_sock")
 IOCTL_VM_SOCKETS_GET_LOCAL_CID = 0x7B9      # _IO(7, 0xb9)
@@ -54,10 +58,11 @@ def _local_cid(dev):
         os.close(fd)
 
 
-def gate(environ=None, sysfs="/sys", dev="/dev/vsock", cmdline="/proc/cmdline"):
-    """None when the cross-VM tests may run here, else the reason they must not.
+def gate(environ=None, sysfs="/sys", dev="/dev/vsock", cmdline="/proc/cmdline", cid=BED_CID):
+    """None when the cross-VM tests may run here (the bed's guest of CID ``cid``), else the
+    reason they must not.
 
-    The parameters other than ``environ`` exist for the gate's own tests only."""
+    ``sysfs``, ``dev`` and ``cmdline`` exist for the gate's own tests only."""
     environ = os.environ if environ is None else environ
     if environ.get("VSOCKCOMPAT_CROSS") != "1" or not environ.get("VSOCKCOMPAT_CROSS_NONCE"):
         return "cross-VM tests run only in the cross bed's guest (VSOCKCOMPAT_CROSS=1): " + HOW
@@ -77,14 +82,14 @@ def gate(environ=None, sysfs="/sys", dev="/dev/vsock", cmdline="/proc/cmdline"):
     devices = _virtio_vsock_devices(sysfs)
     if len(devices) != 1:
         return "expected exactly one virtio vsock device, found %d" % len(devices)
-    if environ.get("VSOCKCOMPAT_CROSS_CID") != str(BED_CID):
-        return "VSOCKCOMPAT_CROSS_CID is not %d" % BED_CID
+    if environ.get("VSOCKCOMPAT_CROSS_CID") != str(cid):
+        return "VSOCKCOMPAT_CROSS_CID is not %d" % cid
     try:
-        cid = _local_cid(dev)
+        local = _local_cid(dev)
     except OSError as exc:
         return "cannot read the local CID from %s: %s" % (dev, exc.strerror or exc)
-    if cid != BED_CID:
-        return "the local CID is %d, not the bed's %d" % (cid, BED_CID)
+    if local != cid:
+        return "the local CID is %d, not the bed's %d" % (local, cid)
     return None
 
 

@@ -69,6 +69,19 @@ def child_env(core=None, **extra):
     return env
 
 
+def built_cores(cores, who):
+    """Those of ``cores`` that are built here; says which are not (they are not served)."""
+    built = []
+    for core in cores:
+        try:
+            load_core(core)
+        except ImportError:
+            print("%s: the %s core is not built: not served" % (who, core), flush=True)
+            continue
+        built.append(core)
+    return built
+
+
 def start_daemon(settings, log):
     """``vsockcompat ds`` on the hybrid transport; returns it once it answers from here."""
     proc = subprocess.Popen([sys.executable, "-m", "vsockcompat", "ds"], env=child_env(),
@@ -187,12 +200,7 @@ def main():
     failures = []
     threads = []
     samples = Samples()
-    for core in HOST_RIDS:
-        try:
-            load_core(core)
-        except ImportError:
-            print("host-peer: the %s core is not built: not served" % core, flush=True)
-            continue
+    for core in built_cores(HOST_RIDS, "host-peer"):
         t = threading.Thread(target=serve, args=(settings, core, stop, failures, samples), daemon=True)
         t.start()
         threads.append(t)

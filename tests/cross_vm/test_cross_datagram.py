@@ -44,9 +44,9 @@ def guest_runtime(core, rundir):
     return rt
 
 
-def ask(ep, dst, payload):
-    """Send ``payload`` to ``dst`` until the host peer is there, then return its reply."""
-    deadline = time.monotonic() + READY_WAIT
+def ask(ep, dst, payload, ready_wait=READY_WAIT):
+    """Send ``payload`` to ``dst`` until the peer is there, then return its reply."""
+    deadline = time.monotonic() + ready_wait
     while True:
         try:
             ep.send(dst, payload)

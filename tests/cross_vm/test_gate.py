@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from .conftest import BED_CID, NONCE_PARAM, gate
+from .conftest import BED_CID, NONCE_PARAM, SIBLING_CID, gate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NONCE = "0123abcd"
@@ -76,6 +76,25 @@ def test_closed_with_two_devices(fake):
 def test_closed_with_another_cid_or_no_device_node(fake):
     assert "CROSS_CID" in gate(dict(GOOD_ENV, VSOCKCOMPAT_CROSS_CID="4"), **fake)
     assert "cannot read the local CID" in gate(GOOD_ENV, **fake)
+
+
+def test_the_second_guests_gate_wants_its_own_cid(fake):
+    """guest_peer.py opens the gate for CID 4 only: the first guest's CID closes it."""
+    assert "CROSS_CID is not %d" % SIBLING_CID in gate(GOOD_ENV, cid=SIBLING_CID, **fake)
+    sibling_env = dict(GOOD_ENV, VSOCKCOMPAT_CROSS_CID=str(SIBLING_CID))
+    assert "CROSS_CID is not %d" % BED_CID in gate(sibling_env, **fake)
+    assert "cannot read the local CID" in gate(sibling_env, cid=SIBLING_CID, **fake)
+
+
+def test_daemon_command_of_two_guests_has_unix_sockets_only(cross):
+    cmd = cross.daemon_command("/bin/vhost-device-vsock", "/r/vhost3.sock", "/r/vm3.vsock",
+                               ("/r/vhost4.sock", "/r/vm4.vsock"))
+    assert cmd == ["/bin/vhost-device-vsock",
+                   "--vm", "guest-cid=3,socket=/r/vhost3.sock,uds-path=/r/vm3.vsock",
+                   "--vm", "guest-cid=4,socket=/r/vhost4.sock,uds-path=/r/vm4.vsock"]
+    with pytest.raises(SystemExit):
+        cross.daemon_command("/bin/vhost-device-vsock", "/r/vhost3.sock", "/r/vm3.vsock",
+                             ("/r/vhost4.sock", "/r/x,forward-listen=9001"))
 
 
 def test_daemon_command_has_unix_sockets_only(cross):

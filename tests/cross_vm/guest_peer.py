@@ -1,0 +1,124 @@
+"""The second guest's side of the guest <-> guest tests: run in CID 4 by ``testbed/cross.py run
+--guests 2 --peer-cmd "python tests/cross_vm/guest_peer.py"``.
+
+    python tests/cross_vm/guest_peer.py
+
+Refuses (status 2, no socket opened) unless the gate of ``conftest.py`` is open for CID 4: this
+boot's nonce, one virtio vsock device, the local CID 4. Then, on the vsock transport in stream
+mode, it opens one datagram endpoint per available core at ``SIBLING_RIDS[core]`` (context 4),
+each on its own thread, and:
+
+* makes the two host-initiated connections that ``vhost-device-vsock`` 0.3.0's host port allocator
+  needs before any discovery traffic (``test_cross_discovery.py``), with the host peer that the
+  bed runs on CID 4's own VMM socket (``host_peer.py``, its own discovery daemon: one hybrid
+  transport serves one guest CID, so each guest has a daemon of its own);
+* registers each endpoint in that daemon as ``sibling_name(core)``;
+* answers ``b"lookup <name>"`` with ``b"<code> <context>:<resource>"`` from that daemon, and echoes
+  anything else to its sender as ``payload + b" from <context>:<resource>"``.
+
+Runs until the bed stops its guest; prints what it did, and its failures, to the bed's output.
+"""
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if importlib.util.find_spec("vsockcompat") is None:     # not installed: run from a checkout
+    sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/
+
+from cross_vm.conftest import SIBLING_CID, gate  # noqa: E402
+from cross_vm.host_peer import HOST_RIDS, built_cores  # noqa: E402
+from vsockcompat import ds_client  # noqa: E402
+from vsockcompat._settings import Settings  # noqa: E402
+from vsockcompat.constants import VMCI_HOST_CONTEXT_ID, VMCI_SUCCESS  # noqa: E402
+from vsockcompat.datagram import DatagramEndpoint  # noqa: E402
+from vsockcompat.errors import Timeout, VMCIError  # noqa: E402
+from vsockcompat.handles import VMCIHandle  # noqa: E402
+from vsockcompat.runtime import Runtime  # noqa: E402
+
+#: The second guest's endpoints' resource ids, one per core.
+SIBLING_RIDS = {"cython": 6001, "pure": 6002}
+#: Seconds to wait for the host peer (it starts before the boot) and for each reply.
+READY_WAIT = 120.0
+WAIT = 30.0
+
+
+def sibling_name(core):
+    """The name the second guest registers its ``core`` endpoint under."""
+    return b"sibling echo " + core.encode()
+
+
+def answer(dg, runtime):
+    if dg.payload.startswith(b"lookup "):
+        rc, handle = ds_client.lookup_status(dg.payload[len(b"lookup "):], runtime)
+        return b"%d %d:%d" % (rc, handle.context, handle.resource)
+    return dg.payload + b" from %d:%d" % (dg.src.context, dg.src.resource)
+
+
+def serve(ep, runtime, core):
+    while True:
+        try:
+            dg = ep.recv(timeout=1.0)
+        except Timeout:
+            continue
+        try:
+            ep.send(dg.src, answer(dg, runtime))
+        except VMCIError as exc:
+            print("guest-peer: %s: reply to %s failed: %r" % (core, dg.src, exc), flush=True)
+
+
+def past_the_host_ports(runtime):
+    """An echo and a host-initiated call through the host peer of this VMM socket."""
+    host = VMCIHandle(VMCI_HOST_CONTEXT_ID, HOST_RIDS["cython"])
+    with DatagramEndpoint(runtime=runtime) as control, DatagramEndpoint(runtime=runtime) as callee:
+        deadline = time.monotonic() + READY_WAIT
+        while True:
+            try:
+                control.send(host, b"hello")
+                control.recv(timeout=WAIT)
+                break
+            except VMCIError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        control.send(host, b"call %d" % callee.handle.resource)
+        callee.recv(timeout=WAIT)
+
+
+def main():
+    reason = gate(cid=SIBLING_CID)
+    if reason is not None:
+        print("guest-peer: refusing: %s" % reason, flush=True)
+        return 2
+    rundir = tempfile.mkdtemp(prefix="vsc-sib-")
+    settings = Settings(no_extensions=False, rundir=rundir, cid=SIBLING_CID, transport="vsock",
+                        vsock_mode="stream", ds_autostart=False)
+    endpoints = {}
+    for core in built_cores(SIBLING_RIDS, "guest-peer"):
+        runtime = Runtime(settings, core=core)
+        ep = DatagramEndpoint(SIBLING_RIDS[core], runtime=runtime)
+        endpoints[core] = (ep, runtime)
+        threading.Thread(target=serve, args=(ep, runtime, core), daemon=True).start()
+        print("guest-peer: %s endpoint %d:%d ready" % (core, SIBLING_CID, SIBLING_RIDS[core]),
+              flush=True)
+    try:
+        past_the_host_ports(Runtime(settings))
+        for core, (ep, runtime) in endpoints.items():
+            rc = ds_client.register_status(sibling_name(core), ep.handle, runtime)
+            print("guest-peer: registered %r: %d" % (sibling_name(core), rc), flush=True)
+            if rc != VMCI_SUCCESS:
+                return 1
+    except VMCIError as exc:
+        print("guest-peer: discovery through CID %d's daemon failed: %r" % (SIBLING_CID, exc),
+              flush=True)
+        return 1
+    while True:            # serving on the endpoints' threads until the bed stops this guest
+        time.sleep(60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
