@@ -707,6 +707,10 @@ def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_pat
                 SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
         finally:
             region.detach()
-        assert not os.path.exists("%s_%d" % (uds, rid))
+        # The creator serves until its attacher's detach reached its thread; then the path goes.
+        path, deadline = "%s_%d" % (uds, rid), time.monotonic() + WAIT
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not os.path.exists(path)
     finally:
         stop_vmm(fake, guest)
