@@ -12,7 +12,10 @@ faults apply to the Cython and the pure core alike.
 What the faults mean for the receiver: a dropped frame never arrives; a
 truncated one arrives shorter than its header says (the receiver counts it in
 ``stats.bad_frames`` and drops that connection, so frames behind it on the
-same link are lost too, and the sender reconnects on its next send). The
+same link are lost too, and the sender reconnects on its next send). Frames the
+core had already written to a link whose proxy stops are counted in ``frames``
+and ``stranded``: so once a sender's links are closed, ``frames`` is exactly the
+number of frames its core accepted. The
 sender's core reserved each frame's full size in the receiver's queue account
 when it sent it; dropped or truncated bytes are never released, as on a wire
 that loses data, so tests keep their volume far below the 139,264-byte bound.
@@ -40,7 +43,8 @@ class Faults(NamedTuple):
 
 
 class FaultStats:
-    __slots__ = ("frames", "forwarded", "dropped", "truncated", "delayed", "reordered", "links")
+    __slots__ = ("frames", "forwarded", "dropped", "truncated", "delayed", "reordered", "stranded",
+                 "links")
 
     def __init__(self):
         for name in self.__slots__:
@@ -117,6 +121,21 @@ class _Proxy:
                 self.inner.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            self._count_stranded()
+
+    def _count_stranded(self) -> None:
+        """Count the frames the core wrote before the shutdown that nobody will forward."""
+        self.inner.setblocking(False)
+        while True:
+            try:
+                frame = self.inner.recv(_MAX_FRAME)
+            except OSError:
+                return
+            if not frame:
+                return
+            with self.transport.lock:
+                self.transport.stats.frames += 1
+                self.transport.stats.stranded += 1
 
 
 class FaultyTransport(LocalTransport):
