@@ -18,12 +18,9 @@ checked in this order (it creates no socket):
 
 Where ``VSOCKCOMPAT_CROSS=1`` is set but the gate stays closed, the tests skip and the session fails.
 """
-import fcntl
-import glob
 import os
-import struct
 
-import pytest
+from bed_gates import gate_hooks, local_cid, virtio_vsock_devices
 
 MARKER = "cross_vm"
 BED_CID = 3
@@ -32,30 +29,7 @@ BED_CID = 3
 SIBLING_CID = 4
 NONCE_PARAM = "vsockcompat_cross"
 OTHER_TRANSPORTS = ("vmw_vsock_vmci_transport", "hv_sock")
-IOCTL_VM_SOCKETS_GET_LOCAL_CID = 0x7B9      # _IO(7, 0xb9)
-VIRTIO_ID_VSOCK = 19
 HOW = "python testbed/cross.py run --host-cmd ... -- python -m pytest tests/cross_vm -m cross_vm"
-
-
-def _virtio_vsock_devices(sysfs):
-    found = []
-    for path in sorted(glob.glob(os.path.join(sysfs, "bus", "virtio", "devices", "*", "device"))):
-        try:
-            with open(path) as f:
-                kind = int(f.read().strip(), 16)
-        except (OSError, ValueError):
-            kind = VIRTIO_ID_VSOCK                  # unreadable: count it
-        if kind == VIRTIO_ID_VSOCK:
-            found.append(os.path.basename(os.path.dirname(path)))
-    return found
-
-
-def _local_cid(dev):
-    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return struct.unpack("I", fcntl.ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, b"\0" * 4))[0]
-    finally:
-        os.close(fd)
 
 
 def gate(environ=None, sysfs="/sys", dev="/dev/vsock", cmdline="/proc/cmdline", cid=BED_CID):
@@ -79,13 +53,13 @@ def gate(environ=None, sysfs="/sys", dev="/dev/vsock", cmdline="/proc/cmdline", 
     loaded = [m for m in OTHER_TRANSPORTS if os.path.exists(os.path.join(sysfs, "module", m))]
     if loaded:
         return "%s loaded: vsock traffic could go elsewhere" % ", ".join(loaded)
-    devices = _virtio_vsock_devices(sysfs)
+    devices = virtio_vsock_devices(sysfs)
     if len(devices) != 1:
         return "expected exactly one virtio vsock device, found %d" % len(devices)
     if environ.get("VSOCKCOMPAT_CROSS_CID") != str(cid):
         return "VSOCKCOMPAT_CROSS_CID is not %d" % cid
     try:
-        local = _local_cid(dev)
+        local = local_cid(dev)
     except OSError as exc:
         return "cannot read the local CID from %s: %s" % (dev, exc.strerror or exc)
     if local != cid:
@@ -93,31 +67,6 @@ def gate(environ=None, sysfs="/sys", dev="/dev/vsock", cmdline="/proc/cmdline", 
     return None
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", MARKER + ": across a VM boundary; runs only inside the cross bed's guest "
-        "(testbed/cross.py), skipped elsewhere")
-
-
-CLOSED_IN_BED = pytest.StashKey()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    if item.get_closest_marker(MARKER) is not None:
-        reason = gate()
-        if reason is not None:
-            if os.environ.get("VSOCKCOMPAT_CROSS") == "1":
-                item.config.stash.setdefault(CLOSED_IN_BED, []).append(reason)
-            pytest.skip(reason)
-
-
-def pytest_sessionfinish(session):
-    closed = session.config.stash.get(CLOSED_IN_BED, [])
-    if closed:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("cross_vm gate: VSOCKCOMPAT_CROSS=1 but the gate stayed closed "
-                                "for %d tests (%s)" % (len(closed), closed[0]), red=True)
-        if session.exitstatus == 0:
-            session.exitstatus = 1
+pytest_configure, pytest_runtest_setup, pytest_sessionfinish = gate_hooks(
+    MARKER, "across a VM boundary; runs only inside the cross bed's guest (testbed/cross.py), "
+    "skipped elsewhere", "VSOCKCOMPAT_CROSS", lambda: gate())

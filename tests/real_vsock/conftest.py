@@ -20,43 +20,19 @@ The gate opens only when ALL of these hold, checked in this order (it creates no
 the ``vsock_socket`` factory before each socket it makes. Where ``VSOCKCOMPAT_TESTBED=1`` is set but
 the gate stays closed, the tests still skip and the session fails (a broken bed is no green run).
 """
-import fcntl
-import glob
 import os
 import socket
-import struct
 
 import pytest
+
+from bed_gates import gate_hooks, local_cid, virtio_vsock_devices
 
 MARKER = "vsock"
 AF_VSOCK = 40
 VMADDR_CID_LOCAL = 1
-IOCTL_VM_SOCKETS_GET_LOCAL_CID = 0x7B9      # _IO(7, 0xb9)
-VIRTIO_ID_VSOCK = 19
 FORBIDDEN_MODULES = ("vmw_vsock_virtio_transport", "vmw_vsock_vmci_transport", "hv_sock")
 HOW = "python testbed/guest.py run -- python -m pytest tests/real_vsock -m vsock"
 SOCKET_TIMEOUT = 30.0
-
-
-def _virtio_vsock_devices(sysfs):
-    found = []
-    for path in sorted(glob.glob(os.path.join(sysfs, "bus", "virtio", "devices", "*", "device"))):
-        try:
-            with open(path) as f:
-                kind = int(f.read().strip(), 16)
-        except (OSError, ValueError):
-            kind = VIRTIO_ID_VSOCK                  # unreadable: assume the worst
-        if kind == VIRTIO_ID_VSOCK:
-            found.append(os.path.basename(os.path.dirname(path)))
-    return found
-
-
-def _local_cid(dev):
-    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return struct.unpack("I", fcntl.ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, b"\0" * 4))[0]
-    finally:
-        os.close(fd)
 
 
 def gate(environ=None, sysfs="/sys", dev="/dev/vsock"):
@@ -75,12 +51,12 @@ def gate(environ=None, sysfs="/sys", dev="/dev/vsock"):
     loaded = [m for m in FORBIDDEN_MODULES if os.path.exists(os.path.join(sysfs, "module", m))]
     if loaded:
         return "%s loaded: vsock traffic could leave this machine" % ", ".join(loaded)
-    devices = _virtio_vsock_devices(sysfs)
+    devices = virtio_vsock_devices(sysfs)
     if devices:
         return "virtio vsock device %s present: vsock traffic could leave this machine" % (
             ", ".join(devices))
     try:
-        cid = _local_cid(dev)
+        cid = local_cid(dev)
     except OSError as exc:
         return "cannot read the local CID from %s: %s" % (dev, exc.strerror or exc)
     if cid != VMADDR_CID_LOCAL:
@@ -89,37 +65,9 @@ def gate(environ=None, sysfs="/sys", dev="/dev/vsock"):
     return None
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", MARKER + ": real AF_VSOCK; runs only inside the guest test bed "
-        "(testbed/guest.py), skipped elsewhere")
-
-
-CLOSED_IN_BED = pytest.StashKey()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    if item.get_closest_marker(MARKER) is not None:
-        reason = gate()
-        if reason is not None:
-            if os.environ.get("VSOCKCOMPAT_TESTBED") == "1":
-                item.config.stash.setdefault(CLOSED_IN_BED, []).append(reason)
-            pytest.skip(reason)
-
-
-def pytest_sessionfinish(session):
-    """Where the bed says it is the bed but the gate stayed closed, the tests skipped (no socket
-    was made) and the session fails: a broken bed must not pass as a green run."""
-    closed = session.config.stash.get(CLOSED_IN_BED, [])
-    if closed:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("vsock gate: VSOCKCOMPAT_TESTBED=1 but the gate stayed closed for "
-                                "%d tests (%s): the test bed is broken" % (len(closed), closed[0]),
-                                red=True)
-        if session.exitstatus == 0:
-            session.exitstatus = 1
+pytest_configure, pytest_runtest_setup, pytest_sessionfinish = gate_hooks(
+    MARKER, "real AF_VSOCK; runs only inside the guest test bed (testbed/guest.py), "
+    "skipped elsewhere", "VSOCKCOMPAT_TESTBED", lambda: gate())
 
 
 @pytest.fixture

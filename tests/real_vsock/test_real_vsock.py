@@ -21,7 +21,9 @@ import pytest
 from vsockcompat.constants import VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_MAX_DG_SIZE
 from vsockcompat.datagram import DatagramEndpoint
 
-from .conftest import AF_VSOCK, IOCTL_VM_SOCKETS_GET_LOCAL_CID, VMADDR_CID_LOCAL, gate
+from bed_gates import IOCTL_VM_SOCKETS_GET_LOCAL_CID
+
+from .conftest import AF_VSOCK, VMADDR_CID_LOCAL, gate
 
 VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_PORT_ANY = 0xFFFFFFFF
@@ -116,8 +118,10 @@ INNER_TEST = textwrap.dedent('''
 
 def run_inner(tmp_path, testbed_variable, status=0):
     """A pytest run of one marked test with the gate's conftest; returns its output."""
-    with open(os.path.join(os.path.dirname(__file__), "conftest.py")) as f:
-        (tmp_path / "conftest.py").write_text(f.read())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, source in (("conftest.py", here), ("bed_gates.py", os.path.dirname(here))):
+        with open(os.path.join(source, name)) as f:
+            (tmp_path / name).write_text(f.read())
     (tmp_path / "test_inner.py").write_text(INNER_TEST)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VSOCKCOMPAT_TESTBED",
                                                                     "PYTEST_"))}
