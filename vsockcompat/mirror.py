@@ -66,6 +66,7 @@ from .constants import VMCI_ERROR_INVALID_SIZE
 from .errors import Generic, NoAccess, NoMem, NotFound, Timeout, VMCIError, error_for
 from .handles import VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
+from .transport.pieces import send_all
 
 __all__ = ["MirroredRegion", "MirrorStats", "query", "INTERVAL", "LINE"]
 
@@ -112,8 +113,9 @@ class _SyncRequest:
 
 
 class _Conn:
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, piece: Optional[int]):
         self.sock = sock
+        self.piece = piece   # bytes per send() (mirror_link.write_piece)
         self.reader = W.FrameReader()
         self.attached = False
         self.since = time.monotonic()
@@ -207,7 +209,7 @@ class _Server(_Loop):
         except OSError:
             return
         sock.settimeout(SEND_TIMEOUT)
-        conn = _Conn(sock)
+        conn = _Conn(sock, mirror_link.write_piece(self.region._runtime, sock))
         self.conns[sock.fileno()] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
 
@@ -235,7 +237,7 @@ class _Server(_Loop):
 
     def _send(self, conn: _Conn, data: bytes) -> bool:
         try:
-            conn.sock.sendall(data)
+            send_all(conn.sock, data, conn.piece)
         except OSError:
             self.region.stats.dropped += 1
             self._close(conn)
@@ -359,6 +361,7 @@ class _Client(_Loop):
     def __init__(self, region: "MirroredRegion", sock: socket.socket, reader: W.FrameReader):
         super().__init__(region, "vsockcompat-mirror-client-%d.%d" % tuple(region.handle))
         self.sock = sock
+        self.piece = mirror_link.write_piece(region._runtime, sock)   # bytes per send()
         self.reader = reader
         self.sel.register(sock, selectors.EVENT_READ, "peer")
         self.pending: Dict[int, _SyncRequest] = {}
@@ -398,7 +401,7 @@ class _Client(_Loop):
         if self.lost:
             return
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data, self.piece)
         except OSError:
             self.lost = True
 

@@ -141,6 +141,7 @@ from ..constants import (
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, NoResources
 from ..handles import VMCIHandle
 from .base import Bound, Link, Peer, Transport, TransportUnavailable
+from .pieces import piece_for
 from .streams import (  # noqa: F401  (the hello and the pump are part of this transport's wire format)
     HELLO,
     HELLO_MAGIC,
@@ -370,7 +371,8 @@ class VsockTransport(StreamLinks, Transport):
         except BaseException:
             vs.close()
             raise
-        return self._start_link(vs, src, dst, stream=self.mode == "stream")
+        return self._start_link(vs, src, dst, stream=self.mode == "stream",
+                                piece=piece_for(vs, self._kcid))
 
     # Identity
 
