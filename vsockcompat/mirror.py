@@ -38,7 +38,8 @@ answers REFUSE (arg: a VMCI code) and closes, or SIZE (arg: the size), the whole
 UPDATE frames (arg: offset) and FLUSHED 0. Then either side sends UPDATE, the creator
 ACK n after applying an attacher's n-th update; FLUSH n asks the
 other side to send its pending changes and answer FLUSHED n; BYE ends an attacher's
-session. QUERY is answered by SIZE and a close. A frame that is not one, an update out of
+session. QUERY is answered by SIZE and a close. Between two guests the UPDATE frames are
+written in pieces (``mirror_link.write_piece``). A frame that is not one, an update out of
 range, a frame out of turn or a stream cut inside a frame is counted in
 ``stats.bad_frames`` and its connection closed; the creator keeps serving the others. A
 connection that says nothing for ``HELLO_TIMEOUT`` seconds, or an attacher that reads nothing

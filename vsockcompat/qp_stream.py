@@ -27,6 +27,7 @@ Stream (ends named by ``mirror_link``, frames of ``mirror_wire``): the attacher 
 HELLO with payload ``<QQII`` (its produce size, consume size, flags, context id); the
 creator answers REFUSE (arg: the VMCI code) and closes, or WELCOME (arg: its context id).
 Then DATA (payload: queue bytes), CREDIT (arg: bytes dequeued so far), WANT and BYE (detach).
+Between two guests DATA is written in pieces (``mirror_link.write_piece``).
 DATA beyond the receiver's free space, a CREDIT above what was sent or going backwards,
 anything else or a stream cut inside a frame counts in ``stats_bad_frames``, closes the
 stream and is treated as the peer detaching. Each new connection's handshake runs in a thread

@@ -130,6 +130,7 @@ import hashlib  # noqa: E402
 
 from vsockcompat.constants import VMCI_QPFLAG_ATTACH_ONLY  # noqa: E402
 from vsockcompat.queuepair import QueuePair  # noqa: E402
+from vsockcompat.sharedmem import SharedRegion  # noqa: E402
 
 #: Bytes of each queue pair's queues in the ``qp-echo`` exchange.
 QP_SIZE = 65536
@@ -177,10 +178,32 @@ def qp_echo(dg, args, runtime):
         qp.detach()
 
 
+def mirror_echo(dg, args, runtime):
+    """``mirror-echo <rid> <size> <seed>``: attach to the sender's region ``(sender's context,
+    rid)`` of ``size`` bytes (mirrored: its whole contents arrive as UPDATE frames), fill it with
+    ``pattern(size, seed)``, sync (the creator has applied it), detach; answers ``digest`` of
+    the contents it found, or ``error <exception>``."""
+    rid, size, seed = (int(word) for word in args.split())
+    try:
+        region = SharedRegion.attach(VMCIHandle(dg.src.context, rid), size, runtime=runtime)
+    except VMCIError as exc:
+        return b"error %r" % exc
+    try:
+        found = digest(bytes(region.buffer))
+        region.buffer[:] = pattern(size, seed)
+        region.sync(WAIT)
+        return found
+    except VMCIError as exc:
+        return b"error %r" % exc
+    finally:
+        region.detach()
+
+
 LARGE_COMMANDS = {
     b"digest ": lambda dg, rest, runtime: digest(rest),   # ``digest <bytes>``: count and hash
     b"bulk ": bulk,
     b"qp-echo ": qp_echo,
+    b"mirror-echo ": mirror_echo,
 }
 
 

@@ -13,7 +13,8 @@ to the handle found a 4-byte and a 1,024-byte datagram, and checks the echoes an
 view of the other's handle. Then large traffic, which ``vhost-device-vsock`` 0.3.0 loses unless
 written in pieces (it forwards a packet between siblings whole into one receive buffer of the
 other guest: ``vsockcompat/transport/pieces.py``): datagrams of 3,800 bytes to the maximum payload
-both ways, and a queue-pair stream write of 20,000 bytes both ways.
+both ways, a queue-pair stream write of 20,000 bytes both ways, and a 64 KiB mirrored region
+written whole by each side.
 """
 import os
 
@@ -23,6 +24,7 @@ from vsockcompat.constants import VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_SUCCESS
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.handles import VMCIHandle
 from vsockcompat.queuepair import QueuePair
+from vsockcompat.sharedmem import SharedRegion
 
 from .conftest import BED_CID, SIBLING_CID
 from .guest_peer import QP_SIZE, SIBLING_RIDS, digest, pattern, sibling_name
@@ -101,3 +103,24 @@ def test_guest_to_guest_queue_pair_stream_both_ways(sibling_core, guest_runtime)
             assert bytes(got) == data
         finally:
             qp.detach()
+
+
+#: Bytes of the mirrored region each side writes whole (its UPDATE frames are bigger than a piece).
+REGION_SIZE = 65536
+
+
+def test_guest_to_guest_mirrored_region_both_ways(sibling_core, guest_runtime):
+    """CID 3 creates a region and fills it; CID 4 attaches (the contents cross), checks them and
+    fills the region with its own pattern, which CID 3 then holds."""
+    greeter = VMCIHandle(SIBLING_CID, SIBLING_RIDS[sibling_core])
+    with DatagramEndpoint(runtime=guest_runtime) as ep:
+        ask(ep, greeter, b"ping", ready_wait=SIBLING_WAIT)
+        region = SharedRegion.create(REGION_SIZE, runtime=guest_runtime)
+        try:
+            region.buffer[:] = pattern(REGION_SIZE, 21)
+            ep.send(greeter, b"mirror-echo %d %d 22" % (region.handle.resource, REGION_SIZE))
+            reply = ep.recv(timeout=WAIT)
+            assert reply.src == greeter and reply.payload == digest(pattern(REGION_SIZE, 21))
+            assert bytes(region.buffer) == pattern(REGION_SIZE, 22)
+        finally:
+            region.detach()

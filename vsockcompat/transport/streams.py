@@ -4,7 +4,8 @@
   the well-known context 1): wire format in ``transport/vsock.py``;
 * the **pump** of a link: the core sends each datagram, without blocking and all or nothing, on
   one end of an AF_UNIX SEQPACKET pair; a thread forwards each message with a blocking send on
-  the real connection (a SEQPACKET one, or a stream where the frames go back to back);
+  the real connection (a SEQPACKET one, or a stream where the frames go back to back, cut in
+  pieces between sibling guests: ``pieces.py``);
 * the **stream receiver** (``StreamListener``): a listening stream socket whose connections are
   read by threads that split them into frames and hand each one to the core as a message;
 * ``StreamLinks``: the link and account helpers of transports built on these.
