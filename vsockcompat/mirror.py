@@ -38,7 +38,8 @@ answers REFUSE (arg: a VMCI code) and closes, or SIZE (arg: the size), the whole
 UPDATE frames (arg: offset) and FLUSHED 0. Then either side sends UPDATE, the creator
 ACK n after applying an attacher's n-th update; FLUSH n asks the
 other side to send its pending changes and answer FLUSHED n; BYE ends an attacher's
-session. QUERY is answered by SIZE and a close. A frame that is not one, an update out of
+session. QUERY is answered by SIZE and a close. Between two guests the UPDATE frames are
+written in pieces (``mirror_link.write_piece``). A frame that is not one, an update out of
 range, a frame out of turn or a stream cut inside a frame is counted in
 ``stats.bad_frames`` and its connection closed; the creator keeps serving the others. A
 connection that says nothing for ``HELLO_TIMEOUT`` seconds, or an attacher that reads nothing
@@ -66,6 +67,7 @@ from .constants import VMCI_ERROR_INVALID_SIZE
 from .errors import Generic, NoAccess, NoMem, NotFound, Timeout, VMCIError, error_for
 from .handles import VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
+from .transport.pieces import send_all
 
 __all__ = ["MirroredRegion", "MirrorStats", "query", "INTERVAL", "LINE"]
 
@@ -112,8 +114,9 @@ class _SyncRequest:
 
 
 class _Conn:
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, piece: Optional[int]):
         self.sock = sock
+        self.piece = piece   # bytes per send() (mirror_link.write_piece)
         self.reader = W.FrameReader()
         self.attached = False
         self.since = time.monotonic()
@@ -207,7 +210,7 @@ class _Server(_Loop):
         except OSError:
             return
         sock.settimeout(SEND_TIMEOUT)
-        conn = _Conn(sock)
+        conn = _Conn(sock, mirror_link.write_piece(self.region._runtime, sock))
         self.conns[sock.fileno()] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
 
@@ -235,7 +238,7 @@ class _Server(_Loop):
 
     def _send(self, conn: _Conn, data: bytes) -> bool:
         try:
-            conn.sock.sendall(data)
+            send_all(conn.sock, data, conn.piece)
         except OSError:
             self.region.stats.dropped += 1
             self._close(conn)
@@ -359,6 +362,7 @@ class _Client(_Loop):
     def __init__(self, region: "MirroredRegion", sock: socket.socket, reader: W.FrameReader):
         super().__init__(region, "vsockcompat-mirror-client-%d.%d" % tuple(region.handle))
         self.sock = sock
+        self.piece = mirror_link.write_piece(region._runtime, sock)   # bytes per send()
         self.reader = reader
         self.sel.register(sock, selectors.EVENT_READ, "peer")
         self.pending: Dict[int, _SyncRequest] = {}
@@ -398,7 +402,7 @@ class _Client(_Loop):
         if self.lost:
             return
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data, self.piece)
         except OSError:
             self.lost = True
 

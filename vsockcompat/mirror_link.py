@@ -33,6 +33,7 @@ from .errors import (DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, 
                      NotFound, Timeout, Unavailable)
 from .handles import VMCIHandle
 from .runtime import Runtime
+from .transport.pieces import piece_for
 
 AF_VSOCK = 40
 VMADDR_CID_ANY = 0xFFFFFFFF
@@ -233,5 +234,12 @@ def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> Optiona
     return claimed if runtime.transport.peer_in_context(sock, claimed) else None
 
 
-__all__ = ["mirrored", "listen", "connect", "peer_context", "register_kinds", "Listener",
+def write_piece(runtime: Runtime, sock: socket.socket) -> Optional[int]:
+    """Bytes per ``send()`` on the connected stream ``sock``: ``SIBLING_PIECE`` between two
+    guests (vhost-device-vsock drops bigger packets there; ``transport/pieces.py``), else None
+    (write whole). Decide once per connection."""
+    return piece_for(sock, runtime.transport.local_cid)
+
+
+__all__ = ["mirrored", "listen", "connect", "peer_context", "write_piece", "register_kinds", "Listener",
            "REGION", "QUEUE_PAIR", "CONNECT_TIMEOUT"]

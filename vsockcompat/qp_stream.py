@@ -27,6 +27,7 @@ Stream (ends named by ``mirror_link``, frames of ``mirror_wire``): the attacher 
 HELLO with payload ``<QQII`` (its produce size, consume size, flags, context id); the
 creator answers REFUSE (arg: the VMCI code) and closes, or WELCOME (arg: its context id).
 Then DATA (payload: queue bytes), CREDIT (arg: bytes dequeued so far), WANT and BYE (detach).
+Between two guests DATA is written in pieces (``mirror_link.write_piece``).
 DATA beyond the receiver's free space, a CREDIT above what was sent or going backwards,
 anything else or a stream cut inside a frame counts in ``stats_bad_frames``, closes the
 stream and is treated as the peer detaching. Each new connection's handshake runs in a thread
@@ -70,6 +71,7 @@ from .errors import (DuplicateEntry, Generic, NoAccess, NotFound, Timeout, Unava
 from .handles import VMCIHandle
 from .queuepair import PairEnd, QPEvent, _check_args
 from .runtime import Runtime, default_runtime
+from .transport.pieces import bytes_view as _bytes_view, send_parts
 
 __all__ = ["StreamQueuePair"]
 
@@ -86,28 +88,6 @@ READER_TICK = 0.01
 
 def _capacity(size: int) -> int:
     return size - 1 if size > 0 else 0
-
-
-def _bytes_view(buf) -> memoryview:
-    view = memoryview(buf)
-    return view if view.ndim == 1 and view.format in ("B", "b", "c") else view.cast("B")
-
-
-def _send_parts(sock: socket.socket, parts, total: int) -> None:
-    """``sendall`` of several byte buffers (``total`` bytes) without joining them."""
-    sent = sock.sendmsg(parts)
-    if sent == total:
-        return
-    parts = [memoryview(p) for p in parts]
-    while True:
-        while parts and sent >= len(parts[0]):
-            sent -= len(parts[0])
-            parts.pop(0)
-        if not parts:
-            return
-        if sent:
-            parts[0] = parts[0][sent:]
-        sent = sock.sendmsg(parts)
 
 
 class _Chunks:
@@ -172,6 +152,7 @@ class StreamQueuePair(PairEnd):
         self._credited = 0               # ... as last reported to the peer
         self._events: collections.deque = collections.deque()
         self._sock: Optional[socket.socket] = None
+        self._piece: Optional[int] = None   # bytes per send() on _sock (mirror_link.write_piece)
         self._listener: Optional[mirror_link.Listener] = None
         self._ever_attached = False
         self._peer_gone = False
@@ -257,7 +238,7 @@ class StreamQueuePair(PairEnd):
             qp.peer_id = mirror_link.peer_context(runtime, sock, first.arg & 0xFFFFFFFF)
             if qp.peer_id is None:
                 raise NoAccess("the creator of %s is not who it claims" % (handle,))
-            qp._sock = sock
+            qp._sock, qp._piece = sock, mirror_link.write_piece(runtime, sock)
             qp._ever_attached = True
             sock.settimeout(SEND_TIMEOUT)
             qp._handle_frames(frames[1:])
@@ -433,7 +414,7 @@ class StreamQueuePair(PairEnd):
                 if self._detached:
                     sock.close()
                     return
-                self._sock = sock
+                self._sock, self._piece = sock, mirror_link.write_piece(self._runtime, sock)
                 self.peer_id = cid
                 self._events.append(QPEvent(VMCI_EVENT_QP_PEER_ATTACH, self.handle, cid))
                 outbox, self._outbox = bytes(self._outbox), bytearray()
@@ -533,14 +514,14 @@ class StreamQueuePair(PairEnd):
         holds the send lock."""
         try:
             if total <= W.MAX_PAYLOAD:
-                _send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, total), *chunks],
-                            W.HEADER.size + total)
+                send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, total), *chunks],
+                           self._piece)
                 return
             view = memoryview(b"".join(chunks))
             for pos in range(0, total, W.MAX_PAYLOAD):
                 chunk = view[pos:pos + W.MAX_PAYLOAD]
-                _send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, len(chunk)), chunk],
-                            W.HEADER.size + len(chunk))
+                send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, len(chunk)), chunk],
+                           self._piece)
         except OSError:
             self._on_peer_gone()
 

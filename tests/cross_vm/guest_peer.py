@@ -53,6 +53,9 @@ def sibling_name(core):
 
 
 def answer(dg, runtime):
+    for prefix, command in LARGE_COMMANDS.items():        # defined at the end of the file
+        if dg.payload.startswith(prefix):
+            return command(dg, dg.payload[len(prefix):], runtime)
     if dg.payload.startswith(b"lookup "):
         rc, handle = ds_client.lookup_status(dg.payload[len(b"lookup "):], runtime)
         return b"%d %d:%d" % (rc, handle.context, handle.resource)
@@ -118,6 +121,90 @@ def main():
         return 1
     while True:            # serving on the endpoints' threads until the bed stops this guest
         time.sleep(60)
+
+
+# Large guest <-> guest traffic (``test_cross_guests.py``: writes cut in pieces, see
+# ``vsockcompat/transport/pieces.py``). Each command's reply is a datagram to its sender.
+
+import hashlib  # noqa: E402
+
+from vsockcompat.constants import VMCI_QPFLAG_ATTACH_ONLY  # noqa: E402
+from vsockcompat.queuepair import QueuePair  # noqa: E402
+from vsockcompat.sharedmem import SharedRegion  # noqa: E402
+
+#: Bytes of each queue pair's queues in the ``qp-echo`` exchange.
+QP_SIZE = 65536
+
+
+def pattern(n, seed):
+    """``n`` bytes that differ with ``seed`` (the bulk payloads of both sides)."""
+    block = bytes((i + seed) % 256 for i in range(256))
+    return (block * (n // 256 + 1))[:n]
+
+
+def digest(data):
+    """What the sibling answers for received bytes: their count and SHA-256."""
+    return b"%d %s" % (len(data), hashlib.sha256(data).hexdigest().encode())
+
+
+def bulk(dg, args, runtime):
+    """``bulk <n> <seed>``: a datagram of ``pattern(n, seed)``."""
+    n, seed = (int(word) for word in args.split())
+    return pattern(n, seed)
+
+
+def qp_echo(dg, args, runtime):
+    """``qp-echo <rid> <n>``: attach to the sender's queue pair ``(sender's context, rid)``
+    (queues of ``QP_SIZE``), read ``n`` bytes, enqueue them back at once (one stream write),
+    detach; answers ``digest`` of what it read, or ``error <exception>``."""
+    rid, n = (int(word) for word in args.split())
+    try:
+        qp = QueuePair.alloc(VMCIHandle(dg.src.context, rid), QP_SIZE, QP_SIZE,
+                             flags=VMCI_QPFLAG_ATTACH_ONLY, runtime=runtime)
+    except VMCIError as exc:
+        return b"error %r" % exc
+    try:
+        got = bytearray()
+        while len(got) < n:
+            qp.wait_for_data(WAIT)
+            got += qp.dequeue(n - len(got))
+        sent = qp.enqueue(bytes(got))
+        if sent != n:
+            return b"error enqueued %d of %d" % (sent, n)
+        return digest(bytes(got))
+    except VMCIError as exc:
+        return b"error %r" % exc
+    finally:
+        qp.detach()
+
+
+def mirror_echo(dg, args, runtime):
+    """``mirror-echo <rid> <size> <seed>``: attach to the sender's region ``(sender's context,
+    rid)`` of ``size`` bytes (mirrored: its whole contents arrive as UPDATE frames), fill it with
+    ``pattern(size, seed)``, sync (the creator has applied it), detach; answers ``digest`` of
+    the contents it found, or ``error <exception>``."""
+    rid, size, seed = (int(word) for word in args.split())
+    try:
+        region = SharedRegion.attach(VMCIHandle(dg.src.context, rid), size, runtime=runtime)
+    except VMCIError as exc:
+        return b"error %r" % exc
+    try:
+        found = digest(bytes(region.buffer))
+        region.buffer[:] = pattern(size, seed)
+        region.sync(WAIT)
+        return found
+    except VMCIError as exc:
+        return b"error %r" % exc
+    finally:
+        region.detach()
+
+
+LARGE_COMMANDS = {
+    b"digest ": lambda dg, rest, runtime: digest(rest),   # ``digest <bytes>``: count and hash
+    b"bulk ": bulk,
+    b"qp-echo ": qp_echo,
+    b"mirror-echo ": mirror_echo,
+}
 
 
 if __name__ == "__main__":

@@ -10,20 +10,24 @@ One exchange per pair of cores (the guest's core is the ``core`` fixture, CID 4'
 ``sibling_core``): CID 3 asks CID 4 to look its own endpoint up in the discovery daemon of
 CID 4's VMM socket (each VMM socket has a daemon of its own, see ``guest_peer.py``), then sends
 to the handle found a 4-byte and a 1,024-byte datagram, and checks the echoes and both sides'
-view of the other's handle. Not larger ones: ``vhost-device-vsock`` 0.3.0 forwards a packet
-between siblings whole into one receive buffer of the other guest, and datagrams from 3,800
-bytes on were lost on the way (``testbed/README.rst``), so a maximum-payload one cannot cross yet.
+view of the other's handle. Then large traffic, which ``vhost-device-vsock`` 0.3.0 loses unless
+written in pieces (it forwards a packet between siblings whole into one receive buffer of the
+other guest: ``vsockcompat/transport/pieces.py``): datagrams of 3,800 bytes to the maximum payload
+both ways, a queue-pair stream write of 20,000 bytes both ways, and a 64 KiB mirrored region
+written whole by each side.
 """
 import os
 
 import pytest
 
-from vsockcompat.constants import VMCI_SUCCESS
+from vsockcompat.constants import VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_SUCCESS
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.handles import VMCIHandle
+from vsockcompat.queuepair import QueuePair
+from vsockcompat.sharedmem import SharedRegion
 
 from .conftest import BED_CID, SIBLING_CID
-from .guest_peer import SIBLING_RIDS, sibling_name
+from .guest_peer import QP_SIZE, SIBLING_RIDS, digest, pattern, sibling_name
 from .test_cross_datagram import WAIT, ask, guest_runtime  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.cross_vm
@@ -54,3 +58,69 @@ def test_guest_to_guest_found_through_discovery(sibling_core, guest_runtime):
             got = ep.recv(timeout=WAIT)
             assert got.src == greeter
             assert got.payload == payload + suffix
+
+
+# Large traffic: every write between the guests goes in pieces (transport/pieces.py).
+
+#: Sizes both ways: from the first size seen lost before the fix (3,800) to the maximum payload.
+LARGE_SIZES = (3800, 4100, 8000, VMCI_MAX_DG_PAYLOAD_SIZE)
+#: Bytes of the queue-pair write each way (one write: more than a piece, less than the queues).
+QP_WRITE = 20000
+
+
+def test_guest_to_guest_large_datagrams_both_ways(sibling_core, guest_runtime):
+    greeter = VMCIHandle(SIBLING_CID, SIBLING_RIDS[sibling_core])
+    with DatagramEndpoint(runtime=guest_runtime) as ep:
+        ask(ep, greeter, b"ping", ready_wait=SIBLING_WAIT)
+        for seed, size in enumerate(LARGE_SIZES):
+            body = pattern(size - len(b"digest "), seed)
+            ep.send(greeter, b"digest " + body)                     # CID 3 -> CID 4: ``size`` bytes
+            got = ep.recv(timeout=WAIT)
+            assert got.src == greeter and got.payload == digest(body), size
+            ep.send(greeter, b"bulk %d %d" % (size, seed))           # CID 4 -> CID 3: ``size`` bytes
+            got = ep.recv(timeout=WAIT)
+            assert got.src == greeter and len(got.payload) == size
+            assert got.payload == pattern(size, seed)
+
+
+def test_guest_to_guest_queue_pair_stream_both_ways(sibling_core, guest_runtime):
+    """CID 3 creates a queue pair and writes ``QP_WRITE`` bytes; CID 4 attaches, reads them and
+    writes them back in one enqueue."""
+    greeter = VMCIHandle(SIBLING_CID, SIBLING_RIDS[sibling_core])
+    data = pattern(QP_WRITE, 11)
+    with DatagramEndpoint(runtime=guest_runtime) as ep:
+        ask(ep, greeter, b"ping", ready_wait=SIBLING_WAIT)
+        qp = QueuePair.alloc(None, QP_SIZE, QP_SIZE, runtime=guest_runtime)
+        try:
+            assert qp.enqueue(data) == QP_WRITE        # sent in one write once CID 4 attaches
+            ep.send(greeter, b"qp-echo %d %d" % (qp.handle.resource, QP_WRITE))
+            reply = ep.recv(timeout=WAIT)
+            assert reply.src == greeter and reply.payload == digest(data)
+            got = bytearray()
+            while len(got) < QP_WRITE:
+                qp.wait_for_data(WAIT)
+                got += qp.dequeue(QP_WRITE - len(got))
+            assert bytes(got) == data
+        finally:
+            qp.detach()
+
+
+#: Bytes of the mirrored region each side writes whole (its UPDATE frames are bigger than a piece).
+REGION_SIZE = 65536
+
+
+def test_guest_to_guest_mirrored_region_both_ways(sibling_core, guest_runtime):
+    """CID 3 creates a region and fills it; CID 4 attaches (the contents cross), checks them and
+    fills the region with its own pattern, which CID 3 then holds."""
+    greeter = VMCIHandle(SIBLING_CID, SIBLING_RIDS[sibling_core])
+    with DatagramEndpoint(runtime=guest_runtime) as ep:
+        ask(ep, greeter, b"ping", ready_wait=SIBLING_WAIT)
+        region = SharedRegion.create(REGION_SIZE, runtime=guest_runtime)
+        try:
+            region.buffer[:] = pattern(REGION_SIZE, 21)
+            ep.send(greeter, b"mirror-echo %d %d 22" % (region.handle.resource, REGION_SIZE))
+            reply = ep.recv(timeout=WAIT)
+            assert reply.src == greeter and reply.payload == digest(pattern(REGION_SIZE, 21))
+            assert bytes(region.buffer) == pattern(REGION_SIZE, 22)
+        finally:
+            region.detach()

@@ -4,7 +4,8 @@
   the well-known context 1): wire format in ``transport/vsock.py``;
 * the **pump** of a link: the core sends each datagram, without blocking and all or nothing, on
   one end of an AF_UNIX SEQPACKET pair; a thread forwards each message with a blocking send on
-  the real connection (a SEQPACKET one, or a stream where the frames go back to back);
+  the real connection (a SEQPACKET one, or a stream where the frames go back to back, cut in
+  pieces between sibling guests: ``pieces.py``);
 * the **stream receiver** (``StreamListener``): a listening stream socket whose connections are
   read by threads that split them into frames and hand each one to the core as a message;
 * ``StreamLinks``: the link and account helpers of transports built on these.
@@ -22,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 from ..constants import VMADDR_PORT_ANY, VMCI_DG_HEADERSIZE, VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_MAX_DG_SIZE
 from ..handles import VMCIHandle
 from .base import Link, Peer
+from .pieces import send_all
 from .verdicts import LinkVerdict, encode_verdict
 
 HELLO = struct.Struct("<II")
@@ -66,10 +68,11 @@ def encode_hello(rid: int, well_known: bool = False) -> bytes:
 
 
 def _pump(back: socket.socket, vs: socket.socket, stream: bool = False,
-          verdict: Optional[LinkVerdict] = None) -> None:
+          verdict: Optional[LinkVerdict] = None, piece: Optional[int] = None) -> None:
     """Forward whole messages from a link's AF_UNIX end to its connection ``vs``, blocking.
 
-    ``stream``: ``vs`` is a stream and the messages go back to back. What the receiver writes
+    ``stream``: ``vs`` is a stream and the messages go back to back, each written in calls of
+    at most ``piece`` bytes (None: one call; ``pieces.piece_for``). What the receiver writes
     on ``vs`` is verdicts, which ``verdict`` takes (without one, any event on ``vs`` is a
     hang-up). Ends (closing ``back``, so the core's next send sees EPIPE) when the core closes
     its end, when the receiver hangs up or sends what is not a verdict, or when a send fails.
@@ -95,7 +98,7 @@ def _pump(back: socket.socket, vs: socket.socket, stream: bool = False,
             if n == 0:
                 return
             if stream:
-                vs.sendall(view[:n])
+                send_all(vs, view[:n], piece)
             elif vs.send(view[:n]) != n:  # blocking SEQPACKET: whole message or an error
                 return
     except (OSError, ValueError):  # ValueError: the link's page was released under a stuck pump
@@ -320,8 +323,11 @@ class StreamLinks:
     _pumps: Dict[int, tuple]
     _lock: threading.Lock
 
-    def _start_link(self, vs: socket.socket, src: VMCIHandle, dst: VMCIHandle, stream: bool) -> Link:
-        """Wrap the connected ``vs`` (hello sent) in a link: the core sends on an AF_UNIX pair."""
+    def _start_link(self, vs: socket.socket, src: VMCIHandle, dst: VMCIHandle, stream: bool,
+                    piece: Optional[int] = None) -> Link:
+        """Wrap the connected ``vs`` (hello sent) in a link: the core sends on an AF_UNIX pair.
+
+        ``piece``: a stream link's bytes per ``send()`` (``pieces.piece_for``; None: whole)."""
         try:
             front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         except BaseException:
@@ -331,7 +337,7 @@ class StreamLinks:
             front.setblocking(False)
             account, page = self._private_account()
             verdict = LinkVerdict(page, stream)
-            pump = threading.Thread(target=_pump, args=(back, vs, stream, verdict), daemon=True,
+            pump = threading.Thread(target=_pump, args=(back, vs, stream, verdict, piece), daemon=True,
                                     name="vsockcompat-%s-link-%d-%d.%d" % (self.name, src.resource, *dst))
             pump.start()
         except BaseException:

@@ -30,7 +30,9 @@ without SEQPACKET (vhost-device-vsock, Firecracker, Cloud Hypervisor: their conn
 whatever the transport, which says whether it carries SEQPACKET only at ``connect``; there the
 connect's ``ESOCKTNOSUPPORT`` becomes ``DstUnreachable`` naming the fix (``stream``); kernels
 before 5.14 refuse the socket, and ``auto`` takes STREAM. SOCK_DGRAM (VMware's VMCI transport
-only) is not used yet: VMCI also carries STREAM.
+only) is not used yet: VMCI also carries STREAM. Between two guests (vhost-device-vsock's sibling
+forwarding, stream mode) a link's pump writes in pieces of at most ``pieces.SIBLING_PIECE`` bytes,
+decided per link at connect (``transport/pieces.py``: bigger packets are lost on that path).
 
 In stream mode the core still sees whole messages (``transport/streams.py``, shared with the
 ``hybrid`` transport): each accepted connection gets a reader thread
@@ -141,6 +143,7 @@ from ..constants import (
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, NoResources
 from ..handles import VMCIHandle
 from .base import Bound, Link, Peer, Transport, TransportUnavailable
+from .pieces import piece_for
 from .streams import (  # noqa: F401  (the hello and the pump are part of this transport's wire format)
     HELLO,
     HELLO_MAGIC,
@@ -370,7 +373,8 @@ class VsockTransport(StreamLinks, Transport):
         except BaseException:
             vs.close()
             raise
-        return self._start_link(vs, src, dst, stream=self.mode == "stream")
+        return self._start_link(vs, src, dst, stream=self.mode == "stream",
+                                piece=piece_for(vs, self._kcid))
 
     # Identity
 
