@@ -855,30 +855,35 @@ def test_stream_listeners_take_either_guest_and_name_it(core, rundir, two_vmms, 
             os.unlink(path)
 
 
-def test_a_region_reaches_the_guest_of_the_cid_it_names(core, rundir, tmp_path):
-    """Behind each VMM a guest that loops back to this host: the attacher's CONNECT goes to the
-    VMM of the CID it names, and the creator, listening on both sockets, serves it."""
-    fakes, loops = [], []
+@pytest.fixture
+def looping_vmms(tmp_path):
+    """Guests 3 and 4 behind VMM sockets of their own, each a guest that loops back to this host
+    (``LoopbackGuest``): the fake VMMs."""
+    made = []
     for cid in (GUEST, SIBLING):
         uds = str(tmp_path / ("vm%d.vsock" % cid))
-        loops.append(LoopbackGuest(uds))
-        fakes.append(FakeVMM(uds, loops[-1]))
+        loop = LoopbackGuest(uds)
+        made.append((FakeVMM(uds, loop), loop))
+    yield [fake for fake, _ in made]
+    for fake, loop in made:
+        stop_vmm(fake, loop)
+
+
+def test_a_region_reaches_the_guest_of_the_cid_it_names(core, rundir, looping_vmms):
+    """The attacher's CONNECT goes to the VMM of the CID it names, and the creator, listening
+    on both sockets, serves it."""
+    guests = list(zip([fake.path for fake in looping_vmms], (GUEST, SIBLING)))
+    creator_rt = Runtime(hybrid_settings(rundir, guests), core=core)
+    attacher_rt = Runtime(hybrid_settings(rundir, guests), core=core)
+    region = SharedRegion.create(64, runtime=creator_rt)
     try:
-        guests = [(fake.path, cid) for fake, cid in zip(fakes, (GUEST, SIBLING))]
-        creator_rt = Runtime(hybrid_settings(rundir, guests), core=core)
-        attacher_rt = Runtime(hybrid_settings(rundir, guests), core=core)
-        region = SharedRegion.create(64, runtime=creator_rt)
-        try:
-            rid = region.handle.resource
-            other = SharedRegion.attach((SIBLING, rid), runtime=attacher_rt)
-            assert (fakes[0].connects, fakes[1].connects) == ([], [rid])
-            mirrors_both_ways(region, other)
-            other.detach()
-        finally:
-            region.detach()
+        rid = region.handle.resource
+        other = SharedRegion.attach((SIBLING, rid), runtime=attacher_rt)
+        assert [fake.connects for fake in looping_vmms] == [[], [rid]]
+        mirrors_both_ways(region, other)
+        other.detach()
     finally:
-        for fake, loop in zip(fakes, loops):
-            stop_vmm(fake, loop)
+        region.detach()
 
 
 def test_one_daemon_serves_both_guests(core, rundir, two_vmms):
@@ -919,3 +924,23 @@ def test_one_daemon_serves_both_guests(core, rundir, two_vmms):
         assert ds_client.lookup_status("SVC OF 4", host) == (C.VMCI_SUCCESS, (SIBLING, 6000))
         for sock in socks:
             sock.close()
+
+
+def test_a_queue_pair_peer_is_the_guest_of_the_socket_it_came_through(core, rundir, looping_vmms):
+    """A streamed queue pair of the host listens on both VMM sockets; its creator learns the
+    attacher's context from the socket the connection came through (here guest 4's)."""
+    from vsockcompat.constants import VMCI_EVENT_QP_PEER_ATTACH
+    from vsockcompat.queuepair import QPEvent, QueuePair
+    guests = list(zip([fake.path for fake in looping_vmms], (GUEST, SIBLING)))
+    a = QueuePair.alloc(None, 100, 200, runtime=Runtime(hybrid_settings(rundir, guests), core=core))
+    try:
+        b = QueuePair.alloc((SIBLING, a.handle.resource), 200, 100,
+                            runtime=Runtime(hybrid_settings(rundir, guests), core=core))
+        assert a.events(WAIT) == [QPEvent(VMCI_EVENT_QP_PEER_ATTACH, a.handle, SIBLING)]
+        assert [fake.connects for fake in looping_vmms] == [[], [a.handle.resource]]
+        assert b.enqueue(b"through 4") == 9
+        assert a.wait_for_data(WAIT) == 9 and a.dequeue(9) == b"through 4"
+        assert b.peer_id == SIBLING  # and the attacher knows whom it reached
+        b.detach()
+    finally:
+        a.detach()

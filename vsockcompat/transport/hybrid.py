@@ -473,7 +473,14 @@ class HybridTransport(StreamLinks, Transport):
         vmm = self._by_uds.get(uds) if sep and port.isdigit() else None
         return None if vmm is None else vmm.guest_cid
 
-    stream_peer_context = arrival_cid  # the peer of a stream ``listen_stream`` accepted
+    def stream_peer_context(self, sock: socket.socket) -> Optional[int]:
+        """The guest at the other end of a stream: one ``listen_stream`` accepted (where it
+        arrived), or one ``connect_stream`` made (the VMM socket it is connected to); else None."""
+        cid = self.arrival_cid(sock)
+        if cid is None:
+            vmm = self._by_uds.get(sock.getpeername())
+            cid = None if vmm is None else vmm.guest_cid
+        return cid
 
     # Identity
 
