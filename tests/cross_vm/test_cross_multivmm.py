@@ -78,10 +78,10 @@ def test_datagram_app_server_here_client_in_the_sibling(core, sibling_core, gues
     sibling = VMCIHandle(SIBLING_CID, SIBLING_RIDS[sibling_core])
     capsys.readouterr()
     ended = {}
-    server = threading.Thread(target=lambda: ended.update(
-        status=datagram_app.main(["-s"], lib=VMCILibrary(guest_runtime))), daemon=True)
+    lib = VMCILibrary(guest_runtime)
+    server = threading.Thread(target=lambda: ended.update(status=datagram_app.main(["-s"], lib=lib)),
+                              daemon=True)
     server.start()
-    rc = handle = None
     try:
         rc, handle = lookup_until_found(datagram_app.SERVICE_NAME, guest_runtime, WAIT)
         assert rc == C.VMCI_SUCCESS and handle.context == BED_CID
@@ -90,11 +90,10 @@ def test_datagram_app_server_here_client_in_the_sibling(core, sibling_core, gues
                 reply = ask(control, sibling, b"datagram-app client", ready_wait=SIBLING_WAIT)
                 assert reply.payload == b"0\n%s\0" % CLIENT_TEXT.encode()
     finally:
-        if server.is_alive() and rc == C.VMCI_SUCCESS:   # a failure above: let the server end
-            with DatagramEndpoint(runtime=guest_runtime) as stand_in:
-                for _ in range(datagram_app.QUERIES):
-                    stand_in.send(handle, datagram_app.QUERY)
         server.join(WAIT)
+        if server.is_alive():   # a failure above: its handle destroyed, the server's receive fails
+            lib.VMCI_CleanupApp()
+            server.join(WAIT)
     assert not server.is_alive() and ended == {"status": 0}
     assert capsys.readouterr() == (SERVER_TEXT, "")
     # The server unregistered its name on the way out: CID 4's client no longer finds it.
