@@ -18,8 +18,9 @@ Naming of a stream endpoint of kind ``suffix`` (``.mir`` regions, ``.qst`` queue
 - hybrid transport (the host side of VMMs' Unix sockets): the owner listens on
   ``AF_UNIX`` at ``<uds>_<rid>`` of every VMM socket (a ``ListenerSet``), where each VMM
   delivers its guest's connections to host port ``rid`` (so a guest reaches ``(2, rid)`` as
-  over vsock); the peer is the guest of the socket it came through (``transport.hybrid``). The host reaches the guest's endpoints through the VMM
-  (``CONNECT <rid>``). Only host <-> guest: host programs share memory directly.
+  over vsock); the peer is the guest of the socket it came through (``transport.hybrid``).
+  The host reaches a guest's endpoints through that guest's VMM (``CONNECT <rid>``). Only
+  host <-> guest: host programs share memory directly.
 """
 import contextlib
 import errno
