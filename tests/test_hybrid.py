@@ -944,3 +944,14 @@ def test_a_queue_pair_peer_is_the_guest_of_the_socket_it_came_through(core, rund
         b.detach()
     finally:
         a.detach()
+
+
+def test_a_transport_built_by_hand_refuses_what_cannot_route(core, tmp_path):
+    a, b = str(tmp_path / "a.vsock"), str(tmp_path / "b.vsock")
+    for guests, message in (([], "at least one VMM socket"),
+                            ([(a, 3), (b, 3)], "a guest CID of its own"),
+                            ([(a, 3), (a, 4)], "a path and a guest CID of its own"),
+                            ([(a, 3), (b, 2)], "guest CID 2 is not a guest's")):
+        with pytest.raises(TransportUnavailable, match=message):
+            HybridTransport(core, guests)
+    assert HybridTransport(core, [(a, 3), (b, 4)]).guest_cids == (3, 4)
