@@ -10,8 +10,8 @@ each on its own thread, and:
 
 * makes the two host-initiated connections that ``vhost-device-vsock`` 0.3.0's host port allocator
   needs before any discovery traffic (``test_cross_discovery.py``), with the host peer that the
-  bed runs on CID 4's own VMM socket (``host_peer.py``, its own discovery daemon: one hybrid
-  transport serves one guest CID, so each guest has a daemon of its own);
+  bed runs on both guests' VMM sockets (``host_peer.py``; its discovery daemon serves both
+  guests);
 * registers each endpoint in that daemon as ``sibling_name(core)``;
 * answers ``b"lookup <name>"`` with ``b"<code> <context>:<resource>"`` from that daemon, and echoes
   anything else to its sender as ``payload + b" from <context>:<resource>"``.
