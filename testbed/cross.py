@@ -27,8 +27,10 @@ The run fails when either command fails. Status 77 from ``setup``: the bed canno
 ``--guests 2 --peer-cmd CMD`` adds a second guest, CID 4, behind the same daemon (a second
 ``--vm`` in its one default group: the daemon carries the guests' connections to each other),
 booted beside CID 3 with its own guard, nonce and job, running CMD until CID 3's command ended;
-``--host-cmd`` then runs once per VMM socket (the hybrid transport serves one guest CID), and
-CID 3's command gets ``VSOCKCOMPAT_CROSS_SIBLING=4``. A sibling that ends first fails the run.
+``--host-cmd`` then runs once, with both VMM sockets (``VSOCKCOMPAT_HYBRID_UDS=<vm3>:<vm4>``,
+``VSOCKCOMPAT_HYBRID_CID=3:4``: one hybrid transport, and one discovery daemon, serve both
+guests), and CID 3's command gets ``VSOCKCOMPAT_CROSS_SIBLING=4``. A sibling that ends first
+fails the run.
 """
 import argparse
 import fcntl
@@ -337,25 +339,33 @@ def _run_cross(args, command, cache, kernel, daemon, jobdir):
             say("%s %s serves CID %d: vhost socket %s, hybrid socket %s"
                 % (DAEMON_PACKAGE, daemon["version"], cid, paths[cid][0], paths[cid][1]))
         if args.host_cmd:
-            # One host command per VMM socket: the hybrid transport serves one guest CID.
-            for cid in cids:
-                say("host command for CID %d: %s" % (cid, args.host_cmd))
-                env = dict(os.environ, VSOCKCOMPAT_TRANSPORT="hybrid",
-                           VSOCKCOMPAT_HYBRID_UDS=paths[cid][1], VSOCKCOMPAT_HYBRID_CID=str(cid))
-                hosts.append(subprocess.Popen(shlex.split(args.host_cmd),
-                                              stdin=subprocess.DEVNULL, start_new_session=True,
-                                              env=env))
+            # One host command for every VMM socket: the hybrid transport routes by guest CID.
+            env = dict(os.environ, **hybrid_env([(paths[cid][1], cid) for cid in cids]))
+            say("host command for CIDs %s: %s" % (env["VSOCKCOMPAT_HYBRID_CID"], args.host_cmd))
+            hosts.append(subprocess.Popen(shlex.split(args.host_cmd), stdin=subprocess.DEVNULL,
+                                          start_new_session=True, env=env))
         status = _boot_all(args, command, cache, kernel, jobdir, paths, start)
     finally:
         host_statuses = [_stop(host, "the host command") for host in hosts]
         _stop(proc_daemon, DAEMON_PACKAGE)
         log.close()
-    for cid, host_status in zip(cids, host_statuses):
+    for host_status in host_statuses:
         # Stopped by our SIGTERM counts as success; a host command that failed on its own does not.
-        say("host command (CID %d) status %s" % (cid, host_status))
+        say("host command status %s" % host_status)
         if host_status not in (0, -signal.SIGTERM) and status == 0:
             status = 1
     return status
+
+
+def hybrid_env(guests):
+    """The host command's hybrid settings for ``guests``, ``[(uds path, guest CID), ...]``: one
+    transport over all their VMM sockets. The paths are ``:``-separated, so none may hold one."""
+    if any(":" in uds for uds, _ in guests):
+        raise SystemExit("testbed: a VMM socket path holds ':', which VSOCKCOMPAT_HYBRID_UDS "
+                         "separates paths with: %s" % [uds for uds, _ in guests])
+    return {"VSOCKCOMPAT_TRANSPORT": "hybrid",
+            "VSOCKCOMPAT_HYBRID_UDS": ":".join(uds for uds, _ in guests),
+            "VSOCKCOMPAT_HYBRID_CID": ":".join(str(cid) for _, cid in guests)}
 
 
 def choose_accel(cache):

@@ -136,12 +136,13 @@ class FakeVMM:
 
 
 class EchoGuest:
-    """A guest whose endpoints echo every datagram back through ``<uds>_<src port>`` (or, with
-    ``echo`` False, only record what they receive)."""
+    """A guest (CID ``cid``) whose endpoints echo every datagram back through
+    ``<uds>_<src port>`` (or, with ``echo`` False, only record what they receive)."""
 
-    def __init__(self, uds, echo=True):
+    def __init__(self, uds, echo=True, cid=GUEST):
         self.uds = uds
         self.echo = echo
+        self.cid = cid
         self.received = queue.Queue()
         self.threads = []
         self.socks = []
@@ -169,7 +170,7 @@ class EchoGuest:
                 back.connect("%s_%d" % (self.uds, hello[1]))
                 back.sendall(vsock_module.encode_hello(port))
                 self.socks.append(back)
-            back.sendall(frame(fields[2:4], (GUEST, port), payload[::-1]))
+            back.sendall(frame(fields[2:4], (self.cid, port), payload[::-1]))
         conn.close()
         if back is not None:
             back.close()
@@ -187,8 +188,11 @@ def vmm(tmp_path):
 
 
 def hybrid_settings(rundir, uds, cid=2):
+    """Settings of the hybrid transport in context ``cid``: ``uds`` is the VMM socket of guest
+    GUEST, or a list of ``(path, guest CID)``."""
+    guests = ((uds, GUEST),) if isinstance(uds, str) else tuple(uds)
     return Settings(no_extensions=False, rundir=rundir, cid=cid, transport="hybrid",
-                    ds_autostart=False)._replace(hybrid_uds=uds, hybrid_cid=GUEST)
+                    ds_autostart=False)._replace(hybrid=guests)
 
 
 @pytest.fixture
@@ -264,13 +268,11 @@ def test_bad_handshakes_fail_clearly_in_bounded_time(hybrid_runtime, vmm, answer
 
 
 def test_no_vmm_and_foreign_contexts_are_unreachable(core, rundir, tmp_path):
-    rt = Runtime(Settings(no_extensions=False, rundir=rundir, cid=2, transport="hybrid",
-                          ds_autostart=False)._replace(hybrid_uds=str(tmp_path / "nothing"),
-                                                       hybrid_cid=GUEST), core=core)
+    rt = Runtime(hybrid_settings(rundir, str(tmp_path / "nothing")), core=core)
     with DatagramEndpoint(runtime=rt) as ep:
         with pytest.raises(DstUnreachable, match="no VMM"):
             rt.transport.connect(ep.handle, VMCIHandle(GUEST, 5000))
-        with pytest.raises(DstUnreachable, match="its guest is 3"):
+        with pytest.raises(DstUnreachable, match="reach guests 3 only"):
             rt.transport.connect(ep.handle, VMCIHandle(4, 5000))
         for dst in ((GUEST, 5000), (4, 5000), (0, 5000)):
             with pytest.raises(DstUnreachable):
@@ -349,14 +351,16 @@ def test_selection_and_settings(core, rundir, tmp_path, monkeypatch):
     with pytest.raises(TransportUnavailable, match="VSOCKCOMPAT_HYBRID_UDS"):
         open_transport(base, core)
     with pytest.raises(TransportUnavailable, match="does not exist"):
-        open_transport(base._replace(hybrid_uds=str(tmp_path / "no" / "such" / "vm.sock")), core)
+        open_transport(base._replace(hybrid=((str(tmp_path / "no" / "such" / "vm.sock"), GUEST),)), core)
     with pytest.raises(TransportUnavailable, match="too long"):
-        open_transport(base._replace(hybrid_uds=str(tmp_path / ("x" * 120))), core)
+        open_transport(base._replace(hybrid=((str(tmp_path / ("x" * 120)), GUEST),)), core)
     env = {"VSOCKCOMPAT_TRANSPORT": "hybrid", "VSOCKCOMPAT_HYBRID_UDS": "vm.sock",
            "VSOCKCOMPAT_HYBRID_CID": "7"}
     parsed = Settings.from_environ(env)
-    assert parsed.hybrid_uds == os.path.abspath("vm.sock") and parsed.hybrid_cid == 7
-    assert Settings.from_environ({}).hybrid_cid == 3 and Settings.from_environ({}).hybrid_uds is None
+    assert parsed.hybrid == ((os.path.abspath("vm.sock"), 7),)
+    assert Settings.from_environ({}).hybrid == ()
+    assert Settings.from_environ(dict(env, VSOCKCOMPAT_HYBRID_CID="")).hybrid == (
+        (os.path.abspath("vm.sock"), 3),)  # one socket: its guest is 3 unless told
     for bad in ("2", "x", "4294967295"):
         with pytest.raises(SettingError, match="VSOCKCOMPAT_HYBRID_CID"):
             Settings.from_environ(dict(env, VSOCKCOMPAT_HYBRID_CID=bad))
@@ -421,9 +425,7 @@ def verdict_vmm(core, rundir, tmp_path):
     uds = str(tmp_path / "vm.vsock")
     guest = VerdictGuest()
     fake = FakeVMM(uds, guest)
-    settings = Settings(no_extensions=False, rundir=rundir, cid=2, transport="hybrid",
-                        ds_autostart=False)._replace(hybrid_uds=uds, hybrid_cid=GUEST)
-    yield Runtime(settings, core=core), guest
+    yield Runtime(hybrid_settings(rundir, uds), core=core), guest
     fake.close()
     for sock in guest.socks:
         sock.close()
@@ -505,7 +507,7 @@ def test_host_processes_reach_each_other_and_context_1_only_from_the_host(core, 
         forged.close()
     assert not host.transport.endpoint_alive(VMCIHandle(1, 40001))
     with pytest.raises(TransportUnavailable, match="context 2"):
-        HybridTransport(core, vmm.path, GUEST, context=3)
+        HybridTransport(core, [(vmm.path, GUEST)], context=3)
 
 
 def test_guest_endpoints_are_probed_through_the_vmm(hybrid_runtime, vmm):
@@ -544,22 +546,31 @@ def stop_vmm(fake, guest):
         sock.close()
 
 
-@pytest.fixture
-def hybrid_ds(core, rundir, ds_vmm):
-    """A discovery daemon of context 1 on the hybrid transport, serving in a thread."""
-    srv = DiscoveryServer(Runtime(hybrid_settings(rundir, ds_vmm.path, cid=1), core=core), tick=0.05)
+@contextlib.contextmanager
+def serving_ds(core, rundir, guests):
+    """A discovery daemon of context 1 on the hybrid transport over ``guests`` (a VMM socket
+    path, or ``(path, cid)`` pairs), serving in a thread."""
+    srv = DiscoveryServer(Runtime(hybrid_settings(rundir, guests, cid=1), core=core), tick=0.05)
     thread = threading.Thread(target=srv.serve_forever, name="hybrid-ds", daemon=True)
     thread.start()
-    yield srv
-    srv.stop()
-    thread.join(WAIT)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        thread.join(WAIT)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def hybrid_ds(core, rundir, ds_vmm):
+    with serving_ds(core, rundir, ds_vmm.path) as srv:
+        yield srv
 
 
 def guest_asks(vmm, rid, payload, src=None, well_known=False):
     """The guest's endpoint ``rid`` sends ``payload`` to (1, 1) (the VMM delivers it at
     ``<uds>_1``); returns the connection (close it)."""
-    src = (GUEST, rid) if src is None else src
+    src = (vmm.guest.cid, rid) if src is None else src
     return connect_as_guest(vmm, 1, vsock_module.encode_hello(rid, well_known)
                             + frame((1, 1), src, payload))
 
@@ -572,7 +583,7 @@ def guest_reply(vmm, rid):
         item = vmm.guest.received.get(timeout=WAIT)
         if item[0] == "hello":
             hellos.append(item[1])
-        elif item[1][:2] == (GUEST, rid):
+        elif item[1][:2] == (vmm.guest.cid, rid):
             assert item[1][2:4] == (1, 1) and hellos and set(hellos) == {(True, 1)}, hellos
             return decode_reply(item[2])
 
@@ -674,6 +685,16 @@ class LoopbackGuest:
             dst.shutdown(socket.SHUT_WR)
 
 
+def mirrors_both_ways(region, other):
+    """The creator's write reaches the attacher's copy, and the attacher's the creator's."""
+    region.buffer[:5] = b"hello"
+    region.sync()
+    assert bytes(other.buffer[:5]) == b"hello"
+    other.buffer[32:37] = b"world"
+    other.sync()
+    assert bytes(region.buffer[32:37]) == b"world"
+
+
 def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_path):
     """The creator listens where the VMM delivers the guest's connections; the attacher (here
     the host again, behind a VMM that loops back) reaches it with ``CONNECT``, and the creator
@@ -691,14 +712,9 @@ def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_pat
             assert region.handle.context == 2 and os.path.exists("%s_%d" % (uds, rid))
             with pytest.raises(DuplicateEntry):
                 DatagramEndpoint(rid, runtime=creator_rt)       # one id space with endpoints
-            region.buffer[:5] = b"hello"
             other = SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
             assert fake.connects == [rid]
-            region.sync()
-            assert bytes(other.buffer[:5]) == b"hello"
-            other.buffer[64:69] = b"world"
-            other.sync()
-            assert bytes(region.buffer[64:69]) == b"world"
+            mirrors_both_ways(region, other)
             other.detach()
             with pytest.raises(DstUnreachable, match="guest"):
                 SharedRegion.attach(region.handle, runtime=attacher_rt)
@@ -714,3 +730,228 @@ def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_pat
         assert not os.path.exists(path)
     finally:
         stop_vmm(fake, guest)
+
+
+# Several VMM sockets: one transport (and one discovery daemon) routed by guest CID
+
+SIBLING = 4
+
+
+@pytest.fixture
+def two_vmms(tmp_path):
+    """Guests 3 and 4, each behind a VMM socket of its own; their endpoints echo (``echo``
+    True) or only record."""
+    made = []
+
+    def make(echo=True):
+        for cid in (GUEST, SIBLING):
+            uds = str(tmp_path / ("vm%d.vsock" % cid))
+            guest = EchoGuest(uds, echo=echo, cid=cid)
+            made.append((FakeVMM(uds, guest), guest))
+        return [fake for fake, _ in made]
+
+    yield make
+    for fake, guest in made:
+        stop_vmm(fake, guest)
+
+
+def guests_of(vmms):
+    return [(vmm.path, vmm.guest.cid) for vmm in vmms]
+
+
+def test_links_route_by_guest_cid_to_their_vmm_socket(core, rundir, two_vmms):
+    vmm3, vmm4 = two_vmms()
+    rt = Runtime(hybrid_settings(rundir, guests_of((vmm3, vmm4))), core=core)
+    assert rt.transport.guest_cids == (GUEST, SIBLING)
+    with DatagramEndpoint(runtime=rt) as ep:
+        for cid in (GUEST, SIBLING, GUEST):
+            assert ep.send((cid, 5000), b"to %d" % cid) == 4
+            got = ep.recv(timeout=WAIT)
+            assert got == ((cid, 5000), (b"to %d" % cid)[::-1])  # back through <its uds>_<rid>
+        assert (vmm3.connects, vmm4.connects) == ([5000], [5000])  # one link per guest, cached
+        assert vmm3.guest.received.get(timeout=WAIT) == ("hello", (False, ep.handle.resource))
+        assert vmm4.guest.received.get(timeout=WAIT) == ("hello", (False, ep.handle.resource))
+        assert rt.transport.endpoint_alive(VMCIHandle(SIBLING, 5000))
+        vmm4.answer = lambda port: "close"
+        assert not rt.transport.endpoint_alive(VMCIHandle(SIBLING, 5000))
+        assert rt.transport.endpoint_alive(VMCIHandle(GUEST, 5000))  # asked its own VMM
+    assert (vmm3.connects, vmm4.connects) == ([5000] * 2, [5000] * 3)  # the link, then probes
+
+
+def test_a_cid_behind_no_socket_is_dst_unreachable_at_once(core, rundir, two_vmms):
+    vmm3, vmm4 = two_vmms()
+    rt = Runtime(hybrid_settings(rundir, guests_of((vmm3, vmm4))), core=core)
+    with DatagramEndpoint(runtime=rt) as ep:
+        for cid in (5, 0, 0xFFFFFFFE):
+            started = time.monotonic()
+            with pytest.raises(DstUnreachable, match="reach guests 3, 4 only") as info:
+                ep.send((cid, 5000), b"x")
+            assert info.value.code == C.VMCI_ERROR_DST_UNREACHABLE == -10
+            assert ep.send_status(VMCIHandle(cid, 5000), b"x", 1) == C.VMCI_ERROR_DST_UNREACHABLE
+            assert time.monotonic() - started < hybrid_module.HANDSHAKE_TIMEOUT  # never waits for a VMM
+        assert not rt.transport.endpoint_alive(VMCIHandle(5, 5000))
+        with pytest.raises(DstUnreachable, match="reach guests 3, 4 only"):
+            mirror_link.connect(rt, mirror_link.REGION, VMCIHandle(5, 5000))
+        assert vmm3.connects == vmm4.connects == [] and ep._links == {}
+
+
+def test_an_endpoint_listens_on_every_socket_and_knows_who_came_through_which(core, rundir,
+                                                                             two_vmms):
+    vmm3, vmm4 = two_vmms()
+    rt = Runtime(hybrid_settings(rundir, guests_of((vmm3, vmm4))), core=core)
+    hello = vsock_module.encode_hello
+    with DatagramEndpoint(runtime=rt) as ep:
+        me = tuple(ep.handle)
+        paths = ["%s_%d%s" % (vmm.path, me[1], suffix) for vmm in (vmm3, vmm4) for suffix in ("", ".host")]
+        assert all(os.path.exists(path) for path in paths)
+        socks = [connect_as_guest(vmm3, me[1], hello(7003) + frame(me, (GUEST, 7003), b"from 3")),
+                 connect_as_guest(vmm4, me[1], hello(7004) + frame(me, (SIBLING, 7004), b"from 4"))]
+        got = sorted([ep.recv(timeout=WAIT), ep.recv(timeout=WAIT)])
+        assert got == [((GUEST, 7003), b"from 3"), ((SIBLING, 7004), b"from 4")]
+        # The socket it came through says who it is, whatever the frame claims.
+        socks += [connect_as_guest(vmm4, me[1], hello(7005) + frame(me, (GUEST, 7005), b"I am 3")),
+                  connect_as_guest(vmm3, me[1], hello(7006) + frame(me, (SIBLING, 7006), b"I am 4"))]
+        with pytest.raises(Timeout):
+            ep.recv(timeout=2)
+        assert ep.stats.forged == 2 and ep.stats.received == 2, ep.stats
+        for sock in socks:
+            sock.close()
+    assert not any(os.path.exists(path) for path in paths)
+    # A port one socket's leftover listener holds is taken for the whole transport.
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    holder.bind("%s_%d" % (vmm4.path, 40000))
+    holder.listen(1)
+    with pytest.raises(DuplicateEntry, match="vm4.vsock_40000"):
+        DatagramEndpoint(40000, runtime=rt)
+    holder.close()
+    assert not os.path.exists("%s_%d" % (vmm3.path, 40000))
+
+
+def test_stream_listeners_take_either_guest_and_name_it(core, rundir, two_vmms, monkeypatch):
+    vmm3, vmm4 = two_vmms()
+    transport = Runtime(hybrid_settings(rundir, guests_of((vmm3, vmm4))), core=core).transport
+    rid, listener = transport.listen_stream(None)
+    try:
+        assert listener.paths == ("%s_%d" % (vmm3.path, rid), "%s_%d" % (vmm4.path, rid))
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        seen = []
+        for vmm in (vmm4, vmm3):
+            sock = connect_as_guest(vmm, rid, b"")
+            assert poller.poll(WAIT * 1000)
+            conn, _ = listener.accept()
+            seen.append(transport.stream_peer_context(conn))
+            conn.close()
+            sock.close()
+        assert seen == [SIBLING, GUEST] and not poller.poll(0)
+        with pytest.raises(DuplicateEntry):
+            transport.listen_stream(rid)
+    finally:
+        listener.close()
+        for path in listener.paths:
+            os.unlink(path)
+
+
+@pytest.fixture
+def looping_vmms(tmp_path):
+    """Guests 3 and 4 behind VMM sockets of their own, each a guest that loops back to this host
+    (``LoopbackGuest``): the fake VMMs."""
+    made = []
+    for cid in (GUEST, SIBLING):
+        uds = str(tmp_path / ("vm%d.vsock" % cid))
+        loop = LoopbackGuest(uds)
+        made.append((FakeVMM(uds, loop), loop))
+    yield [fake for fake, _ in made]
+    for fake, loop in made:
+        stop_vmm(fake, loop)
+
+
+def test_a_region_reaches_the_guest_of_the_cid_it_names(core, rundir, looping_vmms):
+    """The attacher's CONNECT goes to the VMM of the CID it names, and the creator, listening
+    on both sockets, serves it."""
+    guests = list(zip([fake.path for fake in looping_vmms], (GUEST, SIBLING)))
+    creator_rt = Runtime(hybrid_settings(rundir, guests), core=core)
+    attacher_rt = Runtime(hybrid_settings(rundir, guests), core=core)
+    region = SharedRegion.create(64, runtime=creator_rt)
+    try:
+        rid = region.handle.resource
+        other = SharedRegion.attach((SIBLING, rid), runtime=attacher_rt)
+        assert [fake.connects for fake in looping_vmms] == [[], [rid]]
+        mirrors_both_ways(region, other)
+        other.detach()
+    finally:
+        region.detach()
+
+
+def test_one_daemon_serves_both_guests(core, rundir, two_vmms):
+    vmm3, vmm4 = two_vmms(echo=False)
+    host = Runtime(hybrid_settings(rundir, guests_of((vmm3, vmm4))), core=core)
+    register = lambda msgid, handle, name: encode_request(C.VMCI_DS_ACTION_REGISTER, msgid, handle, name)
+    with serving_ds(core, rundir, guests_of((vmm3, vmm4))) as srv:
+        socks = [guest_asks(vmm3, 5001, register(1, (GUEST, 6000), "SVC OF 3"))]
+        assert guest_reply(vmm3, 5001).code == C.VMCI_SUCCESS
+        socks.append(guest_asks(vmm4, 5001, register(2, (SIBLING, 6000), "SVC OF 4")))
+        assert guest_reply(vmm4, 5001).code == C.VMCI_SUCCESS
+        assert [(srv._registry[n].owner, srv._registry[n].watch_endpoint)
+                for n in (b"SVC OF 3", b"SVC OF 4")] == [(GUEST, True), (SIBLING, True)]
+        # Guest 4 finds guest 3's name; the reply goes back through guest 4's VMM.
+        socks.append(guest_asks(vmm4, 5002, encode_request(C.VMCI_DS_ACTION_LOOKUP, 3,
+                                                           VMCI_INVALID_HANDLE, "SVC OF 3")))
+        reply = guest_reply(vmm4, 5002)
+        assert (reply.msgid, reply.code, reply.handle) == (3, C.VMCI_SUCCESS, (GUEST, 6000))
+        # Neither guest may remove the other's name; a claim to be guest 3 through 4's socket is forged.
+        socks.append(guest_asks(vmm4, 5003, encode_request(C.VMCI_DS_ACTION_UNREGISTER, 4,
+                                                           VMCI_INVALID_HANDLE, "SVC OF 3")))
+        assert guest_reply(vmm4, 5003).code == C.VMCI_ERROR_NO_ACCESS
+        socks.append(guest_asks(vmm3, 5003, encode_request(C.VMCI_DS_ACTION_UNREGISTER, 5,
+                                                           VMCI_INVALID_HANDLE, "SVC OF 4")))
+        assert guest_reply(vmm3, 5003).code == C.VMCI_ERROR_NO_ACCESS
+        socks.append(guest_asks(vmm4, 5004, encode_request(C.VMCI_DS_ACTION_UNREGISTER, 6,
+                                                           VMCI_INVALID_HANDLE, "SVC OF 3"),
+                                src=(GUEST, 5004)))
+        deadline = time.monotonic() + WAIT
+        while srv._endpoint.stats.forged < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv._endpoint.stats.forged == 1 and b"SVC OF 3" in srv._registry
+        assert ds_client.lookup_status("SVC OF 3", host) == (C.VMCI_SUCCESS, (GUEST, 6000))
+        # Guest 3's VMM stops: its names go, guest 4's stay.
+        stop_vmm(vmm3, vmm3.guest)
+        vmm3.close = lambda: None
+        assert ds_client.lookup_status("SVC OF 3", host)[0] == C.VMCI_ERROR_NOT_FOUND
+        assert ds_client.lookup_status("SVC OF 4", host) == (C.VMCI_SUCCESS, (SIBLING, 6000))
+        for sock in socks:
+            sock.close()
+
+
+def test_a_queue_pair_peer_is_the_guest_of_the_socket_it_came_through(core, rundir, looping_vmms):
+    """A streamed queue pair of the host listens on both VMM sockets; its creator learns the
+    attacher's context from the socket the connection came through (here guest 4's)."""
+    from vsockcompat.constants import VMCI_EVENT_QP_PEER_ATTACH
+    from vsockcompat.queuepair import QPEvent, QueuePair
+    guests = list(zip([fake.path for fake in looping_vmms], (GUEST, SIBLING)))
+    a = QueuePair.alloc(None, 100, 200, runtime=Runtime(hybrid_settings(rundir, guests), core=core))
+    try:
+        b = QueuePair.alloc((SIBLING, a.handle.resource), 200, 100,
+                            runtime=Runtime(hybrid_settings(rundir, guests), core=core))
+        assert a.events(WAIT) == [QPEvent(VMCI_EVENT_QP_PEER_ATTACH, a.handle, SIBLING)]
+        assert [fake.connects for fake in looping_vmms] == [[], [a.handle.resource]]
+        assert b.enqueue(b"through 4") == 9
+        assert a.wait_for_data(WAIT) == 9 and a.dequeue(9) == b"through 4"
+        assert b.peer_id == SIBLING  # and the attacher knows whom it reached
+        b.detach()
+    finally:
+        a.detach()
+
+
+def test_a_transport_built_by_hand_refuses_what_cannot_route(core, tmp_path):
+    a, b = str(tmp_path / "a.vsock"), str(tmp_path / "b.vsock")
+    for guests, message in (([], "at least one VMM socket"),
+                            ([(a, 3), (b, 3)], "a guest CID of its own"),
+                            ([(a, 3), (a, 4)], "a path and a guest CID of its own"),
+                            ([(a, 3), (b, 2)], "guest CID 2 is not a guest's")):
+        with pytest.raises(TransportUnavailable, match=message):
+            HybridTransport(core, guests)
+    assert HybridTransport(core, [(a, 3), (b, 4)]).guest_cids == (3, 4)

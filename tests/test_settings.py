@@ -37,3 +37,33 @@ def test_explicit_values():
 def test_bad_values_name_the_setting(env, message):
     with pytest.raises(SettingError, match=message):
         settings(**env)
+
+
+# The hybrid transport's VMM sockets: VSOCKCOMPAT_HYBRID_UDS and VSOCKCOMPAT_HYBRID_CID
+
+def test_hybrid_sockets_pair_with_their_guest_cids():
+    s = settings(HYBRID_UDS="/run/a.vsock:b.vsock", HYBRID_CID="3:4")
+    assert s.hybrid == (("/run/a.vsock", 3), (os.path.abspath("b.vsock"), 4))
+    assert settings(HYBRID_UDS="/run/a.vsock").hybrid == (("/run/a.vsock", 3),)  # one: 3 unless told
+    assert settings(HYBRID_UDS="/run/a.vsock", HYBRID_CID="9").hybrid == (("/run/a.vsock", 9),)
+    assert settings().hybrid == () and settings(HYBRID_CID="5").hybrid == ()
+
+
+@pytest.mark.parametrize("uds,cids,message", [
+    ("/a:/b", "3", "one guest CID per socket of VSOCKCOMPAT_HYBRID_UDS: 2 sockets, 1 CIDs"),
+    ("/a:/b", None, "one guest CID per socket of VSOCKCOMPAT_HYBRID_UDS: 2 sockets, 0 CIDs"),
+    ("/a", "3:4", "one guest CID per socket of VSOCKCOMPAT_HYBRID_UDS: 1 sockets, 2 CIDs"),
+    ("/a:/b", "3:3", "VSOCKCOMPAT_HYBRID_CID names a guest CID twice"),
+    ("/a:/a", "3:4", "VSOCKCOMPAT_HYBRID_UDS names a socket twice"),
+    ("/a::/b", "3:4:5", "VSOCKCOMPAT_HYBRID_UDS has an empty path"),
+    ("/a:/b", "3:2", r"guest CIDs in 3\.\.4294967294, not 2"),
+    ("/a", "0", r"guest CIDs in 3\.\.4294967294, not 0"),
+    ("/a", str(0xFFFFFFFF), r"guest CIDs in 3\.\.4294967294, not 4294967295"),
+    ("/a:/b", "3:four", "VSOCKCOMPAT_HYBRID_CID must be decimal guest CIDs"),
+    ("/a:/b", "3:", "VSOCKCOMPAT_HYBRID_CID must be decimal guest CIDs"),
+    (None, "2", r"guest CIDs in 3\.\.4294967294, not 2"),
+])
+def test_bad_hybrid_combinations_are_refused_when_read(uds, cids, message):
+    env = {k: v for k, v in (("HYBRID_UDS", uds), ("HYBRID_CID", cids)) if v is not None}
+    with pytest.raises(SettingError, match=message):
+        settings(**env)

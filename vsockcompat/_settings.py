@@ -4,7 +4,7 @@ Standard library only: setup.py loads this file directly to decide whether to
 build the extension.
 """
 import os
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Tuple
 
 TRANSPORTS = ("auto", "local", "vsock", "hybrid")
 SHM_MODES = ("auto", "shared", "mirrored")  # mirror_link.mirrored
@@ -39,16 +39,38 @@ def parse_choice(name: str, value: Optional[str], choices) -> Optional[str]:
     return value
 
 
-def _hybrid_cid(value: Optional[str]) -> int:
-    if not value:
-        return DEFAULT_HYBRID_CID
+def _guest_cid(value: str) -> int:
     try:
         cid = int(value, 10)
     except ValueError:
-        raise SettingError("VSOCKCOMPAT_HYBRID_CID must be a decimal CID, not %r" % value) from None
+        raise SettingError("VSOCKCOMPAT_HYBRID_CID must be decimal guest CIDs separated by ':', "
+                           "not %r" % value) from None
     if not 3 <= cid <= MAX_CID:
-        raise SettingError("VSOCKCOMPAT_HYBRID_CID must be a guest CID in 3..%d, not %d" % (MAX_CID, cid))
+        raise SettingError("VSOCKCOMPAT_HYBRID_CID must hold guest CIDs in 3..%d, not %d" % (MAX_CID, cid))
     return cid
+
+
+def parse_hybrid(uds: Optional[str], cids: Optional[str]) -> Tuple[Tuple[str, int], ...]:
+    """The hybrid transport's VMM sockets: ``((path, guest CID), ...)`` from
+    VSOCKCOMPAT_HYBRID_UDS (paths separated by ``:``) and VSOCKCOMPAT_HYBRID_CID (one CID per
+    path, separated by ``:``; unset with one path: DEFAULT_HYBRID_CID). Paths and CIDs must be
+    distinct. No paths: ``()`` (the CIDs are still checked)."""
+    cid_list = [_guest_cid(value) for value in cids.split(":")] if cids else []
+    if not uds:
+        return ()
+    paths = [os.path.abspath(path) if path else "" for path in uds.split(":")]
+    if "" in paths:
+        raise SettingError("VSOCKCOMPAT_HYBRID_UDS has an empty path in %r" % uds)
+    if not cid_list and len(paths) == 1:
+        cid_list = [DEFAULT_HYBRID_CID]
+    if len(cid_list) != len(paths):
+        raise SettingError("VSOCKCOMPAT_HYBRID_CID must give one guest CID per socket of "
+                           "VSOCKCOMPAT_HYBRID_UDS: %d sockets, %d CIDs" % (len(paths), len(cid_list)))
+    if len(set(cid_list)) != len(cid_list):
+        raise SettingError("VSOCKCOMPAT_HYBRID_CID names a guest CID twice: %r" % cids)
+    if len(set(paths)) != len(paths):
+        raise SettingError("VSOCKCOMPAT_HYBRID_UDS names a socket twice: %r" % uds)
+    return tuple(zip(paths, cid_list))
 
 
 def parse_cid(value: Optional[str]) -> int:
@@ -88,10 +110,9 @@ class Settings(NamedTuple):
     #: Socket type of the vsock transport (VSOCKCOMPAT_VSOCK_MODE): ``seqpacket``, ``stream``,
     #: or ``auto``: SEQPACKET where such sockets can be created, else STREAM.
     vsock_mode: str = "auto"
-    #: The VMM's hybrid-vsock Unix socket (VSOCKCOMPAT_HYBRID_UDS), for the ``hybrid`` transport.
-    hybrid_uds: Optional[str] = None
-    #: The CID of the guest behind that socket (VSOCKCOMPAT_HYBRID_CID).
-    hybrid_cid: int = DEFAULT_HYBRID_CID
+    #: The VMMs' hybrid-vsock Unix sockets of the ``hybrid`` transport, each with the CID of
+    #: the guest behind it: ``((path, cid), ...)`` (VSOCKCOMPAT_HYBRID_UDS, VSOCKCOMPAT_HYBRID_CID).
+    hybrid: Tuple[Tuple[str, int], ...] = ()
 
     @classmethod
     def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -117,6 +138,5 @@ class Settings(NamedTuple):
                                   SHM_MODES) or "auto",
             vsock_mode=parse_choice("VSOCKCOMPAT_VSOCK_MODE", env.get("VSOCKCOMPAT_VSOCK_MODE"),
                                     VSOCK_MODES) or "auto",
-            hybrid_uds=os.path.abspath(env["VSOCKCOMPAT_HYBRID_UDS"]) if env.get("VSOCKCOMPAT_HYBRID_UDS") else None,
-            hybrid_cid=_hybrid_cid(env.get("VSOCKCOMPAT_HYBRID_CID")),
+            hybrid=parse_hybrid(env.get("VSOCKCOMPAT_HYBRID_UDS"), env.get("VSOCKCOMPAT_HYBRID_CID")),
         )

@@ -33,11 +33,13 @@ interrupted rewrite (``ds.registry.json.<pid>.tmp``) are removed.
 ``DiscoveryServer.recovery`` counts what was recovered and dropped.
 
 Transports: the local one, ``vsock`` (context 1 at the host's CID) or ``hybrid`` (the host side
-of a VMM's Unix sockets: the guest reaches ``(1, 1)`` at ``<uds>_1``, the host's processes at
-``<uds>_1.host``; ``transport/hybrid.py``), as ``VSOCKCOMPAT_TRANSPORT`` says. On ``hybrid``,
-a guest's registration lives while the VMM says the guest listens on the port it names (a
-probe through the VMM each time the daemon prunes: every ``tick`` and before LOOKUP and
-REGISTER), a host process's while that process (and the endpoint it named) lives.
+of VMMs' Unix sockets: each guest reaches ``(1, 1)`` at ``<uds>_1`` of its VMM's socket, the
+host's processes at ``<uds>_1.host``; ``transport/hybrid.py``), as ``VSOCKCOMPAT_TRANSPORT``
+says. On ``hybrid`` one daemon serves the guests of every socket it is given, so guests find
+each other's names; a guest's registration lives while its VMM says the guest listens on the
+port it names (a probe through that VMM each time the daemon prunes: every ``tick`` and before
+LOOKUP and REGISTER; a VMM that is gone says no), a host process's while that process (and the
+endpoint it named) lives.
 
 Access control is not enforced yet: any context may REGISTER and UNREGISTER
 (as the SDK's developer builds did); the release drivers' TRUSTED check is a

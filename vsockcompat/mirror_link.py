@@ -15,11 +15,12 @@ Naming of a stream endpoint of kind ``suffix`` (``.mir`` regions, ``.qst`` queue
   ``(VMADDR_CID_ANY, rid)``; the handle is ``(local cid, rid)`` and a peer connects to
   ``(cid, rid)``. The port space is the one datagram endpoints bind in, so a handle
   names one thing. Used only when the runtime's transport is ``vsock``;
-- hybrid transport (the host side of a VMM's Unix sockets): the owner listens on
-  ``AF_UNIX`` at ``<uds>_<rid>``, where the VMM delivers the guest's connections to host
-  port ``rid`` (so a guest reaches ``(2, rid)`` as over vsock); the peer is the guest
-  (``transport.hybrid``). The host reaches the guest's endpoints through the VMM
-  (``CONNECT <rid>``). Only host <-> guest: host programs share memory directly.
+- hybrid transport (the host side of VMMs' Unix sockets): the owner listens on
+  ``AF_UNIX`` at ``<uds>_<rid>`` of every VMM socket (a ``ListenerSet``), where each VMM
+  delivers its guest's connections to host port ``rid`` (so a guest reaches ``(2, rid)`` as
+  over vsock); the peer is the guest of the socket it came through (``transport.hybrid``).
+  The host reaches a guest's endpoints through that guest's VMM (``CONNECT <rid>``). Only
+  host <-> guest: host programs share memory directly.
 """
 import contextlib
 import errno
@@ -120,7 +121,7 @@ def listen(runtime: Runtime, suffix: str, resource: Optional[int] = None) -> Lis
         return transport.allocate(resource, functools.partial(_listen_local, transport, suffix))
     if _is_hybrid(transport):
         rid, sock = transport.listen_stream(resource)
-        listener = Listener(VMCIHandle(transport.local_cid, rid), sock, (transport.port_path(rid),))
+        listener = Listener(VMCIHandle(transport.local_cid, rid), sock, sock.paths)
     else:
         listener = _listen_vsock(transport.local_cid, resource)
     # No runtime directory to find it by: access control learns of it from us.

@@ -10,8 +10,8 @@ each on its own thread, and:
 
 * makes the two host-initiated connections that ``vhost-device-vsock`` 0.3.0's host port allocator
   needs before any discovery traffic (``test_cross_discovery.py``), with the host peer that the
-  bed runs on CID 4's own VMM socket (``host_peer.py``, its own discovery daemon: one hybrid
-  transport serves one guest CID, so each guest has a daemon of its own);
+  bed runs on both guests' VMM sockets (``host_peer.py``; its discovery daemon serves both
+  guests);
 * registers each endpoint in that daemon as ``sibling_name(core)``;
 * answers ``b"lookup <name>"`` with ``b"<code> <context>:<resource>"`` from that daemon, and echoes
   anything else to its sender as ``payload + b" from <context>:<resource>"``.
@@ -205,6 +205,44 @@ LARGE_COMMANDS = {
     b"qp-echo ": qp_echo,
     b"mirror-echo ": mirror_echo,
 }
+
+
+# ---------------------------------------------------------------- multivmm
+# Commands of test_cross_multivmm.py (one host discovery daemon for both guests), answered before
+# those above:
+# * ``b"unregister <name>"``: unregisters ``name`` in the daemon from here; answers ``b"<code>"``;
+# * ``b"datagram-app client"``: runs the SDK's datagramApp client here, in this process on the
+#   endpoint's core; answers ``b"<status>\\n<stdout>\\0<stderr>"``.
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+
+from vsockcompat.apps import datagram_app  # noqa: E402
+from vsockcompat.sdk import VMCILibrary  # noqa: E402
+
+_SAMPLE_OUTPUT = threading.Lock()    # the client writes to sys.stdout/stderr: one at a time
+
+
+def run_datagram_app_client(runtime):
+    """``datagramApp -c`` on ``runtime``, its output captured: ``(status, stdout, stderr)``."""
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="latin-1"), io.StringIO()
+    with _SAMPLE_OUTPUT, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = datagram_app.main(["-c"], lib=VMCILibrary(runtime))
+        out.flush()
+    return status, out.buffer.getvalue(), err.getvalue().encode()
+
+
+def _multivmm_answer(base):
+    def multivmm_answer(dg, runtime):
+        if dg.payload.startswith(b"unregister "):
+            return b"%d" % ds_client.unregister_status(dg.payload[len(b"unregister "):], runtime)
+        if dg.payload == b"datagram-app client":
+            return b"%d\n%s\0%s" % run_datagram_app_client(runtime)
+        return base(dg, runtime)
+    return multivmm_answer
+
+
+answer = _multivmm_answer(answer)   # serve() reads the name at each datagram
 
 
 if __name__ == "__main__":

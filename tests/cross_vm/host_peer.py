@@ -3,16 +3,18 @@
     python tests/cross_vm/host_peer.py
 
 Uses the ``hybrid`` transport only (``VSOCKCOMPAT_TRANSPORT=hybrid``, ``VSOCKCOMPAT_HYBRID_UDS``
-and ``VSOCKCOMPAT_HYBRID_CID`` come from the bed; AF_UNIX, never AF_VSOCK), in a runtime
-directory of its own. First it starts the discovery daemon (``vsockcompat ds``, context 1 on the
-hybrid transport: the guest reaches it at (2, 1)) and waits until it answers; then it opens one
-datagram endpoint per available core, at ``HOST_RIDS[core]`` in context 2, each on its own thread:
+and ``VSOCKCOMPAT_HYBRID_CID`` come from the bed: one VMM socket, or both guests' with
+``--guests 2``; AF_UNIX, never AF_VSOCK), in a runtime directory of its own. First it starts
+the discovery daemon (``vsockcompat ds``, context 1 on the hybrid transport: each guest reaches
+it at (2, 1)) and waits until it answers; then it opens one datagram endpoint per available
+core, at ``HOST_RIDS[core]`` in context 2 (reached by every guest), each on its own thread:
 
-* ``b"call <rid>"``: sends ``b"host calls <rid>"`` to ``(guest CID, rid)``, a host-initiated
-  datagram to an endpoint that never sent us anything; when that send fails, answers the caller
-  ``b"call <rid> failed: <VMCIError subclass>"``;
-* ``b"deny <rid>"`` / ``b"allow <rid>"``: denies ``(guest CID, rid)`` DG_SEND on this endpoint,
-  or lifts that, then answers the caller with the same words (the verdicts reach the guest);
+* ``b"call <rid>"``: sends ``b"host calls <rid>"`` to ``(the caller's CID, rid)``, a
+  host-initiated datagram to an endpoint that never sent us anything; when that send fails,
+  answers the caller ``b"call <rid> failed: <VMCIError subclass>"``;
+* ``b"deny <rid>"`` / ``b"allow <rid>"``: denies ``(the caller's CID, rid)`` DG_SEND on this
+  endpoint, or lifts that, then answers the caller with the same words (the verdicts reach
+  the guest);
 * ``b"lookup <name>"``: looks ``name`` up in the discovery service from here and answers
   ``b"<code> <context>:<resource>"``;
 * ``b"start <app> <core>"`` (``app`` one of ``APPS``): starts the SDK sample's server here
@@ -171,7 +173,7 @@ def serve(settings, core, stop, failures, samples):
             except Timeout:
                 continue
             try:
-                reply = answer(ep, dg, runtime, samples, settings.hybrid_cid)
+                reply = answer(ep, dg, runtime, samples, dg.src.context)
                 if reply is not None:
                     ep.send(dg.src, reply)
             except (VMCIError, ValueError, IndexError) as exc:

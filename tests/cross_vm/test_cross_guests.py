@@ -7,8 +7,8 @@ Only with the second guest (gate: ``conftest.py``; without it the tests skip):
         --host-cmd "python tests/cross_vm/host_peer.py" -- python -m pytest tests/cross_vm -m cross_vm -rs
 
 One exchange per pair of cores (the guest's core is the ``core`` fixture, CID 4's is
-``sibling_core``): CID 3 asks CID 4 to look its own endpoint up in the discovery daemon of
-CID 4's VMM socket (each VMM socket has a daemon of its own, see ``guest_peer.py``), then sends
+``sibling_core``): CID 3 asks CID 4 to look its own endpoint up in the host's discovery daemon
+(one for both guests; ``test_cross_multivmm.py`` checks that it is one), then sends
 to the handle found a 4-byte and a 1,024-byte datagram, and checks the echoes and both sides'
 view of the other's handle. Then large traffic, which ``vhost-device-vsock`` 0.3.0 loses unless
 written in pieces (it forwards a packet between siblings whole into one receive buffer of the

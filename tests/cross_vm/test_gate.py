@@ -127,3 +127,14 @@ def test_guard_refuses_a_boot_without_the_beds_device(cross, tmp_path):
         pytest.skip("QEMU is not installed")
     proc = subprocess.run([guard, "-kernel", "k"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 3 and "missing" in proc.stderr
+
+
+def test_one_host_command_gets_every_vmm_socket(cross):
+    from vsockcompat._settings import Settings
+    env = cross.hybrid_env([("/r/vm3.vsock", 3), ("/r/vm4.vsock", 4)])
+    assert env == {"VSOCKCOMPAT_TRANSPORT": "hybrid", "VSOCKCOMPAT_HYBRID_UDS": "/r/vm3.vsock:/r/vm4.vsock",
+                   "VSOCKCOMPAT_HYBRID_CID": "3:4"}
+    assert Settings.from_environ(env).hybrid == (("/r/vm3.vsock", 3), ("/r/vm4.vsock", 4))
+    assert Settings.from_environ(cross.hybrid_env([("/r/vm3.vsock", 3)])).hybrid == (("/r/vm3.vsock", 3),)
+    with pytest.raises(SystemExit, match="holds ':'"):
+        cross.hybrid_env([("/r:x/vm3.vsock", 3)])

@@ -16,9 +16,9 @@ def open_transport(settings, core):
     traffic leaves for the hypervisor host). ``vsock`` is attempted only when asked for; its
     context id is the kernel's, not ``settings.cid``, except that ``cid`` 1 makes the process
     speak for the well-known context (the discovery service, on a host); its socket type is
-    ``settings.vsock_mode``. ``hybrid`` (the host side of a VMM's hybrid vsock) needs
-    ``settings.hybrid_uds``; its endpoints are in context 2 (or 1, as on vsock), its guest is
-    ``settings.hybrid_cid``.
+    ``settings.vsock_mode``. ``hybrid`` (the host side of VMMs' hybrid vsock) needs
+    ``settings.hybrid``, the VMM sockets and their guests' CIDs; its endpoints are in context 2
+    (or 1, as on vsock).
     """
     name = settings.transport
     if name in ("auto", "local"):
@@ -31,12 +31,12 @@ def open_transport(settings, core):
     if name == "hybrid":
         from .hybrid import HybridTransport
 
-        uds = getattr(settings, "hybrid_uds", None)
-        if not uds:
-            raise TransportUnavailable("the hybrid transport needs VSOCKCOMPAT_HYBRID_UDS, the path "
-                                       "of the VMM's vsock Unix socket")
+        guests = getattr(settings, "hybrid", ())
+        if not guests:
+            raise TransportUnavailable("the hybrid transport needs VSOCKCOMPAT_HYBRID_UDS, the "
+                                       "path(s) of the VMMs' vsock Unix sockets")
         context = VMCI_WELL_KNOWN_CONTEXT_ID if settings.cid == VMCI_WELL_KNOWN_CONTEXT_ID else None
-        return HybridTransport(core, uds, settings.hybrid_cid, context=context)
+        return HybridTransport(core, guests, context=context)
     raise TransportUnavailable(
         "the %r transport is not part of this release; use VSOCKCOMPAT_TRANSPORT=local" % name
     )

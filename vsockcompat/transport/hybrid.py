@@ -1,21 +1,26 @@
-"""The ``hybrid`` transport: the host side of a VMM's "hybrid vsock" (``VSOCKCOMPAT_TRANSPORT=hybrid``).
+"""The ``hybrid`` transport: the host side of VMMs' "hybrid vsock" (``VSOCKCOMPAT_TRANSPORT=hybrid``).
 
 Firecracker, Cloud Hypervisor and QEMU with vhost-user-vsock (``vhost-device-vsock``) give a
 guest a virtio-vsock device whose host end is not the host kernel's AF_VSOCK but Unix sockets
-of the VMM, named by one path, ``VSOCKCOMPAT_HYBRID_UDS`` (``uds_path`` below):
+of the VMM, named by one path per guest. One transport serves several such sockets
+(``VSOCKCOMPAT_HYBRID_UDS=a:b``, with the guest CID behind each, ``VSOCKCOMPAT_HYBRID_CID=3:4``),
+each a ``VMMSocket`` ``(uds_path, guest_cid)``; guest CIDs are distinct, and a connection to a
+guest goes through the socket of its CID:
 
 * host -> guest: connect to ``uds_path``, send ``CONNECT <port>\\n``, read ``OK <hostport>\\n``;
   the connection is then a stream to the guest's vsock port ``<port>`` (the guest sees the peer
   as ``(2, <hostport>)``). A VMM that closes instead of answering says the guest refused
   (``InvalidResource``); an answer that is not ``OK <decimal>\\n`` is ``DstUnreachable``; no
-  answer within ``HANDSHAKE_TIMEOUT`` seconds is ``Timeout``.
+  answer within ``HANDSHAKE_TIMEOUT`` seconds is ``Timeout``. A CID behind none of the sockets
+  is ``DstUnreachable`` at once.
 * guest -> host: a guest's ``connect((2, <port>))`` reaches the Unix listener at
-  ``<uds_path>_<port>``: that is where an endpoint with resource id ``<port>`` listens.
+  ``<uds_path>_<port>``: an endpoint with resource id ``<port>`` listens there on every socket
+  (a ``ListenerSet`` for regions and queue pairs), so each guest reaches it.
 
-This uses AF_UNIX only: no AF_VSOCK socket is ever created here. The one peer behind the VMM is
-its guest, whose CID (``VSOCKCOMPAT_HYBRID_CID``, 3 by default) is configuration, as it is for
-the VMM: the VMM alone connects to ``<uds_path>_<port>`` and only for its guest, so a peer
-arriving there is in that CID, never in what a frame or a hello says.
+This uses AF_UNIX only: no AF_VSOCK socket is ever created here. The one peer behind a VMM socket
+is its guest, whose CID is configuration, as it is for the VMM: the VMM alone connects to
+``<uds_path>_<port>`` and only for its guest, so a peer arriving there is in that socket's CID,
+never in what a frame or a hello says.
 
 The host's own contexts
 -----------------------
@@ -23,23 +28,25 @@ The host's own contexts
 Endpoints are in context 2 (the host), or in the well-known context 1 when the transport is
 opened with ``context=1`` (the runtime's ``cid`` setting is 1, as the discovery daemon's is):
 the guest reaches context 1 at CID 2, so the daemon's ``(1, 1)`` listens at ``<uds_path>_1``.
-Host processes on the same VMM socket reach each other, and the daemon, without the VMM: every
-endpoint also listens at ``<uds_path>_<port>.host`` (``host_path``), a path the VMM never
-connects to (it only appends a decimal port). So the path a connection arrived on, which the
-kernel reports (``getsockname``), decides who the peer is:
+Host processes reach each other, and the daemon, without the VMM: every endpoint also listens
+at ``<uds_path>_<port>.host`` (``host_path``) of every socket, a path the VMM never connects to
+(it only appends a decimal port). So the path a connection arrived on, which the kernel reports
+(``getsockname``), decides who the peer is:
 
-* at ``<uds_path>_<port>``: the guest, context ``guest_cid``; a hello claiming the well-known
+* at ``<uds_path>_<port>``: the guest of that socket; a hello claiming the well-known
   context ("VSW1") is refused: a guest cannot be context 1, nor the host;
 * at ``<uds_path>_<port>.host``: a host process, which must run as this user
   (``SO_PEERCRED``); context 1 if its hello says so, else 2 (as on vsock, where only the
   host's own kernel may claim context 1). Its pid is the kernel's, so the discovery daemon
   ties a host registration to its process as on the local transport.
 
-A link to context 1 or 2 connects to the destination's ``host_path`` and sends the hello; a
-link to ``guest_cid`` goes through the VMM; any other context is ``DstUnreachable``. Mirrored
-regions and streamed queue pairs (``mirror_link``) use plain streams, between the host and the
-guest only: the owner's listener at ``<uds_path>_<rid>`` (``listen_stream``), the host's
-connection through the VMM (``connect_stream``).
+A link to context 1 or 2 connects to the destination's ``host_path`` on the first socket where
+one listens (so processes configured with different subsets of the sockets still meet), and
+sends the hello; a link to a guest goes through its VMM; any other context is
+``DstUnreachable``. Mirrored regions and streamed queue pairs (``mirror_link``) use plain
+streams, between the host and the guests only: the owner's ``ListenerSet`` at
+``<uds_path>_<rid>`` of every socket (``listen_stream``), the host's connection through the
+guest's VMM (``connect_stream``).
 
 Streams carry the vsock transport's stream mode (``transport.vsock``): the 8-byte hello, then
 frames back to back; the guest must run the vsock transport with ``VSOCKCOMPAT_VSOCK_MODE=stream``
@@ -48,21 +55,23 @@ Verdicts flow back on each stream as they do over vsock, so the guest and the ho
 when the other denies them DG_SEND.
 
 Liveness (``endpoint_alive``, which the discovery daemon uses to drop the entries of endpoints
-that are gone): a host endpoint is alive while a Unix socket listens at its ``host_path``
-(``/proc/net/unix``, no traffic). A guest endpoint is probed through the VMM: ``CONNECT
-<port>`` answered ``OK`` is alive (the probe then sends a hello of one of our endpoints and
-closes, so the guest sees a link that ends, not a refused connection); a VMM that closes, or
-that is gone, says it is not; no answer within ``PROBE_TIMEOUT`` seconds counts as alive.
+that are gone): a host endpoint is alive while a Unix socket listens at one of its
+``host_path`` files (``/proc/net/unix``, no traffic). A guest endpoint is probed through its VMM:
+``CONNECT <port>`` answered ``OK`` is alive (the probe then sends a hello of one of our
+endpoints and closes, so the guest sees a link that ends, not a refused connection); a VMM that
+closes, or that is gone, says it is not; no answer within ``PROBE_TIMEOUT`` seconds counts as
+alive.
 """
 import contextlib
 import errno
 import os
 import re
+import select
 import socket
 import struct
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..constants import VMCI_HOST_CONTEXT_ID, VMCI_WELL_KNOWN_CONTEXT_ID
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoResources, Timeout
@@ -131,29 +140,97 @@ def unix_listening(path: str) -> bool:
     return False
 
 
+class VMMSocket(NamedTuple):
+    """One VMM's hybrid-vsock Unix socket and the CID of the guest behind it."""
+
+    uds_path: str
+    guest_cid: int
+
+    def port_path(self, rid: int) -> str:
+        """Where this VMM delivers its guest's connections to host port ``rid``."""
+        return "%s_%d" % (self.uds_path, rid)
+
+    def host_path(self, rid: int) -> str:
+        """Where the host's processes connect to the endpoint on port ``rid`` (this socket's)."""
+        return self.port_path(rid) + HOST_SUFFIX
+
+
+class ListenerSet:
+    """Listening stream sockets of one port, one per VMM socket, used as one listening socket
+    (for ``mirror_link``): ``fileno()`` is readable while any has a connection waiting (an
+    epoll descriptor), ``accept()`` takes the next from whichever has one (``BlockingIOError``
+    when none has, in non-blocking mode), ``close()`` closes them all. ``paths`` are the paths
+    they are bound at; the set does not unlink them."""
+
+    def __init__(self, socks: List[socket.socket], paths: Tuple[str, ...]):
+        self.socks = tuple(socks)
+        self.paths = paths
+        self._blocking = True
+        self._epoll = select.epoll()
+        try:
+            for sock in self.socks:
+                sock.setblocking(False)
+                self._epoll.register(sock.fileno(), select.EPOLLIN)
+        except BaseException:
+            self._epoll.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self._blocking = bool(flag)
+
+    def accept(self):
+        """``(conn, address)`` of the next waiting connection."""
+        while True:
+            for sock in self.socks:
+                try:
+                    return sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+            if not self._blocking:
+                raise BlockingIOError(errno.EAGAIN, "no connection waits")
+            self._epoll.poll()
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self._epoll.close()
+
+
 class HybridTransport(StreamLinks, Transport):
-    """Host endpoints behind a VMM's hybrid-vsock Unix sockets; the peers are its guest and the
-    host's other processes on the same socket."""
+    """Host endpoints behind VMMs' hybrid-vsock Unix sockets; the peers are their guests and the
+    host's other processes."""
 
     name = "hybrid"
     features = frozenset({"dgram", "peer-identity", "verdicts"})
 
-    def __init__(self, core, uds_path: str, guest_cid: int = 3, *, context: Optional[int] = None):
-        """``uds_path``: the VMM's socket; ``guest_cid``: its guest's CID; ``context``: None or 2
-        (the host), or 1 (the well-known context, for the discovery daemon). Opens nothing yet."""
-        uds_path = os.path.abspath(uds_path)
-        if len(uds_path) + len("_4294967295" + HOST_SUFFIX) > _SUN_PATH_MAX:
-            raise TransportUnavailable("the VMM socket path %r is too long for Unix socket paths "
-                                       "with a port suffix" % uds_path)
-        if not os.path.isdir(os.path.dirname(uds_path)):
-            raise TransportUnavailable("the directory of the VMM socket %r does not exist" % uds_path)
-        if not 2 < guest_cid < 0xFFFFFFFF:
-            raise TransportUnavailable("guest CID %d is not a guest's" % guest_cid)
+    def __init__(self, core, guests: Sequence[Tuple[str, int]], *, context: Optional[int] = None):
+        """``guests``: the VMM sockets, ``(uds_path, guest_cid)`` pairs with distinct CIDs and
+        paths; ``context``: None or 2 (the host), or 1 (the well-known context, for the
+        discovery daemon). Opens nothing yet; raises TransportUnavailable for what cannot work."""
+        if not guests:
+            raise TransportUnavailable("the hybrid transport needs at least one VMM socket")
+        vmms = tuple(VMMSocket(os.path.abspath(uds), cid) for uds, cid in guests)
+        for vmm in vmms:
+            if len(vmm.uds_path) + len("_4294967295" + HOST_SUFFIX) > _SUN_PATH_MAX:
+                raise TransportUnavailable("the VMM socket path %r is too long for Unix socket "
+                                           "paths with a port suffix" % vmm.uds_path)
+            if not os.path.isdir(os.path.dirname(vmm.uds_path)):
+                raise TransportUnavailable("the directory of the VMM socket %r does not exist"
+                                           % vmm.uds_path)
+            if not 2 < vmm.guest_cid < 0xFFFFFFFF:
+                raise TransportUnavailable("guest CID %d is not a guest's" % vmm.guest_cid)
+        self._by_cid = {vmm.guest_cid: vmm for vmm in vmms}
+        self._by_uds = {vmm.uds_path: vmm for vmm in vmms}
+        if len(self._by_cid) != len(vmms) or len(self._by_uds) != len(vmms):
+            raise TransportUnavailable("each VMM socket needs a path and a guest CID of its own: %s"
+                                       % ", ".join("%s=%d" % vmm for vmm in vmms))
         if context not in (None,) + _HOST_CONTEXTS:
             raise TransportUnavailable("on the hybrid transport a process is in context 2 (the "
                                        "host) or 1 (the discovery service), not in %d" % context)
-        self.uds_path = uds_path
-        self.guest_cid = guest_cid
+        self.vmms = vmms
         self._cid = VMCI_HOST_CONTEXT_ID if context is None else context
         self._well_known = self._cid == VMCI_WELL_KNOWN_CONTEXT_ID
         self._core = core
@@ -166,18 +243,31 @@ class HybridTransport(StreamLinks, Transport):
     def local_cid(self) -> int:
         return self._cid
 
-    def port_path(self, rid: int) -> str:
-        """Where the VMM delivers the guest's connections to host port ``rid``."""
-        return "%s_%d" % (self.uds_path, rid)
+    @property
+    def guest_cids(self) -> Tuple[int, ...]:
+        """The CIDs of the guests behind the VMM sockets, in their order."""
+        return tuple(vmm.guest_cid for vmm in self.vmms)
 
-    def host_path(self, rid: int) -> str:
+    def port_paths(self, rid: int) -> Tuple[str, ...]:
+        """Where the VMMs deliver their guests' connections to host port ``rid``."""
+        return tuple(vmm.port_path(rid) for vmm in self.vmms)
+
+    def host_paths(self, rid: int) -> Tuple[str, ...]:
         """Where the host's processes connect to the endpoint on port ``rid``."""
-        return self.port_path(rid) + HOST_SUFFIX
+        return tuple(vmm.host_path(rid) for vmm in self.vmms)
+
+    def _vmm(self, dst: VMCIHandle, what: str) -> VMMSocket:
+        """The VMM socket of the guest ``dst.context``; DstUnreachable if there is none."""
+        vmm = self._by_cid.get(dst.context)
+        if vmm is None:
+            raise DstUnreachable("context %d cannot be reached: %s reach guests %s only"
+                                 % (dst.context, what, ", ".join(map(str, self.guest_cids))))
+        return vmm
 
     # Endpoints
 
     def bind(self, resource: Optional[int]) -> Bound:
-        rid, socks = self._bind(resource, (self.port_path, self.host_path))
+        rid, socks = self._bind(resource, lambda r: self.port_paths(r) + self.host_paths(r))
         try:
             for sock in socks:
                 sock.listen(socket.SOMAXCONN)
@@ -198,22 +288,22 @@ class HybridTransport(StreamLinks, Transport):
         return Bound(VMCIHandle(self._cid, rid), listener, account, page)
 
     def _unlink(self, rid: int) -> None:
-        for path in (self.port_path(rid), self.host_path(rid)):
+        for path in self.port_paths(rid) + self.host_paths(rid):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    def _try_bind(self, rid: int, paths) -> Optional[List[socket.socket]]:
-        """Sockets bound at ``path(rid)`` for each of ``paths``; None if a live listener holds
-        any (a dead one's file is reclaimed)."""
+    def _try_bind(self, paths: Tuple[str, ...]) -> Optional[List[socket.socket]]:
+        """Sockets bound at each of ``paths``; None if a live listener holds any (a dead one's
+        file is reclaimed)."""
         socks = []
         try:
             for path in paths:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
                 socks.append(sock)
-                if not self._try_bind_path(sock, path(rid)):
+                if not self._try_bind_path(sock, path):
                     for bound in paths[:len(socks) - 1]:
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(bound(rid))
+                            os.unlink(bound)
                     for s in socks:
                         s.close()
                     return None
@@ -248,17 +338,18 @@ class HybridTransport(StreamLinks, Transport):
         finally:
             probe.close()
 
-    def _bind(self, rid: Optional[int], paths):
-        """``(rid, sockets)`` bound at ``rid`` (None: the next free id) for each of ``paths``."""
+    def _bind(self, rid: Optional[int], paths: Callable[[int], Tuple[str, ...]]):
+        """``(rid, sockets)`` bound at each of ``paths(rid)`` (None: the next free id)."""
         if rid is not None:
-            socks = self._try_bind(rid, paths)
+            socks = self._try_bind(paths(rid))
             if socks is None:
-                raise DuplicateEntry("resource id %d is taken (%s is in use)" % (rid, self.port_path(rid)))
+                raise DuplicateEntry("resource id %d is taken (%s is in use)"
+                                     % (rid, " or ".join(paths(rid))))
             return rid, socks
         with self._lock:
             rid = self._next_rid
         for _ in range(AUTO_RID_TRIES):
-            socks = self._try_bind(rid, paths)
+            socks = self._try_bind(paths(rid))
             if socks is not None:
                 with self._lock:
                     self._next_rid = rid + 1 if rid < _MAX_PORT else FIRST_AUTO_RID
@@ -277,15 +368,13 @@ class HybridTransport(StreamLinks, Transport):
     # Links
 
     def connect(self, src: VMCIHandle, dst: VMCIHandle) -> Link:
-        if dst.context != self.guest_cid and dst.context not in _HOST_CONTEXTS:
-            raise DstUnreachable("context %d cannot be reached through %s (its guest is %d)"
-                                 % (dst.context, self.uds_path, self.guest_cid))
+        vmm = None if dst.context in _HOST_CONTEXTS else self._vmm(dst, "these VMM sockets")
         if not 0 <= dst.resource <= _MAX_PORT:
             raise InvalidResource("no endpoint %s" % (tuple(dst),))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            if dst.context == self.guest_cid:
-                self._handshake(sock, dst)
+            if vmm is not None:
+                self._handshake(sock, vmm, dst)
             else:
                 self._connect_host(sock, dst)
             sock.settimeout(None)
@@ -302,82 +391,104 @@ class HybridTransport(StreamLinks, Transport):
         return self._start_link(sock, src, dst, stream=True)
 
     def _connect_host(self, sock: socket.socket, dst: VMCIHandle) -> None:
-        """Connect to a host endpoint's ``host_path``; InvalidResource if none listens there."""
+        """Connect to a host endpoint at the first of its ``host_paths`` that accepts;
+        InvalidResource if none listens."""
         sock.settimeout(HANDSHAKE_TIMEOUT)
-        try:
-            sock.connect(self.host_path(dst.resource))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise InvalidResource("no endpoint %s on this host (%s)"
-                                  % (tuple(dst), self.host_path(dst.resource))) from None
-        except socket.timeout:
-            raise Timeout("endpoint %s did not accept within %gs" % (tuple(dst), HANDSHAKE_TIMEOUT)) from None
+        for path in self.host_paths(dst.resource):
+            try:
+                sock.connect(path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                continue
+            except socket.timeout:
+                raise Timeout("endpoint %s did not accept within %gs"
+                              % (tuple(dst), HANDSHAKE_TIMEOUT)) from None
+        raise InvalidResource("no endpoint %s on this host (%s)"
+                              % (tuple(dst), " or ".join(self.host_paths(dst.resource))))
 
-    def _handshake(self, sock: socket.socket, dst: VMCIHandle, timeout: float = HANDSHAKE_TIMEOUT) -> int:
-        """``CONNECT <port>`` through the VMM; the host port it answers, or a VMCIError."""
+    @staticmethod
+    def _handshake(sock: socket.socket, vmm: VMMSocket, dst: VMCIHandle,
+                   timeout: float = HANDSHAKE_TIMEOUT) -> int:
+        """``CONNECT <port>`` through ``vmm``; the host port it answers, or a VMCIError."""
+        uds = vmm.uds_path
         deadline = time.monotonic() + timeout
         sock.settimeout(timeout)
         try:
-            sock.connect(self.uds_path)
+            sock.connect(uds)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise DstUnreachable("no VMM listens at %s (%s)" % (self.uds_path, exc.strerror)) from None
+            raise DstUnreachable("no VMM listens at %s (%s)" % (uds, exc.strerror)) from None
         except socket.timeout:
-            raise Timeout("the VMM at %s did not accept within %gs" % (self.uds_path, timeout)) from None
+            raise Timeout("the VMM at %s did not accept within %gs" % (uds, timeout)) from None
         try:
             sock.sendall(b"CONNECT %d\n" % dst.resource)
             reply = read_reply(sock, deadline)
         except socket.timeout:
             raise Timeout("the VMM at %s did not answer CONNECT %d within %gs"
-                          % (self.uds_path, dst.resource, timeout)) from None
+                          % (uds, dst.resource, timeout)) from None
         except (ConnectionResetError, BrokenPipeError):
             reply = b""
         if not reply:
             raise InvalidResource("no endpoint %s: the VMM at %s closed the connection instead of "
-                                  "answering CONNECT %d" % (tuple(dst), self.uds_path, dst.resource))
+                                  "answering CONNECT %d" % (tuple(dst), uds, dst.resource))
         port = parse_reply(reply)
         if port is None:
             raise DstUnreachable("the VMM at %s answered CONNECT %d with %r, not OK <port>"
-                                 % (self.uds_path, dst.resource, reply))
+                                 % (uds, dst.resource, reply))
         return port
 
-    # Streams of mirrored regions and queue pairs (``mirror_link``): the guest's side only
+    # Streams of mirrored regions and queue pairs (``mirror_link``): the guests' side only
 
-    def listen_stream(self, resource: Optional[int]) -> Tuple[int, socket.socket]:
-        """A stream listener where the VMM delivers the guest's connections to ``resource``
-        (None: a fresh id), in the id space of this transport's endpoints."""
-        rid, (sock,) = self._bind(resource, (self.port_path,))
+    def listen_stream(self, resource: Optional[int]) -> Tuple[int, ListenerSet]:
+        """A listener where every VMM delivers its guest's connections to ``resource`` (None: a
+        fresh id), in the id space of this transport's endpoints."""
+        rid, socks = self._bind(resource, self.port_paths)
         try:
-            sock.listen(socket.SOMAXCONN)
+            for sock in socks:
+                sock.listen(socket.SOMAXCONN)
+            return rid, ListenerSet(socks, self.port_paths(rid))
         except BaseException:
-            sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.port_path(rid))
+            for sock in socks:
+                sock.close()
+            for path in self.port_paths(rid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             raise
-        return rid, sock
 
     def connect_stream(self, dst: VMCIHandle, timeout: float) -> socket.socket:
-        """A stream to the guest's listener ``dst`` through the VMM; a VMCIError otherwise."""
-        if dst.context != self.guest_cid:
-            raise DstUnreachable("on the hybrid transport mirrored regions and queue pairs reach "
-                                 "the guest (%d) only, not context %d" % (self.guest_cid, dst.context))
+        """A stream to the guest's listener ``dst`` through its VMM; a VMCIError otherwise."""
+        vmm = self._vmm(dst, "on the hybrid transport mirrored regions and queue pairs")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._handshake(sock, dst, timeout)
+            self._handshake(sock, vmm, dst, timeout)
             sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
         return sock
 
+    def arrival_cid(self, sock: socket.socket) -> Optional[int]:
+        """The guest CID of a connection a VMM delivered at ``<uds_path>_<port>`` (the kernel's
+        ``getsockname``), or None when it arrived elsewhere (a ``host_path``, say)."""
+        uds, sep, port = sock.getsockname().rpartition("_")
+        vmm = self._by_uds.get(uds) if sep and port.isdigit() else None
+        return None if vmm is None else vmm.guest_cid
+
     def stream_peer_context(self, sock: socket.socket) -> Optional[int]:
-        """The context of the peer of a stream ``listen_stream`` accepted: the guest's."""
-        return None if sock.getsockname().endswith(HOST_SUFFIX) else self.guest_cid
+        """The guest at the other end of a stream: one ``listen_stream`` accepted (where it
+        arrived), or one ``connect_stream`` made (the VMM socket it is connected to); else None."""
+        cid = self.arrival_cid(sock)
+        if cid is None:
+            vmm = self._by_uds.get(sock.getpeername())
+            cid = None if vmm is None else vmm.guest_cid
+        return cid
 
     # Identity
 
     def _identify_stream(self, conn: socket.socket, hello: Tuple[bool, int]) -> Optional[Peer]:
         well_known, rid = hello
         if not conn.getsockname().endswith(HOST_SUFFIX):  # the kernel's word: where it arrived
-            return None if well_known else Peer(VMCIHandle(self.guest_cid, rid), 0, None)
+            cid = self.arrival_cid(conn)
+            return None if well_known or cid is None else Peer(VMCIHandle(cid, rid), 0, None)
         pid, uid, _ = _CREDS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
         if uid != os.getuid():
             return None
@@ -394,28 +505,29 @@ class HybridTransport(StreamLinks, Transport):
     # Introspection
 
     def endpoint_alive(self, handle: VMCIHandle) -> bool:
-        """Whether an endpoint listens at ``handle``: ours, another host process's (on this VMM
-        socket; contexts 1 and 2 share its ports) or the guest's (probed through the VMM)."""
-        if handle.context == self.guest_cid:
-            return self._guest_listening(handle.resource)
+        """Whether an endpoint listens at ``handle``: ours, another host process's (contexts 1
+        and 2 share the host's ports) or a guest's (probed through its VMM)."""
+        vmm = self._by_cid.get(handle.context)
+        if vmm is not None:
+            return self._guest_listening(vmm, handle.resource)
         if handle.context not in _HOST_CONTEXTS or not 0 <= handle.resource <= _MAX_PORT:
             return False
         with self._lock:
             if handle.context == self._cid and handle.resource in self._bound:
                 return True
-        return unix_listening(self.host_path(handle.resource))
+        return any(unix_listening(path) for path in self.host_paths(handle.resource))
 
     resource_alive = endpoint_alive
 
-    def _guest_listening(self, port: int) -> bool:
-        """Probe the guest's ``port`` through the VMM (see the module docstring)."""
+    def _guest_listening(self, vmm: VMMSocket, port: int) -> bool:
+        """Probe the guest's ``port`` through its VMM (see the module docstring)."""
         if not 0 <= port <= _MAX_PORT:
             return False
         with self._lock:
             ours = next(iter(self._bound), None)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._handshake(sock, VMCIHandle(self.guest_cid, port), PROBE_TIMEOUT)
+            self._handshake(sock, vmm, VMCIHandle(vmm.guest_cid, port), PROBE_TIMEOUT)
             if ours is not None:
                 sock.sendall(encode_hello(ours, self._well_known))
             return True
@@ -427,5 +539,5 @@ class HybridTransport(StreamLinks, Transport):
             sock.close()
 
 
-__all__ = ["HybridTransport", "HANDSHAKE_TIMEOUT", "HOST_SUFFIX", "PROBE_TIMEOUT", "parse_reply",
-           "read_reply", "unix_listening"]
+__all__ = ["HybridTransport", "ListenerSet", "VMMSocket", "HANDSHAKE_TIMEOUT", "HOST_SUFFIX",
+           "PROBE_TIMEOUT", "parse_reply", "read_reply", "unix_listening"]
