@@ -18,7 +18,7 @@ from vsockcompat.constants import (
     VMCI_ERROR_NO_MORE_DATAGRAMS,
     VMCI_MAX_DG_PAYLOAD_SIZE,
 )
-from vsockcompat.handles import VMCIHandle
+from vsockcompat.handles import VMCI_INVALID_HANDLE, VMCIHandle
 
 Peer = namedtuple("Peer", "handle pid")
 SENDER = Peer(VMCIHandle(3, 1024), 4242)
@@ -258,3 +258,52 @@ def test_an_endpoint_does_not_live_on_through_its_fastpath(runtime):
             assert ref() is None and fast.closing
         finally:
             gc.enable()
+
+
+# The SDK calls: the common case in one core call, anything else checked as before.
+
+
+@pytest.fixture
+def lib(runtime):
+    from vsockcompat.sdk import VMCILibrary
+
+    library = VMCILibrary(runtime)
+    assert library.VMCI_InitApp(None) == 0
+    yield library
+    library.VMCI_CleanupApp()
+
+
+class Id(int):
+    """An int subclass: a valid id, though not an exact int."""
+
+
+def test_sdk_handles_that_only_look_like_ours_are_checked(lib):
+    a, b = lib.VMCIDatagram_CreateHnd(0), lib.VMCIDatagram_CreateHnd(0)
+    buf = bytearray(8)
+    bad = [VMCIHandle(float(a.context), a.resource), VMCIHandle(True, 1), VMCIHandle(a.context, -1),
+           VMCIHandle(a.context, 2**32), VMCIHandle([a.context], a.resource), VMCIHandle(a.context, None)]
+    for handle in bad:
+        assert lib.VMCIDatagram_SendTo(b, handle, 1, b"x") == VMCI_ERROR_INVALID_ARGS, handle
+        assert lib.VMCIDatagram_SendTo(handle, a, 1, b"x") == VMCI_ERROR_INVALID_ARGS, handle
+        assert lib.VMCIDatagram_RecvFrom(handle, buf) == (VMCI_ERROR_INVALID_ARGS, VMCI_INVALID_HANDLE), handle
+    for length in (True, 1.0, Id(1)):
+        rc = lib.VMCIDatagram_SendTo(b, a, length, b"x")
+        assert rc == (25 if type(length) is Id else VMCI_ERROR_INVALID_ARGS), length
+    # Equal, but not VMCIHandles of exact ints: still ours, through the checked path.
+    assert lib.VMCIDatagram_SendTo((b.context, b.resource), VMCIHandle(Id(a.context), a.resource), 2, b"yz") == 26
+    assert lib.VMCIDatagram_RecvFrom((b.context, Id(b.resource)), memoryview(buf)) == (1, a)
+    assert lib.VMCIDatagram_RecvFrom(b, buf) == (2, a) and bytes(buf[:2]) == b"yz"
+
+
+def test_sdk_buffers_that_are_not_contiguous_bytes_are_invalid_args(lib):
+    a, b = lib.VMCIDatagram_CreateHnd(0), lib.VMCIDatagram_CreateHnd(0)
+    strided = memoryview(bytearray(16))[::2]
+    assert lib.VMCIDatagram_SendTo(b, a, 4, strided) == VMCI_ERROR_INVALID_ARGS
+    assert lib.VMCIDatagram_SendTo(b, a, 4, "text") == VMCI_ERROR_INVALID_ARGS
+    words = memoryview(bytearray(8)).cast("I")  # 2 items, 8 bytes: the length counts bytes
+    assert lib.VMCIDatagram_SendTo(b, a, 8, words) == 32
+    assert lib.VMCIDatagram_RecvFrom(b, strided) == (VMCI_ERROR_INVALID_ARGS, VMCI_INVALID_HANDLE)
+    assert lib.VMCIDatagram_RecvFrom(b, memoryview(b"read-only")) == (VMCI_ERROR_INVALID_ARGS,
+                                                                       VMCI_INVALID_HANDLE)
+    into = memoryview(bytearray(8)).cast("I")
+    assert lib.VMCIDatagram_RecvFrom(b, into) == (8, a) and into.tobytes() == bytes(8)
