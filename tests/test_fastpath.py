@@ -73,6 +73,17 @@ def test_a_round_trip_through_the_fastpath(bed):
     assert bed.account.queued() == 0 and not fast.recv_lock.locked()
 
 
+def test_lengths_and_buffer_kinds_may_change_from_send_to_send(bed):
+    words = memoryview(bytearray(b"abcdefgh")).cast("I")
+    sends = [(b"12345", 5), (bytearray(b"123"), 3), (b"12345", 5), (words, 8), (words, 6),
+             (memoryview(b"xyz")[1:], 2), (b"", 0), (bytearray(b"tail!"), 4)]
+    for buf, length in sends:
+        assert bed.fast.send_status(DST, buf, length) == 24 + length
+    for buf, length in sends:
+        assert bed.fast.recv_status(bed.buf) == (length, SENDER.handle)
+        assert bytes(bed.buf[:length]) == bytes(memoryview(buf).cast("B"))[:length]
+
+
 def test_a_destination_without_a_link_goes_to_the_slow_path(bed):
     other = VMCIHandle(2, 4000)
     payload = b"abc"
