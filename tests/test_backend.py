@@ -61,7 +61,8 @@ def test_both_cores_have_the_same_signatures():
             assert a == b, name
     methods = {"Account": ("initialise", "is_valid", "mark_closed", "queued", "release_memory"),
                "Link": ("send", "close"),
-               "Receiver": ("fileno", "add", "remove", "recv", "close")}
+               "Receiver": ("fileno", "add", "remove", "recv", "close"),
+               "Fastpath": ("add_link", "drop_link", "clear_links", "send_status", "recv_status")}
     for cls, names in methods.items():
         for method in names:
             a, b = getattr(getattr(cy, cls), method), getattr(getattr(py, cls), method)

@@ -316,7 +316,7 @@ class Rx:
     """A Receiver of one core over a page, a listener, a wake pipe and one sender connection
     (blocking, as endpoints accept them, so that the receiver may read it hot)."""
 
-    def __init__(self, core, page, tmp_path, sender_core=None, blocking=True):
+    def __init__(self, core, page, tmp_path, sender_core=None, blocking=True, tag="tag-3"):
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind(str(tmp_path / "listener"))
         self.listener.listen(4)
@@ -327,7 +327,7 @@ class Rx:
         self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.b.setblocking(blocking)
         self.a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-        self.rx.add(self.b, 3, 1024, "tag-3")
+        self.rx.add(self.b, 3, 1024, tag)
         self.link = (sender_core or core).Link(self.a, page.account(sender_core or core), 2, 1025, 3, 1024)
         self.words = memoryview(page.map).cast("Q")
         self.buf, self.spill = bytearray(256), bytearray(VMCI_MAX_DG_PAYLOAD_SIZE + 1)

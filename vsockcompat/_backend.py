@@ -24,6 +24,7 @@ CORE_API = (
     "recv_datagram",
     "Link",
     "Receiver",
+    "Fastpath",
     "QP_PAGE_SIZE",
     "QP_MAX_RING_SIZE",
     "QP_WAITING_READ",

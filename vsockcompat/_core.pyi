@@ -5,7 +5,7 @@ Status codes: a non-negative frame size (header included), a negative VMCI
 error code, or one of the core's own statuses below (all <= -2001, below the VMCI range).
 """
 import socket
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -105,6 +105,48 @@ class Receiver:
         past its end, in ``spill``), or ``(status, None)``: DENIED (``buf`` zeroed where the
         dropped payload was) or a status of ``recv``."""
     def close(self) -> None: ...
+
+class Fastpath:
+    """One endpoint's per-datagram calls, each one call into the core: what
+    ``DatagramEndpoint.send_status`` / ``recv_status`` are, and the SDK's
+    ``VMCIDatagram_SendTo`` / ``VMCIDatagram_RecvFrom`` make.
+
+    Whatever is not the common case goes to the endpoint's ``send_slow`` and
+    ``recv_slow``, which the Fastpath calls with the arguments it was given.
+    The counters and the attributes below are the endpoint's state; the
+    endpoint's slow paths read and write them.
+    """
+
+    recv_lock: Any  # like threading.Lock: recv_status and recv_slow run holding it
+    closing: bool  # once True: send_status gives INVALID_ARGS, recv_status NO_MORE_DATAGRAMS
+    held: Optional[object]  # a datagram recv_slow keeps for the next receive (None: none)
+    last_peer: object  # the tag of the last datagram delivered
+    sent: int  # datagrams sent
+    received: int  # datagrams delivered
+    def __init__(
+        self,
+        receiver: Receiver,
+        spill: WritableBuffer,
+        send_slow: Callable[[Any, Buffer, int, Optional[Link]], int],
+        recv_slow: Callable[[WritableBuffer, Optional[float], Optional[int], object], Tuple[int, Any]],
+    ) -> None:
+        """Receive with ``receiver.take`` (``spill`` as its spill buffer): every tag given to
+        ``receiver.add`` has a ``handle``, the source ``recv_status`` returns."""
+    def add_link(self, dst: Any, link: Link) -> None:
+        """Send to ``dst`` (a hashable destination) on ``link`` from now on."""
+    def drop_link(self, dst: Any) -> None: ...
+    def clear_links(self) -> None: ...
+    def send_status(self, dst: Any, buf: Buffer, length: int) -> int:
+        """``link.send(buf, length)`` on the link of ``dst``: the frame size, or a VMCI code
+        (INVALID_ARGS once ``closing``). With no link for ``dst``, or when the link returns
+        one of the core's statuses (PEER_GONE, STALE), ``send_slow(dst, buf, length, link or
+        None)`` instead. Counts ``sent``."""
+    def recv_status(self, buf: WritableBuffer, timeout: Optional[float] = None) -> Tuple[int, Any]:
+        """Under ``recv_lock``: ``(NO_MORE_DATAGRAMS, None)`` once ``closing``;
+        ``recv_slow(buf, timeout, None, None)`` if something is ``held`` or a ``timeout`` is
+        given; else ``receiver.take(buf, spill, None)``: a datagram that fits in ``buf`` gives
+        ``(payload_length, tag.handle)`` (``last_peer`` = tag, counts ``received``), anything
+        else ``recv_slow(buf, None, status, tag)``."""
 
 # Queue-pair rings (vmci-sdk.md sections 3.4 and 11.2; layout in src/vsc_ring.h).
 # A queue is a 4096-byte header page (VMCIQueueHeader at offset 0: handle,

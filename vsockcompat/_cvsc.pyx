@@ -250,6 +250,9 @@ cdef class Link:
 
     def send(self, payload, Py_ssize_t length):
         """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``)."""
+        return self._send(payload, length)
+
+    cdef int _send(self, payload, Py_ssize_t length) except? -1:
         cdef Py_buffer view
         cdef int rc, err
         if self._watch and _acl_epoch(self._page) != self._epoch:
@@ -426,6 +429,13 @@ cdef class Receiver:
         connection was read and dropped; ``buf`` holds zeros in its place) or a
         status of ``recv``. See ``watch_acl`` for the privilege re-check.
         """
+        cdef Py_ssize_t status
+        tag = self._take(buf, spill, timeout, &status)
+        return status, tag
+
+    cdef object _take(self, buf, spill, timeout, Py_ssize_t *status, Py_ssize_t *room=NULL):
+        """``take``: returns the tag, the payload length or the status in ``*status``, the size
+        of ``buf`` in ``*room``."""
         cdef Py_buffer bview
         cdef ssize_t n
         cdef uint64_t epoch
@@ -434,9 +444,12 @@ cdef class Receiver:
         self._hold_spill(spill)
         PyObject_GetBuffer(buf, &bview, PyBUF_WRITABLE)
         try:
+            if room != NULL:
+                room[0] = bview.len
             n = self._wait(&bview, timeout)
+            status[0] = n
             if n < 0:
-                return n, None
+                return None
             fd = self._rx.last_fd
             length = n - VMCI_DG_HEADERSIZE
             if self._recheck is not None:
@@ -445,14 +458,16 @@ cdef class Receiver:
                     self._epoch = epoch
                     self._stale = False
                     self._recheck()
+            status[0] = VSC_DENIED
             if self._denied and fd in self._denied:
                 memset(bview.buf, 0, <size_t>(length if length < bview.len else bview.len))
-                return VSC_DENIED, None
+                return None
             tag = self._tags.get(fd)
             if tag is None and fd not in self._tags:  # removed by recheck: dropped like a denial
                 memset(bview.buf, 0, <size_t>(length if length < bview.len else bview.len))
-                return VSC_DENIED, None
-            return length, tag
+                return None
+            status[0] = length
+            return tag
         finally:
             PyBuffer_Release(&bview)
 
@@ -508,3 +523,4 @@ def recv_datagram(sock, Account account not None, buf, spill):
 
 
 include "_cring.pxi"
+include "_cfast.pxi"

@@ -42,12 +42,14 @@ _LOCK_OFFSET = 64  # robust process-shared pthread mutex, shared with the C core
 
 # The account lock is the C core's pthread mutex, taken through libc so both cores exclude each other.
 _libc = ctypes.CDLL(None, use_errno=True)
+# The pthread calls return their error: a handle without use_errno, which costs every call.
+_pthread_libc = ctypes.CDLL(None)
 _PTHREAD_PROCESS_SHARED = 1
 _PTHREAD_MUTEX_ROBUST = 1
 
 
 def _pthread(name):
-    function = getattr(_libc, name)
+    function = getattr(_pthread_libc, name)
     function.restype = ctypes.c_int
     return function
 
@@ -73,7 +75,10 @@ def _acquire(lock):
 
 _HEADER = struct.Struct(DG_HEADER_FORMAT)
 _SMALL = 4096  # payloads up to this size are sent as one joined buffer
-_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+# Plain ints: the socket module's flags are IntFlag members, whose "&" runs Python code.
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_SEND_FLAGS = _MSG_DONTWAIT | int(socket.MSG_NOSIGNAL)
 _EMPTY = b""
 
 _SEND_ERRNO_STATUS = {
@@ -226,7 +231,7 @@ class Link:
     Thread-safe: sends and ``close`` serialise on the receiver's account lock.
     """
 
-    __slots__ = ("_sock", "_account", "_handles", "_closed", "_epoch", "_words", "_lock")
+    __slots__ = ("_sock", "_account", "_handles", "_closed", "_epoch", "_words", "_lock", "_header")
 
     def __init__(self, sock, account, dst_context, dst_resource, src_context, src_resource):
         self._sock = sock
@@ -236,6 +241,7 @@ class Link:
         self._epoch = None
         self._words = account._words
         self._lock = ctypes.c_void_p(account.lock)  # converted once: ctypes calls are the cost here
+        self._header = (-1, None)  # (length, header) of the last send: a stream repeats its length
 
     def watch_acl(self):
         """See the Cython core: ``send`` returns STALE once the receiver's ACL epoch word changes."""
@@ -249,16 +255,23 @@ class Link:
         words = self._words
         if self._epoch is not None and words[_W_ACL_EPOCH] != self._epoch:
             return STALE
-        if type(payload) is bytes:
+        if type(payload) is bytes or type(payload) is bytearray:
             if length < 0 or length > len(payload) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
                 return VMCI_ERROR_INVALID_ARGS
             data = payload if length == len(payload) else payload[:length]
         else:
-            view = memoryview(payload).cast("B")
+            view = memoryview(payload)
+            if view.itemsize != 1 or view.ndim != 1:
+                view = view.cast("B")
             if length < 0 or length > len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
                 return VMCI_ERROR_INVALID_ARGS
             data = view[:length]
-        header = _HEADER.pack(*self._handles, length)
+        header = self._header
+        if header[0] == length:
+            header = header[1]
+        else:
+            self._header = (length, _HEADER.pack(*self._handles, length))
+            header = self._header[1]
         lock = self._lock
         rc = _mutex_lock(lock)
         if rc and (rc != errno.EOWNERDEAD or _mutex_consistent(lock)):
@@ -302,7 +315,7 @@ def recv_datagram(sock, account, buf, spill):
     """
     header = bytearray(VMCI_DG_HEADERSIZE)
     try:
-        n, _, flags, _ = sock.recvmsg_into((header, buf, spill), 0, socket.MSG_DONTWAIT)
+        n, _, flags, _ = sock.recvmsg_into((header, buf, spill), 0, _MSG_DONTWAIT)
     except BlockingIOError:
         return AGAIN, None
     except ConnectionResetError:
@@ -312,7 +325,7 @@ def recv_datagram(sock, account, buf, spill):
     if n == 0:
         return PEER_GONE, None
     account._release_frame(n)
-    if n < VMCI_DG_HEADERSIZE or flags & socket.MSG_TRUNC:
+    if n < VMCI_DG_HEADERSIZE or flags & _MSG_TRUNC:
         return BAD_FRAME, None
     fields = _HEADER.unpack_from(header)
     if fields[4] != n - VMCI_DG_HEADERSIZE or fields[4] > VMCI_MAX_DG_PAYLOAD_SIZE:
@@ -456,7 +469,7 @@ class Receiver:
             self.last_fd = conn[4]
             header = self._header
             try:
-                n, _, flags, _ = conn[0].recvmsg_into((header, buf, spill), 0, 0 if hot else socket.MSG_DONTWAIT)
+                n, _, flags, _ = conn[0].recvmsg_into((header, buf, spill), 0, 0 if hot else _MSG_DONTWAIT)
             except BlockingIOError:
                 if hot:
                     self._hot = None  # nothing came in time: wait on everything
@@ -474,7 +487,7 @@ class Receiver:
             produced = words[_W_PRODUCED]
             consumed = words[_W_CONSUMED] + n
             words[_W_CONSUMED] = consumed if consumed <= produced else max(produced, consumed - n)
-            if n < VMCI_DG_HEADERSIZE or flags & socket.MSG_TRUNC:
+            if n < VMCI_DG_HEADERSIZE or flags & _MSG_TRUNC:
                 return BAD_FRAME
             dc, dr, sc, sr, size = _HEADER.unpack_from(header)
             if size != n - VMCI_DG_HEADERSIZE or size > VMCI_MAX_DG_PAYLOAD_SIZE:
@@ -512,3 +525,4 @@ class Receiver:
 
 
 from ._pure_ring import *  # noqa
+from ._pure_fast import Fastpath  # noqa: E402  (it needs the names above)

@@ -35,8 +35,6 @@ log = logging.getLogger("vsockcompat")
 _SPILL_SIZE = VMCI_MAX_DG_PAYLOAD_SIZE + 1
 #: Links (cached connections to destinations) an endpoint keeps at most; the oldest go first.
 MAX_LINKS = 256
-#: The cores' own statuses (PEER_GONE, STALE, ...) are at or below this; VMCI codes are above.
-_CORE_STATUS_FLOOR = -2001
 
 
 class Datagram(NamedTuple):
@@ -49,14 +47,24 @@ class Datagram(NamedTuple):
 class EndpointStats:
     """Counters of one endpoint (what was received, dropped and why)."""
 
-    __slots__ = ("received", "sent", "bad_frames", "forged", "denied", "refused_connections", "bad_verdicts")
+    __slots__ = ("_fast", "bad_frames", "forged", "denied", "refused_connections", "bad_verdicts")
+    _NAMES = ("received", "sent") + __slots__[1:]
 
-    def __init__(self):
-        for name in self.__slots__:
+    def __init__(self, fast):
+        self._fast = fast  # the core's Fastpath counts what it sends and delivers
+        for name in self.__slots__[1:]:
             setattr(self, name, 0)
 
+    @property
+    def received(self) -> int:
+        return self._fast.received
+
+    @property
+    def sent(self) -> int:
+        return self._fast.sent
+
     def as_dict(self) -> Dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self._NAMES}
 
     def __repr__(self):
         return "EndpointStats(%s)" % ", ".join("%s=%d" % kv for kv in self.as_dict().items())
@@ -94,6 +102,17 @@ def _weak_call(obj, function) -> Callable[[], None]:
     return call
 
 
+def _weak_method(obj, name: str, gone):
+    """``obj.name(*args)`` without keeping ``obj`` alive; ``gone`` once it is."""
+    ref = weakref.ref(obj)
+
+    def call(*args):
+        target = ref()
+        return gone if target is None else getattr(target, name)(*args)
+
+    return call
+
+
 def _byte_view(buf, writable: bool) -> memoryview:
     view = memoryview(buf)
     if writable and view.readonly:
@@ -110,6 +129,19 @@ class DatagramEndpoint:
     callback to ``on_receive`` to receive on a thread. ``fileno()`` is
     readable when a receive may make progress (for select/poll/asyncio).
     Errors raise the VMCIError subclass of the SDK code.
+
+    The per-datagram calls the SDK functions make, each one call into the core:
+
+    ``send_status(dst, buf, length)``
+        Send ``length`` bytes of ``buf`` to ``dst``; the frame size or a VMCI
+        error code. ``dst`` must already be a VMCIHandle.
+    ``recv_status(buf, timeout=None)``
+        Receive one datagram into ``buf`` (a writable 1-D byte view). Returns
+        ``(payload_length, src)`` or ``(negative VMCI code, None)``:
+        VMCI_ERROR_NO_MEM if the next datagram does not fit (it stays queued),
+        VMCI_ERROR_TIMEOUT when ``timeout`` seconds pass,
+        VMCI_ERROR_NO_MORE_DATAGRAMS if the endpoint is closed meanwhile.
+        ``timeout=None`` blocks.
     """
 
     def __init__(self, resource: Optional[int] = None, *, runtime: Optional[Runtime] = None):
@@ -122,13 +154,20 @@ class DatagramEndpoint:
         self._access = self._runtime.access
         self._bound = self._transport.bind(resource)
         self.handle: VMCIHandle = self._bound.handle
-        self.stats = EndpointStats()
         self._listener = self._bound.listener
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._rx = self._core.Receiver(self._listener, self._wake_r, self._bound.account,
                                        self.handle.context, self.handle.resource)
+        self._spill = bytearray(_SPILL_SIZE)
+        self._fast = self._core.Fastpath(self._rx, self._spill,
+                                         _weak_method(self, "_send_slow", VMCI_ERROR_INVALID_ARGS),
+                                         _weak_method(self, "_recv_slow", (VMCI_ERROR_NO_MORE_DATAGRAMS, None)))
+        self.send_status = self._fast.send_status
+        self.recv_status = self._fast.recv_status
+        self._recv_lock = self._fast.recv_lock
+        self.stats = EndpointStats(self._fast)
         self._conns: Dict[int, tuple] = {}
         #: Connections whose sender may not reach us: the core reads their datagrams and drops them.
         self._denied_fds = set()
@@ -138,50 +177,29 @@ class DatagramEndpoint:
         self._told: Dict[int, bool] = {}
         self._verdict_lock = threading.Lock()
         self._rx.watch_acl(_weak_call(self, lambda endpoint: endpoint._recheck_access()))
+        #: dst -> link; the core's Fastpath has the same links (``add_link``) for its sends.
         self._links: Dict[VMCIHandle, _OpenLink] = {}
-        #: dst -> the core sender of ``_links[dst]``: the send fast path's one lookup.
-        self._senders: Dict[VMCIHandle, object] = {}
-        self._last_sender = (None, None)  # (dst, sender) of the last send
         self._link_error = None  # (dst, VMCIError): why the last link could not be opened
         self._link_lock = threading.Lock()
-        self._recv_lock = threading.Lock()
-        self._held: Optional[Datagram] = None
-        self._spill = bytearray(_SPILL_SIZE)
-        self._closing = False
         self._closed = False
         self._receiver: Optional[threading.Thread] = None
-        #: The kernel-verified sender (handle, pid, uid) of the last datagram received.
-        self.last_peer = None
         self._access.watch(self)
+
+    @property
+    def _closing(self) -> bool:
+        return self._fast.closing
+
+    @property
+    def last_peer(self):
+        """The kernel-verified sender (handle, pid, uid) of the last datagram received."""
+        return self._fast.last_peer
 
     # Sending
 
-    def send_status(self, dst: VMCIHandle, buf, length: int) -> int:
-        """Send ``length`` bytes of ``buf`` to ``dst``; the frame size or a VMCI error code.
-
-        ``dst`` must already be a VMCIHandle; ``length`` must fit in ``buf``.
-        """
-        if self._closing:
-            return VMCI_ERROR_INVALID_ARGS
-        last = self._last_sender
-        if last[0] is dst:  # a sender replying, or a client, names one handle object again and again
-            sender = last[1]
-        else:
-            sender = self._senders.get(dst)
-            if sender is None:
-                return self._send_slow(dst, buf, length, None)
-            self._last_sender = (dst, sender)
-        rc = sender.send(buf, length)
-        if rc >= 0:
-            self.stats.sent += 1
-            return rc
-        if rc > _CORE_STATUS_FLOOR:  # a VMCI code, not the core's PEER_GONE or STALE
-            return rc
-        return self._send_slow(dst, buf, length, sender)
-
     def _send_slow(self, dst: VMCIHandle, buf, length: int, failed) -> int:
-        """``send_status`` through a fresh link: none was cached, or the sender ``failed``
-        found its receiver gone or its privileges changed (then one fresh attempt)."""
+        """``send_status`` through a fresh link (the Fastpath calls this): none was cached, or
+        the sender ``failed`` found its receiver gone or its privileges changed (then one
+        fresh attempt)."""
         attempts = 2
         if failed is not None:
             attempts = 1
@@ -199,9 +217,9 @@ class DatagramEndpoint:
                 return exc.code
             rc = state.sender.send(buf, length)
             if rc >= 0:
-                self.stats.sent += 1
+                self._fast.sent += 1
                 return rc
-            if rc > _CORE_STATUS_FLOOR:
+            if rc > self._core.AGAIN:  # a VMCI code; the core's own statuses are <= AGAIN
                 return rc
             rc = self._judged_send(dst, state, buf, length)
             if rc is not None:
@@ -221,9 +239,9 @@ class DatagramEndpoint:
             return VMCI_ERROR_NO_ACCESS
         rc = state.sender.send(buf, length)
         if rc >= 0:
-            self.stats.sent += 1
+            self._fast.sent += 1
             return rc
-        return rc if rc > _CORE_STATUS_FLOOR else None
+        return rc if rc > self._core.AGAIN else None
 
     def send(self, dst, data, length: Optional[int] = None) -> int:
         """Send a datagram to ``dst``; return the payload length sent. Raises VMCIError."""
@@ -276,7 +294,7 @@ class DatagramEndpoint:
                     self._transport.disconnect(self.handle, link)
                     raise
                 self._links[dst] = state
-                self._senders[dst] = sender
+                self._fast.add_link(dst, sender)
             return state
 
     def _stale_links(self) -> list:
@@ -307,8 +325,7 @@ class DatagramEndpoint:
             if self._links.get(dst) is not state:
                 return
             del self._links[dst]
-            self._senders.pop(dst, None)
-            self._last_sender = (None, None)
+            self._fast.drop_link(dst)
         state.sender.close()
         self._transport.disconnect(self.handle, state.link)
         if state.link.verdict is not None and state.link.verdict.garbled:
@@ -316,46 +333,24 @@ class DatagramEndpoint:
 
     # Receiving
 
-    def recv_status(self, buf, timeout: Optional[float] = None) -> Tuple[int, Optional[VMCIHandle]]:
-        """Receive one datagram into ``buf`` (a writable 1-D byte view).
-
-        Returns ``(payload_length, src)`` or ``(negative VMCI code, None)``:
-        VMCI_ERROR_NO_MEM if the next datagram does not fit (it stays queued),
-        VMCI_ERROR_TIMEOUT when ``timeout`` seconds pass, VMCI_ERROR_NO_MORE_DATAGRAMS
-        if the endpoint is closed meanwhile. ``timeout=None`` blocks.
-        """
-        lock = self._recv_lock
-        lock.acquire()  # cheaper than "with" (this is the per-datagram path)
-        try:
-            if self._closing:
-                return VMCI_ERROR_NO_MORE_DATAGRAMS, None
-            if self._held is not None:
-                return self._deliver_held(buf)
-            if timeout is not None:
-                return self._recv_slow(buf, time.monotonic() + max(timeout, 0.0))
-            # The core does the whole receive: wait, read, check the source and the privileges.
-            n, peer = self._rx.take(buf, self._spill, None)
-            if peer is not None and n <= len(buf):
-                self.last_peer = peer
-                self.stats.received += 1
-                return n, peer.handle
-            return self._recv_slow(buf, None, n, peer)
-        finally:
-            lock.release()
-
-    def _recv_slow(self, buf, deadline, status=None, peer=None):
-        """The rest of ``recv_status`` (under the receive lock): waits with a deadline,
-        connections to accept, datagrams that do not fit or are dropped, and closing."""
+    def _recv_slow(self, buf, timeout, status, peer):
+        """The rest of ``recv_status`` (the Fastpath calls this under the receive lock): a held
+        datagram, waits with a timeout, connections to accept, datagrams that do not fit or are
+        dropped, and closing. ``status``/``peer``: what the Fastpath's receive got, if any."""
+        fast = self._fast
+        if fast.held is not None:
+            return self._deliver_held(buf)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         core, rx = self._core, self._rx
         while True:
             if status is None:
                 wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 status, peer = rx.take(buf, self._spill, wait)
-            if peer is not None:
-                self.last_peer = peer
-                self.stats.received += 1
+            if status >= 0:
+                fast.last_peer = peer
+                fast.received += 1
                 if status > len(buf):
-                    self._held = Datagram(peer.handle, bytes(buf) + bytes(self._spill[: status - len(buf)]))
+                    fast.held = Datagram(peer.handle, bytes(buf) + bytes(self._spill[: status - len(buf)]))
                     return VMCI_ERROR_NO_MEM, None
                 return status, peer.handle
             if status == core.AGAIN:
@@ -377,11 +372,11 @@ class DatagramEndpoint:
             status = None
 
     def _deliver_held(self, buf):
-        held = self._held
+        held = self._fast.held
         if len(held.payload) > len(buf):
             return VMCI_ERROR_NO_MEM, None
         buf[: len(held.payload)] = held.payload
-        self._held = None
+        self._fast.held = None
         return len(held.payload), held.src
 
     def recv_into(self, buf, timeout: Optional[float] = None) -> Tuple[int, VMCIHandle]:
@@ -522,7 +517,7 @@ class DatagramEndpoint:
         """Destroy the endpoint: pending datagrams are dropped, senders see it gone."""
         if self._closing:
             return
-        self._closing = True
+        self._fast.closing = True
         try:
             os.write(self._wake_w, b"\0")
         except OSError:
@@ -541,8 +536,7 @@ class DatagramEndpoint:
                 self._told.clear()
             with self._link_lock:
                 links, self._links = self._links, {}
-                self._senders = {}
-                self._last_sender = (None, None)
+                self._fast.clear_links()
             for state in links.values():
                 state.sender.close()
                 self._transport.disconnect(self.handle, state.link)

@@ -55,6 +55,17 @@ def _handle_or_none(obj) -> Optional[VMCIHandle]:
         return None
 
 
+def _byte_view_or_none(buf, writable: bool = False) -> Optional[memoryview]:
+    """``buf`` as a contiguous 1-D byte view (writable if asked), or None if it cannot be."""
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        return None
+    if not view.c_contiguous or (writable and view.readonly):
+        return None
+    return view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
+
+
 class VMCILibrary(QueuePairCalls):
     """One instance of the SDK library state (the C library's globals)."""
 
@@ -147,19 +158,28 @@ class VMCILibrary(QueuePairCalls):
 
         Returns the datagram's size including its 24-byte header, as the driver did.
         """
+        # The common case, one core call: handles as the SDK calls return them (exact ints
+        # in range: ``src`` found among ours is), an int length, a bytes-like buffer.
+        if (type(dst) is VMCIHandle and type(src) is VMCIHandle and type(length) is int
+                and (type(buf) is bytes or type(buf) is bytearray)
+                and type(src[0]) is int and type(src[1]) is int):
+            context, resource = dst
+            if type(context) is int and type(resource) is int and 0 <= context <= VMCI_INVALID_ID \
+                    and 0 <= resource <= VMCI_INVALID_ID:  # ids are 32-bit
+                endpoint = self._endpoints.get(src)  # none unless initialised
+                if endpoint is not None:
+                    return endpoint.send_status(dst, buf, length)
+        return self._send_to_checked(dst, src, length, buf)
+
+    def _send_to_checked(self, dst, src, length, buf) -> int:
         if not self._initialised:
             return VMCI_ERROR_UNAVAILABLE
         dst = _handle_or_none(dst)
         src = _handle_or_none(src)
         if dst is None or src is None or not _is_int(length):
             return VMCI_ERROR_INVALID_ARGS
-        try:
-            view = memoryview(buf)
-        except TypeError:
-            return VMCI_ERROR_INVALID_ARGS
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        if not 0 <= length <= len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
+        view = _byte_view_or_none(buf)
+        if view is None or not 0 <= length <= len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
             return VMCI_ERROR_INVALID_ARGS
         endpoint = self._endpoints.get(src)
         if endpoint is None:
@@ -172,21 +192,20 @@ class VMCILibrary(QueuePairCalls):
         Returns ``(payload_length, src)``, or ``(negative code, VMCI_INVALID_HANDLE)``;
         VMCI_ERROR_NO_MEM if ``buf`` is too small (the datagram stays queued).
         """
-        if not self._initialised:
-            return VMCI_ERROR_UNAVAILABLE, VMCI_INVALID_HANDLE
-        handle = _handle_or_none(handle)
-        endpoint = None if handle is None else self._endpoints.get(handle)
+        if type(handle) is VMCIHandle and type(buf) is bytearray and type(handle[0]) is int \
+                and type(handle[1]) is int:  # the common case, one core call
+            endpoint = self._endpoints.get(handle)  # none unless initialised
+        else:
+            endpoint = None
         if endpoint is None:
-            return _NO_HANDLE
-        try:
-            view = memoryview(buf)
-        except TypeError:
-            return _NO_HANDLE
-        if view.readonly:
-            return _NO_HANDLE
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        rv, src = endpoint.recv_status(view)
+            if not self._initialised:
+                return VMCI_ERROR_UNAVAILABLE, VMCI_INVALID_HANDLE
+            handle = _handle_or_none(handle)
+            endpoint = None if handle is None else self._endpoints.get(handle)
+            buf = _byte_view_or_none(buf, writable=True)
+            if endpoint is None or buf is None:
+                return _NO_HANDLE
+        rv, src = endpoint.recv_status(buf)
         return (rv, src) if rv >= 0 else (rv, VMCI_INVALID_HANDLE)
 
     # 4.5 Discovery service
