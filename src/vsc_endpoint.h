@@ -1,6 +1,8 @@
 /*
  * vsockcompat C core: datagram endpoints with the SDK's semantics
- * (vsockcompat/datagram.py, in C) over the local transport.
+ * (vsockcompat/datagram.py, in C) over the local transport or the vsock one
+ * (t->transport; src/vsc_vsock.h), which differ only in how endpoints bind,
+ * links open and close, and accepted connections are identified.
  */
 #ifndef VSC_ENDPOINT_H
 #define VSC_ENDPOINT_H
@@ -8,6 +10,7 @@
 #include <pthread.h>
 
 #include "vsc_local.h"
+#include "vsc_vsock.h"
 
 #define VSC_MAX_LINKS 256
 
@@ -37,6 +40,8 @@ typedef struct vsc_endpoint {
     uint8_t *denied;         /* indexed by fd: 1 if that connection's sender may not reach us */
     int denied_cap, ndenied;
     uint64_t dropped_denied; /* datagrams read and dropped because their sender was denied */
+    vsc_vsock_in **ins;      /* vsock, indexed by fd: the state behind an accepted connection */
+    int ins_cap;
 
     pthread_mutex_t link_lock; /* guards links; held across a send (which never blocks) */
     vsc_ep_link *links;      /* oldest first */

@@ -322,7 +322,18 @@ VSC_EXPORT int VMCIDatagram_RecvFrom(VMCIHandle handle, VMCIHandle *srcOut, void
     return rc;
 }
 
-/* 4.3 Shared memory (src/vsc_shm.c; README "Where the SDK is silent" for the codes) */
+/* 4.3 Shared memory (src/vsc_shm.c; README "Where the SDK is silent" for the codes)
+ *
+ * Over vsock there is no memory shared between kernels and the C library does not mirror
+ * regions (Python does, VSOCKCOMPAT_SHM_MODE): the calls give the codes of Python's vsock
+ * transport without shared memory (VSOCKCOMPAT_SHM_MODE=shared): Create VMCI_INVALID_HANDLE,
+ * Query and Attach VMCI_ERROR_UNAVAILABLE (Attach after the policy's check), Detach
+ * VMCI_ERROR_NOT_FOUND (nothing is ever mapped). */
+
+static int shm_on_vsock(void)
+{
+    return g_transport.transport == VSC_TRANSPORT_VSOCK;
+}
 
 static int region_find(vsc_handle h)
 {
@@ -369,7 +380,7 @@ VSC_EXPORT VMCIHandle VMCISharedMem_Create(uint32 size, void **addrOut)
 
     if (addrOut != NULL)
         *addrOut = NULL;
-    if (!is_initialised() || addrOut == NULL)
+    if (!is_initialised() || addrOut == NULL || shm_on_vsock())
         return INVALID_HANDLE;
     if (vsc_shm_create(&g_transport, size, &r) != VMCI_SUCCESS)
         return INVALID_HANDLE;
@@ -387,6 +398,8 @@ VSC_EXPORT int VMCISharedMem_Query(VMCIHandle handle, uint32 *sizeOut)
         return VMCI_ERROR_UNAVAILABLE;
     if (sizeOut == NULL)
         return VMCI_ERROR_INVALID_ARGS;
+    if (shm_on_vsock())
+        return VMCI_ERROR_UNAVAILABLE;
     return vsc_shm_query(&g_transport, to_vsc(handle), sizeOut);
 }
 
@@ -409,6 +422,8 @@ VSC_EXPORT int VMCISharedMem_Attach(VMCIHandle handle, void **addrOut, uint32 *s
         return VMCI_ERROR_ALREADY_EXISTS;
     if (!vsc_acl_may_attach(&g_transport, g_transport.cid, to_vsc(handle)))
         return VMCI_ERROR_NO_ACCESS;
+    if (shm_on_vsock())
+        return VMCI_ERROR_UNAVAILABLE;
     rc = vsc_shm_attach(&g_transport, to_vsc(handle), *sizeInOut, &r);
     if (rc != VMCI_SUCCESS)
         return rc;
