@@ -22,17 +22,30 @@ static int on_vsock(const vsc_local *t)
     return t->transport == VSC_TRANSPORT_VSOCK;
 }
 
+/* Over vsock an endpoint's privileges live in this process while it lives (vsc_acl.h). */
 static int transport_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
 {
-    return on_vsock(t) ? vsc_vsock_bind(t, resource, out) : vsc_local_bind(t, resource, out);
+    int rc;
+
+    if (!on_vsock(t))
+        return vsc_local_bind(t, resource, out);
+    if ((rc = vsc_vsock_bind(t, resource, out)) == VMCI_SUCCESS
+        && vsc_acl_memory_register(out->handle, out->acct) != 0) {
+        close(out->listener);
+        vsc_local_unmap(out->acct);
+        rc = VMCI_ERROR_NO_MEM;
+    }
+    return rc;
 }
 
 static void transport_unbind(const vsc_local *t, const vsc_bound *b)
 {
-    if (on_vsock(t))
+    if (on_vsock(t)) {
+        vsc_acl_memory_unregister(b->handle);
         vsc_vsock_unbind(b);
-    else
+    } else {
         vsc_local_unbind(t, b);
+    }
 }
 
 static int transport_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_conn *out)

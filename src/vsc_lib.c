@@ -105,6 +105,7 @@ static void table_lock(void)
         for (i = 0; i < g_nregions; i++)
             vsc_shm_abandon(g_regions[i]);
         g_nregions = 0;
+        vsc_acl_memory_forget_all();
         if (g_settings_read) {
             g_transport.pid = getpid();
             g_transport.start = vsc_local_start_ticks(g_transport.pid);
