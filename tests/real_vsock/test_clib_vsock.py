@@ -28,7 +28,8 @@ from vsockcompat.errors import NoAccess
 from vsockcompat.handles import VMCIHandle
 from vsockcompat.sdk import VMCILibrary
 
-from .conftest import VMADDR_CID_LOCAL, gate
+from .conftest import VMADDR_CID_LOCAL
+from .test_preload import _require_gate
 from .test_vsock_discovery import APP, WAIT, daemon  # noqa: F401  (the daemon fixture, its setups)
 from .test_vsock_transport import frame, hello, settle
 
@@ -43,13 +44,6 @@ SERVER_GOT = "Received message: HELLO, SERVER!\n"
 CLIENT_OUT = "Received message: HELLO, CLIENT!\n"
 MAX = C.VMCI_MAX_DG_PAYLOAD_SIZE
 DG_SEND = C.VMCI_PRIV_DG_SEND
-
-
-def _require_gate():
-    reason = gate()
-    if reason is not None:
-        pytest.fail("the vsock gate is closed (%s): refusing to run an AF_VSOCK program" % reason,
-                    pytrace=False)
 
 
 def pattern(n):
