@@ -22,6 +22,13 @@ static int on_vsock(const vsc_local *t)
     return t->transport == VSC_TRANSPORT_VSOCK;
 }
 
+int vsc_transport_open(vsc_local *t)
+{
+    if (vsc_local_open(t) != 0)
+        return -1;
+    return on_vsock(t) ? vsc_vsock_open(t) : 0;
+}
+
 /* Over vsock an endpoint's privileges live in this process while it lives (vsc_acl.h). */
 static int transport_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
 {

@@ -48,6 +48,10 @@ typedef struct vsc_endpoint {
     int nlinks, caplinks;
 } vsc_endpoint;
 
+/* The one place the C library opens its transport: the settings (vsc_local_open), then, for
+ * vsock, vsc_vsock_open. 0, or -1 if it cannot run here (for vsock, why is on stderr). */
+int vsc_transport_open(vsc_local *t);
+
 /* A VMCI code; *out owns the endpoint (refs = 1). resource VMCI_INVALID_ID: auto-assign. */
 int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **out);
 /* Destroy the endpoint for everyone: senders see it gone, receivers return. Idempotent. */

@@ -192,7 +192,7 @@ VSC_EXPORT int VMCI_InitApp(const char *devName)
     (void)devName; /* accepted for compatibility, never opened */
     table_lock();
     if (!g_settings_read) {
-        if (vsc_local_open(&g_transport) == 0)
+        if (vsc_transport_open(&g_transport) == 0)
             g_settings_read = 1;
         else
             rc = VMCI_ERROR_DEVICE_NOT_FOUND;

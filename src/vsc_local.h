@@ -64,11 +64,11 @@ typedef struct {
 } vsc_conn;
 
 /*
- * The one place the C library picks its transport: read the VSOCKCOMPAT_* settings
- * (vsockcompat/_settings.py, strictly), then open what VSOCKCOMPAT_TRANSPORT names: "auto" and
- * "local" are the local transport and never touch AF_VSOCK; "vsock" is vsc_vsock_open; "hybrid"
- * is refused (the C library has no hybrid transport). 0, or -1 if the settings are bad or the
- * transport cannot run here; for vsock and hybrid, why is written to stderr.
+ * Read the VSOCKCOMPAT_* settings (vsockcompat/_settings.py, strictly) and pick the transport
+ * VSOCKCOMPAT_TRANSPORT names: "auto" and "local" are the local transport (ready: it never
+ * touches AF_VSOCK); "vsock" is still to be opened (vsc_transport_open, src/vsc_endpoint.h);
+ * "hybrid" is refused, with why on stderr (the C library has no hybrid transport). 0, or -1 if
+ * the settings are bad.
  */
 int vsc_local_open(vsc_local *t);
 /* Start time of pid in clock ticks; 0 if there is no such process. */
