@@ -33,7 +33,8 @@ from .test_preload import _require_gate
 from .test_vsock_discovery import APP, WAIT, daemon  # noqa: F401  (the daemon fixture, its setups)
 from .test_vsock_transport import frame, hello, settle
 
-pytestmark = pytest.mark.vsock
+# The first test of a setup also builds the programs and starts its daemon (Python is slow under TCG).
+pytestmark = [pytest.mark.vsock, pytest.mark.timeout(600)]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -125,28 +126,35 @@ def _run_client(cmd, env):
     assert (client.returncode, client.stdout, client.stderr) == (0, CLIENT_OUT, "")
 
 
+def _wait_registered(rt, server, name="HOST INFO"):
+    """Wait until the server registered ``name`` (a C program's stdout is a buffered pipe)."""
+    from vsockcompat import ds_client
+    deadline = time.monotonic() + WAIT
+    while ds_client.lookup_status(name, rt, timeout=5)[0] != C.VMCI_SUCCESS:
+        assert server.poll() is None, server.communicate()
+        assert time.monotonic() < deadline, "%r was never registered" % name
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("server_is_c", [True, False], ids=["c-server", "python-server"])
 def test_datagram_app_c_and_python_over_vsock(daemon, progs, server_is_c):
     """The SDK sample: a C server answers C and Python clients; a Python server answers C clients."""
-    _, env, _ = daemon
+    rt, env, _ = daemon
     cenv = c_env(env, progs)
     c_app = RUN + [progs["datagramApp"]]
     _require_gate()
     server = subprocess.Popen((c_app if server_is_c else APP) + ["-s"], env=cenv, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert server.stdout.readline() == SERVER_FIRST
+        _wait_registered(rt, server)
         for client in ([c_app, APP, c_app] if server_is_c else [c_app, c_app, c_app]):
             _run_client(client + ["-c"], cenv)
-            assert server.stdout.readline() == SERVER_GOT
-        assert server.wait(WAIT) == 0
-        assert server.stderr.read() == ""
+        out, err = server.communicate(timeout=WAIT)
+        assert (server.returncode, out, err) == (0, SERVER_FIRST + SERVER_GOT * 3, "")
     finally:
         if server.poll() is None:
             server.kill()
-        server.wait()
-        server.stdout.close()
-        server.stderr.close()
+            server.communicate()
 
 
 def test_discovery_big_datagrams_and_errors_against_python(daemon, probe):
