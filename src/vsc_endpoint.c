@@ -444,6 +444,23 @@ static void accept_all(vsc_endpoint *ep)
     }
 }
 
+void vsc_endpoint_privileges_changed(vsc_endpoint *ep)
+{
+    ssize_t n;
+
+    if (pthread_mutex_trylock(&ep->recv_lock) == 0) {
+        uint64_t epoch = vsc_acl_epoch(ep->bound.acct);
+
+        if (epoch != ep->acl_epoch && !__atomic_load_n(&ep->closing, __ATOMIC_ACQUIRE))
+            recheck_access(ep, epoch);
+        pthread_mutex_unlock(&ep->recv_lock);
+        return;
+    }
+    do {
+        n = write(ep->wake_w, "", 1); /* the receiving thread rechecks when it wakes */
+    } while (n < 0 && errno == EINTR);
+}
+
 static void drain_wake(vsc_endpoint *ep)
 {
     char buf[64];
@@ -532,6 +549,8 @@ static int recv_locked(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *sr
             drain_wake(ep);
             if (__atomic_load_n(&ep->closing, __ATOMIC_ACQUIRE))
                 return VMCI_ERROR_NO_MORE_DATAGRAMS;
+            if (vsc_acl_epoch(ep->bound.acct) != ep->acl_epoch)
+                recheck_access(ep, vsc_acl_epoch(ep->bound.acct)); /* vsc_endpoint_privileges_changed */
             break;
         case VSC_INTR:
             break;

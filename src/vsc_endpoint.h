@@ -61,6 +61,11 @@ void vsc_endpoint_free(vsc_endpoint *ep);
 /* In a forked child: drop the parent's endpoint without touching shared state or its locks. */
 void vsc_endpoint_abandon(vsc_endpoint *ep);
 
+/* Our privileges changed (over vsock): decide again for every connection and tell the senders
+ * whose verdict changed, at once if no thread is receiving, else from that thread, which is
+ * woken for it. */
+void vsc_endpoint_privileges_changed(vsc_endpoint *ep);
+
 /* The frame size (header included) or a VMCI code; VMCI_ERROR_NO_ACCESS if the destination
  * denies us DG_SEND (checked when a link opens and again whenever its ACL epoch changes). */
 int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_t len);

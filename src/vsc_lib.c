@@ -460,12 +460,22 @@ VSC_EXPORT int VMCIResource_AddClientPrivileges(VMCIHandle resourceHandle, VMCIH
                                                 int numAllowPrivs, VMCIResourcePrivilegeType *allowPrivs,
                                                 int numDenyPrivs, VMCIResourcePrivilegeType *denyPrivs)
 {
+    vsc_endpoint *ep;
+    int rc, init;
+
     if (!is_initialised())
         return VMCI_ERROR_UNAVAILABLE;
     if (VMCI_HANDLE_INVALID(resourceHandle) || VMCI_HANDLE_INVALID(clientHandle))
         return VMCI_ERROR_INVALID_ARGS;
-    return vsc_acl_add(&g_transport, to_vsc(resourceHandle), to_vsc(clientHandle), numAllowPrivs, allowPrivs,
-                       numDenyPrivs, denyPrivs);
+    rc = vsc_acl_add(&g_transport, to_vsc(resourceHandle), to_vsc(clientHandle), numAllowPrivs, allowPrivs,
+                     numDenyPrivs, denyPrivs);
+    /* Over vsock senders learn it from our verdicts (on local they read the privileges). */
+    if (rc == VMCI_SUCCESS && g_transport.transport == VSC_TRANSPORT_VSOCK
+        && (ep = endpoint_get(resourceHandle, &init)) != NULL) {
+        vsc_endpoint_privileges_changed(ep);
+        endpoint_put(ep);
+    }
+    return rc;
 }
 
 /* 4.5 Discovery service */

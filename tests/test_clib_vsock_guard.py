@@ -149,3 +149,90 @@ def test_wire_under_valgrind(tmp_path):
     result = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite",
                              "--quiet", exe], capture_output=True, text=True, timeout=600)
     check_wire(result)
+
+
+# The whole C vsock transport, C <-> C, over AF_VSOCK emulated on AF_UNIX (tests/c/vsock_emulation.c,
+# linked into the program: its socket() and friends are the ones libvmci.so.0 calls)
+
+EMULATED = ("socket", "socketpair", "bind", "connect", "accept4", "getpeername", "getsockname", "open", "ioctl")
+
+
+@pytest.fixture(scope="module")
+def emulated(guarded, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("emu"))
+    exe = os.path.join(out, "vsock_probe_emu")
+    _cc(["-Wall", "-Wextra", "-rdynamic", "-I", SRC_DIR, os.path.join(C_DIR, "vsock_probe.c"),
+         os.path.join(C_DIR, "vsock_emulation.c"), "-o", exe, "-L", guarded.lib_dir, "-lvmci", "-ldl"], out)
+    # Fail closed: the program itself must define every call it emulates.
+    symbols = subprocess.run(["nm", "-D", "--defined-only", exe], capture_output=True, text=True, check=True).stdout
+    assert {line.split()[-1] for line in symbols.splitlines()} >= set(EMULATED)
+    return exe
+
+
+class EmulatedProbe:
+    """vsock_probe on the emulated vsock transport, driven line by line."""
+
+    def __init__(self, guarded, exe, rundir, emu_dir, mode, wrap=()):
+        env = env_for(rundir, "pure", guarded.library)
+        env.update(LD_LIBRARY_PATH=guarded.lib_dir, VSOCKCOMPAT_TRANSPORT="vsock", VSOCKCOMPAT_VSOCK_MODE=mode,
+                   VSOCK_EMU_DIR=emu_dir, VSOCKCOMPAT_DS_AUTOSTART="1")
+        self.proc = subprocess.Popen(list(wrap) + [exe], env=env, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def ask(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        assert answer.startswith(line.split()[0] + "="), (line, answer, self.proc.poll())
+        return answer.split("=", 1)[1].split()
+
+    def close(self):
+        out, err = self.proc.communicate("quit\n", timeout=60)
+        return self.proc.returncode, out, err
+
+
+def emulated_session(guarded, exe, rundir, tmp_path, mode, wrap=()):
+    """Two C processes on the emulated vsock: datagrams both ways, the largest one, verdicts both
+    ways, errors; returns both probes' (status, rest of stdout, stderr)."""
+    emu = str(tmp_path / "emu")
+    os.mkdir(emu)
+    a = EmulatedProbe(guarded, exe, rundir, emu, mode, wrap)
+    b = EmulatedProbe(guarded, exe, rundir, emu, mode, wrap)
+    try:
+        assert a.ask("init") == b.ask("init") == ["0"]
+        assert a.ask("create 0") == ["1", "1024"]
+        assert b.ask("create 0") == ["1", "1025"]  # 1024 is taken: the next port
+        assert a.ask("send 1 1025 69608") == ["69632"]
+        assert b.ask("recv") == ["69608", "1", "1024", "1"]
+        assert b.ask("send 1 1024 7") == ["31"]
+        assert a.ask("recv") == ["7", "1", "1025", "1"]
+        # b denies a: a learns it from b's verdict, and again once lifted
+        assert b.ask("deny 1 1024") == ["0"]
+        assert a.ask("sendwait 1 1025 -7") == ["-7"]
+        assert b.ask("allow 1 1024") == ["0"]
+        assert a.ask("sendwait 1 1025 1") == ["25"]
+        assert b.ask("recv") == ["1", "1", "1024", "0"]  # one byte "x", not the pattern
+        # errors
+        assert a.ask("send 1 4242 1") == ["-1"]
+        assert a.ask("send 0 5 1") == a.ask("send 3 5 1") == ["-10"]
+        assert a.ask("send 1 1025 69609") == ["-2"]
+        assert a.ask("shm") == ["1", "-20", "-20", "-21"]
+        assert a.ask("lookup anything") == ["-1", "4294967295", "4294967295"]  # no daemon, none started
+        assert not os.path.exists(os.path.join(rundir, "ds.log"))
+    finally:
+        results = a.close(), b.close()
+    return results
+
+
+@pytest.mark.parametrize("mode", ["seqpacket", "stream"])
+def test_c_to_c_over_emulated_vsock(guarded, emulated, rundir, tmp_path, mode):
+    for status, out, err in emulated_session(guarded, emulated, rundir, tmp_path, mode):
+        assert (status, out, err) == (0, "", "")
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@pytest.mark.parametrize("mode", ["seqpacket", "stream"])
+def test_c_to_c_over_emulated_vsock_under_valgrind(guarded, emulated, rundir, tmp_path, mode):
+    wrap = ["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "--quiet"]
+    for status, out, err in emulated_session(guarded, emulated, rundir, tmp_path, mode, wrap):
+        assert (status, out, err) == (0, "", "")

@@ -26,6 +26,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "open_mode.h"
+
 #define AF_VSOCK_FAMILY 40
 #define LOCAL_CID_IOCTL 1977
 #define DEVICE "/dev/vsock"
@@ -102,12 +104,7 @@ static int device(const char *path, int flags)
         int fd = device(path, flags);                                                        \
         if (fd != -2)                                                                        \
             return fd;                                                                       \
-        if (flags & (O_CREAT | __O_TMPFILE)) {                                               \
-            va_list ap;                                                                      \
-            va_start(ap, flags);                                                             \
-            mode = va_arg(ap, mode_t);                                                       \
-            va_end(ap);                                                                      \
-        }                                                                                    \
+        OPEN_MODE(flags, mode);                                                              \
         if (real == NULL)                                                                    \
             real = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, #name);                 \
         return real(path, flags, mode);                                                      \
@@ -124,12 +121,7 @@ int openat(int dirfd, const char *path, int flags, ...)
 
     if (fd != -2)
         return fd;
-    if (flags & (O_CREAT | __O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    OPEN_MODE(flags, mode);
     if (real == NULL)
         real = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, "openat");
     return real(dirfd, path, flags, mode);
