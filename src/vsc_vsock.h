@@ -24,8 +24,7 @@
  * Accounts: links and endpoints get private pages with the limit VSC_UNBOUNDED_ACCOUNT_LIMIT;
  * the kernel's buffers bound the queue and a full one gives VMCI_ERROR_NO_RESOURCES at once.
  *
- * The functions below the "socket-agnostic" line take connected sockets of any family, so the
- * host's tests (which never create AF_VSOCK sockets) run them over AF_UNIX pairs.
+ * The socket-agnostic half (hellos, verdicts, pumps, stream readers) is src/vsc_link.h.
  */
 #ifndef VSC_VSOCK_H
 #define VSC_VSOCK_H
@@ -33,14 +32,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "vsc_link.h"
 #include "vsc_local.h"
 
 #define VSC_VSOCK_DEVICE "/dev/vsock"
 /* Ports tried, upwards from the last one, for one auto-assigned resource id. */
 #define VSC_VSOCK_AUTO_RID_TRIES 65536
-/* Milliseconds a closing link lets its pump forward what was sent; then its join bound. */
-#define VSC_VSOCK_LINGER_MS 2000
-#define VSC_VSOCK_JOIN_MS 5000
 
 /*
  * Open the vsock transport of t (settings read, t->cid as VSOCKCOMPAT_CID): the kernel's CID
@@ -59,8 +56,6 @@ void vsc_vsock_unbind(const vsc_bound *b);
 /* Links: a VMCI code (vsockcompat/transport/vsock.py _link_error). */
 int vsc_vsock_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_conn *out);
 
-/* Connections accepted on an endpoint's listener: state behind the descriptor the receiver reads. */
-typedef struct vsc_vsock_in vsc_vsock_in;
 /*
  * Identify the accepted vsock connection fd to endpoint self (peer CID, then the hello, waited
  * for at most VSC_HELLO_TIMEOUT_MS). 0 with *src, *rx_fd (what the receiver reads: fd itself,
@@ -69,41 +64,5 @@ typedef struct vsc_vsock_in vsc_vsock_in;
  */
 int vsc_vsock_accept(const vsc_local *t, int fd, vsc_handle self, vsc_handle *src, int *rx_fd,
                      vsc_vsock_in **in);
-
-/* --- socket-agnostic: hellos, verdicts, pumps and stream readers --- */
-
-void vsc_hello_encode(uint8_t out[VSC_HELLO_SIZE], uint32_t rid, int well_known);
-/* 0 with *well_known and *rid from exactly one hello, or -1 (size, magic or rid VMADDR_PORT_ANY). */
-int vsc_hello_decode(const uint8_t *buf, size_t n, int *well_known, uint32_t *rid);
-void vsc_verdict_encode(uint8_t out[VSC_VERDICT_SIZE], int denied);
-/* 1 (denied) or 0 (may send) from exactly one verdict, or -1 if buf is not one. */
-int vsc_verdict_decode(const uint8_t *buf, size_t n);
-/* The hello at the start of connection fd (stream: 8 bytes; else one message), within timeout_ms. */
-int vsc_hello_read(int fd, int stream, int timeout_ms, int *well_known, uint32_t *rid);
-
-/* Wrap the connected socket vs (hello sent) in a link: out->fd is the core's end of the pump's
- * pair, out->acct its private account, out->pump the thread. Owns vs from the call on. A VMCI code. */
-int vsc_link_pump_start(int vs, int stream, vsc_conn *out);
-/* Let the pump forward what was sent (VSC_VSOCK_LINGER_MS at most), end it, release everything. */
-void vsc_link_pump_stop(vsc_conn *c);
-/* In a forked child: drop the copies of the parent's link without touching its thread. */
-void vsc_link_pump_abandon(vsc_conn *c);
-/* What the receiver last said (1: DG_SEND denied), and whether the pump ended (peer gone,
- * a hang-up, or bytes that are not verdicts: counted in *garbled if not NULL). */
-int vsc_link_pump_denied(const vsc_conn *c);
-int vsc_link_pump_ended(const vsc_conn *c, int *garbled);
-
-/* Read frames from the connected stream conn on a thread, each one forwarded as a message on a
- * new AF_UNIX SEQPACKET pair whose core end is *rx_fd. Owns conn. 0, or -1 (conn closed). A frame
- * announcing more than the maximum payload, or cut by the end of the stream, is forwarded as what
- * was read (the receiver drops it as a bad frame) and ends the stream. */
-int vsc_stream_in_start(int conn, int *rx_fd, vsc_vsock_in **in);
-/* Write a verdict to the sender behind an accepted connection (never blocks; a sender that
- * leaves its buffer full misses it): on in's stream, or on fd itself when in is NULL. */
-void vsc_vsock_tell(int fd, const vsc_vsock_in *in, int denied);
-/* The receiver closed *rx_fd: end the reader and release in. NULL: nothing to do. */
-void vsc_vsock_in_release(vsc_vsock_in *in);
-/* In a forked child: drop the copies without touching the parent's thread. */
-void vsc_vsock_in_abandon(vsc_vsock_in *in);
 
 #endif

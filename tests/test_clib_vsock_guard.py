@@ -8,7 +8,8 @@ C library's checks: ``auto`` and ``local`` never touch AF_VSOCK; ``vsock`` reads
 first and makes no socket when it is unknown, then only probes ``socket()`` (no connect), as
 Python's ``choose_mode`` does; ``hybrid`` is refused with a message. The vsock transport's real
 behaviour is tested in the guest bed (tests/real_vsock/test_clib_vsock.py); its socket-agnostic
-parts (hellos, verdicts, pumps, stream readers) run here over AF_UNIX (tests/c/vsock_wire.c).
+parts (src/vsc_link.c: hellos, verdicts, pumps, stream readers) run here over AF_UNIX
+(tests/c/vsock_wire.c), and the whole transport C to C over AF_VSOCK emulated on AF_UNIX.
 """
 import os
 import shutil
@@ -24,7 +25,7 @@ INIT_FAILED = "Failed to init VMCI library.\n"
 SOCK_STREAM, SOCK_SEQPACKET = 1, 5
 NO_CID = ("vsockcompat: the vsock transport cannot run here: the local CID is unknown "
           "(IOCTL_VM_SOCKETS_GET_LOCAL_CID on /dev/vsock failed or no vsock transport gave this kernel a CID)\n")
-WIRE_SOURCES = ("vsc_vsock.c", "vsc_dgram.c")
+WIRE_SOURCES = ("vsc_link.c", "vsc_dgram.c")
 
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clang) on PATH, and CC unset")
 

@@ -1,7 +1,7 @@
 /*
- * vsock_wire: the socket-agnostic half of src/vsc_vsock.c (hellos, verdicts, link pumps, stream
- * readers) over AF_UNIX pairs, so the host's tests exercise it, under the sanitizers and valgrind
- * too, without any AF_VSOCK socket (tests/test_clib_vsock_guard.py). Prints "<check>=ok" or
+ * vsock_wire: src/vsc_link.c, the socket-agnostic half of the vsock transport (hellos, verdicts,
+ * link pumps, stream readers), over AF_UNIX pairs, so the host's tests exercise it, under the
+ * sanitizers and valgrind too, without any AF_VSOCK socket (tests/test_clib_vsock_guard.py). Prints "<check>=ok" or
  * "<check>=FAIL <line>" per check, then "all ok" (exit 0) or exits 1.
  */
 #define _GNU_SOURCE
@@ -14,7 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "vsc_vsock.h"
+#include "vsc_link.h"
 
 static int failures;
 static const char *current;
