@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "vsc_link.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -16,14 +17,23 @@
 
 #define VERDICT_READ (VSC_VERDICT_SIZE * 64) /* stream bytes read at most per receive */
 
-static void put32(uint8_t *p, uint32_t v)
+/* Hellos and verdicts are both two little-endian u32: HELLO_FORMAT = VERDICT_FORMAT = "<II". */
+_Static_assert(VSC_HELLO_SIZE == 8 && VSC_VERDICT_SIZE == 8, "two u32");
+
+static void encode_words(uint8_t out[8], uint32_t first, uint32_t second)
 {
-    p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
+    uint32_t words[2] = {htole32(first), htole32(second)};
+
+    memcpy(out, words, sizeof words);
 }
 
-static uint32_t get32(const uint8_t *p)
+static void decode_words(const uint8_t in[8], uint32_t *first, uint32_t *second)
 {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    uint32_t words[2];
+
+    memcpy(words, in, sizeof words);
+    *first = le32toh(words[0]);
+    *second = le32toh(words[1]);
 }
 
 static int64_t now_ms(void)
@@ -82,38 +92,36 @@ int vsc_send_all(int fd, const uint8_t *buf, size_t len)
 
 void vsc_hello_encode(uint8_t out[VSC_HELLO_SIZE], uint32_t rid, int well_known)
 {
-    put32(out, well_known ? VSC_HELLO_WELL_KNOWN_MAGIC : VSC_HELLO_MAGIC);
-    put32(out + 4, rid);
+    encode_words(out, well_known ? VSC_HELLO_WELL_KNOWN_MAGIC : VSC_HELLO_MAGIC, rid);
 }
 
 int vsc_hello_decode(const uint8_t *buf, size_t n, int *well_known, uint32_t *rid)
 {
-    uint32_t magic;
+    uint32_t magic, port;
 
     if (buf == NULL || n != VSC_HELLO_SIZE)
         return -1;
-    magic = get32(buf);
-    if ((magic != VSC_HELLO_MAGIC && magic != VSC_HELLO_WELL_KNOWN_MAGIC) || get32(buf + 4) == VSC_VMADDR_PORT_ANY)
+    decode_words(buf, &magic, &port);
+    if ((magic != VSC_HELLO_MAGIC && magic != VSC_HELLO_WELL_KNOWN_MAGIC) || port == VSC_VMADDR_PORT_ANY)
         return -1;
     *well_known = magic == VSC_HELLO_WELL_KNOWN_MAGIC;
-    *rid = get32(buf + 4);
+    *rid = port;
     return 0;
 }
 
 void vsc_verdict_encode(uint8_t out[VSC_VERDICT_SIZE], int denied)
 {
-    put32(out, VSC_VERDICT_MAGIC);
-    put32(out + 4, denied ? VSC_VERDICT_DENIED : VSC_VERDICT_MAY_SEND);
+    encode_words(out, VSC_VERDICT_MAGIC, denied ? VSC_VERDICT_DENIED : VSC_VERDICT_MAY_SEND);
 }
 
 int vsc_verdict_decode(const uint8_t *buf, size_t n)
 {
-    uint32_t word;
+    uint32_t magic, word;
 
-    if (buf == NULL || n != VSC_VERDICT_SIZE || get32(buf) != VSC_VERDICT_MAGIC)
+    if (buf == NULL || n != VSC_VERDICT_SIZE)
         return -1;
-    word = get32(buf + 4);
-    if (word != VSC_VERDICT_MAY_SEND && word != VSC_VERDICT_DENIED)
+    decode_words(buf, &magic, &word);
+    if (magic != VSC_VERDICT_MAGIC || (word != VSC_VERDICT_MAY_SEND && word != VSC_VERDICT_DENIED))
         return -1;
     return word == VSC_VERDICT_DENIED;
 }
@@ -381,10 +389,6 @@ static size_t recv_exact(int fd, uint8_t *buf, size_t len)
     return got;
 }
 
-static uint64_t get64(const uint8_t *p)
-{
-    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
-}
 
 static void *reader_main(void *arg)
 {
@@ -393,6 +397,7 @@ static void *reader_main(void *arg)
 
     while (buf != NULL) {
         size_t got = recv_exact(in->conn, buf, VMCI_DG_HEADERSIZE), end;
+        vsc_dg_header h;
         uint64_t size;
 
         if (got == 0)
@@ -401,7 +406,8 @@ static void *reader_main(void *arg)
             send(in->back, buf, got, MSG_NOSIGNAL);
             break;
         }
-        size = get64(buf + VSC_DG_OFF_PAYLOAD_SIZE);
+        vsc_dg_decode_header(buf, &h);
+        size = h.payload_size;
         if (size > VMCI_MAX_DG_PAYLOAD_SIZE) {
             send(in->back, buf, VMCI_DG_HEADERSIZE, MSG_NOSIGNAL);
             break;
