@@ -30,7 +30,7 @@ from vsockcompat.sdk import VMCILibrary
 
 from .conftest import VMADDR_CID_LOCAL
 from .test_preload import _require_gate
-from .test_vsock_discovery import APP, WAIT, daemon  # noqa: F401  (the daemon fixture, its setups)
+from .test_vsock_discovery import APP, daemon  # noqa: F401  (the daemon fixture, its setups)
 from .test_vsock_transport import frame, hello, settle
 
 # The first test of a setup also builds the programs and starts its daemon (Python is slow under TCG).
@@ -44,6 +44,8 @@ SERVER_FIRST = "Running datagram server --- will respond to 3 queries.\n"
 SERVER_GOT = "Received message: HELLO, SERVER!\n"
 CLIENT_OUT = "Received message: HELLO, CLIENT!\n"
 MAX = C.VMCI_MAX_DG_PAYLOAD_SIZE
+#: Seconds a program may take: under TCG on a loaded machine a Python start alone can take 40 s.
+WAIT = 180.0
 DG_SEND = C.VMCI_PRIV_DG_SEND
 
 
