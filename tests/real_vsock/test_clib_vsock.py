@@ -198,6 +198,8 @@ def test_verdicts_both_ways(daemon, probe):
     try:
         server = lib.VMCIDatagram_CreateHnd(0)
         assert probe.ask("send 1 %d 2" % server.resource) == ["26"]
+        # received: the endpoint has accepted the C link, so it can tell that sender its verdicts
+        assert lib.VMCIDatagram_RecvFrom(server, bytearray(8)) == (2, probe.handle)
         assert lib.VMCIResource_AddClientPrivileges(server, probe.handle, [], [DG_SEND]) == C.VMCI_SUCCESS
         assert probe.ask("sendwait 1 %d %d" % (server.resource, C.VMCI_ERROR_NO_ACCESS)) == [
             str(C.VMCI_ERROR_NO_ACCESS)]
