@@ -512,3 +512,4 @@ class Receiver:
 
 
 from ._pure_ring import *  # noqa
+from ._pure_qstream import *  # noqa
