@@ -726,6 +726,8 @@ cdef class QueueStream:
                 # Up to the next payload's header: its bytes count as ready (they come in the
                 # same send as the header) and the caller's dequeue reads them directly.
                 self._rx(NULL, 0, True)
+                if self._state & _QS_EOF:
+                    self._data_left = 0      # a frame cut short: its rest never comes
                 if self._rlen or self._data_left:
                     self._promised = self._data_left
                     return self._rlen + self._data_left

@@ -497,6 +497,8 @@ class QueueStream:
                     # Up to the next payload's header: its bytes count as ready (they come in
                     # the same send as the header) and the caller's dequeue reads them directly.
                     self._rx(None, 0, True)
+                    if self._state & _EOF:
+                        self._data_left = 0      # a frame cut short: its rest never comes
                     if self._ready() or self._data_left:
                         self._promised = self._data_left
                         return self._ready() + self._data_left
