@@ -150,15 +150,20 @@ cdef class QueueStream:
             c_close(self._kick[1])
             self._kick[0] = self._kick[1] = -1
 
-    cdef int _sleep(self, short events, int ms) except -1:
+    cdef int _sleep(self, short events, int ms, bint first) except -1:
         # Sleep in poll(2) (GIL released) until the socket has ``events``, the wake fd or the
         # kick pipe is readable, or ``ms`` pass: 1 if woken by the wake fd, else 0. With
-        # another sleeper already there a kick may go to it, so the sleep lasts 10 ms at most.
+        # another sleeper there a kick may be drained by it, so each sleeps 10 ms at most;
+        # a wait's ``first`` sleep kicks the others once so that they bound theirs too.
         cdef pollfd fds[3]
         cdef int rc
         cdef char sink[64]
-        if self._sleepers and (ms < 0 or ms > 10):
-            ms = 10
+        sink[0] = 0
+        if self._sleepers:
+            if first:
+                c_write(self._kick[1], sink, 1)
+            if ms < 0 or ms > 10:
+                ms = 10
         fds[0].fd, fds[0].events, fds[0].revents = self._fd, events, 0
         fds[1].fd, fds[1].events, fds[1].revents = self._wake, POLLIN, 0
         fds[2].fd, fds[2].events, fds[2].revents = self._kick[0], POLLIN, 0
@@ -587,11 +592,15 @@ cdef class QueueStream:
         # ready by ``wait_data`` from their frame's header, so on their way), read as ``_rx``.
         cdef int ms
         cdef uint64_t got = 0
+        cdef bint first = True
         cdef double deadline = _monotonic() + self._send_timeout
         while got < want and self._promised and not self._state & (_QS_EOF | _QS_DETACHED):
+            if dst != NULL and self._rlen:
+                break       # another thread put the next bytes in the ring: they come first
             ms = _deadline_ms(deadline)
-            if ms == 0 or self._sleep(POLLIN, ms):
+            if ms == 0 or self._sleep(POLLIN, ms, first):
                 break
+            first = False
             got += self._rx(NULL if dst == NULL else dst + got, want - got, False)
         return got
 
@@ -643,6 +652,7 @@ cdef class QueueStream:
                     n += self._rx(<uint8_t *>view.buf + n, size - n, False)
                     if n < size and self._promised:
                         n += self._await(<uint8_t *>view.buf + n, min(size - n, self._promised))
+                        n += self._take(<uint8_t *>view.buf + n, size - n, True)
                 self._credit()
             else:
                 self._fill(size)
@@ -706,6 +716,7 @@ cdef class QueueStream:
         # space 0: until data is ready (its count); else until ``space`` bytes are free.
         cdef int ms
         cdef uint64_t free
+        cdef bint first = True
         cdef double deadline = -1 if timeout is None else _monotonic() + max(<double>timeout, 0.0)
         while True:
             if self._state & _QS_DETACHED:
@@ -737,8 +748,9 @@ cdef class QueueStream:
             ms = _deadline_ms(deadline)
             if ms == 0:
                 return _TIMEOUT
-            if self._sleep(POLLIN | (POLLOUT if self._ostart != self._oend else 0), ms):
+            if self._sleep(POLLIN | (POLLOUT if self._ostart != self._oend else 0), ms, first):
                 return WAKE
+            first = False
 
     def wait_data(self, timeout=None):
         """Sleep (GIL released) until data is ready: its count, VMCI_ERROR_TIMEOUT after

@@ -201,17 +201,22 @@ class QueueStream:
                 self._ask()
                 self._send_out()
 
-    def _poll(self, events, ms, sleeper):
+    def _poll(self, events, ms, sleeper, first=False):
         """Sleep in poll(2) (lock released: the caller holds it) on the socket, the wake fd
         and, for a ``sleeper``, the kick pipe: (socket revents, woken by the wake fd). With
-        another sleeper already there a kick may go to it, so the sleep lasts 10 ms at most."""
+        another sleeper there a kick may be drained by it, so each sleeps 10 ms at most; a
+        wait's ``first`` sleep kicks the others once so that they bound theirs too."""
         poller = select.poll()
         poller.register(self._sock, events)
         poller.register(self._wake, select.POLLIN)
         if sleeper:
             poller.register(self._kick_r, select.POLLIN)
-            if self._sleepers and (ms < 0 or ms > 10):
-                ms = 10
+            if self._sleepers:
+                if first:
+                    with contextlib.suppress(OSError):
+                        os.write(self._kick_w, b"\0")
+                if ms < 0 or ms > 10:
+                    ms = 10
         self._busy += 1
         self._sleepers += sleeper
         self._lock.release()
@@ -374,12 +379,15 @@ class QueueStream:
     def _await(self, dst, want) -> int:
         """Wait (lock released) for up to ``want`` promised bytes (``_promised``: counted ready
         by ``wait_data`` from their frame's header, so on their way), read as ``_rx``."""
-        got = 0
+        got, first = 0, True
         deadline = time.monotonic() + self._send_timeout
         while got < want and self._promised and not self._state & (_EOF | _DETACHED):
+            if dst is not None and self._ready():
+                break       # another thread put the next bytes in the ring: they come first
             ms = self._ms(deadline)
-            if ms == 0 or self._poll(select.POLLIN, ms, True)[1]:
+            if ms == 0 or self._poll(select.POLLIN, ms, True, first)[1]:
                 break
+            first = False
             got += self._rx(None if dst is None else dst[got:], want - got, False)
         return got
 
@@ -428,6 +436,7 @@ class QueueStream:
                     n += self._rx(view[n:], size - n, False)
                     if n < size and self._promised:
                         n += self._await(view[n:], min(size - n, self._promised))
+                        n += self._take(view[n:], size - n, True)
                 self._credit()
             else:
                 self._fill(size)
@@ -480,6 +489,7 @@ class QueueStream:
 
     def _wait(self, space, timeout):
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        first = True
         with self._lock:
             while True:
                 if self._state & _DETACHED:
@@ -508,8 +518,9 @@ class QueueStream:
                 ms = self._ms(deadline)
                 if ms == 0:
                     return VMCI_ERROR_TIMEOUT
-                if self._poll(select.POLLIN | (select.POLLOUT if self._out else 0), ms, True)[1]:
+                if self._poll(select.POLLIN | (select.POLLOUT if self._out else 0), ms, True, first)[1]:
                     return _WAKE
+                first = False
 
     def wait_data(self, timeout=None):
         """Sleep until data is ready: its count, VMCI_ERROR_TIMEOUT after ``timeout`` seconds
