@@ -154,14 +154,17 @@ cdef class QueueStream:
         # Sleep in poll(2) (GIL released) until the socket has ``events``, the wake fd or the
         # kick pipe is readable, or ``ms`` pass: 1 if woken by the wake fd, else 0. With
         # another sleeper there a kick may be drained by it, so each sleeps 10 ms at most;
-        # a wait's ``first`` sleep kicks the others once so that they bound theirs too.
+        # a wait's ``first`` sleep kicks the others once so that they bound theirs too (and
+        # leaves the pipe out of its own poll: draining that kick itself could leave them
+        # asleep, poll(2) looking again once they run).
         cdef pollfd fds[3]
-        cdef int rc
+        cdef int rc, nfds = 3
         cdef char sink[64]
         sink[0] = 0
         if self._sleepers:
             if first:
                 c_write(self._kick[1], sink, 1)
+                nfds = 2
             if ms < 0 or ms > 10:
                 ms = 10
         fds[0].fd, fds[0].events, fds[0].revents = self._fd, events, 0
@@ -170,10 +173,10 @@ cdef class QueueStream:
         self._busy += 1
         self._sleepers += 1
         with nogil:
-            rc = c_poll(fds, 3, ms)
+            rc = c_poll(fds, nfds, ms)
         self._sleepers -= 1
         self._busy -= 1
-        if rc > 0 and fds[2].revents:
+        if rc > 0 and nfds == 3 and fds[2].revents:
             while c_read(self._kick[0], sink, sizeof(sink)) > 0:
                 pass
         return 1 if rc > 0 and fds[1].revents else 0

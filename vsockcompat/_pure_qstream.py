@@ -205,18 +205,21 @@ class QueueStream:
         """Sleep in poll(2) (lock released: the caller holds it) on the socket, the wake fd
         and, for a ``sleeper``, the kick pipe: (socket revents, woken by the wake fd). With
         another sleeper there a kick may be drained by it, so each sleeps 10 ms at most; a
-        wait's ``first`` sleep kicks the others once so that they bound theirs too."""
+        wait's ``first`` sleep kicks the others once so that they bound theirs too (and leaves
+        the pipe out of its own poll: draining that kick itself could leave them asleep,
+        poll(2) looking again once they run)."""
         poller = select.poll()
         poller.register(self._sock, events)
         poller.register(self._wake, select.POLLIN)
         if sleeper:
-            poller.register(self._kick_r, select.POLLIN)
-            if self._sleepers:
-                if first:
-                    with contextlib.suppress(OSError):
-                        os.write(self._kick_w, b"\0")
-                if ms < 0 or ms > 10:
-                    ms = 10
+            kicked = first and self._sleepers
+            if kicked:
+                with contextlib.suppress(OSError):
+                    os.write(self._kick_w, b"\0")
+            else:
+                poller.register(self._kick_r, select.POLLIN)
+            if self._sleepers and (ms < 0 or ms > 10):
+                ms = 10
         self._busy += 1
         self._sleepers += sleeper
         self._lock.release()
