@@ -217,7 +217,10 @@ class QueueStream:
         """Read the socket into the ring without waiting: the QS_* news since the last call,
         or QS_BUSY while a thread waits in wait_data/wait_space."""
     def wait_data(self, timeout: Optional[float] = None) -> int:
-        """Until data is ready: its count, VMCI_ERROR_TIMEOUT, QUEUEPAIR_NOTATTACHED or WAKE."""
+        """Until data is ready: its count, VMCI_ERROR_TIMEOUT, QUEUEPAIR_NOTATTACHED or WAKE.
+        The count includes the payload of a DATA frame whose header has arrived (it comes in
+        the same send); the next dequeue waits for those bytes if they are still in flight.
+        Several threads may wait on one end (each then rechecks every 10 ms at most)."""
     def wait_space(self, n: int, timeout: Optional[float] = None) -> int:
         """Until ``n`` > 0 bytes are free (asks with WANT): the free count, or a code as wait_data."""
     def bye(self, send: bool = True, timeout: Optional[float] = None) -> int:
