@@ -215,6 +215,45 @@ def test_the_first_call_starts_one_daemon_for_racing_host_programs(host_rt, rund
     # The rundir fixture stops it through ds.pid, as on the local transport.
 
 
+RACER = r"""
+import sys
+from vsockcompat import ds_client
+from vsockcompat.constants import VMCI_PUBLIC_GROUP_NAME
+real_spawn = ds_client._spawn
+
+def spawn(rt):
+    print("spawned", flush=True)
+    return real_spawn(rt)
+
+ds_client._spawn = spawn
+print("ready", flush=True)
+sys.stdin.readline()                         # both start their call at once
+print(ds_client.lookup_status(VMCI_PUBLIC_GROUP_NAME)[0], flush=True)
+"""
+
+
+def test_two_host_programs_at_once_start_one_daemon(core, rundir, vmm_paths):
+    env = child_env(rundir, core.NAME, VSOCKCOMPAT_TRANSPORT="hybrid", VSOCKCOMPAT_DS_AUTOSTART="1",
+                    VSOCKCOMPAT_HYBRID_UDS=":".join(p for p, _ in vmm_paths),
+                    VSOCKCOMPAT_HYBRID_CID="%d:%d" % (GUEST, SIBLING))
+    procs = [subprocess.Popen([PYTHON, "-c", RACER], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == b"ready\n"
+        for proc in procs:
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+        outs = [proc.communicate(timeout=90)[0].split() for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert sorted(outs) == [[b"%d" % C.VMCI_SUCCESS], [b"spawned", b"%d" % C.VMCI_SUCCESS]], outs
+    with open(os.path.join(rundir, "ds.pid")) as f:
+        assert psutil.pid_exists(int(f.read()))     # it outlives them; the fixture stops it
+
+
 def test_a_daemon_that_cannot_start_is_a_clear_error(host_rt, rundir, monkeypatch, spawned_daemons):
     """It exits at once: the call gives the code of "no service at (1, 1)" when it sees the exit
     (not after SPAWN_TIMEOUT), and the daemon's reason is in ds.log."""
