@@ -227,6 +227,8 @@ def main():
         return 2
     rundir = tempfile.mkdtemp(prefix="vsc-host-")
     os.environ["VSOCKCOMPAT_RUNDIR"] = rundir      # the daemon's files, the samples' too
+    # The daemon is ours to start and watch: a lookup must not start another on demand.
+    os.environ["VSOCKCOMPAT_DS_AUTOSTART"] = "0"
     settings = Settings.from_environ()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
