@@ -228,7 +228,7 @@ def spawn(rt):
 ds_client._spawn = spawn
 print("ready", flush=True)
 sys.stdin.readline()                         # both start their call at once
-print(ds_client.lookup_status(VMCI_PUBLIC_GROUP_NAME)[0], flush=True)
+print(ds_client.lookup_status(VMCI_PUBLIC_GROUP_NAME, timeout=60)[0], flush=True)   # a new daemon may be slow to answer under load
 """
 
 
