@@ -4,7 +4,9 @@ Two ends in one process use two runtimes (contexts 2 and 3); two-process tests
 run the attacher in a child (``child_env``), whose core may differ from ours.
 Every test checks it leaves no shared-memory object behind.
 """
+import errno
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -232,6 +234,37 @@ def test_unknown_flags(two, flags):
 def test_largest_pair(two):
     with QueuePair.alloc(None, 64 << 20, 64 << 20, runtime=two[0]) as a:
         assert a.produce_free_space() == (64 << 20) - 1
+
+
+def test_pair_memory_is_allocated_and_mapped_at_alloc(two, rundir):
+    # As the kernel, the pair's pages exist from its creation; both ends map them
+    # populated, so writing the whole ring takes no page faults (without: one per page).
+    r2, r3 = two
+    size = 1 << 20
+    with QueuePair.alloc(None, 4096, size, runtime=r2) as a, \
+            QueuePair.alloc(a.handle, size, 4096, runtime=r3) as b:
+        st = os.stat(os.path.join("/dev/shm", shm_name(rundir, a.handle)))
+        assert st.st_blocks * 512 >= st.st_size >= size
+        data = bytes(range(256)) * (size // 256 - 1)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        assert b.enqueue(data) == len(data)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        assert faults < size // 4096 // 8, "%d page faults writing %d pages" % (faults, size // 4096)
+        view = a.peek_view(size)
+        assert view == data[:len(view)]
+        a.consume(len(view))
+
+
+def test_alloc_without_memory_is_no_resources(two, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", full)
+        with pytest.raises(NoResources):
+            QueuePair.alloc(None, 1 << 20, 4096, runtime=two[0])
+    with QueuePair.alloc(None, 1 << 20, 4096, runtime=two[0]) as a:  # nothing was left half-made
+        assert a.produce_free_space() == (1 << 20) - 1
 
 
 def test_one_sided_pair(two):
