@@ -176,6 +176,11 @@ def _check_size(what: str, value) -> int:
     return int(value)
 
 
+def _is_count_type(value) -> bool:
+    """Whether ``value`` may be a byte count: an int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_args(handle, produce_size, consume_size, peer, flags) -> Optional[VMCIHandle]:
     handle = None if handle is None else as_handle(handle)
     if handle is not None and handle.resource == VMCI_INVALID_ID:
@@ -619,31 +624,32 @@ class QueuePair(PairEnd):
         if self._detached:
             return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
         rc = op(arg)
-        if isinstance(rc, int) and rc == VMCI_ERROR_QUEUEPAIR_NODATA:
-            self._service()
-            if self._peer_gone:
-                # Everything the peer wrote before leaving is readable by now.
-                rc = op(arg)
-                if isinstance(rc, int) and rc == VMCI_ERROR_QUEUEPAIR_NODATA:
-                    return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+        if rc.__class__ is int and rc == VMCI_ERROR_QUEUEPAIR_NODATA:
+            return self._no_data(op, arg)
+        return rc
+
+    def _no_data(self, op, arg):
+        """After ``op(arg)`` found nothing: notice the peer leaving; NOTATTACHED once drained."""
+        self._service()
+        if not self._peer_gone:
+            return VMCI_ERROR_QUEUEPAIR_NODATA
+        # Everything the peer wrote before leaving is readable by now.
+        rc = op(arg)
+        if rc.__class__ is int and rc == VMCI_ERROR_QUEUEPAIR_NODATA:
+            return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
         return rc
 
     def dequeue_status(self, buf) -> int:
         """Read into ``buf``: the count, QUEUEPAIR_NODATA, or QUEUEPAIR_NOTATTACHED once drained."""
-        rc = self._read_status(self.ring.dequeue_into, buf)
-        if rc > 0:
-            self._ring_peer(self._core_bits()[1])
+        ring = self.ring
+        rc = self._read_status(ring.dequeue_into, buf)
+        if rc > 0 and ring.peer_waiting() & self._bits[1]:
+            self._ring_peer(self._bits[1])
         return rc
 
     def peek_status(self, buf) -> int:
         """Like ``dequeue_status`` without consuming."""
         return self._read_status(self.ring.peek_into, buf)
-
-    def _core_bits(self) -> Tuple[int, int]:
-        return self._bits
-
-
-
 
     def dequeue(self, n: int) -> bytes:
         """Up to ``n`` bytes; QueuePairNoData when empty."""
@@ -653,7 +659,7 @@ class QueuePair(PairEnd):
         if isinstance(rc, int):
             check(rc)
         elif rc:
-            self._ring_peer(self._core_bits()[1])
+            self._ring_peer(self._bits[1])
         return rc
 
     def peek(self, n: int) -> bytes:
@@ -680,9 +686,15 @@ class QueuePair(PairEnd):
         QUEUEPAIR_NODATA, QUEUEPAIR_NOTATTACHED (detached, or the peer left and
         everything it wrote was consumed), INVALID_SIZE (corrupted indexes).
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        # The hot path of an in-place reader: one call into the ring when data is ready.
+        if n.__class__ is not int and not _is_count_type(n) or n < 0:
             return VMCI_ERROR_INVALID_ARGS
-        return self._read_status(self.ring.peek_view, min(n, self.consume_size))
+        if self._detached:
+            return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+        rc = self.ring.peek_view(n)
+        if rc.__class__ is int and rc == VMCI_ERROR_QUEUEPAIR_NODATA:
+            return self._no_data(self.ring.peek_view, n)
+        return rc
 
     def consume_status(self, n: int) -> int:
         """Mark the first ``n`` ready bytes read (after ``peek_view``): ``n``; INVALID_ARGS if
@@ -690,10 +702,11 @@ class QueuePair(PairEnd):
         after detach; INVALID_SIZE. Releases every view ``peek_view`` lent."""
         if self._detached:
             return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if n.__class__ is not int and not _is_count_type(n) or n < 0:
             return VMCI_ERROR_INVALID_ARGS
-        rc = self.ring.consume(n) if n <= self.consume_size else VMCI_ERROR_INVALID_ARGS
-        if rc > 0:
+        ring = self.ring
+        rc = ring.consume(n) if n <= self.consume_size else VMCI_ERROR_INVALID_ARGS
+        if rc > 0 and ring.peer_waiting() & self._bits[1]:
             self._ring_peer(self._bits[1])
         return rc
 
@@ -768,13 +781,13 @@ class QueuePair(PairEnd):
 
     def wait_for_data_status(self, timeout: Optional[float] = None) -> int:
         """Sleep until data is ready: the byte count, VMCI_ERROR_TIMEOUT, or QUEUEPAIR_NOTATTACHED."""
-        return self._wait(self.ring.consume_buf_ready, self._core_bits()[0], 1, timeout, True)
+        return self._wait(self.ring.consume_buf_ready, self._bits[0], 1, timeout, True)
 
     def wait_for_space_status(self, n: int = 1, timeout: Optional[float] = None) -> int:
         """Sleep until ``n`` bytes are free: the free count, or a code as ``wait_for_data_status``."""
         if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < max(self.produce_size, 1):
             return VMCI_ERROR_INVALID_ARGS
-        return self._wait(self.ring.produce_free_space, self._core_bits()[1], n, timeout, False)
+        return self._wait(self.ring.produce_free_space, self._bits[1], n, timeout, False)
 
 
 
