@@ -47,6 +47,8 @@ def test_a_quick_run_reports_every_measurement_and_cleans_up(capsys):
     for size in bench_qp.SIZES:
         for key in ("memcpy_%d" % size, "memcpy_span_%d" % size):
             assert report["results"]["memcpy"][key]["median"] > 0
+        # The span copy runs through buffers as large as the ring (whole messages).
+        assert report["results"]["memcpy"]["memcpy_span_%d" % size]["span"] == (1 << 20) // size * size
     assert report["checksums_ok"] is True and report["bad"] == 0
 
     zc = report["zero_copy"]
@@ -81,7 +83,8 @@ def test_the_table_names_every_measurement():
     report = {
         "machine": {"cpu_count": 2, "implementation": "CPython", "python": "3", "platform": "x",
                     "cython_core_available": True},
-        "settings": {"repeat": 1, "iterations": 10, "target_seconds": 0.2, "ring_bytes": 1 << 24},
+        "settings": {"repeat": 1, "iterations": 10, "target_seconds": 0.2, "ring_bytes": 1 << 24,
+                     "unix_buffer": 212992},
         "results": results, "zero_copy": {"available": False, "note": "no /proc"},
         "checked": 3, "bad": 0, "checksums_ok": True,
     }
@@ -89,11 +92,18 @@ def test_the_table_names_every_measurement():
     table = bench_qp.render_table(report)
     for label in ("64 B", "4 KiB", "64 KiB", "qp cython batch 256", "qp cython in place", "unix stream",
                   "shm ring", "mp.Queue", "qp 64 KiB in place vs AF_UNIX stream",
-                  "memcpy (cached)", "qp-pure: skipped (testing)", "zero copy: skipped (no /proc)"):
+                  "memcpy (cached)", "memcpy (16 MiB span)", "rings of 16 MiB;", "AF_UNIX socket buffers: 208 KiB",
+                  "qp-pure: skipped (testing)", "zero copy: skipped (no /proc)"):
         assert label in table, label
     assert "MISS" in table and "10.00x" in table and "PASS" in table  # 1e6 msg/s < 2e6; 10x the Queue
+    report["settings"]["ring_bytes"] = bench_qp.RING
+    table = bench_qp.render_table(report)
+    assert "rings of 256 KiB (the default: VMCI vSockets' queue size)" in table
+    assert "memcpy (256 KiB span)" in table
 
 
 def test_bad_arguments_are_refused():
     assert bench_qp.main(["--iterations", "0"]) == 2
     assert bench_qp.main(["--ring-mib", "65"]) == 2
+    assert bench_qp.main(["--ring-kib", "4"]) == 2  # below 8 KiB
+    assert bench_qp.main(["--ring-kib", "256", "--ring-mib", "1"]) == 2  # one or the other

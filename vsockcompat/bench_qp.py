@@ -6,8 +6,8 @@ processes per implementation, on a private runtime directory under /tmp), with
 
 ``qp-cython`` / ``qp-pure``
     ``QueuePair.enqueue_status`` (one message per call) and, for 64 B,
-    ``enqueue_many_status`` (``BATCH`` messages per call) into a 16 MiB produce
-    queue; the consumer ``dequeue_status`` into 1 MiB chunks and sleeps in
+    ``enqueue_many_status`` (``BATCH`` messages per call) into a produce queue
+    of ``RING`` bytes (256 KiB, see below); the consumer ``dequeue_status`` into 1 MiB chunks and sleeps in
     ``wait_for_data_status`` when the queue is empty. For 64 KiB also *in place*
     (``qp_view_65536``): the consumer checks the messages where they lie in the
     ring (``peek_view_status``, then ``consume_status``), so each byte is copied
@@ -18,14 +18,29 @@ processes per implementation, on a private runtime directory under /tmp), with
     the same 1 MiB chunks.
 ``shm``
     ``multiprocessing.shared_memory`` with a hand-rolled single-producer ring of
-    the same 16 MiB (memoryview slice copies in and out, index words published
+    the same size (memoryview slice copies in and out, index words published
     after the copy, ``os.sched_yield`` while full or empty).
 ``mpqueue``
     ``multiprocessing.Queue``, one ``put`` / ``get`` per 64 B message (the
     consumer is forked by the producer child).
 ``memcpy``
     one process copying a message-sized buffer (``memoryview`` slice
-    assignment): in cache (the same two buffers) and across a 16 MiB span.
+    assignment): *cached* (the same two message-sized buffers, copied over and
+    over: the copy runs from and to L1/L2) and across a *span* as large as the
+    ring (message after message through two ring-sized buffers, as the producer
+    writes the ring).
+
+The ring size: 256 KiB by default, the queue a VMCI vSockets stream used by
+default (``VMCI_TRANSPORT_DEFAULT_QP_SIZE`` in Linux's ``vmci_transport.c``) and
+close to an AF_UNIX socket's default buffer (``net.core.wmem_default``, 208 KiB
+here), so that the queue pair and the socket it is compared with buffer about
+as much; ``--ring-kib``/``--ring-mib`` set it. A larger ring lets the producer
+run further ahead, so the two processes sleep and wake each other less often.
+
+Each measurement first runs untimed (the calibration of its message count is
+the warm-up: caches, the ring's first pass), then ``repeat`` timed runs taking
+turns with the other implementations; the same queue pairs and sockets serve
+all runs.
 
 Every message carries ``salt << 40 | sequence number`` in its first 8 bytes and a
 fixed pattern after it. The consumer always checks the byte count; it compares
@@ -68,12 +83,12 @@ from .constants import VMCI_ERROR_QUEUEPAIR_NODATA, VMCI_ERROR_QUEUEPAIR_NOSPACE
 
 SIZES = (64, 4096, 65536)
 BATCH = 256  # 64 B messages per enqueue_many call
-RING = 16 << 20  # bytes of the data direction of a queue pair and of the shm ring
+RING = 256 << 10  # bytes of the data direction of a queue pair and of the shm ring (see above)
+MAX_RING = 64 << 20  # a pair holds at most 128 MiB
 BACK = 4096  # the unused consumer -> producer direction of a queue pair
 CHUNK = 1 << 20  # the consumer reads into chunks of this many bytes (whole messages)
 #: size -> the consumer compares every Nth message byte for byte (and always the last one)
 CHECK_EVERY = {64: 64, 4096: 16, 65536: 1}
-MEMCPY_SPAN = RING
 TARGET_SECONDS = 1.0
 QUICK_SECONDS = 0.2
 DEFAULT_TIMEOUT = 120.0
@@ -269,7 +284,7 @@ class _Peer:
                     if rc > 0:
                         view, want = view[rc:], want - rc
                     elif rc == VMCI_ERROR_QUEUEPAIR_NOSPACE:
-                        rc = wait(want, timeout)
+                        rc = wait(min(want, self.ring - 1), timeout)
                         if rc < 0:
                             raise BenchError("wait_for_space_status returned %d" % rc)
                     else:
@@ -681,11 +696,11 @@ def _measure_streams(streams, target, n_fixed, repeat, log=None):
     return results
 
 
-def _memcpy(size, target, n_fixed, repeat):
-    """Single-process copies of ``size`` bytes: in cache (same buffers) and across a 16 MiB span."""
+def _memcpy(size, target, n_fixed, repeat, span):
+    """Single-process copies of ``size`` bytes: in cache (same buffers) and across ``span`` bytes."""
     out = {}
     src_small, dst_small = memoryview(bytearray(_payload(size))), memoryview(bytearray(size))
-    span = max(size, MEMCPY_SPAN // size * size)
+    span = max(size, span // size * size)
     src_big, dst_big = memoryview(bytearray(span)), memoryview(bytearray(span))
     src_big[:] = _payload(span)
 
@@ -812,6 +827,10 @@ def _fmt_size(size):
     return "%d B" % size if size < 1024 else "%d KiB" % (size // 1024)
 
 
+def _fmt_bytes(n):
+    return "%d MiB" % (n >> 20) if n >= 1 << 20 and not n % (1 << 20) else "%d KiB" % (n >> 10)
+
+
 def _fmt_num(value, digits=0):
     return "-" if value is None else "{:,.{}f}".format(value, digits)
 
@@ -831,9 +850,14 @@ def render_table(report):
         "machine: %s CPUs, %s %s on %s; Cython core %s" % (
             m["cpu_count"], m["implementation"], m["python"], m["platform"],
             "built" if m["cython_core_available"] else "NOT built"),
-        "each value: median of %d runs (%s); rings of %d MiB; 64 B batches of %d messages" % (
-            s["repeat"], "%d messages each" % s["iterations"] if s["iterations"]
-            else "about %.1f s each" % s["target_seconds"], s["ring_bytes"] >> 20, BATCH),
+        "each value: median of %d timed runs (%s) after an untimed warm-up; 64 B batches of %d messages"
+        % (s["repeat"], "%d messages each" % s["iterations"] if s["iterations"]
+           else "about %.1f s each" % s["target_seconds"], BATCH),
+        "rings of %s%s; AF_UNIX socket buffers: %s" % (
+            _fmt_bytes(s["ring_bytes"]), " (the default: VMCI vSockets' queue size)" if s["ring_bytes"] == RING
+            else "", _fmt_bytes(s["unix_buffer"]) if s.get("unix_buffer") else "unknown"),
+        "memcpy: one process; cached = the same two message-sized buffers, span = message after message "
+        "through two buffers as large as the ring",
     ]
     load = report.get("load_average")
     if load:
@@ -853,7 +877,7 @@ def render_table(report):
                 entries.append((key, impl, labels[impl] + (" batch %d" % batch if batch > 1 else "")
                                 + (" in place" if key.startswith("qp_view_") else "")))
         entries.append(("memcpy_%d" % size, "memcpy", "memcpy (cached)"))
-        entries.append(("memcpy_span_%d" % size, "memcpy", "memcpy (16 MiB span)"))
+        entries.append(("memcpy_span_%d" % size, "memcpy", "memcpy (%s span)" % _fmt_bytes(s["ring_bytes"])))
         for key, impl, label in entries:
             r = results.get(impl, {})
             cell = _fmt_size(size) if first else ""
@@ -925,6 +949,15 @@ def shm_leftovers(rundir):
     return sorted(n for n in names if n.startswith(prefix) or n.startswith(_SHM_PREFIX))
 
 
+def _unix_buffer():
+    """Bytes an AF_UNIX stream socket buffers by default (``net.core.wmem_default``), or None."""
+    try:
+        with open("/proc/sys/net/core/wmem_default") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _load():
     """The 1-minute load average, or None: two processes need the machine's CPUs to themselves."""
     try:
@@ -944,7 +977,8 @@ def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, ring
         "machine": bench.machine_info(),
         "settings": {"quick": quick, "iterations": iterations, "repeat": repeat, "target_seconds": target,
                      "sizes": list(SIZES), "batch": BATCH, "ring_bytes": ring, "chunk_bytes": CHUNK,
-                     "check_every": {str(k): v for k, v in CHECK_EVERY.items()}},
+                     "check_every": {str(k): v for k, v in CHECK_EVERY.items()},
+                     "unix_buffer": _unix_buffer()},
         "results": {},
         "load_average": {"start": _load()},
     }
@@ -970,7 +1004,7 @@ def run(quick=False, iterations=None, repeat=None, timeout=DEFAULT_TIMEOUT, ring
             log("memcpy in one process ...")
         copies = {}
         for size in SIZES:
-            copies.update(_memcpy(size, target, iterations, repeat))
+            copies.update(_memcpy(size, target, iterations, repeat, ring))
         report["results"]["memcpy"] = dict(available=True, note=None, **copies)
         report["results"] = {impl: report["results"][impl] for impl in IMPLEMENTATIONS + ("memcpy",)}
         report["zero_copy"] = _zero_copy(rundir, timeout, log)
@@ -1015,21 +1049,24 @@ def main(argv=None) -> int:
                         help="runs per measurement, the median is reported (default 5, 3 with --quick)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                         help="longest wait for any one step, in seconds (default %(default)s)")
-    parser.add_argument("--ring-mib", type=_positive_int, default=RING >> 20, metavar="M",
-                        help="MiB of the data direction of each queue pair and of the shm ring "
-                             "(default %(default)s)")
+    rings = parser.add_mutually_exclusive_group()
+    rings.add_argument("--ring-kib", type=_positive_int, metavar="K",
+                       help="KiB of the data direction of each queue pair and of the shm ring "
+                            "(default %d: VMCI vSockets' default queue)" % (RING >> 10))
+    rings.add_argument("--ring-mib", type=_positive_int, metavar="M", help="the same in MiB")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    if args.ring_mib > 64:
-        print("vsockcompat bench_qp: error: --ring-mib is at most 64 (a pair holds 128 MiB)", file=sys.stderr)
+    ring = args.ring_kib << 10 if args.ring_kib else args.ring_mib << 20 if args.ring_mib else RING
+    if not 8 << 10 <= ring <= MAX_RING:
+        print("vsockcompat bench_qp: error: the ring is 8 KiB to 64 MiB (a pair holds 128 MiB)", file=sys.stderr)
         return 2
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         report = run(quick=args.quick, iterations=args.iterations, repeat=args.repeat,
-                     timeout=args.timeout, ring=args.ring_mib << 20, log=log)
+                     timeout=args.timeout, ring=ring, log=log)
     except BenchError as exc:
         print("vsockcompat bench_qp: error: %s" % exc, file=sys.stderr)
         return 1
