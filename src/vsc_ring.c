@@ -246,10 +246,30 @@ void vsc_qp_consume_indexes(const vsc_qp *qp, uint64_t *tail, uint64_t *head)
 
 /* Store-then-load across the two ends (Dekker): both sides fence in full so a
  * sleeper's bit and a producer's tail cannot both be missed. */
+static void store_waiting(vsc_qp *qp, uint64_t value)
+{
+    __atomic_store_n(word(qp->produce_q, VSC_QP_OFF_WAITING), value, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* The waiting word is ours alone: its count is read back relaxed. */
 void vsc_qp_set_waiting(vsc_qp *qp, uint64_t bits)
 {
-    __atomic_store_n(word(qp->produce_q, VSC_QP_OFF_WAITING), bits, __ATOMIC_SEQ_CST);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint64_t count = load_relaxed(qp->produce_q, VSC_QP_OFF_WAITING) & ~(uint64_t)VSC_QP_WAITING_BITS;
+    store_waiting(qp, count | (bits & VSC_QP_WAITING_BITS));
+}
+
+int64_t vsc_qp_arm_wait(vsc_qp *qp, uint64_t bits, uint64_t want)
+{
+    uint64_t count = (load_relaxed(qp->produce_q, VSC_QP_OFF_WAITING) & ~(uint64_t)VSC_QP_WAITING_BITS)
+                     + VSC_QP_WAITING_ARM;
+    int64_t got;
+
+    store_waiting(qp, count | (bits & VSC_QP_WAITING_BITS));
+    got = bits & VSC_QP_WAITING_READ ? vsc_qp_buf_ready(qp) : vsc_qp_free_space(qp);
+    if (got < 0 || (uint64_t)got >= want)
+        store_release(qp->produce_q, VSC_QP_OFF_WAITING, count);
+    return got;
 }
 
 uint64_t vsc_qp_peer_waiting(const vsc_qp *qp)

@@ -28,9 +28,11 @@ extern "C" {
 #define VSC_QP_PAGE_SIZE       4096
 #define VSC_QP_DATA_OFFSET     4096 /* data area of a queue, from the start of its header page */
 /* Private part of a header page (past the SDK header), written only by its owner. */
-#define VSC_QP_OFF_WAITING     64   /* u64: VSC_QP_WAITING_* bits of the owner */
+#define VSC_QP_OFF_WAITING     64   /* u64: VSC_QP_WAITING_* bits of the owner, its sleep count above */
 #define VSC_QP_WAITING_READ    1u   /* owner sleeps until its consume queue has data */
 #define VSC_QP_WAITING_WRITE   2u   /* owner sleeps until its produce queue has space */
+#define VSC_QP_WAITING_BITS    3u
+#define VSC_QP_WAITING_ARM     4u   /* the sleep count's unit: each arm_wait adds one */
 
 typedef struct {
     uint8_t *produce_q;     /* header page + produce_size data bytes; not owned */
@@ -72,9 +74,16 @@ int64_t vsc_qp_consume(vsc_qp *qp, size_t n);
 void vsc_qp_produce_indexes(const vsc_qp *qp, uint64_t *tail, uint64_t *head);
 void vsc_qp_consume_indexes(const vsc_qp *qp, uint64_t *tail, uint64_t *head);
 
-/* Waiting bits: set ours then a full fence; a full fence then read the peer's. */
+/* Waiting bits: set ours (keeping the count) then a full fence; a full fence then
+ * read the peer's word: its bits and its sleep count, so a peer rings once per sleep. */
 void vsc_qp_set_waiting(vsc_qp *qp, uint64_t bits);
 uint64_t vsc_qp_peer_waiting(const vsc_qp *qp);
+/* About to sleep: set our waiting bits (VSC_QP_WAITING_READ or _WRITE) and add
+ * one to our sleep count, with the full fence, then count what the sleep waits
+ * for (bytes ready, or free space).
+ * A count >= want or an error clears the bits again at once, so a peer that saw
+ * them rings for nobody only within this call. Returns the count or the error. */
+int64_t vsc_qp_arm_wait(vsc_qp *qp, uint64_t bits, uint64_t want);
 
 #ifdef __cplusplus
 }

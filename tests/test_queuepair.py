@@ -8,6 +8,7 @@ import errno
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -420,6 +421,32 @@ def test_consume_wakes_a_writer_waiting_for_space(two):
 
 
 # Blocking helpers
+
+
+def test_a_sleeping_peer_gets_one_bell_per_sleep(two):
+    # Each bell costs the ringer a send and the sleeper a recv: a writer that keeps
+    # writing while the reader is still waking rings once, and again after it re-arms.
+    r2, r3 = two
+    with QueuePair.alloc(None, 64, 64, runtime=r2) as a, QueuePair.alloc(a.handle, 64, 64, runtime=r3) as b:
+        attached(a)
+
+        def bells():
+            n = 0
+            while True:
+                try:
+                    n += len(a._bell.recv(64, socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    return n
+
+        for _ in range(3):
+            assert a.ring.arm_wait(r2.core.QP_WAITING_READ, 1) == 0  # a is about to sleep
+            for _ in range(4):
+                assert b.enqueue(b"x") == 1
+            assert bells() == 1
+            a.ring.set_waiting(0)
+            assert a.dequeue(64) == b"xxxx"
+            assert b.enqueue(b"y") == 1  # nobody sleeps: no bell
+            assert bells() == 0 and a.dequeue(64) == b"y"
 
 
 def test_wait_for_data_times_out(two):

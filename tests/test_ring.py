@@ -177,6 +177,32 @@ def test_waiting_bits_are_in_the_private_area(name):
 
 
 @cores
+def test_arm_wait_sets_the_bit_and_clears_it_when_nothing_need_wait(name):
+    read, write = load_core(name).QP_WAITING_READ, load_core(name).QP_WAITING_WRITE
+    other = "pure" if name != "pure" else name
+    with pair(name, 10, 10, name_b=other) as p:
+        def word():  # (bits, sleep count) as the peer sees them
+            w = p.b.peer_waiting()
+            return w & 3, w >> 2
+
+        assert p.a.arm_wait(read, 1) == 0  # nothing to read: armed, the peer sees the bit
+        assert word() == (read, 1)
+        p.a.set_waiting(0)
+        assert word() == (0, 1)  # the count stays
+        p.b.enqueue(b"abc")
+        assert p.a.arm_wait(read, 1) == 3 and word() == (0, 2)  # ready: not armed
+        assert p.a.arm_wait(read, 4) == 3 and word() == (read, 3)  # too little yet
+        p.a.set_waiting(0)
+        assert p.a.enqueue(b"x" * 7) == 7  # 2 of 9 bytes free
+        assert p.a.arm_wait(write, 3) == 2 and word() == (write, 4)
+        assert p.b.dequeue(4) == b"xxxx"
+        assert p.a.arm_wait(write, 3) == 6 and word() == (0, 5)
+        struct.pack_into("<Q", p.qb, OFF_TAIL, 10)  # the peer's tail out of range: an error, not armed
+        assert p.a.arm_wait(read, 1) == VMCI_ERROR_INVALID_SIZE and word() == (0, 6)
+        assert struct.unpack_from("<Q", p.qa, 64)[0] == 6 << 2  # the word, in the private area
+
+
+@cores
 @pytest.mark.parametrize("size", [-1, 1.5, "10", None, 1 << 62, 1 << 70])
 def test_bad_sizes_are_refused(name, size):
     core = load_core(name)

@@ -209,9 +209,16 @@ class Ring:
     def consume_indexes(self) -> Tuple[int, int]:
         """Raw (peer's producerTail, our consumerHead) of the consume queue, not validated."""
     def set_waiting(self, bits: int) -> None:
-        """Publish our waiting bits, then a full fence."""
+        """Publish our waiting bits (the word's two low bits; the sleep count above them is
+        kept), then a full fence."""
     def peer_waiting(self) -> int:
-        """A full fence, then the peer's waiting bits."""
+        """A full fence, then the peer's waiting word: its bits, and its sleep count above them
+        (a new value for every sleep, so a waker can ring once per sleep)."""
+    def arm_wait(self, bits: int, want: int) -> int:
+        """About to sleep: ``set_waiting(bits)`` (QP_WAITING_READ or _WRITE) with one more sleep
+        counted, then the count the sleep waits for (bytes ready, or free space). A count >= want
+        or a negative code clears the bits again at once (a peer that saw them rings for nobody
+        only within this call)."""
     def release_memory(self) -> None: ...
 
 # Streamed queue pairs (qp_stream): one end's data path over a non-blocking stream socket, in

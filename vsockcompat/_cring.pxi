@@ -33,6 +33,7 @@ cdef extern from "vsc_ring.h" nogil:
     void vsc_qp_consume_indexes(const vsc_qp *qp, uint64_t *tail, uint64_t *head)
     void vsc_qp_set_waiting(vsc_qp *qp, uint64_t bits)
     uint64_t vsc_qp_peer_waiting(const vsc_qp *qp)
+    int64_t vsc_qp_arm_wait(vsc_qp *qp, uint64_t bits, uint64_t want)
 
 
 QP_PAGE_SIZE = VSC_QP_PAGE_SIZE
@@ -254,6 +255,9 @@ cdef class Ring:
 
     def peer_waiting(self):
         return vsc_qp_peer_waiting(self.qp())
+
+    def arm_wait(self, uint64_t bits, uint64_t want):
+        return vsc_qp_arm_wait(self.qp(), bits, want)
 
     def release_memory(self):
         if self._lent:

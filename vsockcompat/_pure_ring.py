@@ -23,6 +23,8 @@ QP_PAGE_SIZE = 4096
 QP_MAX_RING_SIZE = 1 << 62
 QP_WAITING_READ = 1
 QP_WAITING_WRITE = 2
+_WAITING_BITS = 3  # the waiting word: these bits, the owner's sleep count above them
+_WAITING_ARM = 4
 # Word indexes in a header page: handle, producerTail, consumerHead, private waiting bits.
 _W_HANDLE, _W_TAIL, _W_HEAD, _W_WAITING = 0, 1, 2, 8
 _FENCE = threading.Lock()
@@ -226,12 +228,23 @@ class Ring:
         return ch[_W_TAIL], ph[_W_HEAD]
 
     def set_waiting(self, bits):
-        self._views()[0][_W_WAITING] = bits
+        ph = self._views()[0]
+        ph[_W_WAITING] = ph[_W_WAITING] & ~_WAITING_BITS | bits & _WAITING_BITS
         _fence()
 
     def peer_waiting(self):
         _fence()
         return self._views()[1][_W_WAITING]
+
+    def arm_wait(self, bits, want):
+        ph = self._views()[0]
+        count = (ph[_W_WAITING] & ~_WAITING_BITS) + _WAITING_ARM & 0xFFFFFFFFFFFFFFFF
+        ph[_W_WAITING] = count | bits & _WAITING_BITS
+        _fence()
+        got = self.consume_buf_ready() if bits & QP_WAITING_READ else self.produce_free_space()
+        if got < 0 or got >= want:
+            ph[_W_WAITING] = count
+        return got
 
     def release_memory(self):
         _release_views(self._lent)

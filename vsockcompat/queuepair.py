@@ -336,6 +336,7 @@ class QueuePair(PairEnd):
         self.refused_attaches = 0
         core = runtime.core
         self._bits = (core.QP_WAITING_READ, core.QP_WAITING_WRITE)
+        self._rung = 0  # the peer's waiting word we last rang for
         self._lent_queues: List[memoryview] = []
 
     # Allocation
@@ -558,10 +559,15 @@ class QueuePair(PairEnd):
         self._events.append(QPEvent(VMCI_EVENT_QP_PEER_DETACH, self.handle, self.peer_id))
 
     def _ring_peer(self, bit: int) -> None:
-        if self.ring.peer_waiting() & bit:
+        """Ring the peer if it sleeps waiting for ``bit``, once per sleep: its waiting word
+        counts its sleeps, and a word we rang for already has its bell (until the peer
+        re-arms, one bell wakes it; more would cost both sides a system call each)."""
+        word = self.ring.peer_waiting()
+        if word & bit and word != self._rung:
             if self._bell is None:
                 self._service()
             if self._bell is not None:
+                self._rung = word
                 with contextlib.suppress(OSError):
                     self._bell.send(_BELL, _SEND_FLAGS)
 
@@ -612,7 +618,8 @@ class QueuePair(PairEnd):
             return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
         rc = op(arg)
         if rc > 0:
-            if self.ring.peer_waiting() & self._bits[0]:
+            word = self.ring.peer_waiting()
+            if word & self._bits[0] and word != self._rung:
                 self._ring_peer(self._bits[0])
         elif rc == VMCI_ERROR_QUEUEPAIR_NOSPACE:
             self._service()
@@ -643,7 +650,7 @@ class QueuePair(PairEnd):
         """Read into ``buf``: the count, QUEUEPAIR_NODATA, or QUEUEPAIR_NOTATTACHED once drained."""
         ring = self.ring
         rc = self._read_status(ring.dequeue_into, buf)
-        if rc > 0 and ring.peer_waiting() & self._bits[1]:
+        if rc > 0 and ring.peer_waiting() & self._bits[1]:  # _ring_peer: once per sleep
             self._ring_peer(self._bits[1])
         return rc
 
@@ -706,7 +713,7 @@ class QueuePair(PairEnd):
             return VMCI_ERROR_INVALID_ARGS
         ring = self.ring
         rc = ring.consume(n) if n <= self.consume_size else VMCI_ERROR_INVALID_ARGS
-        if rc > 0 and ring.peer_waiting() & self._bits[1]:
+        if rc > 0 and ring.peer_waiting() & self._bits[1]:  # _ring_peer: once per sleep
             self._ring_peer(self._bits[1])
         return rc
 
@@ -770,11 +777,12 @@ class QueuePair(PairEnd):
             left = _RECHECK if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 return VMCI_ERROR_TIMEOUT
-            ring.set_waiting(bit)
+            # Set the bit and count again in one core call: the peer rings a bell for
+            # nobody only if it looks within that call (a bell costs both sides a system call).
+            got = ring.arm_wait(bit, want)
+            if got < 0 or got >= want:
+                return got
             try:
-                got = query()
-                if got < 0 or got >= want:
-                    return got
                 self._sleep(min(left, _RECHECK))
             finally:
                 ring.set_waiting(0)
