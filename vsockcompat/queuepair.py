@@ -508,8 +508,11 @@ class QueuePair(PairEnd):
 
     # Events and the doorbell
 
-    def _service(self) -> None:
-        """Accept the attacher's doorbell, drain rings, notice the peer leaving. Never blocks."""
+    def _service(self, once: bool = False) -> None:
+        """Accept the attacher's doorbell, drain rings, notice the peer leaving. Never blocks.
+
+        ``once``: read one ring only (after a sleep the doorbell woke: the peer rings once
+        per sleep, so one read usually empties it, without a read that finds nothing)."""
         with self._lock:
             if self._detached:
                 return
@@ -545,6 +548,8 @@ class QueuePair(PairEnd):
                     data = b""
                 if not data:
                     self._on_peer_gone()
+                elif once:
+                    break
             if not self._peer_gone and self._map.ctl[_C_STATE] & self._peer_bit:
                 self._on_peer_gone()
 
@@ -762,6 +767,9 @@ class QueuePair(PairEnd):
     # Blocking helpers
 
     def _wait(self, query, bit: int, want: int, timeout: Optional[float], drain: bool) -> int:
+        # The doorbell is serviced after each sleep, not before it: a ring, an attacher
+        # or the peer's EOF ends the sleep at once, so the reads a service costs are
+        # spent only when the sleep says there is something to read.
         deadline = None if timeout is None else time.monotonic() + timeout
         ring = self.ring
         while True:
@@ -770,13 +778,15 @@ class QueuePair(PairEnd):
             got = query()
             if got < 0 or got >= want:
                 return got
-            self._service()
-            if self._peer_gone:
-                got = query()
-                return got if drain and got >= want else VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+            if self._peer_gone:  # and everything it wrote is readable: no more will come
+                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
             left = _RECHECK if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                return VMCI_ERROR_TIMEOUT
+                self._service()
+                got = query()
+                if got < 0 or got >= want:
+                    return got
+                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED if self._peer_gone else VMCI_ERROR_TIMEOUT
             # Set the bit and count again in one core call: the peer rings a bell for
             # nobody only if it looks within that call (a bell costs both sides a system call).
             got = ring.arm_wait(bit, want)
@@ -786,6 +796,7 @@ class QueuePair(PairEnd):
                 self._sleep(min(left, _RECHECK))
             finally:
                 ring.set_waiting(0)
+            self._service(once=True)
 
     def wait_for_data_status(self, timeout: Optional[float] = None) -> int:
         """Sleep until data is ready: the byte count, VMCI_ERROR_TIMEOUT, or QUEUEPAIR_NOTATTACHED."""
