@@ -6,6 +6,7 @@ with a receiver of the other on one socket and one account page.
 import json
 import mmap
 import os
+import select
 import socket
 import tempfile
 import threading
@@ -281,7 +282,8 @@ sys.stdin.read()
 """
 
 
-def test_a_lock_holder_that_dies_does_not_wedge_senders(core, page, pair):
+@pytest.mark.parametrize("by", ["send_datagram", "link"])
+def test_a_lock_holder_that_dies_does_not_wedge_senders(core, page, pair, by):
     import subprocess
     import sys
     from conftest import PACKAGE_PARENT
@@ -295,7 +297,33 @@ def test_a_lock_holder_that_dies_does_not_wedge_senders(core, page, pair):
         child.stdin.close()
         child.stdout.close()
     a, _ = pair
-    assert core.send_datagram(a, page.accounts[0], 1, 2, 3, 4, b"alive", 5) == 29
+    if by == "link":  # the pure Link's trylock finds the dead holder (EOWNERDEAD) itself
+        assert core.Link(a, page.accounts[0], 1, 2, 3, 4).send(b"alive", 5) == 29
+    else:
+        assert core.send_datagram(a, page.accounts[0], 1, 2, 3, 4, b"alive", 5) == 29
+    assert page.accounts[0].queued() == 29
+
+
+def test_a_link_send_waits_for_the_account_lock_another_thread_holds(core, page, pair):
+    """The pure Link tries the lock first holding the GIL; when it is busy it must wait for it
+    with the GIL released (the holder here is a thread of the same process)."""
+    from vsockcompat import _pure
+    a, b = pair
+    holder = page.account(load_core("pure"))  # the same mutex, whichever core's account page.accounts[0] is
+    link = core.Link(a, page.accounts[0], 1, 2, 3, 4)
+    assert _pure._acquire(holder.lock) == 0
+    result = []
+    sender = threading.Thread(target=lambda: result.append(link.send(b"after", 5)))
+    try:
+        sender.start()
+        sender.join(0.2)
+        assert result == [] and page.accounts[0].queued() == 0, "sent while another thread held the lock"
+        assert not select.select([b], [], [], 0)[0]
+    finally:
+        _pure._mutex_unlock(holder.lock)
+        sender.join(10)
+    assert result == [29] and page.accounts[0].queued() == 29
+    assert b.recv(100) == core.encode_datagram(1, 2, 3, 4, b"after")
 
 
 def test_a_frame_over_the_sdk_maximum_is_bad(core, page, pair):
