@@ -505,6 +505,34 @@ def test_a_caller_timeout_below_the_hot_minimum_waits_with_epoll(core, rx):
     assert rx.take(0.05) == (core.AGAIN, None)
 
 
+@pytest.mark.parametrize("spill_size", [VMCI_MAX_DG_PAYLOAD_SIZE + 1, 16])
+def test_a_hot_read_reports_oversized_and_truncated_frames_and_goes_on(core, rx, spill_size):
+    """A hot read with a spill that holds any SDK frame (the endpoints') needs no MSG_TRUNC
+    (the pure core uses readv there): what does not fit is over the maximum. With a smaller
+    spill, truncation is what tells."""
+    spill = bytearray(spill_size)
+    assert rx.link.send(b"a", 1) == 25
+    assert rx.rx.take(rx.buf, spill, 1.0) == (1, "tag-3")  # now hot: the next reads block on it
+    too_big = VMCI_MAX_DG_PAYLOAD_SIZE + 1
+    truncated = len(rx.buf) + spill_size + 1  # more than header, buffer and spill hold
+    fits = min(len(rx.buf) + spill_size, VMCI_MAX_DG_PAYLOAD_SIZE)  # all they hold, or the maximum
+    frames = [(too_big, core.BAD_FRAME), (truncated, core.BAD_FRAME), (fits, fits), (3, 3)]
+    for size, _ in frames:
+        rx.a.send(core.encode_datagram(2, 1025, 3, 1024, bytes([size % 251]) * size))
+    # A header that claims what the buffers hold, over a longer frame: cut to the claimed size,
+    # it would pass, were the cut not seen.
+    rx.a.send(core.encode_header(2, 1025, 3, 1024, fits) + bytes(fits + 10))
+    frames.append((fits + 10, core.BAD_FRAME))
+    for size, expected in frames:
+        status, tag = rx.rx.take(rx.buf, spill, 1.0)
+        if expected < 0:
+            assert (status, tag) == (expected, None), size
+        else:
+            assert (status, tag) == (expected, "tag-3"), size
+            assert bytes(rx.buf[:min(size, len(rx.buf))]) == bytes([size % 251]) * min(size, len(rx.buf))
+    assert rx.rx.take(rx.buf, spill, 0) == (core.AGAIN, None)
+
+
 @pytest.mark.parametrize("blocking", [True, False])
 def test_a_new_sender_is_seen_while_the_receiver_waits_on_a_hot_one(core, page, tmp_path, blocking):
     r = Rx(core, page, tmp_path, blocking=blocking)
