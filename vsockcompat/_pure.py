@@ -469,32 +469,41 @@ class Receiver:
 
     def recv(self, buf, spill, timeout):
         """Receive one frame, waiting up to ``timeout`` seconds (None: forever); see ``vsc_rx_recv``."""
+        return self._receive(buf, spill, timeout, False)[0]
+
+    def take(self, buf, spill, timeout):
+        """Receive one datagram for delivery; see the Cython core's ``Receiver.take``."""
+        return self._receive(buf, spill, timeout, True)
+
+    def _receive(self, buf, spill, timeout, deliver):
+        """``take`` (``deliver``), or ``(frame size, None)`` without the delivery checks
+        (``recv``); the Fastpath calls it directly: one Python frame per datagram."""
         ready, words = self._ready, self._words
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
-            conn = self._only
-            if ready:
-                fd = ready.pop()
-                if fd == self._wake_fd:
-                    return WAKE
-                if fd == self._listener_fd:
-                    return ACCEPT
-                conn = self._conns[fd]
-                mode = _READY
             # One sender, its connection hot or bytes queued (the account says so): read it
             # without epoll (a hot read may block, briefly: SO_RCVTIMEO). Bounded, so that
             # new connections and wake-ups are still seen.
-            elif conn is None or self._skips >= _SKIP_MAX:
-                mode = _WAIT
-            elif conn is self._hot and (deadline is None or deadline - time.monotonic() >= _HOT_MIN_WAIT):
+            conn = self._hot
+            if conn is not None and not ready and self._skips < _SKIP_MAX and (
+                    deadline is None or deadline - time.monotonic() >= _HOT_MIN_WAIT):
                 mode = _HOT
+            elif ready:
+                fd = ready.pop()
+                if fd == self._wake_fd:
+                    return WAKE, None
+                if fd == self._listener_fd:
+                    return ACCEPT, None
+                conn = self._conns[fd]
+                mode = _READY
             else:
-                mode = _QUEUED if words[_W_PRODUCED] > words[_W_CONSUMED] else _WAIT
-            if mode is _WAIT:
-                self._skips = 0
-                if self._wait(deadline) is AGAIN:
-                    return AGAIN
-                continue
+                conn = self._only
+                if conn is None or self._skips >= _SKIP_MAX or words[_W_PRODUCED] <= words[_W_CONSUMED]:
+                    self._skips = 0
+                    if self._wait(deadline) is AGAIN:
+                        return AGAIN, None
+                    continue
+                mode = _QUEUED
             if mode is not _READY:
                 self._skips += 1
             self.last_fd = conn[4]
@@ -515,14 +524,14 @@ class Receiver:
                 elif mode is _QUEUED:
                     self._skips = _SKIP_MAX  # the queued bytes are elsewhere: wait properly
                 elif not ready and deadline is not None and time.monotonic() >= deadline:
-                    return AGAIN
+                    return AGAIN, None
                 continue
             except ConnectionResetError:
-                return PEER_GONE
+                return PEER_GONE, None
             except OSError:
-                return VMCI_ERROR_GENERIC
+                return VMCI_ERROR_GENERIC, None
             if n == 0:
-                return PEER_GONE
+                return PEER_GONE, None
             consumed = words[_W_CONSUMED] + n  # the frame leaves the queue (see _release_frame)
             if consumed > words[_W_PRODUCED]:
                 consumed = max(words[_W_PRODUCED], consumed - n)
@@ -531,10 +540,21 @@ class Receiver:
             if flags & _MSG_TRUNC or n != good[1] or good[0] is not conn or header != good[2]:
                 status = self._check(conn, header, n, flags)
                 if status < 0:
-                    return status
+                    return status, None
             if mode is not _HOT:
                 self._hot = conn if conn is self._only and conn[5] else None
-            return n
+            if not deliver:
+                return n, None
+            fd = conn[4]
+            if words[_W_ACL_EPOCH] != self._epoch and self._recheck is not None:
+                self._epoch = words[_W_ACL_EPOCH]
+                self._recheck()
+            length = n - VMCI_DG_HEADERSIZE
+            tag = self._tags.get(fd, _UNTAGGED)
+            if tag is _UNTAGGED or fd in self._denied:  # denied, or removed by the re-check
+                buf[: min(length, len(buf))] = bytes(min(length, len(buf)))
+                return DENIED, None
+            return length, tag
 
     def _check(self, conn, header, n, flags):
         """``n``, or BAD_FRAME / FORGED, for a frame of ``n`` bytes read from ``conn``; a
@@ -549,22 +569,6 @@ class Receiver:
             return FORGED
         self._good = (conn, n, bytes(header))
         return n
-
-    def take(self, buf, spill, timeout):
-        """Receive one datagram for delivery; see the Cython core's ``Receiver.take``."""
-        n = self.recv(buf, spill, timeout)
-        if n < 0:
-            return n, None
-        fd = self.last_fd
-        if self._words[_W_ACL_EPOCH] != self._epoch and self._recheck is not None:
-            self._epoch = self._words[_W_ACL_EPOCH]
-            self._recheck()
-        length = n - VMCI_DG_HEADERSIZE
-        tag = self._tags.get(fd, _UNTAGGED)
-        if tag is _UNTAGGED or fd in self._denied:  # denied, or removed by the re-check
-            buf[: min(length, len(buf))] = bytes(min(length, len(buf)))
-            return DENIED, None
-        return length, tag
 
     def close(self):
         self._epoll.close()
