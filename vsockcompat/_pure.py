@@ -72,7 +72,8 @@ for _f in (_mutex_lock, _mutex_unlock, _mutex_consistent):
 _held_gil = ctypes.PyDLL(None)
 _mutex_trylock_gil = _held_gil.pthread_mutex_trylock
 _mutex_unlock_gil = _held_gil.pthread_mutex_unlock
-_mutex_trylock_gil.restype = _mutex_unlock_gil.restype = ctypes.c_int
+_mutex_trylock_gil.restype = ctypes.c_int
+_mutex_unlock_gil.restype = None  # it cannot fail for the holder; no result to convert
 _MUTEX = ctypes.POINTER(ctypes.c_char)
 
 
@@ -265,7 +266,8 @@ class Link:
         words = self._words
         if self._epoch is not None and words[_W_ACL_EPOCH] != self._epoch:
             return STALE
-        if type(payload) is bytes or type(payload) is bytearray:
+        kind = type(payload)
+        if kind is bytes or kind is bytearray:
             if length < 0 or length > len(payload) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
                 return VMCI_ERROR_INVALID_ARGS
             data = payload if length == len(payload) else payload[:length]
