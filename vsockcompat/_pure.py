@@ -272,7 +272,7 @@ class Link:
                 return VMCI_ERROR_INVALID_ARGS
             data = payload if length == len(payload) else payload[:length]
         else:
-            view = memoryview(payload)
+            view = payload if kind is memoryview else memoryview(payload)
             if view.itemsize != 1 or view.ndim != 1:
                 view = view.cast("B")
             if length < 0 or length > len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
