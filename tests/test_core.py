@@ -387,6 +387,18 @@ def test_take_returns_the_payload_length_and_the_connections_tag(core, rx):
     assert rx.take(0) == (core.AGAIN, None)
 
 
+def test_recv_returns_the_frame_size_without_the_delivery_checks(core, rx):
+    rx.rx.deny(rx.b.fileno(), True)  # take would drop it; recv reads frames only
+    assert rx.link.send(b"hello", 5) == 29
+    assert rx.rx.recv(rx.buf, rx.spill, 1.0) == 29
+    assert bytes(rx.buf[:5]) == b"hello" and rx.rx.last_fd == rx.b.fileno()
+    assert rx.account.queued() == 0
+    os.write(rx.wake_w, b"\0")
+    assert rx.rx.recv(rx.buf, rx.spill, 1.0) == core.WAKE
+    os.read(rx.wake_r, 1)
+    assert rx.rx.recv(rx.buf, rx.spill, 0) == core.AGAIN
+
+
 def test_take_reports_a_payload_that_spills_past_the_buffer(core, rx):
     payload = bytes(range(256)) * 2
     assert rx.link.send(payload, 512) == 536
