@@ -356,11 +356,11 @@ def recv_datagram(sock, account, buf, spill):
     return n, fields
 
 
-_NO_FRAME = (None, -1, None)
+_NO_FRAME = (None, -1, None)  # Receiver._good until a frame passes its checks
 _UNTAGGED = object()  # the tag of a connection no longer served
 _ANY_EPOCH = -1  # never the value of the (unsigned) epoch word
 _SKIP_MAX = 16  # VSC_RX_SKIPS: receives in a row without epoll while one sender is served
-# How Receiver.recv reads the connection it chose.
+# How Receiver._receive reads the connection it chose.
 _READY, _HOT, _QUEUED, _WAIT = "ready", "hot", "queued", "wait"
 _readv = os.readv
 _HOT_TIMEOUT = struct.pack("@ll", 0, 1000)  # VSC_RX_HOT_MS, as a struct timeval for SO_RCVTIMEO
