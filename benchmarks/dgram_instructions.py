@@ -2,6 +2,7 @@
 
     python benchmarks/dgram_instructions.py                 # about 2 minutes
     python benchmarks/dgram_instructions.py --trips 500 --impl raw cython
+    python benchmarks/dgram_instructions.py --baseline ../main --impl pure sdk-pure
 
 A round trip is what ``vsockcompat bench`` times, done in one process so that no
 scheduling enters the count: endpoint C sends ``--size`` bytes to endpoint S, S
@@ -17,7 +18,9 @@ echo. Implementations:
 
 Each implementation runs twice under ``valgrind --tool=callgrind``, with N and 2N
 round trips after the same warm-up; the difference of the two totals divided by N
-is the count per round trip (start-up, imports and set-up cancel out). System calls
+is the count per round trip (start-up, imports and set-up cancel out). ``--baseline DIR``
+counts the same implementations with the vsockcompat of another source tree (its Cython
+core built in place) and prints each count beside the baseline's, with their ratio. System calls
 are the same for all (two sends, two receives per round trip; the vsockcompat
 receiver adds an ``epoll_wait`` every 16 receives) and kernel time is not counted:
 compare with ``vsockcompat bench`` for times. The two endpoints share one process
@@ -63,7 +66,7 @@ def _raw_loop(size):
 
 
 def _runtime(core, rundir):
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.environ.get("VSC_INSTRUCTIONS_ROOT", ROOT))
     from vsockcompat._settings import Settings
     from vsockcompat.runtime import Runtime
 
@@ -139,11 +142,11 @@ def child(impl, size, trips):
     os._exit(0)  # no interpreter teardown: it would differ with what was allocated
 
 
-def count(impl, size, trips, valgrind="valgrind"):
-    """Instructions callgrind counts for a whole child run."""
+def count(impl, size, trips, root=ROOT, valgrind="valgrind"):
+    """Instructions callgrind counts for a whole child run, importing vsockcompat from ``root``."""
     with tempfile.TemporaryDirectory(prefix="vscgi") as tmp:
         out = os.path.join(tmp, "callgrind.out")
-        env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=ROOT,
+        env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=root, VSC_INSTRUCTIONS_ROOT=root,
                    VSOCKCOMPAT_NO_EXTENSIONS="1" if impl.endswith("pure") else "0")
         subprocess.run([valgrind, "--tool=callgrind", "--callgrind-out-file=" + out,
                         sys.executable, os.path.abspath(__file__), "--child", impl, str(size), str(trips)],
@@ -156,8 +159,8 @@ def count(impl, size, trips, valgrind="valgrind"):
     raise RuntimeError("no total in callgrind's output for %s" % impl)
 
 
-def per_trip(impl, size, trips):
-    return (count(impl, size, 2 * trips) - count(impl, size, trips)) / trips
+def per_trip(impl, size, trips, root=ROOT):
+    return (count(impl, size, 2 * trips, root) - count(impl, size, trips, root)) / trips
 
 
 def main(argv=None):
@@ -165,6 +168,8 @@ def main(argv=None):
     parser.add_argument("--trips", type=int, default=1000, help="N (default %(default)s)")
     parser.add_argument("--size", type=int, default=64, help="payload bytes (default %(default)s)")
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also count with the vsockcompat of this source tree")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "SIZE", "TRIPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -175,12 +180,24 @@ def main(argv=None):
         return 2
     impls = ["raw"] + [i for i in args.impl if i != "raw"]
     results = {impl: per_trip(impl, args.size, args.trips) for impl in impls}
+    baseline, root = None, args.baseline and os.path.abspath(args.baseline)
+    if root:
+        baseline = {impl: per_trip(impl, args.size, args.trips, root) for impl in impls if impl != "raw"}
     if args.json:
-        print(json.dumps({"size": args.size, "trips": args.trips, "instructions_per_round_trip": results}))
+        report = {"size": args.size, "trips": args.trips, "instructions_per_round_trip": results}
+        if baseline is not None:
+            report["baseline"] = {"root": root, "instructions_per_round_trip": baseline}
+        print(json.dumps(report))
         return 0
     print("user-space instructions per %d-byte round trip (callgrind, N=%d):" % (args.size, args.trips))
     for impl in impls:
-        print("  %-11s %9s  %5.2fx raw" % (impl, "{:,.0f}".format(results[impl]), results[impl] / results["raw"]))
+        raw = results["raw"]
+        line = "  %-11s %9s  %5.2fx raw" % (impl, "{:,.0f}".format(results[impl]), results[impl] / raw)
+        if baseline is not None and impl in baseline:
+            old = baseline[impl]
+            line += "   baseline %9s  %5.2fx raw   new/baseline %5.3f" % (
+                "{:,.0f}".format(old), old / raw, results[impl] / old)
+        print(line)
     return 0
 
 

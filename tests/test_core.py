@@ -6,6 +6,7 @@ with a receiver of the other on one socket and one account page.
 import json
 import mmap
 import os
+import select
 import socket
 import tempfile
 import threading
@@ -281,7 +282,8 @@ sys.stdin.read()
 """
 
 
-def test_a_lock_holder_that_dies_does_not_wedge_senders(core, page, pair):
+@pytest.mark.parametrize("by", ["send_datagram", "link"])
+def test_a_lock_holder_that_dies_does_not_wedge_senders(core, page, pair, by):
     import subprocess
     import sys
     from conftest import PACKAGE_PARENT
@@ -295,7 +297,33 @@ def test_a_lock_holder_that_dies_does_not_wedge_senders(core, page, pair):
         child.stdin.close()
         child.stdout.close()
     a, _ = pair
-    assert core.send_datagram(a, page.accounts[0], 1, 2, 3, 4, b"alive", 5) == 29
+    if by == "link":  # the pure Link's trylock finds the dead holder (EOWNERDEAD) itself
+        assert core.Link(a, page.accounts[0], 1, 2, 3, 4).send(b"alive", 5) == 29
+    else:
+        assert core.send_datagram(a, page.accounts[0], 1, 2, 3, 4, b"alive", 5) == 29
+    assert page.accounts[0].queued() == 29
+
+
+def test_a_link_send_waits_for_the_account_lock_another_thread_holds(core, page, pair):
+    """The pure Link tries the lock first holding the GIL; when it is busy it must wait for it
+    with the GIL released (the holder here is a thread of the same process)."""
+    from vsockcompat import _pure
+    a, b = pair
+    holder = page.account(load_core("pure"))  # the same mutex, whichever core's account page.accounts[0] is
+    link = core.Link(a, page.accounts[0], 1, 2, 3, 4)
+    assert _pure._acquire(holder.lock) == 0
+    result = []
+    sender = threading.Thread(target=lambda: result.append(link.send(b"after", 5)))
+    try:
+        sender.start()
+        sender.join(0.2)
+        assert result == [] and page.accounts[0].queued() == 0, "sent while another thread held the lock"
+        assert not select.select([b], [], [], 0)[0]
+    finally:
+        _pure._mutex_unlock(holder.lock)
+        sender.join(10)
+    assert result == [29] and page.accounts[0].queued() == 29
+    assert b.recv(100) == core.encode_datagram(1, 2, 3, 4, b"after")
 
 
 def test_a_frame_over_the_sdk_maximum_is_bad(core, page, pair):
@@ -357,6 +385,18 @@ def test_take_returns_the_payload_length_and_the_connections_tag(core, rx):
     assert bytes(rx.buf[:5]) == b"hello" and rx.rx.last_fd == rx.b.fileno()
     assert rx.account.queued() == 0
     assert rx.take(0) == (core.AGAIN, None)
+
+
+def test_recv_returns_the_frame_size_without_the_delivery_checks(core, rx):
+    rx.rx.deny(rx.b.fileno(), True)  # take would drop it; recv reads frames only
+    assert rx.link.send(b"hello", 5) == 29
+    assert rx.rx.recv(rx.buf, rx.spill, 1.0) == 29
+    assert bytes(rx.buf[:5]) == b"hello" and rx.rx.last_fd == rx.b.fileno()
+    assert rx.account.queued() == 0
+    os.write(rx.wake_w, b"\0")
+    assert rx.rx.recv(rx.buf, rx.spill, 1.0) == core.WAKE
+    os.read(rx.wake_r, 1)
+    assert rx.rx.recv(rx.buf, rx.spill, 0) == core.AGAIN
 
 
 def test_take_reports_a_payload_that_spills_past_the_buffer(core, rx):
@@ -475,6 +515,34 @@ def test_a_caller_timeout_below_the_hot_minimum_waits_with_epoll(core, rx):
     os.read(rx.wake_r, 1)
     assert rx.take(0.05) == (1, "tag-3") and rx.buf[0] == ord("b")
     assert rx.take(0.05) == (core.AGAIN, None)
+
+
+@pytest.mark.parametrize("spill_size", [VMCI_MAX_DG_PAYLOAD_SIZE + 1, 16])
+def test_a_hot_read_reports_oversized_and_truncated_frames_and_goes_on(core, rx, spill_size):
+    """A hot read with a spill that holds any SDK frame (the endpoints') needs no MSG_TRUNC
+    (the pure core uses readv there): what does not fit is over the maximum. With a smaller
+    spill, truncation is what tells."""
+    spill = bytearray(spill_size)
+    assert rx.link.send(b"a", 1) == 25
+    assert rx.rx.take(rx.buf, spill, 1.0) == (1, "tag-3")  # now hot: the next reads block on it
+    too_big = VMCI_MAX_DG_PAYLOAD_SIZE + 1
+    truncated = len(rx.buf) + spill_size + 1  # more than header, buffer and spill hold
+    fits = min(len(rx.buf) + spill_size, VMCI_MAX_DG_PAYLOAD_SIZE)  # all they hold, or the maximum
+    frames = [(too_big, core.BAD_FRAME), (truncated, core.BAD_FRAME), (fits, fits), (3, 3)]
+    for size, _ in frames:
+        rx.a.send(core.encode_datagram(2, 1025, 3, 1024, bytes([size % 251]) * size))
+    # A header that claims what the buffers hold, over a longer frame: cut to the claimed size,
+    # it would pass, were the cut not seen.
+    rx.a.send(core.encode_header(2, 1025, 3, 1024, fits) + bytes(fits + 10))
+    frames.append((fits + 10, core.BAD_FRAME))
+    for size, expected in frames:
+        status, tag = rx.rx.take(rx.buf, spill, 1.0)
+        if expected < 0:
+            assert (status, tag) == (expected, None), size
+        else:
+            assert (status, tag) == (expected, "tag-3"), size
+            assert bytes(rx.buf[:min(size, len(rx.buf))]) == bytes([size % 251]) * min(size, len(rx.buf))
+    assert rx.rx.take(rx.buf, spill, 0) == (core.AGAIN, None)
 
 
 @pytest.mark.parametrize("blocking", [True, False])

@@ -6,6 +6,7 @@ interoperate on one socket and one account page.
 """
 import ctypes
 import errno
+import os
 import select
 import socket
 import struct
@@ -64,6 +65,16 @@ _mutexattr_setpshared = _pthread("pthread_mutexattr_setpshared")
 _mutexattr_setrobust = _pthread("pthread_mutexattr_setrobust")
 for _f in (_mutex_lock, _mutex_unlock, _mutex_consistent):
     _f.argtypes = (ctypes.c_void_p,)
+# A Link's calls per send, in their cheapest form (callgrind: trylock + unlock 3,400
+# instructions, lock + unlock as above 5,100): no argtypes, the mutex passed as a ctypes
+# pointer (a plain int would be cut to a C int), through PyDLL, which keeps the GIL: so only
+# for the calls that never block.
+_held_gil = ctypes.PyDLL(None)
+_mutex_trylock_gil = _held_gil.pthread_mutex_trylock
+_mutex_unlock_gil = _held_gil.pthread_mutex_unlock
+_mutex_trylock_gil.restype = ctypes.c_int
+_mutex_unlock_gil.restype = None  # it cannot fail for the holder; no result to convert
+_MUTEX = ctypes.POINTER(ctypes.c_char)
 
 
 def _acquire(lock):
@@ -240,7 +251,7 @@ class Link:
         self._closed = False
         self._epoch = None
         self._words = account._words
-        self._lock = ctypes.c_void_p(account.lock)  # converted once: ctypes calls are the cost here
+        self._lock = ctypes.cast(account.lock, _MUTEX)  # made once: ctypes calls are the cost here
         self._header = (-1, None)  # (length, header) of the last send: a stream repeats its length
 
     def watch_acl(self):
@@ -255,34 +266,34 @@ class Link:
         words = self._words
         if self._epoch is not None and words[_W_ACL_EPOCH] != self._epoch:
             return STALE
-        if type(payload) is bytes or type(payload) is bytearray:
+        kind = type(payload)
+        if kind is bytes or kind is bytearray:
             if length < 0 or length > len(payload) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
                 return VMCI_ERROR_INVALID_ARGS
             data = payload if length == len(payload) else payload[:length]
         else:
-            view = memoryview(payload)
+            view = payload if kind is memoryview else memoryview(payload)
             if view.itemsize != 1 or view.ndim != 1:
                 view = view.cast("B")
             if length < 0 or length > len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
                 return VMCI_ERROR_INVALID_ARGS
             data = view[:length]
-        header = self._header
-        if header[0] == length:
-            header = header[1]
-        else:
-            self._header = (length, _HEADER.pack(*self._handles, length))
-            header = self._header[1]
+        size, header = self._header  # one tuple: a thread sending another length replaces it whole
+        if size != length:
+            header = _HEADER.pack(*self._handles, length)
+            self._header = (length, header)
         lock = self._lock
-        rc = _mutex_lock(lock)
-        if rc and (rc != errno.EOWNERDEAD or _mutex_consistent(lock)):
+        rc = _mutex_trylock_gil(lock)
+        if rc and self._wait_lock(rc):
             return VMCI_ERROR_GENERIC
         try:
             if self._closed or words[_W_CLOSED]:
                 return PEER_GONE
             total = VMCI_DG_HEADERSIZE + length
             produced = words[_W_PRODUCED]
-            consumed = words[_W_CONSUMED]
-            if (produced - consumed if produced > consumed else 0) + total >= words[_W_LIMIT]:
+            limit = words[_W_LIMIT]
+            # queued = produced - consumed, taken as 0 if negative (as the C core's unsigned check)
+            if produced - words[_W_CONSUMED] + total >= limit or total >= limit:
                 return PEER_GONE if _hung_up(self._sock) else VMCI_ERROR_NO_RESOURCES
             words[_W_PRODUCED] = produced + total
             try:
@@ -295,7 +306,19 @@ class Link:
                 return _SEND_ERRNO_STATUS.get(exc.errno, VMCI_ERROR_GENERIC)
             return total
         finally:
-            _mutex_unlock(lock)
+            _mutex_unlock_gil(lock)
+
+    def _wait_lock(self, rc):
+        """The account lock after a ``trylock`` that returned ``rc``: 0 once held, else an error.
+
+        Busy: wait for it with the GIL released (its holder may be a thread of ours). A holder
+        that died leaves it to us (EOWNERDEAD): made consistent, see ``_acquire``.
+        """
+        if rc == errno.EBUSY:
+            rc = _mutex_lock(self._lock)
+        if rc == errno.EOWNERDEAD:
+            rc = _mutex_consistent(self._lock)
+        return rc
 
     def close(self):
         """Stop sending (waits for a send in progress); the caller then closes the socket."""
@@ -333,7 +356,13 @@ def recv_datagram(sock, account, buf, spill):
     return n, fields
 
 
+_NO_FRAME = (None, -1, None)  # Receiver._good until a frame passes its checks
+_UNTAGGED = object()  # the tag of a connection no longer served
+_ANY_EPOCH = -1  # never the value of the (unsigned) epoch word
 _SKIP_MAX = 16  # VSC_RX_SKIPS: receives in a row without epoll while one sender is served
+# How Receiver._receive reads the connection it chose.
+_READY, _HOT, _QUEUED, _WAIT = "ready", "hot", "queued", "wait"
+_readv = os.readv
 _HOT_TIMEOUT = struct.pack("@ll", 0, 1000)  # VSC_RX_HOT_MS, as a struct timeval for SO_RCVTIMEO
 _HOT_MIN_WAIT = 0.1  # VSC_RX_HOT_MIN_WAIT_MS: the shortest caller timeout a hot read may serve
 # Through libc: socket.setsockopt takes only integers on AF_VSOCK sockets.
@@ -366,9 +395,9 @@ class Receiver:
         self._skips = 0
         self._hot = None  # the only connection's entry, while its last read delivered a frame
         self._header = bytearray(VMCI_DG_HEADERSIZE)
+        self._good = _NO_FRAME  # (conn, frame size, header) of the last frame that passed the checks
         self._recheck = None
-        self._epoch = 0
-        self._stale = False
+        self._epoch = 0  # the ACL epoch word at the last re-check; _ANY_EPOCH: re-check next time
         self.last_fd = -1
 
     def fileno(self):
@@ -398,6 +427,8 @@ class Receiver:
             self._only = next(iter(self._conns.values())) if len(self._conns) == 1 else None
             if self._hot is not None and self._hot[4] == fd:
                 self._hot = None
+            if self._good[0] is not None and self._good[0][4] == fd:
+                self._good = _NO_FRAME
 
     def deny(self, fd, denied):
         """Drop (``take`` returns DENIED) or deliver again what the connection ``fd`` sends."""
@@ -410,12 +441,11 @@ class Receiver:
     def watch_acl(self, recheck):
         """See the Cython core: ``recheck()`` runs before a delivery after the ACL epoch changed."""
         self._epoch = self._words[_W_ACL_EPOCH]
-        self._stale = False
         self._recheck = recheck
 
     def acl_changed(self):
         """Call ``recheck`` before the next delivery even if the epoch word did not change."""
-        self._stale = True
+        self._epoch = _ANY_EPOCH
 
     def _key(self, fd):
         conn = self._conns.get(fd)
@@ -441,77 +471,106 @@ class Receiver:
 
     def recv(self, buf, spill, timeout):
         """Receive one frame, waiting up to ``timeout`` seconds (None: forever); see ``vsc_rx_recv``."""
+        return self._receive(buf, spill, timeout, False)[0]
+
+    def take(self, buf, spill, timeout):
+        """Receive one datagram for delivery; see the Cython core's ``Receiver.take``."""
+        return self._receive(buf, spill, timeout, True)
+
+    def _receive(self, buf, spill, timeout, deliver):
+        """``take`` (``deliver``), or ``(frame size, None)`` without the delivery checks
+        (``recv``); the Fastpath calls it directly: one Python frame per datagram."""
         ready, words = self._ready, self._words
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
-            skipped = hot = False
-            if ready:
+            # One sender, its connection hot or bytes queued (the account says so): read it
+            # without epoll (a hot read may block, briefly: SO_RCVTIMEO). Bounded, so that
+            # new connections and wake-ups are still seen.
+            conn = self._hot
+            if conn is not None and not ready and self._skips < _SKIP_MAX and (
+                    deadline is None or deadline - time.monotonic() >= _HOT_MIN_WAIT):
+                mode = _HOT
+            elif ready:
                 fd = ready.pop()
                 if fd == self._wake_fd:
-                    return WAKE
+                    return WAKE, None
                 if fd == self._listener_fd:
-                    return ACCEPT
+                    return ACCEPT, None
                 conn = self._conns[fd]
+                mode = _READY
             else:
-                # One sender, its connection hot or bytes queued (the account says so): read it
-                # without epoll (a hot read may block, briefly: SO_RCVTIMEO). Bounded, so that
-                # new connections and wake-ups are still seen.
                 conn = self._only
-                if conn is not None and self._skips < _SKIP_MAX:
-                    hot = self._hot is conn and (deadline is None or deadline - time.monotonic() >= _HOT_MIN_WAIT)
-                    skipped = not hot and words[_W_PRODUCED] > words[_W_CONSUMED]
-                if not (skipped or hot):
+                if conn is None or self._skips >= _SKIP_MAX or words[_W_PRODUCED] <= words[_W_CONSUMED]:
                     self._skips = 0
                     if self._wait(deadline) is AGAIN:
-                        return AGAIN
+                        return AGAIN, None
                     continue
+                mode = _QUEUED
+            if mode is not _READY:
                 self._skips += 1
             self.last_fd = conn[4]
             header = self._header
             try:
-                n, _, flags, _ = conn[0].recvmsg_into((header, buf, spill), 0, 0 if hot else _MSG_DONTWAIT)
+                if mode is _HOT and len(spill) > VMCI_MAX_DG_PAYLOAD_SIZE:
+                    # A blocking read (SO_RCVTIMEO bounds it) into buffers that hold any frame
+                    # the SDK allows, so no flag is needed to see a truncated one: it exceeds
+                    # the maximum. readv costs half of recvmsg_into (callgrind).
+                    n = _readv(conn[4], (header, buf, spill))
+                    flags = 0
+                else:
+                    n, _, flags, _ = conn[0].recvmsg_into((header, buf, spill), 0,
+                                                          0 if mode is _HOT else _MSG_DONTWAIT)
             except BlockingIOError:
-                if hot:
+                if mode is _HOT:
                     self._hot = None  # nothing came in time: wait on everything
-                elif skipped:
+                elif mode is _QUEUED:
                     self._skips = _SKIP_MAX  # the queued bytes are elsewhere: wait properly
                 elif not ready and deadline is not None and time.monotonic() >= deadline:
-                    return AGAIN
+                    return AGAIN, None
                 continue
             except ConnectionResetError:
-                return PEER_GONE
+                return PEER_GONE, None
             except OSError:
-                return VMCI_ERROR_GENERIC
+                return VMCI_ERROR_GENERIC, None
             if n == 0:
-                return PEER_GONE
-            produced = words[_W_PRODUCED]
-            consumed = words[_W_CONSUMED] + n
-            words[_W_CONSUMED] = consumed if consumed <= produced else max(produced, consumed - n)
-            if n < VMCI_DG_HEADERSIZE or flags & _MSG_TRUNC:
-                return BAD_FRAME
-            dc, dr, sc, sr, size = _HEADER.unpack_from(header)
-            if size != n - VMCI_DG_HEADERSIZE or size > VMCI_MAX_DG_PAYLOAD_SIZE:
-                return BAD_FRAME
-            if sc != conn[1] or sr != conn[2] or dc != self._self_context or dr != self._self_resource:
-                return FORGED
-            self._hot = conn if conn is self._only and conn[5] else None
-            return n
+                return PEER_GONE, None
+            consumed = words[_W_CONSUMED] + n  # the frame leaves the queue (see _release_frame)
+            if consumed > words[_W_PRODUCED]:
+                consumed = max(words[_W_PRODUCED], consumed - n)
+            words[_W_CONSUMED] = consumed
+            good = self._good
+            if flags & _MSG_TRUNC or n != good[1] or good[0] is not conn or header != good[2]:
+                status = self._check(conn, header, n, flags)
+                if status < 0:
+                    return status, None
+            if mode is not _HOT:
+                self._hot = conn if conn is self._only and conn[5] else None
+            if not deliver:
+                return n, None
+            fd = conn[4]
+            if words[_W_ACL_EPOCH] != self._epoch and self._recheck is not None:
+                self._epoch = words[_W_ACL_EPOCH]
+                self._recheck()
+            length = n - VMCI_DG_HEADERSIZE
+            tag = self._tags.get(fd, _UNTAGGED)
+            if tag is _UNTAGGED or fd in self._denied:  # denied, or removed by the re-check
+                buf[: min(length, len(buf))] = bytes(min(length, len(buf)))
+                return DENIED, None
+            return length, tag
 
-    def take(self, buf, spill, timeout):
-        """Receive one datagram for delivery; see the Cython core's ``Receiver.take``."""
-        n = self.recv(buf, spill, timeout)
-        if n < 0:
-            return n, None
-        fd = self.last_fd
-        if self._recheck is not None and (self._stale or self._words[_W_ACL_EPOCH] != self._epoch):
-            self._epoch = self._words[_W_ACL_EPOCH]
-            self._stale = False
-            self._recheck()
-        length = n - VMCI_DG_HEADERSIZE
-        if fd in self._denied or fd not in self._tags:
-            buf[: min(length, len(buf))] = bytes(min(length, len(buf)))
-            return DENIED, None
-        return length, self._tags[fd]
+    def _check(self, conn, header, n, flags):
+        """``n``, or BAD_FRAME / FORGED, for a frame of ``n`` bytes read from ``conn``; a
+        frame that passes is remembered: the next one alike (same header and size, from the
+        same connection: a stream repeats them) passes with one comparison."""
+        if n < VMCI_DG_HEADERSIZE or flags & _MSG_TRUNC:
+            return BAD_FRAME
+        dc, dr, sc, sr, size = _HEADER.unpack_from(header)
+        if size != n - VMCI_DG_HEADERSIZE or size > VMCI_MAX_DG_PAYLOAD_SIZE:
+            return BAD_FRAME
+        if sc != conn[1] or sr != conn[2] or dc != self._self_context or dr != self._self_resource:
+            return FORGED
+        self._good = (conn, n, bytes(header))
+        return n
 
     def close(self):
         self._epoll.close()
@@ -521,6 +580,7 @@ class Receiver:
         self._recheck = None
         self._only = None
         self._hot = None
+        self._good = _NO_FRAME
         self._ready = []
 
 

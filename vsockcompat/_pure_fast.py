@@ -71,7 +71,7 @@ class Fastpath:
                 return VMCI_ERROR_NO_MORE_DATAGRAMS, None
             if self.held is not None or timeout is not None:
                 return self._recv_slow(buf, timeout, None, None)
-            n, tag = self._rx.take(buf, self._spill, None)
+            n, tag = self._rx._receive(buf, self._spill, None, True)  # take(), one frame less
             if n < 0 or n > len(buf):
                 return self._recv_slow(buf, None, n, tag)
             if tag is not self._last_tag:
