@@ -75,8 +75,13 @@ uint8_t *vsc_private_account(void)
 
 int vsc_send_all(int fd, const uint8_t *buf, size_t len)
 {
+    return vsc_send_pieces(fd, buf, len, 0);
+}
+
+int vsc_send_pieces(int fd, const uint8_t *buf, size_t len, size_t piece)
+{
     while (len > 0) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+        ssize_t n = send(fd, buf, piece != 0 && len > piece ? piece : len, MSG_NOSIGNAL);
 
         if (n < 0 && errno == EINTR)
             continue;
@@ -184,6 +189,7 @@ int vsc_hello_read(int fd, int stream, int timeout_ms, int *well_known, uint32_t
 struct vsc_vsock_pump {
     pthread_t thread;
     int back, vs, stream;
+    size_t piece;                    /* stream: bytes per send() at most, 0 for no bound */
     int denied, ended, garbled;      /* atomic: written by the pump, read by the endpoint */
     uint8_t pending[VSC_VERDICT_SIZE]; /* stream: the start of a verdict cut by a receive */
     size_t npending;
@@ -261,7 +267,7 @@ static void *pump_main(void *arg)
             continue;
         if (n <= 0)
             break; /* the core closed its end */
-        if (p->stream ? vsc_send_all(p->vs, p->buf, (size_t)n) != 0
+        if (p->stream ? vsc_send_pieces(p->vs, p->buf, (size_t)n, p->piece) != 0
                       : send(p->vs, p->buf, (size_t)n, MSG_NOSIGNAL) != n) /* blocking: whole or error */
             break;
     }
@@ -270,7 +276,7 @@ static void *pump_main(void *arg)
     return NULL;
 }
 
-int vsc_link_pump_start(int vs, int stream, vsc_conn *out)
+int vsc_link_pump_start(int vs, int stream, size_t piece, vsc_conn *out)
 {
     struct vsc_vsock_pump *p = calloc(1, sizeof *p);
     int pair[2] = {-1, -1};
@@ -287,6 +293,7 @@ int vsc_link_pump_start(int vs, int stream, vsc_conn *out)
     p->back = pair[1];
     p->vs = vs;
     p->stream = stream;
+    p->piece = stream ? piece : 0; /* a SEQPACKET message is one packet whatever its size */
     if (pthread_create(&p->thread, NULL, pump_main, p) != 0)
         goto fail;
     out->fd = pair[0];

@@ -26,6 +26,8 @@ typedef struct vsc_vsock_in vsc_vsock_in;
 uint8_t *vsc_private_account(void);
 /* Send all of buf on a blocking socket; 0, or -1 (errno). */
 int vsc_send_all(int fd, const uint8_t *buf, size_t len);
+/* vsc_send_all in send() calls of at most piece bytes (0: no bound). */
+int vsc_send_pieces(int fd, const uint8_t *buf, size_t len, size_t piece);
 
 void vsc_hello_encode(uint8_t out[VSC_HELLO_SIZE], uint32_t rid, int well_known);
 /* 0 with *well_known and *rid from exactly one hello, or -1 (size, magic or rid VMADDR_PORT_ANY). */
@@ -37,8 +39,10 @@ int vsc_verdict_decode(const uint8_t *buf, size_t n);
 int vsc_hello_read(int fd, int stream, int timeout_ms, int *well_known, uint32_t *rid);
 
 /* Wrap the connected socket vs (hello sent) in a link: out->fd is the core's end of the pump's
- * pair, out->acct its private account, out->pump the thread. Owns vs from the call on. A VMCI code. */
-int vsc_link_pump_start(int vs, int stream, vsc_conn *out);
+ * pair, out->acct its private account, out->pump the thread. A stream link writes each frame in
+ * send() calls of at most piece bytes (0: whole; VSC_SIBLING_PIECE between sibling guests, see
+ * vsc_vsock_piece_between). Owns vs from the call on. A VMCI code. */
+int vsc_link_pump_start(int vs, int stream, size_t piece, vsc_conn *out);
 /* Let the pump forward what was sent (VSC_VSOCK_LINGER_MS at most), end it, release everything. */
 void vsc_link_pump_stop(vsc_conn *c);
 /* In a forked child: drop the copies of the parent's link without touching its thread. */

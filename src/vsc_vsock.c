@@ -48,11 +48,21 @@ static uint32_t read_local_cid(void)
     return cid;
 }
 
+static int is_guest(uint32_t cid)
+{
+    return cid > VMADDR_CID_HOST && cid < VMADDR_CID_ANY;
+}
+
 uint32_t vsc_vsock_cid_of(uint32_t kcid, uint32_t context)
 {
     if (context != VMCI_WELL_KNOWN_CONTEXT_ID)
         return context;
-    return kcid > VMADDR_CID_HOST && kcid < VMADDR_CID_ANY ? VMADDR_CID_HOST : VMADDR_CID_LOCAL;
+    return is_guest(kcid) ? VMADDR_CID_HOST : VMADDR_CID_LOCAL;
+}
+
+size_t vsc_vsock_piece_between(uint32_t kcid, uint32_t peer_cid)
+{
+    return is_guest(kcid) && is_guest(peer_cid) && kcid != peer_cid ? VSC_SIBLING_PIECE : 0;
 }
 
 int vsc_vsock_open(vsc_local *t)
@@ -237,7 +247,8 @@ int vsc_vsock_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_co
         close(fd);
         return rc;
     }
-    return vsc_link_pump_start(fd, t->vsock_mode == VSC_VSOCK_STREAM, out);
+    return vsc_link_pump_start(fd, t->vsock_mode == VSC_VSOCK_STREAM, vsc_vsock_piece_between(t->kcid, addr.svm_cid),
+                               out);
 }
 
 /* The context of a peer the kernel places at peer_cid; VMCI_INVALID_ID if its claim is refused. */

@@ -11,7 +11,8 @@
  * mode, VSOCKCOMPAT_VSOCK_MODE; auto: SEQPACKET when such a socket can be created). The connector
  * first sends the 8-byte hello (VSC_HELLO_MAGIC or VSC_HELLO_WELL_KNOWN_MAGIC, then its rid,
  * u32 little-endian each), then datagram frames (the SDK header + payload), one per message or,
- * in stream mode, back to back. The receiver takes the sender's context from getpeername (the
+ * in stream mode, back to back (cut into send() calls of at most VSC_SIBLING_PIECE bytes between
+ * two sibling guests: vsc_vsock_piece_between). The receiver takes the sender's context from getpeername (the
  * kernel's word, never the frame's) and its rid from the hello; it may write 8-byte verdicts
  * back (VSC_VERDICT_MAGIC, then VSC_VERDICT_MAY_SEND or VSC_VERDICT_DENIED).
  *
@@ -47,6 +48,10 @@
 int vsc_vsock_open(vsc_local *t);
 /* The vsock CID of context `context` as seen from a kernel of CID kcid. */
 uint32_t vsc_vsock_cid_of(uint32_t kcid, uint32_t context);
+/* Bytes per send() on a stream from a kernel of CID kcid to peer_cid: VSC_SIBLING_PIECE when both
+ * are distinct guests (CIDs above VMADDR_CID_HOST), whose packets vhost-device-vsock drops when
+ * bigger than one receive buffer of the other guest (vsockcompat/transport/pieces.py); else 0. */
+size_t vsc_vsock_piece_between(uint32_t kcid, uint32_t peer_cid);
 
 /* Endpoints: a VMCI code (DUPLICATE_ENTRY for a port in use, NO_ACCESS for a privileged one). */
 int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out);

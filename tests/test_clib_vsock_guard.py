@@ -17,6 +17,7 @@ import subprocess
 
 import pytest
 
+from vsockcompat.constants import SIBLING_PIECE, VMCI_DG_HEADERSIZE as HEADER, VMCI_MAX_DG_PAYLOAD_SIZE as MAX
 from test_clib import CC, SANITIZE, SANITIZER_ENV, SANITIZER_MARKS, SRC_DIR, _cc, build, env_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,7 +156,8 @@ def test_wire_under_valgrind(tmp_path):
 # The whole C vsock transport, C <-> C, over AF_VSOCK emulated on AF_UNIX (tests/c/vsock_emulation.c,
 # linked into the program: its socket() and friends are the ones libvmci.so.0 calls)
 
-EMULATED = ("socket", "socketpair", "bind", "connect", "accept4", "getpeername", "getsockname", "open", "ioctl")
+EMULATED = ("socket", "socketpair", "bind", "connect", "accept4", "getpeername", "getsockname", "open", "ioctl",
+            "send", "sendto", "sendmsg", "write")
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +175,10 @@ def emulated(guarded, tmp_path_factory):
 class EmulatedProbe:
     """vsock_probe on the emulated vsock transport, driven line by line."""
 
-    def __init__(self, guarded, exe, rundir, emu_dir, mode, wrap=()):
+    def __init__(self, guarded, exe, rundir, emu_dir, mode, wrap=(), **emu):
         env = env_for(rundir, "pure", guarded.library)
         env.update(LD_LIBRARY_PATH=guarded.lib_dir, VSOCKCOMPAT_TRANSPORT="vsock", VSOCKCOMPAT_VSOCK_MODE=mode,
-                   VSOCK_EMU_DIR=emu_dir, VSOCKCOMPAT_DS_AUTOSTART="1")
+                   VSOCK_EMU_DIR=emu_dir, VSOCKCOMPAT_DS_AUTOSTART="1", **emu)
         self.proc = subprocess.Popen(list(wrap) + [exe], env=env, text=True, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -237,3 +239,51 @@ def test_c_to_c_over_emulated_vsock_under_valgrind(guarded, emulated, rundir, tm
     wrap = ["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "--quiet"]
     for status, out, err in emulated_session(guarded, emulated, rundir, tmp_path, mode, wrap):
         assert (status, out, err) == (0, "", "")
+
+
+# Sibling guests (vsockcompat/transport/pieces.py): between two distinct guest CIDs a stream link
+# writes in send() calls of at most SIBLING_PIECE bytes; to the host (CID 2) or on loopback, whole.
+# Each probe is a kernel of its own CID on the emulation, logging the size of every send().
+
+def sends_of(log):
+    """The sizes of the send() calls a probe made on its emulated vsock sockets."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    assert all(line.startswith("send ") for line in lines), lines
+    return [int(line.split()[1]) for line in lines]
+
+
+@pytest.mark.parametrize("mode", ["stream", "seqpacket"])
+def test_writes_between_sibling_guests_are_cut_into_pieces(guarded, emulated, rundir, tmp_path, mode):
+    emu = tmp_path / "emu"
+    emu.mkdir()
+    logs = {cid: tmp_path / ("sends%d" % cid) for cid in (2, 3, 4)}
+    probes = {cid: EmulatedProbe(guarded, emulated, rundir, str(emu), mode, VSOCK_EMU_CID=str(cid),
+                                 VSOCK_EMU_SENDS=str(logs[cid])) for cid in (2, 3, 4)}
+    host, guest, sibling = probes[2], probes[3], probes[4]
+    try:
+        for cid, probe in probes.items():
+            assert probe.ask("init") == ["0"]
+            assert probe.ask("create %d" % (5000 + cid)) == [str(cid), str(5000 + cid)]
+        # guest 3 <-> guest 4: the largest datagram arrives whole both ways
+        assert guest.ask("send 4 5004 %d" % MAX) == [str(MAX + HEADER)]
+        assert sibling.ask("recv") == [str(MAX), "3", "5003", "1"]
+        assert sibling.ask("send 3 5003 %d" % MAX) == [str(MAX + HEADER)]
+        assert guest.ask("recv") == [str(MAX), "4", "5004", "1"]
+        sibling_sends = sends_of(logs[3]), sends_of(logs[4])
+        # guest 3 <-> the host (CID 2): not siblings
+        assert guest.ask("send 2 5002 %d" % MAX) == [str(MAX + HEADER)]
+        assert host.ask("recv") == [str(MAX), "3", "5003", "1"]
+        assert host.ask("send 3 5003 %d" % MAX) == [str(MAX + HEADER)]
+        assert guest.ask("recv") == [str(MAX), "2", "5002", "1"]
+    finally:
+        results = [probe.close() for probe in probes.values()]
+    assert results == [(0, "", "")] * 3
+    to_host, from_host = sends_of(logs[3])[len(sibling_sends[0]):], sends_of(logs[2])
+    for sends in sibling_sends:
+        assert sum(sends) >= MAX + HEADER
+        if mode == "stream":
+            assert max(sends) == SIBLING_PIECE      # every write cut, the frame in full pieces
+        else:
+            assert MAX + HEADER in sends            # a SEQPACKET message is one packet: never cut
+    for sends in (to_host, from_host):
+        assert MAX + HEADER in sends                # to and from the host: whole

@@ -110,16 +110,18 @@ def test_run_env_appends_libvmci_then_the_preload():
 
 
 def test_sockets_preload_setting(pbuild, monkeypatch, tmp_path):
-    monkeypatch.setenv(clib.PRELOAD_ENV, pbuild.preload)
-    assert sockets_preload({}) == pbuild.preload
-    assert sockets_preload({"VSOCKCOMPAT_PRELOAD": "1"}) == pbuild.preload
-    assert sockets_preload({"VSOCKCOMPAT_PRELOAD": "0"}) is None
-    with pytest.raises(ValueError, match="VSOCKCOMPAT_PRELOAD must be 0 or 1"):
-        sockets_preload({"VSOCKCOMPAT_PRELOAD": "yes"})
+    # The preload's path comes from the environment given, not this process's.
     monkeypatch.setenv(clib.PRELOAD_ENV, str(tmp_path / "missing.so"))
-    assert sockets_preload({}) is None                       # unset: only when built
+    built = {clib.PRELOAD_ENV: pbuild.preload}
+    assert sockets_preload(built) == pbuild.preload
+    assert sockets_preload(dict(built, VSOCKCOMPAT_PRELOAD="1")) == pbuild.preload
+    assert sockets_preload(dict(built, VSOCKCOMPAT_PRELOAD="0")) is None
+    with pytest.raises(ValueError, match="VSOCKCOMPAT_PRELOAD must be 0 or 1"):
+        sockets_preload(dict(built, VSOCKCOMPAT_PRELOAD="yes"))
+    missing = {clib.PRELOAD_ENV: str(tmp_path / "missing.so")}
+    assert sockets_preload(missing) is None                   # unset: only when built
     with pytest.raises(ValueError, match="is not at"):
-        sockets_preload({"VSOCKCOMPAT_PRELOAD": "1"})         # required
+        sockets_preload(dict(missing, VSOCKCOMPAT_PRELOAD="1"))  # required
 
 
 @pytest.mark.parametrize("setting, present", [(None, True), ("1", True), ("0", False)])

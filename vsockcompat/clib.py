@@ -13,7 +13,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 SONAME = "libvmci.so.0"
 LINK_NAME = "libvmci.so"
@@ -126,18 +126,20 @@ def install_headers(include_dir: str, src_dir: Optional[str] = None) -> str:
     return include_dir
 
 
-def library_path() -> Optional[str]:
-    """Our libvmci.so.0: ``$VSOCKCOMPAT_LIBVMCI``, else the package's ``lib/``; None if not built."""
-    explicit = os.environ.get(LIBRARY_ENV)
+def library_path(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Our libvmci.so.0: ``$VSOCKCOMPAT_LIBVMCI`` (of ``environ``, default ``os.environ``), else the
+    package's ``lib/``; None if not built."""
+    explicit = (os.environ if environ is None else environ).get(LIBRARY_ENV)
     if explicit:
         return os.path.abspath(explicit) if os.path.isfile(explicit) else None
     path = os.path.join(PACKAGE_DIR, "lib", SONAME)
     return path if os.path.isfile(path) else None
 
 
-def preload_path() -> Optional[str]:
-    """Our VMCI Sockets preload: ``$VSOCKCOMPAT_LIBPRELOAD``, else the package's ``lib/``; None if not built."""
-    explicit = os.environ.get(PRELOAD_ENV)
+def preload_path(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Our VMCI Sockets preload: ``$VSOCKCOMPAT_LIBPRELOAD`` (of ``environ``, default ``os.environ``),
+    else the package's ``lib/``; None if not built."""
+    explicit = (os.environ if environ is None else environ).get(PRELOAD_ENV)
     if explicit:
         return os.path.abspath(explicit) if os.path.isfile(explicit) else None
     path = os.path.join(PACKAGE_DIR, "lib", PRELOAD_NAME)

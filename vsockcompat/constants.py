@@ -256,6 +256,10 @@ VERDICT_MAY_SEND = 0
 VERDICT_DENIED = 1
 #: The queue-account limit of links and endpoints across kernels: no user-space bound.
 UNBOUNDED_ACCOUNT_LIMIT = 1 << 62
+#: Bytes per ``send()`` on a stream between two sibling guests (both CIDs above 2, distinct):
+#: vhost-device-vsock drops a packet bigger than one ~4 KiB guest receive buffer
+#: (transport/pieces.py says why; src/vsc_link.c cuts the C library's writes the same way).
+SIBLING_PIECE = 2048
 
 
 def _is_int_constant(name, value):

@@ -28,13 +28,13 @@ ABI ours is not built for, rather than letting ld.so fail less clearly.
 import os
 import struct
 import sys
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 from . import clib
 from ._settings import SettingError, parse_flag
 
-__all__ = ["main", "include_dir", "include_dir_main", "elf_info", "ElfInfo", "run_env", "sockets_preload",
-           "USAGE"]
+__all__ = ["main", "command", "RunRefused", "include_dir", "include_dir_main", "elf_info", "ElfInfo", "run_env",
+           "sockets_preload", "USAGE"]
 
 USAGE = "usage: vsockcompat run [--check] [--] PROGRAM [ARGS...]"
 PRELOAD_SETTING = "VSOCKCOMPAT_PRELOAD"
@@ -165,7 +165,7 @@ def _prepend(value: str, old: Optional[str]) -> str:
     return value + ":" + old if old else value
 
 
-def run_env(library: str, environ: Optional[Dict[str, str]] = None,
+def run_env(library: str, environ: Optional[Mapping[str, str]] = None,
             preload: Optional[str] = None) -> Dict[str, str]:
     """The environment a legacy program runs with: ours first on LD_LIBRARY_PATH, ours in
     LD_PRELOAD after the entries already there (libvmci, then the VMCI Sockets ``preload``)."""
@@ -177,14 +177,14 @@ def run_env(library: str, environ: Optional[Dict[str, str]] = None,
     return env
 
 
-def sockets_preload(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
+def sockets_preload(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The VMCI Sockets preload ``vsockcompat run`` adds, per ``VSOCKCOMPAT_PRELOAD``: unset, the
     library when it is built (else None); ``0``, None; ``1``, the library or a SettingError."""
     env = os.environ if environ is None else environ
     value = env.get(PRELOAD_SETTING)
     if value is not None and not parse_flag(PRELOAD_SETTING, value):
         return None
-    path = clib.preload_path()
+    path = clib.preload_path(env)
     if path is None and value is not None:
         where = env.get(clib.PRELOAD_ENV) or os.path.join(clib.PACKAGE_DIR, "lib", clib.PRELOAD_NAME)
         raise SettingError("%s=1 but %s is not at %s (install vsockcompat with its C extensions, or set %s)"
@@ -192,10 +192,14 @@ def sockets_preload(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
     return path
 
 
-def _resolve(program: str) -> Optional[str]:
+def _resolve(program: str, search: Optional[str] = None) -> Optional[str]:
+    """The file ``program`` names: itself when it has a slash, else its first hit on ``search``
+    (default: this process's PATH)."""
     if os.sep in program:
         return program if os.path.isfile(program) else None
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+    if search is None:
+        search = os.environ.get("PATH", os.defpath)
+    for directory in search.split(os.pathsep):
         candidate = os.path.join(directory or ".", program)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
@@ -281,13 +285,49 @@ def _abi_mismatch(info: ElfInfo, lib_info: Optional[ElfInfo]) -> Optional[str]:
             % (info.abi, clib.SONAME, lib_info.abi, info.abi))
 
 
-def _preflight(program: str, library: str) -> Optional[str]:
-    """The reason ``run`` would fail to give ``program`` our library, when that is certain now."""
-    path = _resolve(program)
+def _preflight(program: str, library: str, search: Optional[str] = None) -> Optional[str]:
+    """The reason ``run`` would fail to give ``program`` our library, when that is certain now
+    (``search``: the PATH the program is looked up on)."""
+    path = _resolve(program, search)
     try:
         return _abi_mismatch(elf_info(path), elf_info(library)) if path else None
     except (OSError, ElfError):
         return None  # a script, or something the kernel or ld.so will judge
+
+
+class RunRefused(Exception):
+    """Why ``vsockcompat run`` does not start a program; ``status`` is the exit status it returns."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def command(argv: Sequence[str], environ: Optional[Mapping[str, str]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """The argv and environment ``vsockcompat run -- ARGV`` executes (with ``os.execvpe``), given
+    the environment ``environ`` it is started in (default ``os.environ``): what a caller that
+    starts many legacy programs computes once instead of starting Python for each one.
+
+    Raises RunRefused (status 2) when our libvmci.so.0 is not built, ``VSOCKCOMPAT_PRELOAD`` asks
+    for a preload that is not there, or ARGV[0] needs libvmci.so.0 for another ABI.
+    """
+    environ = os.environ if environ is None else environ
+    argv = list(argv)
+    if not argv:
+        raise RunRefused(USAGE)
+    library = clib.library_path(environ)
+    if library is None:
+        where = environ.get(clib.LIBRARY_ENV) or os.path.join(clib.PACKAGE_DIR, "lib", clib.SONAME)
+        raise RunRefused("%s not found at %s (install vsockcompat with its C extensions, or set %s)"
+                         % (clib.SONAME, where, clib.LIBRARY_ENV))
+    try:
+        preload = sockets_preload(environ)
+    except SettingError as exc:
+        raise RunRefused(str(exc)) from None
+    reason = _preflight(argv[0], library, environ.get("PATH", os.defpath))
+    if reason:
+        raise RunRefused("%s: %s" % (argv[0], reason))
+    return argv, run_env(library, environ, preload=preload)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -315,22 +355,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("vsockcompat run --check takes one PROGRAM\n%s" % USAGE, file=sys.stderr)
             return 2
         return check(argv[0])
-    library = clib.library_path()
-    if library is None:
-        where = os.environ.get(clib.LIBRARY_ENV) or os.path.join(clib.PACKAGE_DIR, "lib", clib.SONAME)
-        print("vsockcompat run: %s not found at %s (install vsockcompat with its C extensions, or set %s)"
-              % (clib.SONAME, where, clib.LIBRARY_ENV), file=sys.stderr)
-        return 2
     try:
-        preload = sockets_preload()
-    except SettingError as exc:
+        argv, env = command(argv)
+    except RunRefused as exc:
         print("vsockcompat run: %s" % exc, file=sys.stderr)
-        return 2
-    reason = _preflight(argv[0], library)
-    if reason:
-        print("vsockcompat run: %s: %s" % (argv[0], reason), file=sys.stderr)
-        return 2
-    env = run_env(library, preload=preload)
+        return exc.status
     sys.stdout.flush()
     sys.stderr.flush()
     try:

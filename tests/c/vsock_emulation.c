@@ -5,12 +5,17 @@
  * each other on a machine where real AF_VSOCK must never be used. Linked in, not preloaded:
  * a preload that fails to load is skipped by ld.so with a warning, this cannot be.
  *
- * A kernel of CID 1 (vsock_loopback's view): /dev/vsock is /dev/null whose
- * IOCTL_VM_SOCKETS_GET_LOCAL_CID answers 1. socket(AF_VSOCK, type) is socket(AF_UNIX, type);
- * port P is the path $VSOCK_EMU_DIR/p<P> (unset: AF_VSOCK fails with EAFNOSUPPORT); a connector
- * is bound first to $VSOCK_EMU_DIR/p<an ephemeral port>, so getpeername reports (1, port).
- * Connecting to CIDs other than 1 and 2 fails with ENETUNREACH; to a port nobody listens on,
- * with ECONNRESET, as vsock_loopback does. The real AF_VSOCK family is never passed to libc.
+ * A kernel of CID $VSOCK_EMU_CID (default 1, vsock_loopback's view): /dev/vsock is /dev/null
+ * whose IOCTL_VM_SOCKETS_GET_LOCAL_CID answers that CID. socket(AF_VSOCK, type) is
+ * socket(AF_UNIX, type); port P of CID C is the path $VSOCK_EMU_DIR/c<C>p<P> (unset: AF_VSOCK
+ * fails with EAFNOSUPPORT); a connector is bound first to its own CID's path of an ephemeral
+ * port, so getpeername reports (its CID, port). Processes of different CIDs sharing one
+ * directory are kernels that reach each other: guests and their host behind vhost-device-vsock.
+ * CID 1 is the own kernel; a kernel of CID 1 reaches only CIDs 1 and 2 (both itself), any other
+ * kernel every CID from 2 up; other CIDs fail with ENETUNREACH, a port nobody listens on with
+ * ECONNRESET, as vsock_loopback does. With $VSOCK_EMU_SENDS set, the length asked of every
+ * send(), sendto(), sendmsg() and write() on an emulated socket is appended to that file, one
+ * "send <bytes>" line each. The real AF_VSOCK family is never passed to libc.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -31,7 +36,6 @@
 #include <linux/vm_sockets.h>
 
 #define MAX_FD 65536
-#define EMU_CID 1u
 
 static unsigned char emulated[MAX_FD]; /* 1: an emulated AF_VSOCK descriptor */
 static int fake_device = -1;
@@ -53,28 +57,104 @@ static int is_emulated(int fd)
     if (real_##name == NULL) \
         real_##name = (ret (*)(__VA_ARGS__))dlsym(RTLD_NEXT, #name)
 
-/* $VSOCK_EMU_DIR/p<port>; -1 if unset or too long. */
-static int port_path(unsigned port, struct sockaddr_un *out)
+/* This kernel's CID: $VSOCK_EMU_CID, else 1. */
+static unsigned emu_cid(void)
+{
+    const char *cid = getenv("VSOCK_EMU_CID");
+
+    return cid != NULL && *cid != '\0' ? (unsigned)strtoul(cid, NULL, 10) : 1u;
+}
+
+/* The kernel a connect to cid reaches (0: none, ENETUNREACH). */
+static unsigned reach(unsigned cid)
+{
+    unsigned own = emu_cid();
+
+    if (cid == VMADDR_CID_LOCAL || cid == own)
+        return own;
+    if (own == VMADDR_CID_LOCAL)
+        return cid == VMADDR_CID_HOST ? own : 0;
+    return cid >= VMADDR_CID_HOST && cid != VMADDR_CID_ANY ? cid : 0;
+}
+
+/* $VSOCK_EMU_DIR/c<cid>p<port>; -1 if unset or too long. */
+static int port_path(unsigned cid, unsigned port, struct sockaddr_un *out)
 {
     const char *dir = getenv("VSOCK_EMU_DIR");
 
     memset(out, 0, sizeof *out);
     out->sun_family = AF_UNIX;
-    if (dir == NULL || (size_t)snprintf(out->sun_path, sizeof out->sun_path, "%s/p%u", dir, port)
+    if (dir == NULL || (size_t)snprintf(out->sun_path, sizeof out->sun_path, "%s/c%up%u", dir, cid, port)
                            >= sizeof out->sun_path)
         return -1;
     return 0;
 }
 
-/* The vsock address behind a bound AF_UNIX path (VMADDR_PORT_ANY if unbound). */
+/* The vsock address behind a bound AF_UNIX path ((cid, VMADDR_PORT_ANY) if unbound). */
 static void to_vsock(const struct sockaddr_un *un, socklen_t len, unsigned cid, struct sockaddr_vm *out)
 {
     const char *slash = len > offsetof(struct sockaddr_un, sun_path) ? strrchr(un->sun_path, '/') : NULL;
+    unsigned path_cid, port;
 
     memset(out, 0, sizeof *out);
     out->svm_family = AF_VSOCK;
     out->svm_cid = cid;
-    out->svm_port = slash != NULL && slash[1] == 'p' ? (unsigned)strtoul(slash + 2, NULL, 10) : VMADDR_PORT_ANY;
+    out->svm_port = VMADDR_PORT_ANY;
+    if (slash != NULL && sscanf(slash + 1, "c%up%u", &path_cid, &port) == 2) {
+        out->svm_cid = cid == VMADDR_CID_ANY ? cid : path_cid;
+        out->svm_port = port;
+    }
+}
+
+/* Append "send <len>" to $VSOCK_EMU_SENDS for a send on an emulated socket. */
+static void log_send(int fd, size_t len)
+{
+    const char *path = getenv("VSOCK_EMU_SENDS");
+    char line[64];
+    int log, n;
+
+    if (!is_emulated(fd) || path == NULL)
+        return;
+    n = snprintf(line, sizeof line, "send %zu\n", len);
+    log = (int)syscall(SYS_openat, AT_FDCWD, path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    if (log < 0)
+        return;
+    if (syscall(SYS_write, log, line, (size_t)n) != n) {
+        /* a short log fails the test that reads it */
+    }
+    close(log);
+}
+
+ssize_t send(int fd, const void *buf, size_t len, int flags)
+{
+    REAL(ssize_t, send, int, const void *, size_t, int);
+    log_send(fd, len);
+    return real_send(fd, buf, len, flags);
+}
+
+ssize_t sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr, socklen_t alen)
+{
+    REAL(ssize_t, sendto, int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    log_send(fd, len);
+    return real_sendto(fd, buf, len, flags, addr, alen);
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    size_t len = 0, i;
+    REAL(ssize_t, sendmsg, int, const struct msghdr *, int);
+
+    for (i = 0; msg != NULL && i < msg->msg_iovlen; i++)
+        len += msg->msg_iov[i].iov_len;
+    log_send(fd, len);
+    return real_sendmsg(fd, msg, flags);
+}
+
+ssize_t write(int fd, const void *buf, size_t len)
+{
+    REAL(ssize_t, write, int, const void *, size_t);
+    log_send(fd, len);
+    return real_write(fd, buf, len);
 }
 
 int socket(int domain, int type, int protocol)
@@ -122,7 +202,7 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len)
     if (!is_emulated(fd))
         return real_bind(fd, addr, len);
     if (len < sizeof *vm || vm->svm_family != AF_VSOCK || vm->svm_port == VMADDR_PORT_ANY
-        || port_path(vm->svm_port, &un) != 0) {
+        || port_path(emu_cid(), vm->svm_port, &un) != 0) {
         errno = EINVAL;
         return -1;
     }
@@ -133,24 +213,29 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     const struct sockaddr_vm *vm = (const struct sockaddr_vm *)addr;
     struct sockaddr_un un, self;
+    unsigned peer;
     int rc;
     REAL(int, connect, int, const struct sockaddr *, socklen_t);
     REAL(int, bind, int, const struct sockaddr *, socklen_t);
 
     if (!is_emulated(fd))
         return real_connect(fd, addr, len);
-    if (len < sizeof *vm || vm->svm_family != AF_VSOCK || port_path(vm->svm_port, &un) != 0) {
+    if (len < sizeof *vm || vm->svm_family != AF_VSOCK) {
         errno = EINVAL;
         return -1;
     }
-    if (vm->svm_cid != 1 && vm->svm_cid != 2) {
+    if ((peer = reach(vm->svm_cid)) == 0) {
         errno = ENETUNREACH;
+        return -1;
+    }
+    if (port_path(peer, vm->svm_port, &un) != 0) {
+        errno = EINVAL;
         return -1;
     }
     do { /* the connector's own port, so that the peer can name it */
         unsigned port = 0x40000000u + ((unsigned)getpid() & 0xFFFFu) * 0x1000u
                         + (__atomic_fetch_add(&next_ephemeral, 1u, __ATOMIC_RELAXED) & 0xFFFu);
-        if (port_path(port, &self) != 0) {
+        if (port_path(emu_cid(), port, &self) != 0) {
             errno = EINVAL;
             return -1;
         }
@@ -197,7 +282,7 @@ static int name_of(int fd, struct sockaddr *addr, socklen_t *len, int peer)
     rc = peer ? real_getpeername(fd, (struct sockaddr *)&un, &n) : real_getsockname(fd, (struct sockaddr *)&un, &n);
     if (rc != 0)
         return rc;
-    to_vsock(&un, n, peer ? EMU_CID : VMADDR_CID_ANY, &vm);
+    to_vsock(&un, n, peer ? emu_cid() : VMADDR_CID_ANY, &vm);
     memcpy(addr, &vm, *len < sizeof vm ? *len : sizeof vm);
     *len = sizeof vm;
     return 0;
@@ -247,7 +332,7 @@ int ioctl(int fd, unsigned long request, ...)
     arg = va_arg(ap, void *);
     va_end(ap);
     if (fd >= 0 && fd == fake_device && request == 1977u /* IOCTL_VM_SOCKETS_GET_LOCAL_CID */ && arg != NULL) {
-        *(unsigned *)arg = EMU_CID;
+        *(unsigned *)arg = emu_cid();
         return 0;
     }
     return real_ioctl(fd, request, arg);

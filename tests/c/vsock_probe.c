@@ -8,6 +8,10 @@
  *   create <rid>          VMCIDatagram_CreateHnd (0: any)       create=<cid> <rid>  (our handle)
  *   send <cid> <rid> <n>  n pattern bytes from our handle       send=<rc>
  *   recv                  VMCIDatagram_RecvFrom                 recv=<rc> <cid> <rid> <pattern ok>
+ *   say <cid> <rid> <text>        the text (to the line's end)  say=<rc>
+ *   sendpre <cid> <rid> <n> <word>  n bytes: word, a space, then the pattern's bytes from there on
+ *   recvtext              receive one; its first 400 bytes     recvtext=<rc> <cid> <rid> <text>
+ *   recvsum               receive one; its 32-bit FNV-1a       recvsum=<rc> <cid> <rid> <fnv1a>
  *   echo                  receive one, send it back             echo=<rc>
  *   sendwait <cid> <rid> <code>  send 1 byte every 20 ms until the result is <code> (30 s at most)
  *   register|unregister|lookup <name>                           <call>=<rc> [<cid> <rid>]
@@ -48,6 +52,18 @@ PatternOk(int n)
       }
    }
    return 1;
+}
+
+static unsigned long
+Fnv1a(int n)
+{
+   unsigned long h = 2166136261ul;
+   int i;
+
+   for (i = 0; i < n; i++) {
+      h = ((h ^ buf[i]) * 16777619ul) & 0xFFFFFFFFul;
+   }
+   return h;
 }
 
 static int
@@ -92,6 +108,24 @@ main(void)
          VMCIHandle src = VMCI_INVALID_HANDLE;
          int rc = VMCIDatagram_RecvFrom(me, &src, buf, sizeof buf);
          printf("recv=%d %u %u %d\n", rc, src.context, src.resource, rc >= 0 && PatternOk(rc));
+      } else if (strcmp(cmd, "say") == 0 && sscanf(line, "%*s %lu %lu %399[^\n]", &a, &b, name) == 3) {
+         printf("say=%d\n", VMCIDatagram_SendTo(VMCI_MAKE_HANDLE(a, b), me, (uint32)strlen(name), name));
+      } else if (strcmp(cmd, "sendpre") == 0
+                 && sscanf(line, "%*s %lu %lu %lu %398s", &a, &b, &c, name) == 4 && c <= MAX_PAYLOAD) {
+         size_t n = strlen(name);
+         Fill((uint32)c);
+         name[n++] = ' ';
+         memcpy(buf, name, n < c ? n : c);
+         printf("sendpre=%d\n", VMCIDatagram_SendTo(VMCI_MAKE_HANDLE(a, b), me, (uint32)c, buf));
+      } else if (strcmp(cmd, "recvtext") == 0 || strcmp(cmd, "recvsum") == 0) {
+         VMCIHandle src = VMCI_INVALID_HANDLE;
+         int rc = VMCIDatagram_RecvFrom(me, &src, buf, sizeof buf);
+         if (cmd[4] == 't') {
+            printf("recvtext=%d %u %u %.*s\n", rc, src.context, src.resource, rc > 400 ? 400 : rc > 0 ? rc : 0,
+                   (const char *)buf);
+         } else {
+            printf("recvsum=%d %u %u %lu\n", rc, src.context, src.resource, Fnv1a(rc));
+         }
       } else if (strcmp(cmd, "echo") == 0) {
          VMCIHandle src = VMCI_INVALID_HANDLE;
          int rc = VMCIDatagram_RecvFrom(me, &src, buf, sizeof buf);

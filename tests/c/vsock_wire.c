@@ -156,7 +156,7 @@ static void pump_seqpacket(void)
 
     current = "pump_seqpacket";
     pair(SOCK_SEQPACKET, sv);
-    CHECK(vsc_link_pump_start(sv[0], 0, &c) == VMCI_SUCCESS && c.fd >= 0 && c.pump != NULL);
+    CHECK(vsc_link_pump_start(sv[0], 0, 0, &c) == VMCI_SUCCESS && c.fd >= 0 && c.pump != NULL);
     CHECK(link_send(&c, VMCI_MAX_DG_PAYLOAD_SIZE, 0xAB) == VMCI_MAX_DG_SIZE);
     frame(want, VMCI_MAX_DG_PAYLOAD_SIZE, 0xAB);
     CHECK(recv(sv[1], got, sizeof got, 0) == VMCI_MAX_DG_SIZE && memcmp(got, want, VMCI_MAX_DG_SIZE) == 0);
@@ -184,7 +184,7 @@ static void pump_stream(void)
 
     current = "pump_stream";
     pair(SOCK_STREAM, sv);
-    CHECK(vsc_link_pump_start(sv[0], 1, &c) == VMCI_SUCCESS);
+    CHECK(vsc_link_pump_start(sv[0], 1, 0, &c) == VMCI_SUCCESS);
     for (i = 0; i < 3; i++) {
         CHECK(link_send(&c, 100, (uint8_t)i) == VMCI_DG_HEADERSIZE + 100);
         frame(want + i * (VMCI_DG_HEADERSIZE + 100), 100, (uint8_t)i);
@@ -207,6 +207,40 @@ static void pump_stream(void)
     printf("%s=ok\n", current);
 }
 
+/* A stream link with a piece bound: each frame leaves in send() calls of at most that many bytes.
+ * The link's socket is a SEQPACKET pair here, so every send() arrives as one message to measure. */
+static void pump_pieces(void)
+{
+    static uint8_t want[VMCI_MAX_DG_SIZE], got[VMCI_MAX_DG_SIZE];
+    uint8_t msg[VSC_SIBLING_PIECE + 1];
+    size_t n = 0, most = 0;
+    int sv[2];
+    vsc_conn c;
+
+    current = "pump_pieces";
+    pair(SOCK_SEQPACKET, sv);
+    CHECK(vsc_link_pump_start(sv[0], 1, VSC_SIBLING_PIECE, &c) == VMCI_SUCCESS);
+    CHECK(link_send(&c, VMCI_MAX_DG_PAYLOAD_SIZE, 0x5A) == VMCI_MAX_DG_SIZE);
+    frame(want, VMCI_MAX_DG_PAYLOAD_SIZE, 0x5A);
+    while (n < VMCI_MAX_DG_SIZE) {
+        ssize_t r = recv(sv[1], msg, sizeof msg, 0);
+        CHECK(r > 0 && (size_t)r <= VSC_SIBLING_PIECE && n + (size_t)r <= sizeof got);
+        memcpy(got + n, msg, (size_t)r);
+        n += (size_t)r;
+        most = (size_t)r > most ? (size_t)r : most;
+    }
+    CHECK(most == VSC_SIBLING_PIECE && memcmp(got, want, sizeof want) == 0); /* whole, in order */
+    vsc_link_pump_stop(&c);
+    close(sv[1]);
+    pair(SOCK_SEQPACKET, sv); /* the same frame without a bound: one send() */
+    CHECK(vsc_link_pump_start(sv[0], 1, 0, &c) == VMCI_SUCCESS);
+    CHECK(link_send(&c, VMCI_MAX_DG_PAYLOAD_SIZE, 0x5A) == VMCI_MAX_DG_SIZE);
+    CHECK(recv(sv[1], got, sizeof got, 0) == VMCI_MAX_DG_SIZE);
+    vsc_link_pump_stop(&c);
+    close(sv[1]);
+    printf("%s=ok\n", current);
+}
+
 static void pump_linger(void)
 {
     uint8_t got[VMCI_DG_HEADERSIZE + 10];
@@ -215,7 +249,7 @@ static void pump_linger(void)
 
     current = "pump_linger";
     pair(SOCK_SEQPACKET, sv);
-    CHECK(vsc_link_pump_start(sv[0], 0, &c) == VMCI_SUCCESS);
+    CHECK(vsc_link_pump_start(sv[0], 0, 0, &c) == VMCI_SUCCESS);
     CHECK(link_send(&c, 10, 9) == VMCI_DG_HEADERSIZE + 10);
     vsc_link_pump_stop(&c); /* forwards what was sent before it ends */
     CHECK(recv(sv[1], got, sizeof got, MSG_DONTWAIT) == (ssize_t)sizeof got && got[VMCI_DG_HEADERSIZE] == 9);
@@ -290,6 +324,7 @@ int main(void)
     hello_reads();
     pump_seqpacket();
     pump_stream();
+    pump_pieces();
     pump_linger();
     stream_reader();
     if (failures)

@@ -1,9 +1,14 @@
 """libvmci.so.0 on the vsock transport, over real AF_VSOCK, inside the guest test bed only.
 
-Legacy C programs (tests/c/datagramApp.c, tests/c/vsock_probe.c) run under ``vsockcompat run``
-with ``VSOCKCOMPAT_TRANSPORT=vsock`` against the discovery daemon and Python peers of both cores,
+Legacy C programs (tests/c/datagramApp.c, tests/c/vsock_probe.c) run with
+``VSOCKCOMPAT_TRANSPORT=vsock`` against the discovery daemon and Python peers of both cores,
 in SEQPACKET (what ``auto`` picks here) and STREAM mode: the setups of the ``daemon`` fixture
 (tests/real_vsock/test_vsock_discovery.py). Every process is in context 1 (vsock_loopback).
+
+A Python start takes 10-40 s under TCG, so the C programs are executed directly with the argv and
+environment ``vsockcompat run`` would exec them with (``vsockcompat.run.command``, the function
+``vsockcompat run`` itself uses), computed once per setup; ``test_vsockcompat_run_itself_on_vsock``
+starts one through ``vsockcompat run`` and checks the process it became got that environment.
 
 Every test is marked ``vsock``: the gate of ``conftest.py`` skips it everywhere but inside the
 guest booted by ``testbed/guest.py``, and ``_require_gate`` checks it again right before each C
@@ -14,32 +19,37 @@ Run them:  python3 testbed/guest.py run --timeout 900 -- env PYTHONPATH=$PWD \
                python3 -m pytest tests/real_vsock/test_clib_vsock.py -m vsock -rs -x
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import types
 
 import pytest
 
 from vsockcompat import clib
 from vsockcompat import constants as C
+from vsockcompat._backend import load_core
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.errors import NoAccess
 from vsockcompat.handles import VMCIHandle
+from vsockcompat.run import command
 from vsockcompat.sdk import VMCILibrary
+
+from guest_c_programs import ProbeProcess, build_programs, probe_pattern as pattern
 
 from .conftest import VMADDR_CID_LOCAL
 from .test_preload import _require_gate
-from .test_vsock_discovery import APP, daemon  # noqa: F401  (the daemon fixture, its setups)
+from .test_vsock_discovery import APP, daemon, vsock_env, vsock_runtime  # noqa: F401  (daemon: the fixture)
 from .test_vsock_transport import frame, hello, settle
 
 # The first test of a setup also builds the programs and starts its daemon (Python is slow under TCG).
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(600)]
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)
-SRC_DIR = os.path.join(os.path.dirname(TESTS), "src")
 RUN = [sys.executable, "-m", "vsockcompat.run", "--"]
+PROGRAMS = ("datagramApp", "vsock_probe")
 SERVER_FIRST = "Running datagram server --- will respond to 3 queries.\n"
 SERVER_GOT = "Received message: HELLO, SERVER!\n"
 CLIENT_OUT = "Received message: HELLO, CLIENT!\n"
@@ -49,49 +59,36 @@ WAIT = 180.0
 DG_SEND = C.VMCI_PRIV_DG_SEND
 
 
-def pattern(n):
-    """The bytes vsock_probe sends and checks: byte i is (7 i + 3) mod 256."""
-    return bytes((i * 7 + 3) & 0xFF for i in range(n))
-
-
 @pytest.fixture(scope="module")
 def progs(tmp_path_factory):
     """libvmci.so.0 (the package's when built, else built here) and the C programs, built with the guest's cc."""
     cc = clib.find_compiler()
     if cc is None:
         pytest.skip("no C compiler in the guest")
-    out = str(tmp_path_factory.mktemp("cvsock"))
-    library = clib.library_path() or clib.build_libvmci(os.path.join(out, "lib"), src_dir=SRC_DIR)
-    built = {"library": library}
-    for name in ("datagramApp", "vsock_probe"):
-        exe = os.path.join(out, name)
-        proc = subprocess.run(cc + ["-Wall", "-Wextra", "-Werror", "-I", SRC_DIR, os.path.join(TESTS, "c", name + ".c"),
-                                    "-o", exe, "-L", os.path.dirname(library), "-l:libvmci.so.0", "-pthread"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout
-        built[name] = exe
-    return built
+    return build_programs(cc, str(tmp_path_factory.mktemp("cvsock")), PROGRAMS)
 
 
 def c_env(env, progs):
     return dict(env, VSOCKCOMPAT_LIBVMCI=progs["library"])
 
 
-class Probe:
-    """A running vsock_probe: ``ask(line)`` sends one command and returns its answer's value."""
+@pytest.fixture(scope="module")
+def c_run(daemon, progs):
+    """Per setup, computed once: ``env``, what ``vsockcompat run`` execs the C programs with, and
+    each program's argv (``c_run.datagramApp``, ``c_run.vsock_probe``); ``py_env`` for Python peers."""
+    _, env, _ = daemon
+    py_env = c_env(env, progs)
+    run_env = command([progs["vsock_probe"]], py_env)[1]  # the same for every program
+    return types.SimpleNamespace(env=run_env, py_env=py_env,
+                                 **{name: command([progs[name]], py_env)[0] for name in PROGRAMS})
 
-    def __init__(self, env, progs):
+
+class Probe(ProbeProcess):
+    """A running vsock_probe (``ask``, ``close``), its gate checked first; ``start()`` makes its endpoint."""
+
+    def __init__(self, argv, env):
         _require_gate()
-        self.proc = subprocess.Popen(RUN + [progs["vsock_probe"]], env=c_env(env, progs), text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def ask(self, line):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        name = line.split()[0]
-        assert answer.startswith(name + "="), (line, answer, self.proc.poll())
-        return answer[len(name) + 1:].split()
+        super().__init__(argv, env, WAIT)
 
     def start(self):
         assert self.ask("init") == ["0"]
@@ -100,25 +97,10 @@ class Probe:
         self.handle = VMCIHandle(cid, rid)
         return self
 
-    def close(self):
-        try:
-            if self.proc.poll() is None:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.close()
-                assert self.proc.wait(WAIT) == 0
-            assert self.proc.stderr.read() == ""
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-
 
 @pytest.fixture
-def probe(daemon, progs):
-    _, env, _ = daemon
-    p = Probe(env, progs).start()
+def probe(c_run):
+    p = Probe(c_run.vsock_probe, c_run.env).start()
     yield p
     p.close()
 
@@ -138,19 +120,55 @@ def _wait_registered(rt, server, name="HOST INFO"):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("server_is_c", [True, False], ids=["c-server", "python-server"])
-def test_datagram_app_c_and_python_over_vsock(daemon, progs, server_is_c):
-    """The SDK sample: a C server answers C and Python clients; a Python server answers C clients."""
-    rt, env, _ = daemon
-    cenv = c_env(env, progs)
-    c_app = RUN + [progs["datagramApp"]]
+def _environ_of(pid):
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        return dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if item)
+
+
+def test_vsockcompat_run_itself_on_vsock(progs):
+    """``vsockcompat run -- vsock_probe`` (one Python start): the process it becomes runs on our
+    library with the environment ``command`` computes (what the other tests execute directly), and
+    exchanges the largest datagram both ways with a Python endpoint over vsock (no daemon needed)."""
+    try:
+        core = load_core("cython")
+    except ImportError:
+        core = load_core("pure")
+    rundir = tempfile.mkdtemp(prefix="vsc", dir="/tmp")
+    env = c_env(vsock_env(rundir, core.NAME), progs)
     _require_gate()
-    server = subprocess.Popen((c_app if server_is_c else APP) + ["-s"], env=cenv, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    probe = Probe(RUN + [progs["vsock_probe"]], env)
+    try:
+        probe.start()   # its first answer: the exec happened and libvmci.so.0 initialised
+        got = _environ_of(probe.proc.pid)
+        _, expected = command([progs["vsock_probe"]], env)
+        for name in ("LD_LIBRARY_PATH", "LD_PRELOAD", "VSOCKCOMPAT_TRANSPORT", "VSOCKCOMPAT_PYTHON"):
+            assert got.get(name) == expected.get(name), name
+        with open("/proc/%d/maps" % probe.proc.pid) as f:
+            assert os.path.realpath(progs["library"]) in {os.path.realpath(line.split()[-1])
+                                                          for line in f if line.rstrip().endswith(".so.0")}
+        with DatagramEndpoint(runtime=vsock_runtime(core, rundir)) as ep:
+            assert probe.ask("send 1 %d %d" % (ep.handle.resource, MAX)) == [str(MAX + C.VMCI_DG_HEADERSIZE)]
+            got = ep.recv(timeout=WAIT)
+            assert (got.src, got.payload == pattern(MAX)) == (probe.handle, True)
+            ep.send(probe.handle, pattern(MAX))
+            assert probe.ask("recv") == [str(MAX), "1", str(ep.handle.resource), "1"]
+    finally:
+        probe.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("server_is_c", [True, False], ids=["c-server", "python-server"])
+def test_datagram_app_c_and_python_over_vsock(daemon, c_run, server_is_c):
+    """The SDK sample: a C server answers C and Python clients; a Python server answers C clients."""
+    rt, _, _ = daemon
+    c_app, py_app = (c_run.datagramApp, c_run.env), (APP, c_run.py_env)
+    argv, env = c_app if server_is_c else py_app
+    _require_gate()
+    server = subprocess.Popen(argv + ["-s"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_registered(rt, server)
-        for client in ([c_app, APP, c_app] if server_is_c else [c_app, c_app, c_app]):
-            _run_client(client + ["-c"], cenv)
+        for argv, env in ([c_app, py_app, c_app] if server_is_c else [c_app, c_app, c_app]):
+            _run_client(argv + ["-c"], env)
         out, err = server.communicate(timeout=WAIT)
         assert (server.returncode, out, err) == (0, SERVER_FIRST + SERVER_GOT * 3, "")
     finally:

@@ -20,7 +20,7 @@ import pytest
 import vsockcompat
 
 from vsockcompat import clib
-from vsockcompat.run import run_env
+from vsockcompat.run import command
 
 from .conftest import VMADDR_CID_LOCAL, gate
 
@@ -103,9 +103,10 @@ def built(tmp_path_factory):
     for name in ("LD_PRELOAD", "VSOCKCOMPAT_VSOCK_DEVICE"):
         env.pop(name, None)
     # "cli" goes through `vsockcompat run` itself (a Python start, tens of seconds under TCG);
-    # "run" is the environment it would exec the program with.
+    # "run" and "run_env" are what it would exec (vsockcompat.run.command, computed here once).
+    run, run_env = command([exe], env)
     return {"exe": exe, "env": env, "cli": [sys.executable, "-m", "vsockcompat.run", "--", exe],
-            "run": [exe], "run_env": run_env(library, env, preload=preload)}
+            "run": run, "run_env": run_env}
 
 
 def _run(argv, env):
