@@ -14,7 +14,10 @@ layouts: server and client pinned to one CPU, and pinned to two different CPUs
 ``--batches`` batches of N round trips (N calibrated so that a batch of the SDK pair
 lasts about ``--batch-seconds``; the raw pair does the same N); each implementation
 gets ``--rounds`` client runs per measurement. It prints a table with the ratio of
-the SDK round trip to the raw one and PASS or MISS against the target (<= 1.15x).
+the SDK round trip to the raw one and PASS or MISS against the target (<= 1.15x),
+and the CPU time both processes spend per round trip (the client's own count over its
+batches, the server's from /proc/PID/schedstat over the client run), which a loaded
+machine disturbs less than the wall clock.
 
 ``--baseline SRC`` also builds libvmci.so.0 and pingpong from another source tree
 (e.g. a checkout of main's ``src``) and measures that pair in the same turns, as
@@ -141,7 +144,11 @@ class Bench:
                 raise BenchError("the %s server did not start: %s" % (impl, proc.stderr.read().strip()))
 
     def client(self, impl, cpus, n, size, batches, quit=False):
+        """The client's name=value lines, plus server_cpu_us: the server's CPU time per round
+        trip while this client ran (its warm-up included), if the kernel shows it."""
         args = ["-b", str(batches)] + (["-q"] if quit else []) + ["-c", str(n), str(size)]
+        server = self.servers.get(impl)
+        before = _cpu_ns(server.pid) if server is not None else None
         try:
             result = subprocess.run(self._command(impl, args, "client"), env=self.env[impl]["client"],
                                     capture_output=True,
@@ -151,7 +158,11 @@ class Bench:
         if result.returncode != 0:
             raise BenchError("the %s client failed (status %d): %s" % (impl, result.returncode,
                                                                        result.stderr.strip()))
-        return {k: float(v) for k, v in (line.split("=", 1) for line in result.stdout.split())}
+        out = {k: float(v) for k, v in (line.split("=", 1) for line in result.stdout.split())}
+        after = _cpu_ns(server.pid) if before is not None else None
+        if after is not None:
+            out["server_cpu_us"] = (after - before) / 1e3 / (n * batches + n // 10 + 1)
+        return out
 
     def stop_servers(self, cpus):
         for impl, proc in list(self.servers.items()):
@@ -179,6 +190,15 @@ class Bench:
         """The discovery daemons the SDK servers started in our runtime directories."""
         for rundir in self.rundirs.values():
             _stop_daemon(rundir)
+
+
+def _cpu_ns(pid):
+    """CPU time of process pid so far, in ns (/proc/PID/schedstat), or None."""
+    try:
+        with open("/proc/%d/schedstat" % pid) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _stop_daemon(rundir):
@@ -227,17 +247,22 @@ def _cpus(cpus):
 
 
 def summary(runs):
-    """Median of the runs' medians, mean of their means, min and max over every batch."""
+    """Median of the runs' medians, mean of their means, min and max over every batch; cpu: the
+    median over the runs of the two processes' CPU time per round trip (None if not shown)."""
+    cpus = [r["cpu_us"] + r["server_cpu_us"] for r in runs if "cpu_us" in r and "server_cpu_us" in r]
     return {"median": statistics.median(r["median_us"] for r in runs),
             "mean": statistics.mean(r["mean_us"] for r in runs),
-            "min": min(r["min_us"] for r in runs), "max": max(r["max_us"] for r in runs)}
+            "min": min(r["min_us"] for r in runs), "max": max(r["max_us"] for r in runs),
+            "cpu": statistics.median(cpus) if cpus else None}
 
 
 def render(results, layouts, machine, impls):
     lines = ["C datagram ping-pong, SDK program under `vsockcompat run` vs raw AF_UNIX SOCK_SEQPACKET",
-             machine, "us per round trip; median of the client runs' batch medians; min..max over all batches",
+             machine, "us per round trip; median of the client runs' batch medians; min..max over all batches;",
+             "CPU: CPU time of server and client per round trip (median of the runs), less sensitive to load",
              ""]
-    header = ("layout", "size", "impl", "median", "mean", "min..max", "vs raw", "target", "result", "vs base")
+    header = ("layout", "size", "impl", "median", "mean", "min..max", "vs raw", "target", "result", "vs base",
+              "CPU", "vs raw")
     rows = []
     for layout, _, _ in layouts:
         for size in SIZES:
@@ -252,8 +277,11 @@ def render(results, layouts, machine, impls):
                              "%.2fx" % ratio if sdk else "", "<= %.2fx" % TARGET if sdk else "",
                              ("PASS" if ratio <= TARGET else "MISS") if sdk else "",
                              "%.2fx" % (s["sdk"]["median"] / s["base"]["median"])
-                             if impl == "sdk" and "base" in s else ""))
-    return "\n".join(lines + _table(header, rows, ("<", "<", "<", ">", ">", ">", ">", ">", "<", ">")))
+                             if impl == "sdk" and "base" in s else "",
+                             "%.2f" % s[impl]["cpu"] if s[impl]["cpu"] is not None else "",
+                             "%.2fx" % (s[impl]["cpu"] / s["raw"]["cpu"])
+                             if sdk and s[impl]["cpu"] is not None and s["raw"]["cpu"] else ""))
+    return "\n".join(lines + _table(header, rows, ("<", "<", "<", ">", ">", ">", ">", ">", "<", ">", ">", ">")))
 
 
 def _table(header, rows, align):
