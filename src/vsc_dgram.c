@@ -387,6 +387,8 @@ void vsc_rx_destroy(vsc_rx *rx)
     rx->pending_set = 0;
     free(rx->batch);
     rx->batch = NULL;
+    free(rx->frame);
+    rx->frame = NULL;
     rx->batch_next = rx->batch_count = 0;
     rx->batch_fd = -1;
     rx->nconns = 0;
@@ -550,19 +552,13 @@ static int rx_wait(vsc_rx *rx, int timeout_ms, int *sys_errno)
     return 0;
 }
 
-/* Hand out the next frame read ahead: copied to buf, then spill, exactly as recvmsg would. */
-static ssize_t batch_next(vsc_rx *rx, vsc_dg_header *h, void *buf, size_t buf_len, void *spill,
-                          size_t spill_len)
+/* A whole frame of n bytes read into frame (flags: its recvmsg flags): the payload copied to
+ * buf, then spill, exactly as recvmsg would have scattered it; then released and checked. */
+static ssize_t copy_out(vsc_rx *rx, const uint8_t *frame, ssize_t n, int flags, vsc_dg_header *h, void *buf,
+                        size_t buf_len, void *spill, size_t spill_len)
 {
-    int i = rx->batch_next++;
-    const uint8_t *frame = rx->batch + (size_t)i * VSC_RX_SLOT;
-    ssize_t n = rx->batch_len[i];
-    int flags = rx->batch_flags[i];
     size_t payload, first;
 
-    rx->last_fd = rx->batch_fd;
-    if (rx->batch_next == rx->batch_count)
-        batch_done(rx);
     if (n > VMCI_DG_HEADERSIZE) {
         payload = (size_t)n - VMCI_DG_HEADERSIZE;
         if (payload > buf_len + spill_len) { /* recvmsg would have truncated it */
@@ -578,12 +574,17 @@ static ssize_t batch_next(vsc_rx *rx, vsc_dg_header *h, void *buf, size_t buf_le
     return check_frame(rx->acct, frame, n, flags, h);
 }
 
-/* The batch's slots (allocated when first needed): 0, or -1 out of memory. */
-static int rx_slots(vsc_rx *rx)
+/* Hand out the next frame read ahead. */
+static ssize_t batch_next(vsc_rx *rx, vsc_dg_header *h, void *buf, size_t buf_len, void *spill,
+                          size_t spill_len)
 {
-    if (rx->batch == NULL && (rx->batch = malloc((size_t)VSC_RX_BATCH * VSC_RX_SLOT)) == NULL)
-        return -1;
-    return 0;
+    int i = rx->batch_next++;
+
+    rx->last_fd = rx->batch_fd;
+    if (rx->batch_next == rx->batch_count)
+        batch_done(rx);
+    return copy_out(rx, rx->batch + (size_t)i * VSC_RX_SLOT, rx->batch_len[i], rx->batch_flags[i], h, buf, buf_len,
+                    spill, spill_len);
 }
 
 #define NO_BATCH 1 /* batch_fill: no read-ahead, the caller reads one frame */
@@ -597,7 +598,9 @@ static ssize_t batch_fill(vsc_rx *rx, int fd, int flags, int *sys_errno)
     struct iovec iov[VSC_RX_BATCH];
     int i, n;
 
-    if (rx->pending_fd < 0 || rx_slots(rx) != 0)
+    if (rx->pending_fd < 0)
+        return NO_BATCH;
+    if (rx->batch == NULL && (rx->batch = malloc((size_t)VSC_RX_BATCH * VSC_RX_SLOT)) == NULL)
         return NO_BATCH;
     memset(msgs, 0, sizeof msgs);
     for (i = 0; i < VSC_RX_BATCH; i++) {
@@ -652,29 +655,27 @@ static ssize_t rx_check_source(const vsc_rx *rx, int fd, const vsc_dg_header *h,
 
 /* One frame from fd into buf, then spill, with flags MSG_DONTWAIT, or 0 for a hot read (which
  * blocks for at most VSC_RX_HOT_MS): as vsc_dg_recv, or VSC_INTR when a signal interrupted a
- * hot read. While this receiver's frames are small (copy_recv), one recv() into the first
- * batch slot (the batch is empty whenever we read), handed out as a batch of one. */
+ * hot read. While this receiver's frames are small (copy_recv), one recv() into the frame
+ * buffer (allocated when first needed), then copied out. */
 static ssize_t rx_read(vsc_rx *rx, int fd, int flags, vsc_dg_header *h, void *buf, size_t buf_len,
                        void *spill, size_t spill_len, int *sys_errno)
 {
     uint8_t hdr[VMCI_DG_HEADERSIZE];
-    int msg_flags = 0, copy = rx->copy_recv && rx_slots(rx) == 0;
+    int msg_flags = 0, copy;
     ssize_t n;
 
+    if (rx->copy_recv && rx->frame == NULL)
+        rx->frame = malloc(VSC_RX_SLOT);
+    copy = rx->copy_recv && rx->frame != NULL;
     do {
-        n = copy ? recv(fd, rx->batch, VSC_RX_SLOT, flags)
+        n = copy ? recv(fd, rx->frame, VSC_RX_SLOT, flags)
                  : recv_frame(fd, hdr, buf, buf_len, spill, spill_len, flags, &msg_flags);
     } while (n < 0 && errno == EINTR && (flags & MSG_DONTWAIT));
     if (n >= 0) {
         rx->copy_recv = n <= VMCI_DG_HEADERSIZE + VSC_COPY_MAX;
-        if (!copy)
-            return check_frame(rx->acct, hdr, n, msg_flags, h);
-        rx->batch_len[0] = (uint32_t)n; /* a frame past the slot was cut: check_frame refuses it */
-        rx->batch_flags[0] = 0;
-        rx->batch_fd = fd;
-        rx->batch_next = 0;
-        rx->batch_count = 1;
-        return batch_next(rx, h, buf, buf_len, spill, spill_len);
+        /* A frame past the buffer was cut short: its header disagrees, check_frame refuses it. */
+        return copy ? copy_out(rx, rx->frame, n, 0, h, buf, buf_len, spill, spill_len)
+                    : check_frame(rx->acct, hdr, n, msg_flags, h);
     }
     if (errno == EINTR)
         return VSC_INTR;

@@ -155,7 +155,8 @@ typedef struct {
                           * no read-ahead */
     int pending_set;     /* pending_fd was made readable */
     int polled;          /* someone may poll epfd (the default): keep pending_fd up to date */
-    int copy_recv;       /* the last frame read was small: read the next into a batch slot */
+    int copy_recv;       /* the last frame read was small: read the next into frame */
+    uint8_t *frame;      /* VSC_RX_SLOT bytes, allocated when first needed */
     uint64_t last_len;   /* size of the last frame delivered (0: none yet) */
     int batch_fd;
     int batch_next, batch_count;
