@@ -2,6 +2,8 @@
 
     python benchmarks/c_pingpong.py            # about 40 s
     python benchmarks/c_pingpong.py --quick    # about 15 s
+    python benchmarks/c_pingpong.py --quick --baseline OTHER/src   # also main's library, taking turns
+    python benchmarks/c_pingpong.py --counts   # instructions and system calls per round trip (--size, --trips)
 
 Builds, with the system C compiler and -O2, libvmci.so.0 (``clib.build_libvmci``),
 ``tests/c/pingpong.c`` (SDK calls only, run under ``vsockcompat run``) and
@@ -12,16 +14,32 @@ layouts: server and client pinned to one CPU, and pinned to two different CPUs
 ``--batches`` batches of N round trips (N calibrated so that a batch of the SDK pair
 lasts about ``--batch-seconds``; the raw pair does the same N); each implementation
 gets ``--rounds`` client runs per measurement. It prints a table with the ratio of
-the SDK round trip to the raw one and PASS or MISS against the target (<= 1.15x).
+the SDK round trip to the raw one and PASS or MISS against the target (<= 1.15x),
+and the CPU time both processes spend per round trip (the client's own count over its
+batches, the server's from /proc/PID/schedstat over the client run), which a loaded
+machine disturbs less than the wall clock.
+
+``--baseline SRC`` also builds libvmci.so.0 and pingpong from another source tree
+(e.g. a checkout of main's ``src``) and measures that pair in the same turns, as
+``base``: the table then gives SDK/base too, old and new in the same minutes.
+
+``--counts`` measures what load does not change instead of time: per round trip,
+the user-space instructions of the client and of the server (``valgrind
+--tool=callgrind``) and their system calls (``strace -c``), each pair run twice,
+with N and 2N round trips after the same start, the difference divided by the
+extra round trips (start-up, discovery and warm-up cancel out). Kernel work is
+not in the instruction counts: the system calls stand for it.
 
 A benchmark reports, it never fails on timing: exit status 0 when every run
 completed, 1 when a child failed or timed out. Everything runs on this machine, in a
-private directory /tmp/vscpXXXXXXXX that is removed at the end (the discovery daemon
-the SDK server starts there is stopped first).
+private directory /tmp/vscpXXXXXXXX that is removed at the end (the discovery daemons
+the SDK servers start there are stopped first).
 """
 import argparse
+import glob
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -39,8 +57,7 @@ SRC_DIR = os.path.join(ROOT, "src")
 C_DIR = os.path.join(ROOT, "tests", "c")
 SIZES = (64, 4096)
 TARGET = 1.15
-IMPLS = ("raw", "sdk")
-LABELS = {"raw": "raw SEQPACKET", "sdk": "SDK (libvmci)"}
+LABELS = {"raw": "raw SEQPACKET", "sdk": "SDK (libvmci)", "base": "SDK (baseline)"}
 SERVER_CID, CLIENT_CID = 2, 3
 CALIBRATION_TRIPS = 300
 
@@ -55,23 +72,29 @@ def _cc(cc, args):
         raise BenchError("%s:\n%s" % (" ".join(cc + args), result.stdout))
 
 
-def build(out_dir):
-    """libvmci.so.0, pingpong (linked against it) and raw_pingpong, all -O2."""
+def build(out_dir, baseline=None):
+    """libvmci.so.0 and pingpong (linked against it) per source tree, and raw_pingpong, all -O2:
+    ({impl: (library, program)}, raw_pingpong, the compiler's version line)."""
     cc = clib.find_compiler()
     if cc is None:
         raise BenchError("no C compiler (cc, gcc or clang) on PATH, and CC unset")
-    lib_dir = os.path.join(out_dir, "lib")
-    try:
-        library = clib.build_libvmci(lib_dir, src_dir=SRC_DIR)
-    except clib.BuildError as exc:
-        raise BenchError(str(exc)) from None
-    sdk = os.path.join(out_dir, "pingpong")
+    sdks = {}
+    for impl, src in (("sdk", SRC_DIR), ("base", baseline)):
+        if src is None:
+            continue
+        lib_dir = os.path.join(out_dir, impl, "lib")
+        try:
+            library = clib.build_libvmci(lib_dir, src_dir=src)
+        except clib.BuildError as exc:
+            raise BenchError(str(exc)) from None
+        program = os.path.join(out_dir, impl, "pingpong")
+        _cc(cc, ["-O2", "-Wall", "-Wextra", "-I", src, os.path.join(C_DIR, "pingpong.c"), "-o", program,
+                 "-L", lib_dir, "-lvmci", "-pthread"])
+        sdks[impl] = (library, program)
     raw = os.path.join(out_dir, "raw_pingpong")
-    _cc(cc, ["-O2", "-Wall", "-Wextra", "-I", SRC_DIR, os.path.join(C_DIR, "pingpong.c"), "-o", sdk,
-             "-L", lib_dir, "-lvmci", "-pthread"])
     _cc(cc, ["-O2", "-Wall", "-Wextra", os.path.join(C_DIR, "raw_pingpong.c"), "-o", raw])
     version = subprocess.run(cc + ["--version"], capture_output=True, text=True).stdout.splitlines()
-    return library, sdk, raw, version[0] if version else " ".join(cc)
+    return sdks, raw, version[0] if version else " ".join(cc)
 
 
 def _pinned(cpus):
@@ -79,30 +102,40 @@ def _pinned(cpus):
 
 
 class Bench:
-    def __init__(self, workdir, library, sdk, raw, timeout):
-        self.rundir = os.path.join(workdir, "run")
-        os.mkdir(self.rundir)
-        self.sdk, self.raw, self.timeout = sdk, raw, timeout
-        self.socket_path = os.path.join(self.rundir, "raw.sock")
-        base = dict(os.environ, VSOCKCOMPAT_RUNDIR=self.rundir, VSOCKCOMPAT_TRANSPORT="local",
-                    VSOCKCOMPAT_LIBVMCI=library, VSOCKCOMPAT_PYTHON=sys.executable)
+    def __init__(self, workdir, sdks, raw, timeout):
+        self.sdks, self.raw, self.timeout = sdks, raw, timeout
+        self.impls = ("raw",) + tuple(sorted(sdks, reverse=True))  # raw, sdk[, base]
+        # A runtime directory (so a discovery service) per implementation: each server registers "PINGPONG".
+        self.rundirs = {impl: os.path.join(workdir, "run-" + impl) for impl in self.impls}
+        for path in self.rundirs.values():
+            os.mkdir(path)
+        self.socket_path = os.path.join(self.rundirs["raw"], "raw.sock")
+        base = dict(os.environ, VSOCKCOMPAT_TRANSPORT="local", VSOCKCOMPAT_PYTHON=sys.executable)
         base["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, base.get("PYTHONPATH")) if p)
         for name in ("LD_PRELOAD", "LD_LIBRARY_PATH"):
             base.pop(name, None)
-        self.env = {"server": dict(base, VSOCKCOMPAT_CID=str(SERVER_CID)),
-                    "client": dict(base, VSOCKCOMPAT_CID=str(CLIENT_CID))}
+        self.env = {}
+        for impl in self.impls:
+            env = dict(base, VSOCKCOMPAT_RUNDIR=self.rundirs[impl])
+            if impl in sdks:
+                env["VSOCKCOMPAT_LIBVMCI"] = sdks[impl][0]
+            self.env[impl] = {"server": dict(env, VSOCKCOMPAT_CID=str(SERVER_CID)),
+                              "client": dict(env, VSOCKCOMPAT_CID=str(CLIENT_CID))}
         self.servers = {}
+        self.tool = lambda impl, role: []  # a prefix for the program (--counts)
 
-    def _command(self, impl, args):
-        if impl == "sdk":
-            return [sys.executable, "-m", "vsockcompat", "run", "--", self.sdk] + args
+    def _command(self, impl, args, role):
+        tool = self.tool(impl, role)
+        if impl in self.sdks:
+            return [sys.executable, "-m", "vsockcompat", "run", "--"] + tool + [self.sdks[impl][1]] + args
         if args[0] == "-s":
-            return [self.raw, "-s", self.socket_path]
-        return [self.raw] + args[:-2] + [self.socket_path] + args[-2:]  # ... -c PATH N SIZE
+            return tool + [self.raw, "-s", self.socket_path]
+        return tool + [self.raw] + args[:-2] + [self.socket_path] + args[-2:]  # ... -c PATH N SIZE
 
-    def start_servers(self, cpus):
-        for impl in IMPLS:
-            proc = subprocess.Popen(self._command(impl, ["-s"]), env=self.env["server"], stdout=subprocess.PIPE,
+    def start_servers(self, cpus, impls=None):
+        for impl in impls or self.impls:
+            proc = subprocess.Popen(self._command(impl, ["-s"], "server"), env=self.env[impl]["server"],
+                                    stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, preexec_fn=_pinned(cpus))
             self.servers[impl] = proc
             line = proc.stdout.readline()  # "registered" / "listening", or "" if it died
@@ -111,16 +144,25 @@ class Bench:
                 raise BenchError("the %s server did not start: %s" % (impl, proc.stderr.read().strip()))
 
     def client(self, impl, cpus, n, size, batches, quit=False):
+        """The client's name=value lines, plus server_cpu_us: the server's CPU time per round
+        trip while this client ran (its warm-up included), if the kernel shows it."""
         args = ["-b", str(batches)] + (["-q"] if quit else []) + ["-c", str(n), str(size)]
+        server = self.servers.get(impl)
+        before = _cpu_ns(server.pid) if server is not None else None
         try:
-            result = subprocess.run(self._command(impl, args), env=self.env["client"], capture_output=True,
+            result = subprocess.run(self._command(impl, args, "client"), env=self.env[impl]["client"],
+                                    capture_output=True,
                                     text=True, timeout=self.timeout, preexec_fn=_pinned(cpus))
         except subprocess.TimeoutExpired:
             raise BenchError("the %s client timed out after %.0f s" % (impl, self.timeout)) from None
         if result.returncode != 0:
             raise BenchError("the %s client failed (status %d): %s" % (impl, result.returncode,
                                                                        result.stderr.strip()))
-        return {k: float(v) for k, v in (line.split("=", 1) for line in result.stdout.split())}
+        out = {k: float(v) for k, v in (line.split("=", 1) for line in result.stdout.split())}
+        after = _cpu_ns(server.pid) if before is not None else None
+        if after is not None:
+            out["server_cpu_us"] = (after - before) / 1e3 / (n * batches + n // 10 + 1)
+        return out
 
     def stop_servers(self, cpus):
         for impl, proc in list(self.servers.items()):
@@ -144,25 +186,39 @@ class Bench:
             proc.communicate()
         self.servers.clear()
 
-    def stop_daemon(self):
-        """The discovery daemon the SDK server started in our runtime directory."""
+    def stop_daemons(self):
+        """The discovery daemons the SDK servers started in our runtime directories."""
+        for rundir in self.rundirs.values():
+            _stop_daemon(rundir)
+
+
+def _cpu_ns(pid):
+    """CPU time of process pid so far, in ns (/proc/PID/schedstat), or None."""
+    try:
+        with open("/proc/%d/schedstat" % pid) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_daemon(rundir):
+    try:
+        with open(os.path.join(rundir, "ds.pid")) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
         try:
-            with open(os.path.join(self.rundir, "ds.pid")) as f:
-                pid = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
+            os.kill(pid, sig)
+        except ProcessLookupError:
             return
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
             try:
-                os.kill(pid, sig)
+                os.kill(pid, 0)
             except ProcessLookupError:
                 return
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.05)
+            time.sleep(0.05)
 
 
 def measure(bench, layouts, rounds, batches, batch_seconds, log):
@@ -178,7 +234,7 @@ def measure(bench, layouts, rounds, batches, batch_seconds, log):
             trips[(layout, size)] = n
             log("  %d B: %d round trips per batch, %d batches, %d rounds" % (size, n, batches, rounds))
             for r in range(rounds):
-                order = IMPLS if r % 2 == 0 else IMPLS[::-1]
+                order = bench.impls if r % 2 == 0 else bench.impls[::-1]
                 for impl in order:
                     results.setdefault((layout, size, impl), []).append(
                         bench.client(impl, client_cpus, n, size, batches))
@@ -191,35 +247,132 @@ def _cpus(cpus):
 
 
 def summary(runs):
-    """Median of the runs' medians, mean of their means, min and max over every batch."""
+    """Median of the runs' medians, mean of their means, min and max over every batch; cpu: the
+    median over the runs of the two processes' CPU time per round trip (None if not shown)."""
+    cpus = [r["cpu_us"] + r["server_cpu_us"] for r in runs if "cpu_us" in r and "server_cpu_us" in r]
     return {"median": statistics.median(r["median_us"] for r in runs),
             "mean": statistics.mean(r["mean_us"] for r in runs),
-            "min": min(r["min_us"] for r in runs), "max": max(r["max_us"] for r in runs)}
+            "min": min(r["min_us"] for r in runs), "max": max(r["max_us"] for r in runs),
+            "cpu": statistics.median(cpus) if cpus else None}
 
 
-def render(results, layouts, machine):
+def render(results, layouts, machine, impls):
     lines = ["C datagram ping-pong, SDK program under `vsockcompat run` vs raw AF_UNIX SOCK_SEQPACKET",
-             machine, "us per round trip; median of the client runs' batch medians; min..max over all batches",
+             machine, "us per round trip; median of the client runs' batch medians; min..max over all batches;",
+             "CPU: CPU time of server and client per round trip (median of the runs), less sensitive to load",
              ""]
-    header = ("layout", "size", "impl", "median", "mean", "min..max", "vs raw", "target", "result")
+    header = ("layout", "size", "impl", "median", "mean", "min..max", "vs raw", "target", "result", "vs base",
+              "CPU", "vs raw")
     rows = []
     for layout, _, _ in layouts:
         for size in SIZES:
-            raw = summary(results[(layout, size, "raw")])
-            sdk = summary(results[(layout, size, "sdk")])
-            ratio = sdk["median"] / raw["median"]
-            for impl, s in (("raw", raw), ("sdk", sdk)):
-                last = impl == "sdk"
+            s = {impl: summary(results[(layout, size, impl)]) for impl in impls}
+            for impl in impls:
+                ratio = s[impl]["median"] / s["raw"]["median"]
+                sdk = impl != "raw"
                 rows.append((layout if impl == "raw" and size == SIZES[0] else "",
                              "%d B" % size if impl == "raw" else "", LABELS[impl],
-                             "%.1f" % s["median"], "%.1f" % s["mean"], "%.1f..%.1f" % (s["min"], s["max"]),
-                             "%.2fx" % ratio if last else "", "<= %.2fx" % TARGET if last else "",
-                             ("PASS" if ratio <= TARGET else "MISS") if last else ""))
+                             "%.1f" % s[impl]["median"], "%.1f" % s[impl]["mean"],
+                             "%.1f..%.1f" % (s[impl]["min"], s[impl]["max"]),
+                             "%.2fx" % ratio if sdk else "", "<= %.2fx" % TARGET if sdk else "",
+                             ("PASS" if ratio <= TARGET else "MISS") if sdk else "",
+                             "%.2fx" % (s["sdk"]["median"] / s["base"]["median"])
+                             if impl == "sdk" and "base" in s else "",
+                             "%.2f" % s[impl]["cpu"] if s[impl]["cpu"] is not None else "",
+                             "%.2fx" % (s[impl]["cpu"] / s["raw"]["cpu"])
+                             if sdk and s[impl]["cpu"] is not None and s["raw"]["cpu"] else ""))
+    return "\n".join(lines + _table(header, rows, ("<", "<", "<", ">", ">", ">", ">", ">", "<", ">", ">", ">")))
+
+
+def _table(header, rows, align):
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    align = ("<", "<", "<", ">", ">", ">", ">", ">", "<")
-    for row in [header] + rows:
-        lines.append("  ".join(format(cell, a + str(w)) for cell, a, w in zip(row, align, widths)).rstrip())
-    return "\n".join(lines)
+    return ["  ".join(format(cell, a + str(w)) for cell, a, w in zip(row, align, widths)).rstrip()
+            for row in [header] + rows]
+
+
+# --counts: instructions (callgrind) and system calls (strace -c) per round trip
+
+STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$", re.M)
+
+
+def _trips(n):
+    """Round trips of a client run of ``-b 1 -c n``: pingpong's warm-up (n/10 + 1), then n."""
+    return n + n // 10 + 1
+
+
+def _callgrind_total(prefix):
+    """Instructions of the process callgrind wrote prefix.<pid> for: the largest total among
+    them (a server also leaves the few of the child it forks to start the discovery daemon)."""
+    totals = []
+    for path in glob.glob(prefix + ".*"):
+        with open(path) as f:
+            totals += [int(line.split()[1]) for line in f if line.startswith(("totals:", "summary:"))]
+    if not totals:
+        raise BenchError("callgrind wrote no count for " + prefix)
+    return max(totals)
+
+
+def _strace_calls(path):
+    with open(path) as f:
+        return {name: int(calls) for calls, name in STRACE_ROW.findall(f.read()) if name != "total"}
+
+
+def _counted_pair(bench, impl, n, size, cpus, tool, outdir):
+    """impl's server and one client of n round trips, both under tool: the server's and the
+    client's output paths."""
+    paths = []
+
+    def prefix(impl_, role):
+        paths.append(os.path.join(outdir, "%s-%d-%s-%d" % (impl_, n, role, len(paths))))
+        return tool(paths[-1])
+
+    bench.tool = prefix
+    try:
+        bench.start_servers(cpus, [impl])
+        bench.client(impl, cpus, n, size, 1)
+        bench.stop_servers(cpus)  # its quit client is counted too, and ignored
+    finally:
+        bench.tool = lambda impl_, role: []
+    return paths[0], paths[1]
+
+
+def counts(bench, size, n, cpus, workdir, log):
+    """{(impl, role): (instructions, {syscall: calls}) per round trip}."""
+    tools = {"instructions": lambda path: ["valgrind", "--tool=callgrind", "--callgrind-out-file=%s.%%p" % path],
+             "syscalls": lambda path: ["strace", "-c", "-o", path]}
+    readers = {"instructions": _callgrind_total, "syscalls": _strace_calls}
+    out = {}
+    for what, tool in tools.items():
+        for impl in bench.impls:
+            log("  %s of %s, %d B: %d and %d round trips" % (what, impl, size, n, 2 * n))
+            outdir = tempfile.mkdtemp(dir=workdir)
+            got = [_counted_pair(bench, impl, k, size, cpus, tool, outdir) for k in (n, 2 * n)]
+            extra = _trips(2 * n) - _trips(n)
+            for role, i in (("client", 1), ("server", 0)):
+                one, two = readers[what](got[0][i]), readers[what](got[1][i])
+                if what == "instructions":
+                    value = (two - one) / extra
+                else:
+                    value = {k: (two.get(k, 0) - one.get(k, 0)) / extra for k in set(one) | set(two)}
+                    value = {k: v for k, v in value.items() if v >= 0.005}
+                out.setdefault((impl, role), {})[what] = value
+    return out
+
+
+def render_counts(found, impls, size, machine):
+    lines = ["C datagram ping-pong, %d B, per round trip: user-space instructions (callgrind) and "
+             "system calls (strace -c)" % size, machine, ""]
+    header = ("impl", "side", "instructions", "vs raw", "system calls", "")
+    rows = []
+    for impl in impls:
+        for role in ("client", "server"):
+            got = found[(impl, role)]
+            calls = got["syscalls"]
+            rows.append((LABELS[impl] if role == "client" else "", role, "%.0f" % got["instructions"],
+                         "%+.0f" % (got["instructions"] - found[("raw", role)]["instructions"]) if impl != "raw"
+                         else "", "%.2f" % sum(calls.values()),
+                         " ".join("%s %.2f" % kv for kv in sorted(calls.items(), key=lambda kv: -kv[1]))))
+    return "\n".join(lines + _table(header, rows, ("<", "<", ">", ">", ">", "<")))
 
 
 def main(argv=None):
@@ -229,7 +382,20 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, help="timed batches per client run (default 7)")
     parser.add_argument("--batch-seconds", type=float, help="length of an SDK batch (default 0.15)")
     parser.add_argument("--timeout", type=float, default=120.0, help="longest wait for any child (s)")
+    parser.add_argument("--baseline", metavar="SRC", help="also measure libvmci.so.0 built from this source tree")
+    parser.add_argument("--counts", action="store_true",
+                        help="instructions and system calls per round trip instead of times (valgrind, strace)")
+    parser.add_argument("--trips", type=int, default=2000, help="N of --counts (it also runs 2N; default 2000)")
+    parser.add_argument("--size", type=int, default=64, help="payload bytes of --counts (default 64)")
     args = parser.parse_args(argv)
+    if args.baseline is not None and not os.path.isfile(os.path.join(args.baseline, "vsc_lib.c")):
+        parser.error("--baseline %s: not a source tree of libvmci.so.0 (no vsc_lib.c)" % args.baseline)
+    if args.counts:
+        missing = [tool for tool in ("valgrind", "strace") if shutil.which(tool) is None]
+        if missing:
+            parser.error("--counts needs %s on PATH" % " and ".join(missing))
+        if args.trips < 10 or not 1 <= args.size <= 69608:
+            parser.error("--trips must be at least 10, --size 1..69608")
     rounds = args.rounds or (2 if args.quick else 3)
     batches = args.batches or (5 if args.quick else 7)
     batch_seconds = args.batch_seconds or (0.05 if args.quick else 0.15)
@@ -249,21 +415,28 @@ def main(argv=None):
     bench = None
     try:
         log("building libvmci.so.0, pingpong and raw_pingpong (-O2) ...")
-        library, sdk, raw, compiler = build(workdir)
-        machine = "%d CPUs (%d usable), Linux %s %s, %s; %d rounds x %d batches of about %.2f s" % (
-            os.cpu_count(), len(allowed), platform.release(), platform.machine(), compiler, rounds, batches,
-            batch_seconds)
-        bench = Bench(workdir, library, sdk, raw, args.timeout)
-        results, _ = measure(bench, layouts, rounds, batches, batch_seconds, log)
+        sdks, raw, compiler = build(workdir, args.baseline)
+        machine = "%d CPUs (%d usable), Linux %s %s, %s" % (
+            os.cpu_count(), len(allowed), platform.release(), platform.machine(), compiler)
+        bench = Bench(workdir, sdks, raw, args.timeout)
+        if args.counts:
+            log("counting on CPU %d (server and client) ..." % allowed[0])
+            found = counts(bench, args.size, args.trips, {allowed[0]}, workdir, log)
+            report = render_counts(found, bench.impls, args.size, machine + "; N = %d and %d" % (
+                args.trips, 2 * args.trips))
+        else:
+            results, _ = measure(bench, layouts, rounds, batches, batch_seconds, log)
+            report = render(results, layouts, machine + "; %d rounds x %d batches of about %.2f s" % (
+                rounds, batches, batch_seconds), bench.impls)
     except BenchError as exc:
         print("c_pingpong: error: %s" % exc, file=sys.stderr)
         return 1
     finally:
         if bench is not None:
             bench.kill_servers()
-            bench.stop_daemon()
+            bench.stop_daemons()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(render(results, layouts, machine))
+    print(report)
     return 0
 
 

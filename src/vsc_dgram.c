@@ -156,11 +156,8 @@ static int link_hung_up(int sock_fd)
 static int send_locked(int sock_fd, uint8_t *acct, const vsc_dg_header *h, const void *payload,
                        int *sys_errno)
 {
-    uint8_t hdr[VMCI_DG_HEADERSIZE];
     uint64_t total = VMCI_DG_HEADERSIZE + h->payload_size;
     uint64_t produced, consumed, queued;
-    struct iovec iov[2];
-    struct msghdr msg;
     ssize_t n;
 
     if (sock_fd < 0 || acct_load(acct, VSC_ACCT_OFF_CLOSED))
@@ -173,17 +170,33 @@ static int send_locked(int sock_fd, uint8_t *acct, const vsc_dg_header *h, const
     /* Reserve before sending: the receiver may read the frame at once. */
     acct_store(acct, VSC_ACCT_OFF_PRODUCED, produced + total);
 
-    vsc_dg_encode_header(hdr, h);
-    iov[0].iov_base = hdr;
-    iov[0].iov_len = sizeof hdr;
-    iov[1].iov_base = (void *)payload;
-    iov[1].iov_len = (size_t)h->payload_size;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = iov;
-    msg.msg_iovlen = h->payload_size ? 2 : 1;
-    do {
-        n = sendmsg(sock_fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
+    if (h->payload_size <= VSC_COPY_MAX) {
+        /* One contiguous send: cheaper than sendmsg's iovec import up to VSC_COPY_MAX. */
+        uint8_t frame[VMCI_DG_HEADERSIZE + VSC_COPY_MAX];
+
+        vsc_dg_encode_header(frame, h);
+        if (h->payload_size > 0)
+            memcpy(frame + VMCI_DG_HEADERSIZE, payload, (size_t)h->payload_size);
+        do {
+            n = send(sock_fd, frame, (size_t)total, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (n < 0 && errno == EINTR);
+    } else {
+        uint8_t hdr[VMCI_DG_HEADERSIZE];
+        struct iovec iov[2];
+        struct msghdr msg;
+
+        vsc_dg_encode_header(hdr, h);
+        iov[0].iov_base = hdr;
+        iov[0].iov_len = sizeof hdr;
+        iov[1].iov_base = (void *)payload;
+        iov[1].iov_len = (size_t)h->payload_size;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov;
+        msg.msg_iovlen = 2;
+        do {
+            n = sendmsg(sock_fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (n < 0 && errno == EINTR);
+    }
     if (n < 0) {
         *sys_errno = errno;
         acct_store(acct, VSC_ACCT_OFF_PRODUCED, produced);
@@ -333,6 +346,7 @@ int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_han
     rx->batch_fd = -1;
     rx->pending_fd = -1;
     rx->polled = 1;
+    rx->copy_recv = 1;
     rx->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (rx->epfd < 0)
         return errno;
@@ -373,6 +387,8 @@ void vsc_rx_destroy(vsc_rx *rx)
     rx->pending_set = 0;
     free(rx->batch);
     rx->batch = NULL;
+    free(rx->frame);
+    rx->frame = NULL;
     rx->batch_next = rx->batch_count = 0;
     rx->batch_fd = -1;
     rx->nconns = 0;
@@ -536,19 +552,13 @@ static int rx_wait(vsc_rx *rx, int timeout_ms, int *sys_errno)
     return 0;
 }
 
-/* Hand out the next frame read ahead: copied to buf, then spill, exactly as recvmsg would. */
-static ssize_t batch_next(vsc_rx *rx, vsc_dg_header *h, void *buf, size_t buf_len, void *spill,
-                          size_t spill_len)
+/* A whole frame of n bytes read into frame (flags: its recvmsg flags): the payload copied to
+ * buf, then spill, exactly as recvmsg would have scattered it; then released and checked. */
+static ssize_t copy_out(vsc_rx *rx, const uint8_t *frame, ssize_t n, int flags, vsc_dg_header *h, void *buf,
+                        size_t buf_len, void *spill, size_t spill_len)
 {
-    int i = rx->batch_next++;
-    const uint8_t *frame = rx->batch + (size_t)i * VSC_RX_SLOT;
-    ssize_t n = rx->batch_len[i];
-    int flags = rx->batch_flags[i];
     size_t payload, first;
 
-    rx->last_fd = rx->batch_fd;
-    if (rx->batch_next == rx->batch_count)
-        batch_done(rx);
     if (n > VMCI_DG_HEADERSIZE) {
         payload = (size_t)n - VMCI_DG_HEADERSIZE;
         if (payload > buf_len + spill_len) { /* recvmsg would have truncated it */
@@ -562,6 +572,19 @@ static ssize_t batch_next(vsc_rx *rx, vsc_dg_header *h, void *buf, size_t buf_le
             memcpy(spill, frame + VMCI_DG_HEADERSIZE + first, payload - first);
     }
     return check_frame(rx->acct, frame, n, flags, h);
+}
+
+/* Hand out the next frame read ahead. */
+static ssize_t batch_next(vsc_rx *rx, vsc_dg_header *h, void *buf, size_t buf_len, void *spill,
+                          size_t spill_len)
+{
+    int i = rx->batch_next++;
+
+    rx->last_fd = rx->batch_fd;
+    if (rx->batch_next == rx->batch_count)
+        batch_done(rx);
+    return copy_out(rx, rx->batch + (size_t)i * VSC_RX_SLOT, rx->batch_len[i], rx->batch_flags[i], h, buf, buf_len,
+                    spill, spill_len);
 }
 
 #define NO_BATCH 1 /* batch_fill: no read-ahead, the caller reads one frame */
@@ -630,17 +653,30 @@ static ssize_t rx_check_source(const vsc_rx *rx, int fd, const vsc_dg_header *h,
     return n;
 }
 
-/* One frame from the hot connection fd, blocking for at most VSC_RX_HOT_MS: as
- * vsc_dg_recv, or VSC_INTR on a signal. */
-static ssize_t rx_hot_recv(vsc_rx *rx, int fd, vsc_dg_header *h, void *buf, size_t buf_len, void *spill,
-                           size_t spill_len, int *sys_errno)
+/* One frame from fd into buf, then spill, with flags MSG_DONTWAIT, or 0 for a hot read (which
+ * blocks for at most VSC_RX_HOT_MS): as vsc_dg_recv, or VSC_INTR when a signal interrupted a
+ * hot read. While this receiver's frames are small (copy_recv), one recv() into the frame
+ * buffer (allocated when first needed), then copied out. */
+static ssize_t rx_read(vsc_rx *rx, int fd, int flags, vsc_dg_header *h, void *buf, size_t buf_len,
+                       void *spill, size_t spill_len, int *sys_errno)
 {
     uint8_t hdr[VMCI_DG_HEADERSIZE];
-    int flags;
-    ssize_t n = recv_frame(fd, hdr, buf, buf_len, spill, spill_len, 0, &flags);
+    int msg_flags = 0, copy;
+    ssize_t n;
 
-    if (n >= 0)
-        return check_frame(rx->acct, hdr, n, flags, h);
+    if (rx->copy_recv && rx->frame == NULL)
+        rx->frame = malloc(VSC_RX_SLOT);
+    copy = rx->copy_recv && rx->frame != NULL;
+    do {
+        n = copy ? recv(fd, rx->frame, VSC_RX_SLOT, flags)
+                 : recv_frame(fd, hdr, buf, buf_len, spill, spill_len, flags, &msg_flags);
+    } while (n < 0 && errno == EINTR && (flags & MSG_DONTWAIT));
+    if (n >= 0) {
+        rx->copy_recv = n <= VMCI_DG_HEADERSIZE + VSC_COPY_MAX;
+        /* A frame past the buffer was cut short: its header disagrees, check_frame refuses it. */
+        return copy ? copy_out(rx, rx->frame, n, 0, h, buf, buf_len, spill, spill_len)
+                    : check_frame(rx->acct, hdr, n, msg_flags, h);
+    }
     if (errno == EINTR)
         return VSC_INTR;
     if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -653,8 +689,10 @@ static ssize_t rx_hot_recv(vsc_rx *rx, int fd, vsc_dg_header *h, void *buf, size
 static ssize_t rx_delivered(vsc_rx *rx, int fd, const vsc_dg_header *h, ssize_t n)
 {
     n = rx_check_source(rx, fd, h, n);
-    if (n >= 0)
+    if (n >= 0) {
         rx->hot_fd = rx->nlive == 1 && rx->conns[fd].hot_ok ? fd : -1;
+        rx->last_len = (uint64_t)n;
+    }
     return n;
 }
 
@@ -672,21 +710,24 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
     }
     for (;;) {
         /* One sender, bytes queued (the account says so) or its connection hot: read it
-         * without epoll_wait (a hot read may block, briefly), a batch if bytes are queued.
-         * Bounded, so that new connections and wake-ups are still seen. */
+         * without epoll_wait (a hot read may block, briefly), a batch if more bytes are
+         * queued than the last frame had (likely more than one frame: a ping-pong's one
+         * frame costs a recv, not a recvmmsg). Bounded, so that new connections and
+         * wake-ups are still seen. */
         if (rx->nready == 0 && rx->nlive == 1 && rx->skips < VSC_RX_SKIPS) {
-            int queued = vsc_acct_queued(rx->acct) > 0;
+            uint64_t bytes = vsc_acct_queued(rx->acct);
+            int queued = bytes > 0;
             int hot = rx->hot_fd == rx->only_fd && (timeout_ms < 0 || timeout_ms >= VSC_RX_HOT_MIN_WAIT_MS);
 
             if (queued || hot) {
                 rx->skips++;
                 fd = rx->last_fd = rx->only_fd;
-                n = queued ? batch_fill(rx, fd, hot ? MSG_WAITFORONE : MSG_DONTWAIT, sys_errno) : NO_BATCH;
+                n = bytes > rx->last_len ? batch_fill(rx, fd, hot ? MSG_WAITFORONE : MSG_DONTWAIT, sys_errno)
+                                         : NO_BATCH;
                 if (n == 0)
                     return rx_delivered(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
                 if (n == NO_BATCH)
-                    n = hot ? rx_hot_recv(rx, fd, &h, buf, buf_len, spill, spill_len, sys_errno)
-                            : vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
+                    n = rx_read(rx, fd, hot ? 0 : MSG_DONTWAIT, &h, buf, buf_len, spill, spill_len, sys_errno);
                 if (n == VSC_AGAIN && hot) {
                     rx->hot_fd = -1; /* nothing came in time: the next call waits on everything */
                     return VSC_INTR;
@@ -712,7 +753,7 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
         if (fd == rx->listener_fd)
             return VSC_ACCEPT;
         rx->last_fd = fd;
-        n = vsc_dg_recv(fd, rx->acct, &h, buf, buf_len, spill, spill_len, sys_errno);
+        n = rx_read(rx, fd, MSG_DONTWAIT, &h, buf, buf_len, spill, spill_len, sys_errno);
         if (n == VSC_AGAIN) {
             if (rx->nready == 0)
                 return VSC_INTR; /* a spurious wake-up: the caller recomputes its timeout */

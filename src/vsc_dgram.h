@@ -23,6 +23,12 @@
 extern "C" {
 #endif
 
+/* Frames with at most this many payload bytes are sent with one send() of a contiguous copy,
+ * and received (while the receiver's recent frames were that small) with one recv() into a
+ * frame buffer, then copied out: below it a copy is cheaper than the iovec import of
+ * sendmsg/recvmsg. */
+#define VSC_COPY_MAX 8192
+
 /* Status codes of the core that are not VMCI codes (below the VMCI range). */
 #define VSC_AGAIN      (-2001) /* nothing to receive right now (or the wait timed out) */
 #define VSC_PEER_GONE  (-2002) /* the connection or the receiving endpoint is gone */
@@ -149,6 +155,9 @@ typedef struct {
                           * no read-ahead */
     int pending_set;     /* pending_fd was made readable */
     int polled;          /* someone may poll epfd (the default): keep pending_fd up to date */
+    int copy_recv;       /* the last frame read was small: read the next into frame */
+    uint8_t *frame;      /* VSC_RX_SLOT bytes, allocated when first needed */
+    uint64_t last_len;   /* size of the last frame delivered (0: none yet) */
     int batch_fd;
     int batch_next, batch_count;
     uint32_t batch_len[VSC_RX_BATCH];
@@ -170,7 +179,8 @@ void vsc_rx_remove(vsc_rx *rx, int fd);
  * handles the frame carries), VSC_AGAIN on timeout, VSC_ACCEPT, VSC_WAKE,
  * VSC_INTR, or VSC_PEER_GONE / VSC_BAD_FRAME / VSC_FORGED / a VMCI error code
  * for the connection rx->last_fd (the caller removes it).
- * While one connection streams (the account shows bytes queued), up to
+ * While one connection streams (the account shows more bytes queued than the
+ * last frame delivered had), up to
  * VSC_RX_BATCH frames are read from it with one recvmmsg and handed out one
  * per call, each checked and released from the account as it is handed out;
  * removing the connection discards (and releases) the rest.

@@ -28,7 +28,7 @@ typedef struct vsc_endpoint {
     vsc_bound bound;
     int wake_r, wake_w;
     int closing;             /* atomic; set once by vsc_endpoint_close */
-    int refs;                /* owned by the caller's table lock, not by this module */
+    int refs;                /* atomic; counted by the caller (its table), not by this module */
 
     pthread_mutex_t recv_lock; /* held by the one receiving thread, also while it blocks */
     vsc_rx rx;

@@ -5,8 +5,9 @@
  *
  * State: one handle table of this process's datagram endpoints, guarded by
  * g_lock, which is only ever held for table operations (never while a call
- * blocks or sends). The table holds one reference to each endpoint; a call
- * using an endpoint holds another, so DestroyHnd/CleanupApp never free an
+ * blocks or sends; a datagram call takes it once). The table holds one
+ * reference to each endpoint; a call using an endpoint holds another (the
+ * count is atomic, dropped without g_lock), so DestroyHnd/CleanupApp never free an
  * endpoint another thread is receiving on: they close it (the receiver
  * returns VMCI_ERROR_NO_MORE_DATAGRAMS) and the last reference frees it.
  *
@@ -133,7 +134,9 @@ static int is_initialised(void)
     return init;
 }
 
-/* A reference to our endpoint h, or NULL; *init tells whether the library is initialised. */
+/* A reference to our endpoint h, or NULL; *init tells whether the library is initialised.
+ * One pass under g_lock: the datagram calls take it once each. A reference is taken only
+ * while the table holds one, so refs never rises from 0. */
 static vsc_endpoint *endpoint_get(VMCIHandle h, int *init)
 {
     vsc_endpoint *ep = NULL;
@@ -143,20 +146,16 @@ static vsc_endpoint *endpoint_get(VMCIHandle h, int *init)
     *init = g_initialised;
     if (g_initialised && (i = table_find(h)) >= 0) {
         ep = g_table[i];
-        ep->refs++;
+        __atomic_add_fetch(&ep->refs, 1, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&g_lock);
     return ep;
 }
 
+/* Drop a reference without g_lock; the last one frees the endpoint. */
 static void endpoint_put(vsc_endpoint *ep)
 {
-    int last;
-
-    pthread_mutex_lock(&g_lock);
-    last = --ep->refs == 0;
-    pthread_mutex_unlock(&g_lock);
-    if (last)
+    if (__atomic_sub_fetch(&ep->refs, 1, __ATOMIC_ACQ_REL) == 0)
         vsc_endpoint_free(ep);
 }
 
@@ -289,13 +288,14 @@ VSC_EXPORT int VMCIDatagram_SendTo(VMCIHandle dst, VMCIHandle src, uint32 len, c
     vsc_endpoint *ep;
     int init, rc;
 
-    if (!is_initialised())
-        return VMCI_ERROR_UNAVAILABLE;
-    if ((buf == NULL && len > 0) || len > VMCI_MAX_DG_PAYLOAD_SIZE)
-        return VMCI_ERROR_INVALID_ARGS;
     ep = endpoint_get(src, &init);
-    if (ep == NULL)
-        return init ? VMCI_ERROR_INVALID_ARGS : VMCI_ERROR_UNAVAILABLE;
+    if (!init)
+        return VMCI_ERROR_UNAVAILABLE;
+    if ((buf == NULL && len > 0) || len > VMCI_MAX_DG_PAYLOAD_SIZE || ep == NULL) {
+        if (ep != NULL)
+            endpoint_put(ep);
+        return VMCI_ERROR_INVALID_ARGS;
+    }
     rc = vsc_endpoint_send(ep, to_vsc(dst), buf, len);
     endpoint_put(ep);
     return rc;

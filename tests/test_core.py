@@ -576,6 +576,46 @@ def test_a_new_sender_is_seen_while_the_receiver_waits_on_a_hot_one(core, page, 
         r.close()
 
 
+# Frame sizes around VSC_COPY_MAX (src/vsc_dgram.h): the C core sends a frame that small with one
+# send() of a contiguous copy, and reads with one recv() into a frame buffer while the frames it
+# reads stay that small (then copies the payload out), else with sendmsg/recvmsg and iovecs.
+COPY_MAX = 8192
+
+
+@pytest.mark.parametrize("length", [0, 1, COPY_MAX, COPY_MAX + 1, VMCI_MAX_DG_PAYLOAD_SIZE])
+def test_a_link_sends_exactly_the_frame_on_both_sides_of_the_copy_limit(core, page, pair, length):
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    link = core.Link(a, page.account(core), 2, 1025, 3, 1024)
+    payload = bytes((i * 7) % 251 for i in range(length))
+    assert link.send(payload, length) == 24 + length
+    assert b.recv(VMCI_MAX_DG_PAYLOAD_SIZE + 100) == core.encode_datagram(2, 1025, 3, 1024, payload)
+
+
+@pytest.mark.parametrize("timeout", [10.0, 0.05], ids=["hot", "epoll"])
+def test_frames_of_changing_sizes_arrive_whole_on_both_read_paths(core, rx, timeout):
+    """Small and large frames in turn, each alone on the connection (the account does not show
+    it, so nothing is read ahead), read hot (a long wait) or after epoll_wait (a wait below the
+    hot minimum): each arrives whole, spilling past the 256-byte buffer when it must, whether
+    the C core guessed its size right (recv into its frame buffer, or recvmsg) or not."""
+    assert rx.link.send(b"a", 1) == 25
+    assert rx.take() == (1, "tag-3")
+    for length in (1, 20000, 30000, 8, COPY_MAX, COPY_MAX + 1, 0, VMCI_MAX_DG_PAYLOAD_SIZE, 2):
+        payload = bytes((i * 7 + length) % 256 for i in range(length))
+        rx.a.send(core.encode_datagram(2, 1025, 3, 1024, payload))
+        assert rx.take(timeout) == (length, "tag-3"), length
+        assert bytes(rx.buf[:length]) + bytes(rx.spill[:max(0, length - 256)]) == payload, length
+
+
+@pytest.mark.parametrize("excess", [1, 100])
+def test_a_frame_over_the_sdk_maximum_read_hot_is_bad(core, rx, excess):
+    assert rx.link.send(b"a", 1) == 25
+    assert rx.take() == (1, "tag-3")
+    payload = bytes(VMCI_MAX_DG_PAYLOAD_SIZE + excess)
+    rx.a.send(core.encode_header(2, 1025, 3, 1024, len(payload)) + payload)
+    assert rx.take(10.0) == (core.BAD_FRAME, None) and rx.rx.last_fd == rx.b.fileno()
+
+
 @both_cores
 def test_both_cores_have_the_same_receiver_and_link_additions():
     import inspect

@@ -11,7 +11,8 @@
  *      Looks "PINGPONG" up, warms up, then times BATCHES (default 7) batches
  *      of N round trips of SIZE payload bytes (clock_gettime, CLOCK_MONOTONIC)
  *      and prints "name=value" lines: the median, mean, min and max of the
- *      batches' microseconds per round trip. -q stops the server afterwards.
+ *      batches' microseconds per round trip, and cpu_us, this process's CPU time
+ *      per round trip over the batches. -q stops the server afterwards.
  *
  * Exit status: 0 on success, 1 on a failed call or a wrong echo, 2 on usage.
  */
@@ -45,6 +46,16 @@ Now(void)
    struct timespec ts;
 
    clock_gettime(CLOCK_MONOTONIC, &ts);
+   return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* This process's CPU time (user and system), in seconds. */
+static double
+CpuNow(void)
+{
+   struct timespec ts;
+
+   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
    return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
@@ -121,7 +132,7 @@ static int
 RunClient(long n, uint32 size, int batches, int quit)
 {
    VMCIHandle server, client;
-   double us[MAX_BATCHES], sum = 0, start;
+   double us[MAX_BATCHES], sum = 0, start, cpu;
    int rv, b, status = 1;
    uint32 i;
 
@@ -140,6 +151,7 @@ RunClient(long n, uint32 size, int batches, int quit)
 
    if (RoundTrips(server, client, n / 10 + 1, size) != 0)
       goto destroy;
+   cpu = CpuNow();
    for (b = 0; b < batches; b++) {
       start = Now();
       if (RoundTrips(server, client, n, size) != 0)
@@ -147,11 +159,13 @@ RunClient(long n, uint32 size, int batches, int quit)
       us[b] = (Now() - start) * 1e6 / n;
       sum += us[b];
    }
+   cpu = (CpuNow() - cpu) * 1e6 / ((double)n * batches);
    qsort(us, (size_t)batches, sizeof us[0], CompareDoubles);
    printf("size=%u\nn=%ld\nbatches=%d\n", size, n, batches);
    printf("median_us=%.3f\nmean_us=%.3f\nmin_us=%.3f\nmax_us=%.3f\n",
           batches % 2 ? us[batches / 2] : (us[batches / 2 - 1] + us[batches / 2]) / 2,
           sum / batches, us[0], us[batches - 1]);
+   printf("cpu_us=%.3f\n", cpu);
    status = 0;
 destroy:
    if (quit) {

@@ -48,6 +48,16 @@ Now(void)
    return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* This process's CPU time (user and system), in seconds. */
+static double
+CpuNow(void)
+{
+   struct timespec ts;
+
+   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+   return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 static int
 CompareDoubles(const void *a, const void *b)
 {
@@ -168,7 +178,7 @@ Connect(const char *path)
 static int
 RunClient(const char *path, long n, size_t size, int batches, int quit)
 {
-   double us[MAX_BATCHES], sum = 0, start;
+   double us[MAX_BATCHES], sum = 0, start, cpu;
    int fd, b, status = 1;
    size_t i;
 
@@ -180,6 +190,7 @@ RunClient(const char *path, long n, size_t size, int batches, int quit)
 
    if (RoundTrips(fd, n / 10 + 1, size) != 0)
       goto out;
+   cpu = CpuNow();
    for (b = 0; b < batches; b++) {
       start = Now();
       if (RoundTrips(fd, n, size) != 0)
@@ -187,11 +198,13 @@ RunClient(const char *path, long n, size_t size, int batches, int quit)
       us[b] = (Now() - start) * 1e6 / n;
       sum += us[b];
    }
+   cpu = (CpuNow() - cpu) * 1e6 / ((double)n * batches);
    qsort(us, (size_t)batches, sizeof us[0], CompareDoubles);
    printf("size=%zu\nn=%ld\nbatches=%d\n", size, n, batches);
    printf("median_us=%.3f\nmean_us=%.3f\nmin_us=%.3f\nmax_us=%.3f\n",
           batches % 2 ? us[batches / 2] : (us[batches / 2 - 1] + us[batches / 2]) / 2,
           sum / batches, us[0], us[batches - 1]);
+   printf("cpu_us=%.3f\n", cpu);
    status = 0;
 out:
    close(fd);
