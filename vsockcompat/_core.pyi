@@ -74,6 +74,12 @@ class Link:
     def watch_acl(self) -> None:
         """Read the receiver's ACL epoch word; from then on ``send`` returns STALE (sending
         nothing) once the word differs."""
+    def seal_when_full(self) -> None:
+        """From now on a send that meets ``EAGAIN`` seals the link: it returns
+        VMCI_ERROR_NO_RESOURCES and nothing more is sent on the socket; a sealed link's ``send``
+        returns VMCI_ERROR_NO_RESOURCES while the socket has no room, STALE once it has."""
+    @property
+    def sealed(self) -> bool: ...
     def send(self, payload: Buffer, length: int) -> int: ...
     def close(self) -> None: ...
 

@@ -40,6 +40,7 @@ cdef extern from "vsc_dgram.h" nogil:
     int VSC_ACCT_OFF_ACL_EPOCH
     int VMCI_DG_HEADERSIZE
     int VMCI_ERROR_INVALID_ARGS
+    int VMCI_ERROR_NO_RESOURCES
 
     void vsc_dg_encode_header(uint8_t *out, const vsc_dg_header *h)
     void vsc_dg_decode_header(const uint8_t *inp, vsc_dg_header *h)
@@ -64,6 +65,28 @@ cdef extern from "vsc_dgram.h" nogil:
 
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLOUT
+
+
+cdef extern from "<errno.h>" nogil:
+    int EAGAIN
 
 
 cdef extern from *:
@@ -229,6 +252,10 @@ cdef class Link:
     cdef uint8_t *_page
     cdef uint64_t _epoch
     cdef bint _watch
+    cdef bint _seal
+    cdef bint _sealed
+    cdef bint _seal_ready
+    cdef pthread_mutex_t _seal_lock
 
     def __cinit__(self, sock, Account account not None, uint32_t dst_context, uint32_t dst_resource,
                   uint32_t src_context, uint32_t src_resource):
@@ -248,6 +275,31 @@ cdef class Link:
         self._epoch = _acl_epoch(self._account.page())
         self._watch = True
 
+    def __dealloc__(self):
+        if self._seal_ready:
+            pthread_mutex_destroy(&self._seal_lock)
+
+    def seal_when_full(self):
+        """From now on a send that finds the socket full (``EAGAIN``) seals the link.
+
+        For a socket whose non-blocking send may write *part* of a message before failing with
+        ``EAGAIN`` (an AF_VSOCK SEQPACKET one): that send returns VMCI_ERROR_NO_RESOURCES and
+        nothing is ever sent on the socket again, so no later message can join the cut one.
+        A sealed link's ``send`` returns VMCI_ERROR_NO_RESOURCES while the socket has no room
+        (one ``poll``), and STALE once it has (the receiver drained: replace the link).
+        """
+        if not self._seal_ready:
+            rc = pthread_mutex_init(&self._seal_lock, NULL)
+            if rc != 0:
+                raise OSError(rc, "cannot create the link's seal lock")
+            self._seal_ready = True
+        self._seal = True
+
+    @property
+    def sealed(self):
+        """True once a send found the socket full after ``seal_when_full``."""
+        return bool(self._sealed)
+
     def send(self, payload, Py_ssize_t length):
         """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``)."""
         return self._send(payload, length)
@@ -262,8 +314,31 @@ cdef class Link:
             PyBuffer_Release(&view)
             return VMCI_ERROR_INVALID_ARGS
         with nogil:
-            rc = vsc_link_send(&self._link, view.buf, <uint64_t>length, &err)
+            if self._seal:
+                rc = self._send_sealing(view.buf, <uint64_t>length)
+            else:
+                rc = vsc_link_send(&self._link, view.buf, <uint64_t>length, &err)
         PyBuffer_Release(&view)
+        return rc
+
+    cdef int _send_sealing(self, const void *buf, uint64_t length) noexcept nogil:
+        """``vsc_link_send`` under the seal lock: a send that meets ``EAGAIN`` seals the link
+        before any other thread may send."""
+        cdef int rc, err
+        cdef pollfd room
+        pthread_mutex_lock(&self._seal_lock)
+        if self._sealed:
+            pthread_mutex_unlock(&self._seal_lock)
+            room.fd = self._link.fd
+            room.events = POLLOUT
+            room.revents = 0
+            if poll(&room, 1, 0) > 0:
+                return VSC_STALE
+            return VMCI_ERROR_NO_RESOURCES
+        rc = vsc_link_send(&self._link, buf, length, &err)
+        if err == EAGAIN:
+            self._sealed = True
+        pthread_mutex_unlock(&self._seal_lock)
         return rc
 
     def close(self):

@@ -203,6 +203,13 @@ def _hung_up(sock):
     return bool(poller.poll(0))
 
 
+def _has_room(sock):
+    """Whether ``sock`` can take a send now (a sealed link's receiver drained)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 def _send_locked(sock, account, header, view, length):
     words = account._words
     if words[_W_CLOSED]:
@@ -231,7 +238,8 @@ class Link:
     Thread-safe: sends and ``close`` serialise on the receiver's account lock.
     """
 
-    __slots__ = ("_sock", "_account", "_handles", "_closed", "_epoch", "_words", "_lock", "_header")
+    __slots__ = ("_sock", "_account", "_handles", "_closed", "_epoch", "_words", "_lock", "_header",
+                 "_seal", "sealed")
 
     def __init__(self, sock, account, dst_context, dst_resource, src_context, src_resource):
         self._sock = sock
@@ -242,10 +250,17 @@ class Link:
         self._words = account._words
         self._lock = ctypes.c_void_p(account.lock)  # converted once: ctypes calls are the cost here
         self._header = (-1, None)  # (length, header) of the last send: a stream repeats its length
+        self._seal = False
+        self.sealed = False
 
     def watch_acl(self):
         """See the Cython core: ``send`` returns STALE once the receiver's ACL epoch word changes."""
         self._epoch = self._words[_W_ACL_EPOCH]
+
+    def seal_when_full(self):
+        """See the Cython core: from now on a send that meets ``EAGAIN`` seals the link (it
+        returns NO_RESOURCES, then STALE once the socket has room) and nothing more is sent."""
+        self._seal = True
 
     def send(self, payload, length):
         """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``).
@@ -279,6 +294,8 @@ class Link:
         try:
             if self._closed or words[_W_CLOSED]:
                 return PEER_GONE
+            if self.sealed:
+                return STALE if _has_room(self._sock) else VMCI_ERROR_NO_RESOURCES
             total = VMCI_DG_HEADERSIZE + length
             produced = words[_W_PRODUCED]
             consumed = words[_W_CONSUMED]
@@ -292,6 +309,8 @@ class Link:
                     self._sock.sendmsg((header, data), (), _SEND_FLAGS)
             except OSError as exc:
                 words[_W_PRODUCED] = produced
+                if self._seal and exc.errno == errno.EAGAIN:
+                    self.sealed = True  # under the lock: no other send can follow a cut message
                 return _SEND_ERRNO_STATUS.get(exc.errno, VMCI_ERROR_GENERIC)
             return total
         finally:

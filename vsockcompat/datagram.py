@@ -84,6 +84,8 @@ class _OpenLink:
     def __init__(self, sender, link):
         self.sender = sender
         self.link = link
+        if link.direct:
+            sender.seal_when_full()
         if link.verdict is None:
             sender.watch_acl()  # the epoch first, then the privileges it covers
         else:
