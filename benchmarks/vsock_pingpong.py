@@ -11,10 +11,13 @@ Two processes, the same pair for both implementations: this one (the client) and
 server it starts. ``raw`` is a Python AF_VSOCK SOCK_SEQPACKET connection on CID 1 with blocking
 ``send`` / ``recv_into`` on both sides; ``vsockcompat`` is a ``DatagramEndpoint`` on the vsock
 transport (``send_status`` / ``recv_status``, the calls ``VMCIDatagram_SendTo`` and
-``VMCIDatagram_RecvFrom`` make) on the chosen core and mode. They take turns, ``--rounds``
-times each per payload size; a round is ``--count`` round trips, timed by the client. It prints
-the median round-trip time of each and their ratio (target <= 1.3x with the Cython core). A
-benchmark reports, it never fails on timing: status 0 when every round completed, 1 otherwise.
+``VMCIDatagram_RecvFrom`` make) on the chosen core and mode. In SEQPACKET mode its links are
+direct (the core sends on the vsock connection); ``--pumped`` also measures endpoints whose
+links go through a pump thread (``VsockTransport.direct_links = False``, as before direct
+links), in the same run. They take turns, ``--rounds`` times each per payload size; a round is
+``--count`` round trips, timed by the client. It prints the median round-trip time of each and
+their ratios to raw (target <= 1.3x with the Cython core). A benchmark reports, it never fails
+on timing: status 0 when every round completed, 1 otherwise.
 """
 import argparse
 import importlib.util
@@ -66,13 +69,17 @@ def base_parser(doc):
     return parser
 
 
-def runtime(core, mode, rundir):
+def runtime(core, mode, rundir, pumped=False):
+    """A vsock runtime; ``pumped``: its links go through a pump thread, not direct."""
     from vsockcompat._settings import Settings
     from vsockcompat.runtime import Runtime
 
     settings = Settings(no_extensions=core == "pure", rundir=rundir, cid=2, transport="vsock",
                         ds_autostart=False)._replace(vsock_mode=mode)
-    return Runtime(settings, core=core)
+    rt = Runtime(settings, core=core)
+    if pumped:
+        rt.transport.direct_links = False
+    return rt
 
 
 # ------------------------------------------------------------------ the echo server (child)
@@ -83,8 +90,10 @@ def serve(core, mode, rundir):
     listener = socket.socket(AF_VSOCK, socket.SOCK_SEQPACKET)
     listener.bind((VMADDR_CID_ANY, VMADDR_PORT_ANY))
     listener.listen(1)
-    ep = DatagramEndpoint(runtime=runtime(core, mode, rundir))
-    print("ports %d %d" % (listener.getsockname()[1], ep.handle.resource), flush=True)
+    eps = {"vsc": DatagramEndpoint(runtime=runtime(core, mode, rundir)),
+           "pumped": DatagramEndpoint(runtime=runtime(core, mode, rundir, pumped=True))}
+    print("ports %d %d %d" % (listener.getsockname()[1], eps["vsc"].handle.resource,
+                              eps["pumped"].handle.resource), flush=True)
     conn, _ = listener.accept()
     buf = bytearray(70000)
     view = memoryview(buf)
@@ -96,6 +105,7 @@ def serve(core, mode, rundir):
                 n = conn.recv_into(buf)
                 conn.send(view[:n])
         else:
+            ep = eps[what]
             for _ in range(count):
                 n, src = ep.recv_status(view, TIMEOUT)
                 if n < 0:
@@ -104,7 +114,8 @@ def serve(core, mode, rundir):
                 ep.send_status(src, view, n)
         print("done", flush=True)
     conn.close()
-    ep.close()
+    for ep in eps.values():
+        ep.close()
     listener.close()
     return 0
 
@@ -121,17 +132,19 @@ def measure(args):
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     try:
         first = child.stdout.readline().split()
-        if len(first) != 3:
+        if len(first) != 4:
             print("vsock_pingpong: the echo server did not start (status %s)" % child.wait(TIMEOUT),
                   file=sys.stderr)
             return [], False, args.core, args.mode
-        _, raw_port, rid = first
+        _, raw_port, rid, pumped_rid = first
         raw = socket.socket(AF_VSOCK, socket.SOCK_SEQPACKET)
         raw.settimeout(TIMEOUT)
         raw.connect((VMADDR_CID_LOCAL, int(raw_port)))
         rt = runtime(args.core, args.mode, rundir)
-        ep = DatagramEndpoint(runtime=rt)
-        dst = VMCIHandle(rt.transport.local_cid, int(rid))
+        eps = {"vsc": DatagramEndpoint(runtime=rt),
+               "pumped": DatagramEndpoint(runtime=runtime(args.core, args.mode, rundir, pumped=True))}
+        dsts = {"vsc": VMCIHandle(rt.transport.local_cid, int(rid)),
+                "pumped": VMCIHandle(rt.transport.local_cid, int(pumped_rid))}
         rbuf = bytearray(70000)
         rview = memoryview(rbuf)
 
@@ -144,25 +157,32 @@ def measure(args):
             elapsed = time.perf_counter() - start
             return elapsed, child.stdout.readline() == "done\n"
 
-        def run_vsc(payload, count):
-            child.stdin.write("vsc %d\n" % count)
-            size = len(payload)
-            start = time.perf_counter()
-            for _ in range(count):
-                if ep.send_status(dst, payload, size) < 0 or ep.recv_status(rview, TIMEOUT)[0] != size:
-                    return None, False
-            elapsed = time.perf_counter() - start
-            return elapsed, child.stdout.readline() == "done\n"
+        def vsc_runner(what):
+            ep, dst = eps[what], dsts[what]
 
+            def run_vsc(payload, count):
+                child.stdin.write("%s %d\n" % (what, count))
+                size = len(payload)
+                start = time.perf_counter()
+                for _ in range(count):
+                    if ep.send_status(dst, payload, size) < 0 or ep.recv_status(rview, TIMEOUT)[0] != size:
+                        return None, False
+                elapsed = time.perf_counter() - start
+                return elapsed, child.stdout.readline() == "done\n"
+            return run_vsc
+
+        runs = [("raw", run_raw), ("vsockcompat", vsc_runner("vsc"))]
+        if args.pumped:
+            runs.append(("pumped", vsc_runner("pumped")))
         results = []
         ok = True
         for size in SIZES:
             payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
-            run_raw(payload, args.count // 4)  # warm-up
-            run_vsc(payload, args.count // 4)
-            times = {"raw": [], "vsockcompat": []}
+            for _, run in runs:  # warm-up
+                run(payload, args.count // 4)
+            times = {name: [] for name, _ in runs}
             for _ in range(args.rounds):
-                for name, run in (("raw", run_raw), ("vsockcompat", run_vsc)):
+                for name, run in runs:
                     elapsed, done = run(payload, args.count)
                     if not done:
                         ok = False
@@ -170,12 +190,11 @@ def measure(args):
                     times[name].append(elapsed / args.count * 1e6)
             if not ok:
                 break
-            raw_us = statistics.median(times["raw"])
-            vsc_us = statistics.median(times["vsockcompat"])
-            results.append((size, raw_us, vsc_us, vsc_us / raw_us))
+            results.append((size, {name: statistics.median(us) for name, us in times.items()}))
         child.stdin.close()
         ok = child.wait(TIMEOUT) == 0 and ok
-        ep.close()
+        for ep in eps.values():
+            ep.close()
         raw.close()
     finally:
         if child.poll() is None:
@@ -190,6 +209,8 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=2000, help="round trips per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per implementation and size")
     parser.add_argument("--quick", action="store_true", help="--count 500 --rounds 3")
+    parser.add_argument("--pumped", action="store_true",
+                        help="also measure pumped links (as before direct links), in the same run")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rundir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -204,10 +225,16 @@ def main(argv=None):
     print("vsock ping-pong, Linux %s, %s, core %s, mode %s, %d x %d round trips, medians"
           % (platform.release(), platform.python_implementation() + " " + platform.python_version(),
              core, mode, args.rounds, args.count))
-    print("%-8s %12s %16s %8s" % ("payload", "raw (us)", "vsockcompat (us)", "ratio"))
-    for size, raw_us, vsc_us, ratio in results:
+    print("%-8s %12s %16s %8s %6s %12s %8s %14s" % ("payload", "raw (us)", "vsockcompat (us)", "ratio", "",
+                                                  "pumped (us)", "ratio", "direct/pumped"))
+    for size, us in results:
+        ratio = us["vsockcompat"] / us["raw"]
         verdict = ("PASS" if ratio <= TARGET else "MISS") if core == "cython" else ""
-        print("%-8s %12.1f %16.1f %7.2fx %s" % ("%d B" % size, raw_us, vsc_us, ratio, verdict))
+        line = "%-8s %12.1f %16.1f %7.2fx %6s" % ("%d B" % size, us["raw"], us["vsockcompat"], ratio, verdict)
+        if "pumped" in us:
+            line += " %12.1f %7.2fx %13.2fx" % (us["pumped"], us["pumped"] / us["raw"],
+                                                us["vsockcompat"] / us["pumped"])
+        print(line)
     if not ok:
         print("a round did not complete", file=sys.stderr)
     return 0 if ok else 1
