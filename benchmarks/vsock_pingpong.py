@@ -45,10 +45,10 @@ TIMEOUT = 120.0
 
 def gate_reason():
     """None inside the guest test bed, else why AF_VSOCK must not be used here (no socket made)."""
+    path = os.path.join(ROOT, "tests", "real_vsock", "conftest.py")
     tests = os.path.join(ROOT, "tests")
     if tests not in sys.path:
-        sys.path.insert(0, tests)  # the gate's conftest imports tests/bed_gates.py
-    path = os.path.join(tests, "real_vsock", "conftest.py")
+        sys.path.append(tests)   # the gate's conftest imports bed_gates from there
     spec = importlib.util.spec_from_file_location("_vsock_gate", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -9,7 +9,7 @@ import sys
 
 from c_core import run_target
 
-SOURCES = ["vsc_acl.c", "vsc_policy.c", "vsc_local.c", "vsc_dgram.c"]
+SOURCES = ["vsc_acl.c", "vsc_acl_memory.c", "vsc_policy.c", "vsc_local.c", "vsc_dgram.c"]
 SEEDS = {
     "acl": b"vsockcompat-acl 1 datagram\n2 1023 4 deny\n3 0 4 allow\n3 1024 4 deny\n",
     "group": b"vsockcompat-group 1 2 4242 123456\n3 0 1\n4 1024 0\n",

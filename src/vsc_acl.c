@@ -472,6 +472,8 @@ int vsc_acl_load(const vsc_local *t, vsc_handle resource, vsc_acl *acl)
     size_t len;
     int rc;
 
+    if (t->transport == VSC_TRANSPORT_VSOCK)
+        return vsc_acl_memory_load(resource, acl);
     memset(acl, 0, sizeof *acl);
     resource_path(t, resource, ".acl", path, sizeof path);
     if (read_file(path, &text, &len) != 0) {
@@ -753,11 +755,14 @@ int vsc_acl_add(const vsc_local *t, vsc_handle resource, vsc_handle client, int 
 {
     vsc_handle self = {t->cid, 0};
     vsc_acl acl;
-    int kind = vsc_acl_kind_of(t, resource), lock_fd, rc;
+    int vsock = t->transport == VSC_TRANSPORT_VSOCK, lock_fd = -1, rc;
+    int kind = vsock ? vsc_acl_memory_kind(resource) : vsc_acl_kind_of(t, resource);
 
     if (kind == VSC_KIND_NONE)
         return VMCI_ERROR_INVALID_ARGS;
-    if ((rc = lock_context(t, resource.context, &lock_fd)) != VMCI_SUCCESS)
+    if (vsock)
+        vsc_acl_memory_lock();
+    else if ((rc = lock_context(t, resource.context, &lock_fd)) != VMCI_SUCCESS)
         return rc;
     if (!vsc_acl_load(t, resource, &acl) || acl.kind != kind) {
         vsc_acl_free(&acl); /* a stale file of a dead resource that held this id */
@@ -766,11 +771,17 @@ int vsc_acl_add(const vsc_local *t, vsc_handle resource, vsc_handle client, int 
     }
     if (vsc_acl_check_stored(t, &acl, resource, self, VMCI_PRIV_CH_PRIV) != VMCI_SUCCESS_ACCESS_GRANTED)
         rc = VMCI_ERROR_NO_ACCESS;
-    else if ((rc = edit(&acl, client, nallow, allow, ndeny, deny)) == VMCI_SUCCESS
-             && (rc = store(t, resource, &acl)) == VMCI_SUCCESS && kind == VSC_KIND_DATAGRAM)
+    else if ((rc = edit(&acl, client, nallow, allow, ndeny, deny)) != VMCI_SUCCESS)
+        ;
+    else if (vsock)
+        rc = vsc_acl_memory_store(resource, &acl); /* bumps the epoch */
+    else if ((rc = store(t, resource, &acl)) == VMCI_SUCCESS && kind == VSC_KIND_DATAGRAM)
         bump_epoch(t, resource);
     vsc_acl_free(&acl);
-    close(lock_fd);
+    if (vsock)
+        vsc_acl_memory_unlock();
+    else
+        close(lock_fd);
     return rc;
 }
 

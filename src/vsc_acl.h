@@ -129,6 +129,20 @@ int vsc_acl_kind_of(const vsc_local *t, vsc_handle resource);
 int vsc_acl_add(const vsc_local *t, vsc_handle resource, vsc_handle client, int nallow, const int *allow,
                 int ndeny, const int *deny);
 
+/*
+ * Over vsock (t->transport == VSC_TRANSPORT_VSOCK) the storage is this process's memory
+ * (src/vsc_acl_memory.c): only its own datagram endpoints have privileges, registered while
+ * they live (with their account page, whose epoch a change bumps); the functions above use it.
+ */
+int vsc_acl_memory_register(vsc_handle endpoint, uint8_t *acct); /* 0, or -1 out of memory */
+void vsc_acl_memory_unregister(vsc_handle endpoint);
+void vsc_acl_memory_forget_all(void); /* in a forked child */
+int vsc_acl_memory_kind(vsc_handle resource); /* VSC_KIND_DATAGRAM or VSC_KIND_NONE */
+void vsc_acl_memory_lock(void);   /* held across a load, edit and store */
+void vsc_acl_memory_unlock(void);
+int vsc_acl_memory_load(vsc_handle resource, vsc_acl *acl); /* as vsc_acl_load */
+int vsc_acl_memory_store(vsc_handle resource, const vsc_acl *acl); /* a VMCI code */
+
 /* The ACL epoch of an account page (acquire load). */
 static inline uint64_t vsc_acl_epoch(const uint8_t *acct)
 {

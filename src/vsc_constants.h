@@ -166,6 +166,15 @@
 #define VSC_DS_REQUEST_HEADER_SIZE            20
 #define VSC_DS_REPLY_HEADER_SIZE              20
 #define VSC_QUEUE_HEADER_SIZE                 24
+#define VSC_HELLO_SIZE                        8
+#define VSC_HELLO_MAGIC                       826495830
+#define VSC_HELLO_WELL_KNOWN_MAGIC            827806550
+#define VSC_HELLO_TIMEOUT_MS                  5000
+#define VSC_VERDICT_SIZE                      8
+#define VSC_VERDICT_MAGIC                     827741014
+#define VSC_VERDICT_MAY_SEND                  0
+#define VSC_VERDICT_DENIED                    1
+#define VSC_UNBOUNDED_ACCOUNT_LIMIT           0x4000000000000000ull
 
 /* Field offsets of the byte layouts (vmci-sdk.md section 3) */
 #define VSC_DG_OFF_DST_CONTEXT                0

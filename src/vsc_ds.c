@@ -278,8 +278,9 @@ int vsc_ds_call(const vsc_local *t, int action, const char *name, vsc_handle han
         return rc;
     }
     rc = vsc_endpoint_send(ep, DS_HANDLE, request, (uint32_t)(VMCI_DS_REQUEST_HEADER_SIZE + name_len));
+    /* Over vsock the daemon lives on the host (or is started by the bed's admin): never spawned. */
     if ((rc == VMCI_ERROR_INVALID_RESOURCE || rc == VMCI_ERROR_DST_UNREACHABLE) && t->ds_autostart
-        && start_daemon(t))
+        && t->transport == VSC_TRANSPORT_LOCAL && start_daemon(t))
         rc = vsc_endpoint_send(ep, DS_HANDLE, request, (uint32_t)(VMCI_DS_REQUEST_HEADER_SIZE + name_len));
     if (rc >= 0)
         rc = await_reply(ep, msgid, buf, &result);

@@ -15,6 +15,68 @@
 
 #define SPILL_SIZE (VMCI_MAX_DG_PAYLOAD_SIZE + 1)
 
+/* The transport operations that differ between local and vsock. */
+
+static int on_vsock(const vsc_local *t)
+{
+    return t->transport == VSC_TRANSPORT_VSOCK;
+}
+
+int vsc_transport_open(vsc_local *t)
+{
+    if (vsc_local_open(t) != 0)
+        return -1;
+    return on_vsock(t) ? vsc_vsock_open(t) : 0;
+}
+
+/* Over vsock an endpoint's privileges live in this process while it lives (vsc_acl.h). */
+static int transport_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
+{
+    int rc;
+
+    if (!on_vsock(t))
+        return vsc_local_bind(t, resource, out);
+    if ((rc = vsc_vsock_bind(t, resource, out)) == VMCI_SUCCESS
+        && vsc_acl_memory_register(out->handle, out->acct) != 0) {
+        close(out->listener);
+        vsc_local_unmap(out->acct);
+        rc = VMCI_ERROR_NO_MEM;
+    }
+    return rc;
+}
+
+static void transport_unbind(const vsc_local *t, const vsc_bound *b)
+{
+    if (on_vsock(t)) {
+        vsc_acl_memory_unregister(b->handle);
+        vsc_vsock_unbind(b);
+    } else {
+        vsc_local_unbind(t, b);
+    }
+}
+
+static int transport_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_conn *out)
+{
+    memset(out, 0, sizeof *out);
+    return on_vsock(t) ? vsc_vsock_connect(t, src, dst, out) : vsc_local_connect(t, src, dst, out);
+}
+
+/* Close a link's connection; in a forked child (abandon), only our copies of it. */
+static void transport_disconnect(vsc_conn *c, int abandon)
+{
+    if (c->pump != NULL) {
+        if (abandon)
+            vsc_link_pump_abandon(c);
+        else
+            vsc_link_pump_stop(c);
+    } else if (abandon) {
+        close(c->fd);
+        vsc_local_unmap(c->acct);
+    } else {
+        vsc_local_disconnect(c);
+    }
+}
+
 int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **out)
 {
     vsc_endpoint *ep = calloc(1, sizeof *ep);
@@ -34,14 +96,14 @@ int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **ou
     }
     ep->wake_r = pipefd[0];
     ep->wake_w = pipefd[1];
-    rc = vsc_local_bind(t, resource, &ep->bound);
+    rc = transport_bind(t, resource, &ep->bound);
     if (rc != VMCI_SUCCESS)
         goto fail;
     ep->handle = ep->bound.handle;
     ep->transport = t;
     ep->acl_epoch = vsc_acl_epoch(ep->bound.acct);
     if (vsc_rx_init(&ep->rx, ep->bound.listener, ep->wake_r, ep->bound.acct, ep->handle) != 0) {
-        vsc_local_unbind(t, &ep->bound);
+        transport_unbind(t, &ep->bound);
         close(ep->bound.listener);
         vsc_local_unmap(ep->bound.acct);
         rc = VMCI_ERROR_NO_RESOURCES;
@@ -66,29 +128,63 @@ void vsc_endpoint_close(vsc_endpoint *ep)
 
     if (__atomic_exchange_n(&ep->closing, 1, __ATOMIC_ACQ_REL))
         return;
-    vsc_local_unbind(ep->transport, &ep->bound);
+    transport_unbind(ep->transport, &ep->bound);
     do {
         n = write(ep->wake_w, "", 1);
     } while (n < 0 && errno == EINTR);
+}
+
+/* The vsock state behind accepted connection fd, taken out of the table (NULL: none). */
+static vsc_vsock_in *take_in(vsc_endpoint *ep, int fd)
+{
+    vsc_vsock_in *in = NULL;
+
+    if (fd >= 0 && fd < ep->ins_cap) {
+        in = ep->ins[fd];
+        ep->ins[fd] = NULL;
+    }
+    return in;
+}
+
+/* Remember in (not NULL) behind fd; 0, or -1 out of memory. */
+static int put_in(vsc_endpoint *ep, int fd, vsc_vsock_in *in)
+{
+    if (in == NULL)
+        return 0;
+    if (fd >= ep->ins_cap) {
+        int cap = fd + 64;
+        vsc_vsock_in **grown = realloc(ep->ins, (size_t)cap * sizeof *grown);
+
+        if (grown == NULL)
+            return -1;
+        memset(grown + ep->ins_cap, 0, (size_t)(cap - ep->ins_cap) * sizeof *grown);
+        ep->ins = grown;
+        ep->ins_cap = cap;
+    }
+    ep->ins[fd] = in;
+    return 0;
 }
 
 static void close_fds(vsc_endpoint *ep, int unlink_links)
 {
     int i;
 
-    for (i = 0; i < ep->rx.nconns; i++)
-        if (ep->rx.conns[i].fd >= 0)
+    for (i = 0; i < ep->rx.nconns; i++) {
+        if (ep->rx.conns[i].fd >= 0) {
+            vsc_vsock_in *in = take_in(ep, i);
+
             close(ep->rx.conns[i].fd);
-    vsc_rx_destroy(&ep->rx);
-    for (i = 0; i < ep->nlinks; i++) {
-        if (unlink_links) {
-            vsc_local_disconnect(&ep->links[i].conn);
-        } else {
-            close(ep->links[i].conn.fd);
-            vsc_local_unmap(ep->links[i].conn.acct);
+            if (unlink_links)
+                vsc_vsock_in_release(in);
+            else
+                vsc_vsock_in_abandon(in);
         }
     }
+    vsc_rx_destroy(&ep->rx);
+    for (i = 0; i < ep->nlinks; i++)
+        transport_disconnect(&ep->links[i].conn, !unlink_links);
     free(ep->links);
+    free(ep->ins);
     close(ep->bound.listener);
     vsc_local_unmap(ep->bound.acct);
     close(ep->wake_r);
@@ -119,7 +215,7 @@ void vsc_endpoint_abandon(vsc_endpoint *ep)
 static void drop_link(vsc_endpoint *ep, int i)
 {
     vsc_link_close(&ep->links[i].link);
-    vsc_local_disconnect(&ep->links[i].conn);
+    transport_disconnect(&ep->links[i].conn, 0);
     memmove(&ep->links[i], &ep->links[i + 1], (size_t)(ep->nlinks - i - 1) * sizeof ep->links[0]);
     ep->nlinks--;
 }
@@ -135,7 +231,8 @@ static void prune_links(vsc_endpoint *ep)
         fds[i].events = POLLIN;
         fds[i].revents = 0;
     }
-    /* A receiver never writes on a link: any event is a hang-up or an error. */
+    /* A receiver never writes on a link (over vsock, its pump takes the verdicts): any event
+     * is a hang-up or an error. */
     if (n > 0 && poll(fds, (nfds_t)n, 0) > 0)
         for (i = n - 1; i >= 0; i--)
             if (fds[i].revents)
@@ -172,18 +269,31 @@ static int open_link(vsc_endpoint *ep, vsc_handle dst)
         ep->caplinks = cap;
     }
     l = &ep->links[ep->nlinks];
-    rc = vsc_local_connect(ep->transport, ep->handle, dst, &l->conn);
+    rc = transport_connect(ep->transport, ep->handle, dst, &l->conn);
     if (rc != VMCI_SUCCESS)
         return rc;
     l->dst = dst;
+    l->denied = 0;
     vsc_link_init(&l->link, l->conn.fd, l->conn.acct, dst, ep->handle);
-    /* The epoch first, then the privileges: a change after this read shows in the epoch. */
+    /* The epoch first, then the privileges: a change after this read shows in the epoch.
+     * (Over vsock the receiver's privileges come as verdicts: vsc_link_pump_denied.) */
     l->acl_epoch = vsc_acl_epoch(l->conn.acct);
-    if (!vsc_acl_may_send(ep->transport, ep->handle, dst)) {
-        vsc_local_disconnect(&l->conn);
+    if (!on_vsock(ep->transport) && !vsc_acl_may_send(ep->transport, ep->handle, dst)) {
+        transport_disconnect(&l->conn, 0);
         return VMCI_ERROR_NO_ACCESS;
     }
     return ep->nlinks++;
+}
+
+/* Whether link i must be opened again before a send: over vsock its pump ended (the receiver
+ * hung up, or wrote what is not a verdict); on local, the receiver's privileges changed. */
+static int link_stale(vsc_endpoint *ep, int i)
+{
+    vsc_conn *c = &ep->links[i].conn;
+
+    if (c->pump != NULL)
+        return vsc_link_pump_ended(c, NULL);
+    return vsc_acl_epoch(c->acct) != ep->links[i].acl_epoch;
 }
 
 int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_t len)
@@ -198,12 +308,16 @@ int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_
     /* A cached link whose receiver went away gets one fresh attempt. */
     for (attempt = 0; attempt < 2; attempt++) {
         i = find_link(ep, dst);
-        if (i >= 0 && vsc_acl_epoch(ep->links[i].conn.acct) != ep->links[i].acl_epoch) {
-            drop_link(ep, i); /* the receiver's privileges changed: decide again on a fresh link */
+        if (i >= 0 && link_stale(ep, i)) {
+            drop_link(ep, i); /* decide again on a fresh link */
             i = -1;
         }
         if (i < 0 && (i = open_link(ep, dst)) < 0) {
             rc = i;
+            break;
+        }
+        if (vsc_link_pump_denied(&ep->links[i].conn)) {
+            rc = VMCI_ERROR_NO_ACCESS; /* the receiver's last verdict: no syscall */
             break;
         }
         rc = vsc_link_send(&ep->links[i].link, buf, len, &sys_errno);
@@ -241,9 +355,25 @@ static int set_denied(vsc_endpoint *ep, int fd, int denied)
 
 static void drop_conn(vsc_endpoint *ep, int fd)
 {
+    vsc_vsock_in *in = take_in(ep, fd);
+
     set_denied(ep, fd, 0);
     vsc_rx_remove(&ep->rx, fd);
     close(fd);
+    vsc_vsock_in_release(in);
+}
+
+/* Decide whether the sender on fd is denied; over vsock, tell it when that changed. */
+static void decide(vsc_endpoint *ep, int fd, int denied)
+{
+    int was = fd < ep->denied_cap && ep->denied[fd];
+
+    if (set_denied(ep, fd, denied) != 0) {
+        drop_conn(ep, fd); /* cannot remember the denial: refuse the connection */
+        return;
+    }
+    if (on_vsock(ep->transport) && was != (denied != 0))
+        vsc_vsock_tell(fd, fd < ep->ins_cap ? ep->ins[fd] : NULL, denied);
 }
 
 /* Our privileges changed: decide again for every connection (the privileges are read once). */
@@ -260,8 +390,7 @@ static void recheck_access(vsc_endpoint *ep, uint64_t epoch)
         if (ep->rx.conns[fd].fd < 0)
             continue;
         denied = !vsc_acl_sender_allowed(ep->transport, have ? &acl : NULL, ep->rx.conns[fd].src, ep->handle);
-        if (set_denied(ep, fd, denied) != 0)
-            drop_conn(ep, fd); /* cannot remember the denial: refuse the connection */
+        decide(ep, fd, denied);
     }
     if (have)
         vsc_acl_free(&acl);
@@ -274,8 +403,8 @@ static int identity_allowed(vsc_endpoint *ep, int fd, vsc_handle src)
     socklen_t len = sizeof cred;
     uint32_t uid;
 
-    if (!vsc_policy_uid(ep->transport->policy, src.context, &uid))
-        return 1;
+    if (on_vsock(ep->transport) || !vsc_policy_uid(ep->transport->policy, src.context, &uid))
+        return 1; /* across kernels no uid is known (Python's vsock Peer has none either) */
     return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.uid == uid;
 }
 
@@ -291,14 +420,45 @@ static void accept_all(vsc_endpoint *ep)
                 continue;
             return; /* EAGAIN, or out of descriptors: the rest waits for the next accept */
         }
-        if (vsc_local_identify(ep->transport, fd, ep->handle, &src) != 0 || !identity_allowed(ep, fd, src)
-            || vsc_rx_add(&ep->rx, fd, src) != 0) {
+        vsc_vsock_in *in = NULL;
+
+        if (on_vsock(ep->transport)) {
+            if (vsc_vsock_accept(ep->transport, fd, ep->handle, &src, &fd, &in) != 0)
+                continue; /* refused, and closed */
+        } else if (vsc_local_identify(ep->transport, fd, ep->handle, &src) != 0 || !identity_allowed(ep, fd, src)) {
             close(fd);
             continue;
         }
-        if (set_denied(ep, fd, !vsc_acl_may_send(ep->transport, src, ep->handle)) != 0)
-            drop_conn(ep, fd);
+        if (vsc_rx_add(&ep->rx, fd, src) != 0) {
+            close(fd);
+            vsc_vsock_in_release(in);
+            continue;
+        }
+        if (put_in(ep, fd, in) != 0) {
+            vsc_rx_remove(&ep->rx, fd);
+            close(fd);
+            vsc_vsock_in_release(in);
+            continue;
+        }
+        decide(ep, fd, !vsc_acl_may_send(ep->transport, src, ep->handle));
     }
+}
+
+void vsc_endpoint_privileges_changed(vsc_endpoint *ep)
+{
+    ssize_t n;
+
+    if (pthread_mutex_trylock(&ep->recv_lock) == 0) {
+        uint64_t epoch = vsc_acl_epoch(ep->bound.acct);
+
+        if (epoch != ep->acl_epoch && !__atomic_load_n(&ep->closing, __ATOMIC_ACQUIRE))
+            recheck_access(ep, epoch);
+        pthread_mutex_unlock(&ep->recv_lock);
+        return;
+    }
+    do {
+        n = write(ep->wake_w, "", 1); /* the receiving thread rechecks when it wakes */
+    } while (n < 0 && errno == EINTR);
 }
 
 static void drain_wake(vsc_endpoint *ep)
@@ -389,6 +549,8 @@ static int recv_locked(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *sr
             drain_wake(ep);
             if (__atomic_load_n(&ep->closing, __ATOMIC_ACQUIRE))
                 return VMCI_ERROR_NO_MORE_DATAGRAMS;
+            if (vsc_acl_epoch(ep->bound.acct) != ep->acl_epoch)
+                recheck_access(ep, vsc_acl_epoch(ep->bound.acct)); /* vsc_endpoint_privileges_changed */
             break;
         case VSC_INTR:
             break;

@@ -1,6 +1,8 @@
 /*
  * vsockcompat C core: datagram endpoints with the SDK's semantics
- * (vsockcompat/datagram.py, in C) over the local transport.
+ * (vsockcompat/datagram.py, in C) over the local transport or the vsock one
+ * (t->transport; src/vsc_vsock.h), which differ only in how endpoints bind,
+ * links open and close, and accepted connections are identified.
  */
 #ifndef VSC_ENDPOINT_H
 #define VSC_ENDPOINT_H
@@ -8,6 +10,7 @@
 #include <pthread.h>
 
 #include "vsc_local.h"
+#include "vsc_vsock.h"
 
 #define VSC_MAX_LINKS 256
 
@@ -37,11 +40,17 @@ typedef struct vsc_endpoint {
     uint8_t *denied;         /* indexed by fd: 1 if that connection's sender may not reach us */
     int denied_cap, ndenied;
     uint64_t dropped_denied; /* datagrams read and dropped because their sender was denied */
+    vsc_vsock_in **ins;      /* vsock, indexed by fd: the state behind an accepted connection */
+    int ins_cap;
 
     pthread_mutex_t link_lock; /* guards links; held across a send (which never blocks) */
     vsc_ep_link *links;      /* oldest first */
     int nlinks, caplinks;
 } vsc_endpoint;
+
+/* The one place the C library opens its transport: the settings (vsc_local_open), then, for
+ * vsock, vsc_vsock_open. 0, or -1 if it cannot run here (for vsock, why is on stderr). */
+int vsc_transport_open(vsc_local *t);
 
 /* A VMCI code; *out owns the endpoint (refs = 1). resource VMCI_INVALID_ID: auto-assign. */
 int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **out);
@@ -51,6 +60,11 @@ void vsc_endpoint_close(vsc_endpoint *ep);
 void vsc_endpoint_free(vsc_endpoint *ep);
 /* In a forked child: drop the parent's endpoint without touching shared state or its locks. */
 void vsc_endpoint_abandon(vsc_endpoint *ep);
+
+/* Our privileges changed (over vsock): decide again for every connection and tell the senders
+ * whose verdict changed, at once if no thread is receiving, else from that thread, which is
+ * woken for it. */
+void vsc_endpoint_privileges_changed(vsc_endpoint *ep);
 
 /* The frame size (header included) or a VMCI code; VMCI_ERROR_NO_ACCESS if the destination
  * denies us DG_SEND (checked when a link opens and again whenever its ACL epoch changes). */

@@ -105,6 +105,7 @@ static void table_lock(void)
         for (i = 0; i < g_nregions; i++)
             vsc_shm_abandon(g_regions[i]);
         g_nregions = 0;
+        vsc_acl_memory_forget_all();
         if (g_settings_read) {
             g_transport.pid = getpid();
             g_transport.start = vsc_local_start_ticks(g_transport.pid);
@@ -191,7 +192,7 @@ VSC_EXPORT int VMCI_InitApp(const char *devName)
     (void)devName; /* accepted for compatibility, never opened */
     table_lock();
     if (!g_settings_read) {
-        if (vsc_local_open(&g_transport) == 0)
+        if (vsc_transport_open(&g_transport) == 0)
             g_settings_read = 1;
         else
             rc = VMCI_ERROR_DEVICE_NOT_FOUND;
@@ -322,7 +323,18 @@ VSC_EXPORT int VMCIDatagram_RecvFrom(VMCIHandle handle, VMCIHandle *srcOut, void
     return rc;
 }
 
-/* 4.3 Shared memory (src/vsc_shm.c; README "Where the SDK is silent" for the codes) */
+/* 4.3 Shared memory (src/vsc_shm.c; README "Where the SDK is silent" for the codes)
+ *
+ * Over vsock there is no memory shared between kernels and the C library does not mirror
+ * regions (Python does, VSOCKCOMPAT_SHM_MODE): the calls give the codes of Python's vsock
+ * transport without shared memory (VSOCKCOMPAT_SHM_MODE=shared): Create VMCI_INVALID_HANDLE,
+ * Query and Attach VMCI_ERROR_UNAVAILABLE (Attach after the policy's check), Detach
+ * VMCI_ERROR_NOT_FOUND (nothing is ever mapped). */
+
+static int shm_on_vsock(void)
+{
+    return g_transport.transport == VSC_TRANSPORT_VSOCK;
+}
 
 static int region_find(vsc_handle h)
 {
@@ -369,7 +381,7 @@ VSC_EXPORT VMCIHandle VMCISharedMem_Create(uint32 size, void **addrOut)
 
     if (addrOut != NULL)
         *addrOut = NULL;
-    if (!is_initialised() || addrOut == NULL)
+    if (!is_initialised() || addrOut == NULL || shm_on_vsock())
         return INVALID_HANDLE;
     if (vsc_shm_create(&g_transport, size, &r) != VMCI_SUCCESS)
         return INVALID_HANDLE;
@@ -387,6 +399,8 @@ VSC_EXPORT int VMCISharedMem_Query(VMCIHandle handle, uint32 *sizeOut)
         return VMCI_ERROR_UNAVAILABLE;
     if (sizeOut == NULL)
         return VMCI_ERROR_INVALID_ARGS;
+    if (shm_on_vsock())
+        return VMCI_ERROR_UNAVAILABLE;
     return vsc_shm_query(&g_transport, to_vsc(handle), sizeOut);
 }
 
@@ -409,6 +423,8 @@ VSC_EXPORT int VMCISharedMem_Attach(VMCIHandle handle, void **addrOut, uint32 *s
         return VMCI_ERROR_ALREADY_EXISTS;
     if (!vsc_acl_may_attach(&g_transport, g_transport.cid, to_vsc(handle)))
         return VMCI_ERROR_NO_ACCESS;
+    if (shm_on_vsock())
+        return VMCI_ERROR_UNAVAILABLE;
     rc = vsc_shm_attach(&g_transport, to_vsc(handle), *sizeInOut, &r);
     if (rc != VMCI_SUCCESS)
         return rc;
@@ -444,12 +460,22 @@ VSC_EXPORT int VMCIResource_AddClientPrivileges(VMCIHandle resourceHandle, VMCIH
                                                 int numAllowPrivs, VMCIResourcePrivilegeType *allowPrivs,
                                                 int numDenyPrivs, VMCIResourcePrivilegeType *denyPrivs)
 {
+    vsc_endpoint *ep;
+    int rc, init;
+
     if (!is_initialised())
         return VMCI_ERROR_UNAVAILABLE;
     if (VMCI_HANDLE_INVALID(resourceHandle) || VMCI_HANDLE_INVALID(clientHandle))
         return VMCI_ERROR_INVALID_ARGS;
-    return vsc_acl_add(&g_transport, to_vsc(resourceHandle), to_vsc(clientHandle), numAllowPrivs, allowPrivs,
-                       numDenyPrivs, denyPrivs);
+    rc = vsc_acl_add(&g_transport, to_vsc(resourceHandle), to_vsc(clientHandle), numAllowPrivs, allowPrivs,
+                     numDenyPrivs, denyPrivs);
+    /* Over vsock senders learn it from our verdicts (on local they read the privileges). */
+    if (rc == VMCI_SUCCESS && g_transport.transport == VSC_TRANSPORT_VSOCK
+        && (ep = endpoint_get(resourceHandle, &init)) != NULL) {
+        vsc_endpoint_privileges_changed(ep);
+        endpoint_put(ep);
+    }
+    return rc;
 }
 
 /* 4.5 Discovery service */

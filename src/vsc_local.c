@@ -170,17 +170,40 @@ static int sndbuf_size(void)
     return v > 0 && v < SNDBUF_WANTED ? (int)v : SNDBUF_WANTED;
 }
 
+/* The index of value in names (unset or empty: 0, the default), or -1. */
+static int parse_choice(const char *value, const char *const *names, int n)
+{
+    int i;
+
+    if (value == NULL || value[0] == '\0')
+        return 0;
+    for (i = 0; i < n; i++)
+        if (strcmp(value, names[i]) == 0)
+            return i;
+    return -1;
+}
+
+static const char *const TRANSPORTS[] = {"auto", "local", "vsock", "hybrid"}; /* _settings.TRANSPORTS */
+static const char *const VSOCK_MODES[] = {"auto", "seqpacket", "stream"};    /* _settings.VSOCK_MODES */
+
 int vsc_local_open(vsc_local *t)
 {
-    const char *transport = getenv("VSOCKCOMPAT_TRANSPORT");
     const char *rundir = getenv("VSOCKCOMPAT_RUNDIR");
     char dflt[PATH_BUF];
-    int no_ext;
+    int no_ext, transport;
 
     memset(t, 0, sizeof *t);
-    if (transport != NULL && transport[0] != '\0' && strcmp(transport, "auto") != 0
-        && strcmp(transport, "local") != 0)
-        return -1; /* a bad name, or vsock/hybrid: not part of this release */
+    transport = parse_choice(getenv("VSOCKCOMPAT_TRANSPORT"), TRANSPORTS, 4);
+    t->vsock_mode = parse_choice(getenv("VSOCKCOMPAT_VSOCK_MODE"), VSOCK_MODES, 3);
+    if (transport < 0 || t->vsock_mode < 0)
+        return -1;
+    if (transport == 3) {
+        fprintf(stderr, "vsockcompat: VSOCKCOMPAT_TRANSPORT=hybrid is not available in libvmci.so.0 "
+                        "(its transports are local and vsock); run the program with the vsock transport "
+                        "in the guest, or use the Python library on the host\n");
+        return -1;
+    }
+    t->transport = transport == 2 ? VSC_TRANSPORT_VSOCK : VSC_TRANSPORT_LOCAL;
     if (parse_cid(getenv("VSOCKCOMPAT_CID"), &t->cid) != 0
         || parse_flag(getenv("VSOCKCOMPAT_DS_AUTOSTART"), 1, &t->ds_autostart) != 0
         || parse_flag(getenv("VSOCKCOMPAT_NO_EXTENSIONS"), 0, &no_ext) != 0)

@@ -24,9 +24,23 @@
 
 struct vsc_policy;
 
+/* The transports of the C library (VSOCKCOMPAT_TRANSPORT; hybrid is Python-only). */
+#define VSC_TRANSPORT_LOCAL 0 /* "local" and "auto": never opens AF_VSOCK */
+#define VSC_TRANSPORT_VSOCK 1 /* "vsock": src/vsc_vsock.h */
+
+/* VSOCKCOMPAT_VSOCK_MODE as asked for; vsc_vsock_open decides "auto". */
+#define VSC_VSOCK_AUTO      0
+#define VSC_VSOCK_SEQPACKET 1
+#define VSC_VSOCK_STREAM    2
+
+/* The process's transport: its settings, then what opening it found. Fixed once opened. */
 typedef struct {
     char rundir[VSC_RUNDIR_MAX]; /* absolute, normalised as os.path.abspath does */
-    uint32_t cid;
+    uint32_t cid;       /* our context: VSOCKCOMPAT_CID on local; on vsock the kernel's CID, or 1 */
+    int transport;      /* VSC_TRANSPORT_* */
+    int vsock_mode;     /* VSC_VSOCK_*: asked for, then (once open) SEQPACKET or STREAM */
+    uint32_t kcid;      /* vsock: the kernel's CID (IOCTL_VM_SOCKETS_GET_LOCAL_CID) */
+    int well_known;     /* vsock: we speak for context 1 (the discovery daemon's context) */
     int ds_autostart;
     int sndbuf;
     pid_t pid;          /* the process these settings were read in */
@@ -40,13 +54,22 @@ typedef struct {
     uint8_t *acct;      /* mapped account page, VSC_ACCT_SIZE bytes */
 } vsc_bound;
 
+struct vsc_vsock_pump;
+
 typedef struct {
     int fd;             /* connected, non-blocking */
-    uint8_t *acct;      /* the receiver's account page */
+    uint8_t *acct;      /* the receiver's account page (vsock: the link's private page) */
     char name[sizeof(((struct sockaddr_un *)0)->sun_path)]; /* the path our end is bound to */
+    struct vsc_vsock_pump *pump; /* vsock: the thread forwarding fd's messages; NULL on local */
 } vsc_conn;
 
-/* Read the VSOCKCOMPAT_* settings; 0, or -1 if they are bad or the transport cannot run. */
+/*
+ * Read the VSOCKCOMPAT_* settings (vsockcompat/_settings.py, strictly) and pick the transport
+ * VSOCKCOMPAT_TRANSPORT names: "auto" and "local" are the local transport (ready: it never
+ * touches AF_VSOCK); "vsock" is still to be opened (vsc_transport_open, src/vsc_endpoint.h);
+ * "hybrid" is refused, with why on stderr (the C library has no hybrid transport). 0, or -1 if
+ * the settings are bad.
+ */
 int vsc_local_open(vsc_local *t);
 /* Start time of pid in clock ticks; 0 if there is no such process. */
 uint64_t vsc_local_start_ticks(pid_t pid);

@@ -30,6 +30,12 @@ CORE_API = (
     "QP_WAITING_READ",
     "QP_WAITING_WRITE",
     "Ring",
+    "QS_DATA",
+    "QS_CREDIT",
+    "QS_GONE",
+    "QS_BAD",
+    "QS_BUSY",
+    "QueueStream",
 )
 
 _MODULES = {"cython": "vsockcompat._cvsc", "pure": "vsockcompat._pure"}

@@ -219,3 +219,70 @@ class Ring:
     def peer_waiting(self) -> int:
         """A full fence, then the peer's waiting bits."""
     def release_memory(self) -> None: ...
+
+# Streamed queue pairs (qp_stream): one end's data path over a non-blocking stream socket, in
+# the frames of mirror_wire (DATA, CREDIT, WANT, BYE after the handshake). Results are counts
+# (>= 0), negative VMCI codes or WAKE; the QS_* values are mirror_wire's.
+QS_DATA: int  # pull: payload arrived
+QS_CREDIT: int  # pull: the peer returned credit
+QS_GONE: int  # pull, state: the peer detached, died or was cut off
+QS_BAD: int  # state: ... for a frame that is not one of the protocol
+QS_BUSY: int  # pull: a thread waiting in wait_data/wait_space reads the stream itself
+
+class QueueStream:
+    """Credit flow control as the ring's: ``write`` accepts at most ``produce_size - 1``
+    bytes the peer has not credited back; credit goes back per quarter of ``consume_size``
+    dequeued, or when the peer asks (WANT). One sendmsg per write (header and payload
+    gathered, pieces of at most ``max_send`` bytes if set); a dequeue that finds the ring
+    empty reads the socket straight into the caller's buffer. DATA beyond the consume
+    queue's room, a CREDIT above what was sent or going backwards, a bad header, any other
+    frame, or the stream cut inside a frame sets QS_GONE | QS_BAD and stops the reading.
+    Blocking calls sleep in poll(2) on the socket and ``wake_fd`` (readable: return WAKE).
+    Thread-safe; ``close`` only once no thread is inside a blocking call.
+    """
+
+    max_send: int  # bytes per send call at most (0: unbounded)
+    def __init__(self, sock: socket.socket, wake_fd: int, produce_size: int, consume_size: int,
+                 send_timeout: float = 30.0) -> None: ...
+    def write(self, buf: Buffer) -> int:
+        """What fits of ``buf``: the count, QUEUEPAIR_NOSPACE (WANT sent) or QUEUEPAIR_NOTATTACHED;
+        blocks (up to send_timeout, then the peer counts as gone) only while the socket is full."""
+    def write_many(self, bufs: "list[Buffer]") -> int:
+        """Whole buffers while each fits: how many (0 for none), QUEUEPAIR_NOSPACE, NOTATTACHED."""
+    def ask(self) -> None:
+        """Send WANT once until a CREDIT comes."""
+    def flush(self, timeout: Optional[float] = None) -> int: ...
+    @property
+    def pending(self) -> int:
+        """Bytes of the stream the socket has not taken yet."""
+    def read_into(self, buf: WritableBuffer, consume: bool = True) -> int:
+        """Dequeue (or peek) into ``buf``: the count, QUEUEPAIR_NODATA, or QUEUEPAIR_NOTATTACHED
+        (detached, or the peer gone and everything read)."""
+    def read_bytes(self, n: int, consume: bool = True) -> "bytes | int": ...
+    def consume(self, n: int) -> int:
+        """Drop ``n`` bytes of the ring: n, INVALID_ARGS if more than it holds, NOTATTACHED."""
+    def pull(self) -> int:
+        """Read the socket into the ring without waiting: the QS_* news since the last call,
+        or QS_BUSY while a thread waits in wait_data/wait_space."""
+    def wait_data(self, timeout: Optional[float] = None) -> int:
+        """Until data is ready: its count, VMCI_ERROR_TIMEOUT, QUEUEPAIR_NOTATTACHED or WAKE.
+        The count includes the payload of a DATA frame whose header has arrived (it comes in
+        the same send); the next dequeue waits for those bytes if they are still in flight.
+        Several threads may wait on one end (each then rechecks every 10 ms at most)."""
+    def wait_space(self, n: int, timeout: Optional[float] = None) -> int:
+        """Until ``n`` > 0 bytes are free (asks with WANT): the free count, or a code as wait_data."""
+    def bye(self, send: bool = True, timeout: Optional[float] = None) -> int:
+        """Detach: later calls return NOTATTACHED; with ``send`` BYE follows the enqueued bytes."""
+    def close(self) -> bool: ...
+    @property
+    def state(self) -> int: ...
+    @property
+    def ready(self) -> int: ...
+    @property
+    def unread(self) -> int: ...
+    @property
+    def free(self) -> int: ...
+    @property
+    def sent(self) -> int: ...
+    @property
+    def peer_consumed(self) -> int: ...

@@ -599,3 +599,4 @@ def recv_datagram(sock, Account account not None, buf, spill):
 
 include "_cring.pxi"
 include "_cfast.pxi"
+include "_cqstream.pxi"

@@ -545,3 +545,4 @@ class Receiver:
 
 from ._pure_ring import *  # noqa
 from ._pure_fast import Fastpath  # noqa: E402  (it needs the names above)
+from ._pure_qstream import *  # noqa

@@ -240,6 +240,23 @@ QUEUE_HEADER_FIELDS = ("handle_context", "handle_resource", "producer_tail",
                        "consumer_head")
 QUEUE_HEADER_SIZE = _struct.calcsize(QUEUE_HEADER_FORMAT)
 
+# vsockcompat's own link wire format over vsock and hybrid (not the SDK's; transport/vsock.py).
+# A connector's first message, the hello: u32 magic, u32 its resource id (both little-endian).
+HELLO_FORMAT = "<II"
+HELLO_SIZE = _struct.calcsize(HELLO_FORMAT)
+HELLO_MAGIC = 0x31435356  # b"VSC1" read as a little-endian u32
+HELLO_WELL_KNOWN_MAGIC = 0x31575356  # b"VSW1": the sender speaks for context 1
+#: Milliseconds a receiver waits for a new connection's hello.
+HELLO_TIMEOUT_MS = 5000
+# A receiver's verdict on its sender (transport/verdicts.py): u32 magic, u32 word.
+VERDICT_FORMAT = "<II"
+VERDICT_SIZE = _struct.calcsize(VERDICT_FORMAT)
+VERDICT_MAGIC = 0x31565356  # b"VSV1" read as a little-endian u32
+VERDICT_MAY_SEND = 0
+VERDICT_DENIED = 1
+#: The queue-account limit of links and endpoints across kernels: no user-space bound.
+UNBOUNDED_ACCOUNT_LIMIT = 1 << 62
+
 
 def _is_int_constant(name, value):
     return (name.isupper() and not name.startswith("_")

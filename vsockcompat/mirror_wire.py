@@ -29,6 +29,16 @@ QUERY, UPDATE, FLUSH, FLUSHED, ACK = 5, 6, 7, 8, 12
 WELCOME, DATA, CREDIT, WANT = 9, 10, 11, 13
 TYPES = frozenset(range(1, 14))
 
+# What a core's ``QueueStream`` (the data path of a streamed queue pair) reports: ``pull``'s
+# news and ``state`` bits (the first five are the cores' QS_* names), and two bits of its own.
+QS_DATA = 1       # payload arrived
+QS_CREDIT = 2     # the peer returned credit
+QS_GONE = 4       # the peer detached, died or was cut off
+QS_BAD = 8        # ... for a frame that is not one of this protocol
+QS_BUSY = 16      # pull: a thread waiting in the core reads the stream itself
+QS_EOF = 32       # nothing more is read from the stream
+QS_DETACHED = 64  # this end detached
+
 
 class ProtocolError(Exception):
     """A peer sent something that is not a frame of this protocol."""

@@ -5,7 +5,7 @@
 sizes and the same checks (QUEUEPAIR_MISMATCH, peer restriction, ATTACH_ONLY, LOCAL, a
 third end refused), partial enqueue, NOSPACE / NODATA, peek, the four space/ready
 queries, PEER_ATTACH / PEER_DETACH events, blocking waits (in the kernel: a poll of the
-stream, or a condition variable) and final detach.
+stream, or a condition variable before the peer is there) and final detach.
 
 Flow control matches the ring's capacity: a queue of ``size`` bytes holds at most
 ``size - 1``. Each end keeps its consume queue in its own memory and tells the peer how
@@ -18,16 +18,21 @@ end sees lags the peer's dequeues (by less than a quarter of the queue, and by o
 transit once it asks), and bytes enqueued before the peer attaches wait in the creator's
 memory until it does.
 
-Who reads the stream: a caller waiting for data or space reads it itself (no hand-off from
-another thread per frame); otherwise each end's reader thread does, taking it back after
-``READER_TICK`` seconds in which no caller read it (it wakes every tick until detach), so frames (data into the consume queue, credit, WANT, BYE) keep being taken while the
-application is busy elsewhere.
+The data path is the core's ``QueueStream`` (``_cqstream.pxi`` / ``_pure_qstream.py``): the
+frame parse and gather, the copies and the credit accounting, one ``sendmsg`` per write, and
+a dequeue that reads the socket straight into the caller's buffer when its consume queue is
+empty. This module does the handshake, events and threads around it. Who reads the stream: a
+caller that dequeues or waits (waits sleep in the core's poll); otherwise each end's reader
+thread does, taking it back after ``READER_TICK`` seconds in which no caller read it (it wakes
+every tick until detach), so frames (credit, WANT, BYE, and data into the consume queue) keep
+being taken while the application is busy elsewhere.
 
 Stream (ends named by ``mirror_link``, frames of ``mirror_wire``): the attacher sends
 HELLO with payload ``<QQII`` (its produce size, consume size, flags, context id); the
 creator answers REFUSE (arg: the VMCI code) and closes, or WELCOME (arg: its context id).
 Then DATA (payload: queue bytes), CREDIT (arg: bytes dequeued so far), WANT and BYE (detach).
-Between two guests DATA is written in pieces (``mirror_link.write_piece``).
+Between two guests DATA is written in pieces (``mirror_link.write_piece`` sets the core's
+``max_send``).
 DATA beyond the receiver's free space, a CREDIT above what was sent or going backwards,
 anything else or a stream cut inside a frame counts in ``stats_bad_frames``, closes the
 stream and is treated as the peer detaching. Each new connection's handshake runs in a thread
@@ -36,7 +41,6 @@ the pair has its two ends every further HELLO is refused with VMCI_ERROR_UNAVAIL
 """
 import collections
 import contextlib
-import os
 import select
 import socket
 import struct
@@ -66,12 +70,12 @@ from .constants import (
     VMCI_SUCCESS_QUEUEPAIR_ATTACH,
     VMCI_SUCCESS_QUEUEPAIR_CREATE,
 )
-from .errors import (DuplicateEntry, Generic, NoAccess, NotFound, Timeout, Unavailable, VMCIError, check,
-                     error_for)
+from .errors import (DuplicateEntry, Generic, InvalidArgs, NoAccess, NotFound, Timeout, Unavailable, VMCIError,
+                     check, error_for)
 from .handles import VMCIHandle
 from .queuepair import PairEnd, QPEvent, _check_args
 from .runtime import Runtime, default_runtime
-from .transport.pieces import bytes_view as _bytes_view, send_parts
+from .transport.pieces import bytes_view as _bytes_view
 
 __all__ = ["StreamQueuePair"]
 
@@ -81,7 +85,6 @@ HELLO_TIMEOUT = 10.0
 #: Seconds a send may block (the peer's reader drains its socket into its queue).
 SEND_TIMEOUT = 30.0
 _RECV = 1 << 18
-_PIECES = frozenset({W.DATA})  # queue bytes are a stream: DATA payloads are taken as they arrive
 #: Seconds the reader thread leaves the stream to callers that read it themselves.
 READER_TICK = 0.01
 
@@ -90,42 +93,24 @@ def _capacity(size: int) -> int:
     return size - 1 if size > 0 else 0
 
 
-class _Chunks:
-    """A byte queue kept as the received payloads themselves (no copy until read)."""
+def _count(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InvalidArgs("a byte count must be an int >= 0")
 
-    def __init__(self):
-        self._chunks: collections.deque = collections.deque()
-        self._len = 0
 
-    def __len__(self) -> int:
-        return self._len
-
-    def append(self, chunk: memoryview) -> None:
-        if len(chunk):
-            self._chunks.append(chunk)
-            self._len += len(chunk)
-
-    def copy(self, n: int, into: Optional[memoryview] = None) -> Optional[bytes]:
-        """The first ``n`` bytes, copied ``into`` a view (None returned) or returned as bytes."""
-        out = into if into is not None else bytearray(n)
-        pos = 0
-        for chunk in self._chunks:
-            if pos == n:
-                break
-            k = min(len(chunk), n - pos)
-            out[pos:pos + k] = chunk[:k]
-            pos += k
-        return None if into is not None else bytes(out)
-
-    def drop(self, n: int) -> None:
-        self._len -= n
-        chunks = self._chunks
-        while n:
-            if len(chunks[0]) <= n:
-                n -= len(chunks.popleft())
-            else:
-                chunks[0] = chunks[0][n:]
-                n = 0
+def _read_answer(sock: socket.socket, handle) -> W.Frame:
+    """The creator's answer to HELLO: exactly one header (WELCOME and REFUSE carry no
+    payload), so what follows it is left in the socket for the data path."""
+    got = b""
+    while len(got) < W.HEADER.size:
+        data = sock.recv(W.HEADER.size - len(got))
+        if not data:
+            raise NotFound("the creator of %s closed the connection" % (handle,))
+        got += data
+    frames = W.FrameReader().feed(got)
+    if not frames:
+        raise Generic("the creator of %s answered out of turn" % (handle,))
+    return frames[0]
 
 
 class StreamQueuePair(PairEnd):
@@ -143,35 +128,20 @@ class StreamQueuePair(PairEnd):
         self.peer_id = VMCI_INVALID_ID
         self.stats_bad_frames = 0
         self._cv = threading.Condition()
-        self._send_lock = threading.Lock()
-        self._in = _Chunks()             # the consume queue
+        self._qs = None                  # the core's QueueStream, once the peer is there
         self._outbox = bytearray()       # enqueued before the peer attached
-        self._sent = 0                   # bytes enqueued, in total
-        self._peer_consumed = 0          # bytes the peer reported dequeued
-        self._consumed = 0               # bytes we dequeued
-        self._credited = 0               # ... as last reported to the peer
         self._events: collections.deque = collections.deque()
         self._sock: Optional[socket.socket] = None
-        self._piece: Optional[int] = None   # bytes per send() on _sock (mirror_link.write_piece)
         self._listener: Optional[mirror_link.Listener] = None
         self._ever_attached = False
         self._peer_gone = False
         self._detached = False
         self._wake_r, self._wake_w = socket.socketpair()   # written once, at detach; never drained
         self._thread: Optional[threading.Thread] = None
-        self._reader = W.FrameReader(_PIECES)
-        # The peer's stream is read by whoever holds _rx: the reader thread, or a caller waiting
-        # for data or space (``_pump``), which first takes the stream out of the reader thread's
-        # epoll (_armed False) so the thread is not woken for bytes the caller reads itself.
-        # Lock order: _rx, then _send_lock (only ever tried), then _cv.
-        self._rx = threading.Lock()
         self._epoll = select.epoll()
-        self._watching = False           # the stream is in the epoll (until it ends)
-        self._armed = False              # ... and the reader thread is woken by it
-        self._pumped = False             # a caller read the stream since the last tick
-        self._poller: Optional[select.poll] = None
-        self._asked = False              # WANT sent, no CREDIT since
-        self._peer_wants = False         # the peer sent WANT
+        self._watching = False           # the stream is in the reader thread's epoll (until it ends)
+        self._armed = False              # ... and wakes it (set and cleared by that thread only)
+        self._pumped = False             # a caller read the stream since the reader thread's last tick
 
     # Allocation
 
@@ -221,14 +191,7 @@ class StreamQueuePair(PairEnd):
         try:
             sock.settimeout(HELLO_TIMEOUT)
             sock.sendall(W.encode(W.HELLO, 0, _HELLO.pack(produce_size, consume_size, flags, me)))
-            reader = W.FrameReader(_PIECES)
-            frames: List[W.Frame] = []
-            while not frames:
-                data = sock.recv(_RECV)
-                if not data:
-                    raise NotFound("the creator of %s closed the connection" % (handle,))
-                frames = reader.feed(data)
-            first = frames[0]
+            first = _read_answer(sock, handle)
             if first.type == W.REFUSE:
                 code = W.decode_code(first.arg)
                 raise error_for(code if code < 0 else VMCI_ERROR_UNAVAILABLE, "refused by the creator")
@@ -238,12 +201,8 @@ class StreamQueuePair(PairEnd):
             qp.peer_id = mirror_link.peer_context(runtime, sock, first.arg & 0xFFFFFFFF)
             if qp.peer_id is None:
                 raise NoAccess("the creator of %s is not who it claims" % (handle,))
-            qp._sock, qp._piece = sock, mirror_link.write_piece(runtime, sock)
             qp._ever_attached = True
-            sock.settimeout(SEND_TIMEOUT)
-            qp._handle_frames(frames[1:])
-            qp._reader = reader
-            qp._watch(sock)
+            qp._open(sock)
         except VMCIError:
             sock.close()
             raise
@@ -262,6 +221,24 @@ class StreamQueuePair(PairEnd):
         qp._start()
         return qp
 
+    def _open(self, sock: socket.socket, outbox: bytes = b"") -> None:
+        """The peer is there: its stream becomes the core's data path (the one place a
+        ``QueueStream`` is made), bytes enqueued before first."""
+        sock.setblocking(False)
+        qs = self._runtime.core.QueueStream(sock, self._wake_r.fileno(), self.produce_size,
+                                            self.consume_size, SEND_TIMEOUT)
+        qs.max_send = self._max_send(sock)
+        if outbox:
+            qs.write(outbox)
+        self._sock, self._qs = sock, qs
+        self._epoll.register(sock, select.EPOLLIN)
+        self._watching = True
+
+    def _max_send(self, sock: socket.socket) -> int:
+        """Bytes one send of the stream may carry: ``mirror_link.write_piece`` between two guests
+        (vhost-device-vsock loses bigger packets there), else 0, unbounded."""
+        return mirror_link.write_piece(self._runtime, sock) or 0
+
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="vsockcompat-qp-stream-%d.%d" % tuple(self.handle))
@@ -277,97 +254,48 @@ class StreamQueuePair(PairEnd):
             self._listener.sock.setblocking(False)
             listener = self._listener.sock.fileno()
             ep.register(listener, select.EPOLLIN)
+        self._armed = True
         while not self._detached:
-            # Ticks: a caller can take the stream (or _serve add it) while we sleep in here.
+            # Ticks: callers take the stream (``_pumped``) while we sleep in here.
             events = ep.poll(READER_TICK)
             if not events:
-                self._rearm()
+                self._tick()
             for fd, _ in events:
                 if fd == wake or self._detached:
                     return
                 if fd == listener:
                     self._accept()
-                elif self._rx.acquire(False):   # else a caller reads it (and has disarmed us)
-                    try:
-                        if self._armed and not self._receive(self._reader):
-                            self._unwatch()
-                    finally:
-                        self._rx.release()
+                else:
+                    self._readable()
 
-    def _watch(self, sock: socket.socket) -> None:
-        """Put the peer's stream in the reader thread's epoll."""
-        with self._rx:
-            self._epoll.register(sock, select.EPOLLIN)
-            self._watching = self._armed = True
+    def _readable(self) -> None:
+        """The stream has bytes: read them into the consume queue, unless callers read it."""
+        news = self._runtime.core.QS_BUSY if self._pumped else self._qs.pull()
+        if news & self._runtime.core.QS_BUSY:
+            self._arm(False)
+        elif news & self._runtime.core.QS_GONE:
+            self._sync()
 
-    def _unwatch(self) -> None:
-        """The stream is over: nobody reads it any more (``_rx`` held)."""
+    def _tick(self) -> None:
+        """A quiet tick: if no caller read the stream for a whole tick, watch it again (frames
+        then wait at most two ticks for a reader while the application is busy elsewhere);
+        send what the socket could not take earlier."""
+        qs = self._qs
+        if qs is None:
+            return
+        if qs.pending:
+            qs.flush(0)
+        if self._pumped:
+            self._pumped = False
+        elif not self._armed:
+            self._arm(True)
+
+    def _arm(self, on: bool) -> None:
+        """Whether the stream wakes the reader thread (called by that thread only)."""
         if self._watching:
-            self._watching = self._armed = False
             with contextlib.suppress(OSError, ValueError):
-                self._epoll.unregister(self._sock)
-
-    def _rearm(self) -> None:
-        """At a tick of the reader thread while callers read the stream: if none has for a
-        whole tick, the reader thread watches it again (frames then wait at most two ticks
-        for a reader while the application is busy elsewhere)."""
-        if self._rx.acquire(False):
-            try:
-                if self._pumped:
-                    self._pumped = False
-                elif self._watching and not self._armed and not self._detached:
-                    self._epoll.modify(self._sock, select.EPOLLIN)
-                    self._armed = True
-            finally:
-                self._rx.release()
-
-    def _take_stream(self) -> bool:
-        """With ``_rx`` held: take the stream from the reader thread; False if it is over."""
-        if not self._watching or self._detached:
-            return False
-        if self._armed:
-            self._epoll.modify(self._sock, 0)
-            self._armed = False
-        self._pumped = True
-        return True
-
-    def _poke(self) -> None:
-        """Read what the stream holds now, without waiting, if the reader thread is not
-        watching it and nobody else reads it."""
-        if not self._armed and self._rx.acquire(False):
-            try:
-                if self._take_stream() and not self._receive(self._reader):
-                    self._unwatch()
-            finally:
-                self._rx.release()
-
-    def _pump(self, done, timeout: Optional[float]) -> None:
-        """With ``_rx`` taken by the caller (and released here): read the peer's stream in the
-        calling thread until ``done()`` (called under the condition) is true, the stream ends,
-        detach, or ``timeout``. Saves the waiter a hand-off from the reader thread per frame;
-        the reader thread stays out of the stream until callers leave it alone (``_rearm``)."""
-        try:
-            if not self._take_stream():
-                return
-            if self._poller is None:
-                self._poller = select.poll()
-                self._poller.register(self._sock, select.POLLIN)
-                self._poller.register(self._wake_r, select.POLLIN)
-            fd = self._sock.fileno()
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                with self._cv:
-                    if done() or self._detached or self._peer_gone:
-                        return
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                ready = self._poller.poll(None if left is None else int(left * 1000) + 1)
-                if not ready or any(r[0] != fd for r in ready):
-                    return   # timed out, or detached
-                if not self._receive(self._reader):
-                    self._unwatch()
-                    return
-        finally:
-            self._rx.release()
+                self._epoll.modify(self._sock, select.EPOLLIN if on else 0)
+                self._armed = on
 
     def _accept(self) -> None:
         """Take a connection; its handshake runs in a thread of its own, so a peer that says
@@ -409,24 +337,22 @@ class StreamQueuePair(PairEnd):
                 self.stats_bad_frames += 1
             sock.close()
             return
-        with self._sending():
-            with self._cv:
-                if self._detached:
-                    sock.close()
-                    return
-                self._sock, self._piece = sock, mirror_link.write_piece(self._runtime, sock)
-                self.peer_id = cid
-                self._events.append(QPEvent(VMCI_EVENT_QP_PEER_ATTACH, self.handle, cid))
-                outbox, self._outbox = bytes(self._outbox), bytearray()
-                self._cv.notify_all()
+        with self._cv:
+            if self._detached:
+                sock.close()
+                return
+            self.peer_id = cid
+            self._events.append(QPEvent(VMCI_EVENT_QP_PEER_ATTACH, self.handle, cid))
             try:
                 sock.sendall(W.encode(W.WELCOME, self.handle.context))
-                sock.settimeout(SEND_TIMEOUT)
             except OSError:
-                self._on_peer_gone()
-            if outbox and not self._peer_gone:
-                self._send_raw([outbox], len(outbox))
-            self._watch(sock)
+                self._sock = sock
+                self._gone_locked(False)
+                return
+            # Writers see ``_qs`` set only now, after the bytes enqueued so far: stream order.
+            self._open(sock, bytes(self._outbox))
+            self._outbox = bytearray()
+            self._cv.notify_all()
 
     def _admit(self, produce: int, consume: int, flags: int, cid: int) -> int:
         """The code for an attacher asking with these values (VMCI_SUCCESS to admit it)."""
@@ -447,276 +373,147 @@ class StreamQueuePair(PairEnd):
             return VMCI_ERROR_QUEUEPAIR_MISMATCH
         return VMCI_SUCCESS
 
-    def _receive(self, reader: W.FrameReader) -> bool:
-        """Read from the peer; False once the stream is over."""
-        try:
-            data = os.read(self._sock.fileno(), _RECV)   # the socket has a timeout: its fd does not block
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            data = b""
-        try:
-            if not data:
-                reader.finish()
-                self._on_peer_gone()
-                return False
-            frames = reader.feed(data)
-        except W.ProtocolError:
-            self._bad_frame()
-            return False
-        if not self._handle_frames(frames) or reader.failed:
-            self._bad_frame()
-            return False
-        return not self._peer_gone
+    # The peer going
 
-    def _handle_frames(self, frames) -> bool:
+    def _sync(self) -> None:
+        """Turn what the core saw (the peer gone, a bad frame) into the event and the stream's end."""
+        qs = self._qs
+        if qs is None or self._peer_gone or not qs.state & self._runtime.core.QS_GONE:
+            return
         with self._cv:
-            for frame in frames:
-                if frame.type == W.DATA and len(self._in) + len(frame.payload) <= _capacity(self.consume_size):
-                    self._in.append(frame.payload)
-                elif frame.type == W.CREDIT and self._peer_consumed <= frame.arg <= self._sent:
-                    self._peer_consumed = frame.arg
-                    self._asked = False
-                elif frame.type == W.WANT and not frame.payload:
-                    self._peer_wants = True
-                elif frame.type == W.BYE and not frame.payload:
-                    self._gone_locked()
-                    break
-                else:
-                    return False
-            self._cv.notify_all()
-            owed = self._peer_wants and self._consumed != self._credited
-        if owed:
-            self._send_credit(blocking=False)
-        return True
+            if self._peer_gone:
+                return
+            self._gone_locked(bool(qs.state & self._runtime.core.QS_BAD))
 
-    def _bad_frame(self) -> None:
-        with self._cv:
+    def _gone_locked(self, bad: bool) -> None:
+        """The peer is gone (``_cv`` held): count, event, and the stream cut both ways."""
+        self._peer_gone = True
+        if bad:
             self.stats_bad_frames += 1
-        self._on_peer_gone()
-
-    def _on_peer_gone(self) -> None:
-        with self._cv:
-            self._gone_locked()
+        self._events.append(QPEvent(VMCI_EVENT_QP_PEER_DETACH, self.handle, self.peer_id))
+        self._cv.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-
-    def _gone_locked(self) -> None:
-        if not self._peer_gone:
-            self._peer_gone = True
-            self._events.append(QPEvent(VMCI_EVENT_QP_PEER_DETACH, self.handle, self.peer_id))
-            self._cv.notify_all()
-
-    # Sending
-
-    def _send_raw(self, chunks, total: int) -> None:
-        """Send queue bytes (the buffers ``chunks``, ``total`` bytes) as DATA frames; the caller
-        holds the send lock."""
-        try:
-            if total <= W.MAX_PAYLOAD:
-                send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, total), *chunks],
-                           self._piece)
-                return
-            view = memoryview(b"".join(chunks))
-            for pos in range(0, total, W.MAX_PAYLOAD):
-                chunk = view[pos:pos + W.MAX_PAYLOAD]
-                send_parts(self._sock, [W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, len(chunk)), chunk],
-                           self._piece)
-        except OSError:
-            self._on_peer_gone()
-
-    def _credit_due(self) -> bool:
-        """Whether a CREDIT is worth a frame: a quarter of the queue is owed or the peer asked (WANT)."""
-        owed = self._consumed - self._credited
-        return bool(owed) and (self._peer_wants or owed * 4 >= self.consume_size)
-
-    def _send_credit(self, blocking: bool = True) -> None:
-        """Send the CREDIT due, if one is (``_credit_due``). The reader thread never waits for
-        the send lock (``blocking`` False): its holder sends the credit after its data."""
-        if not self._send_lock.acquire(blocking):
-            return
-        try:
-            self._credit_locked()
-        finally:
-            self._release_send()
-
-    @contextlib.contextmanager
-    def _sending(self):
-        """Hold the send lock; see ``_release_send``."""
-        self._send_lock.acquire()
-        try:
-            yield
-        finally:
-            self._release_send()
-
-    def _release_send(self) -> None:
-        """Release the send lock, then serve a WANT that came while it was held (the reader
-        sets the flag before it tries the lock, so one of the two sends the credit)."""
-        while True:
-            self._send_lock.release()
-            if not (self._peer_wants and self._consumed != self._credited and not self._peer_gone
-                    and self._sock is not None) or not self._send_lock.acquire(False):
-                return
-            try:
-                self._credit_locked()
-            except BaseException:
-                self._send_lock.release()
-                raise
-
-    def _credit_locked(self) -> None:
-        with self._cv:
-            if not self._credit_due() or self._sock is None or self._peer_gone:
-                return
-            self._credited = total = self._consumed
-            self._peer_wants = False
-        try:
-            self._sock.sendall(W.encode(W.CREDIT, total))
-        except OSError:
-            self._on_peer_gone()
-
-    def _ask_credit(self) -> None:
-        """Ask the peer for the credit it owes (once until a CREDIT comes); send lock held."""
-        with self._cv:
-            if self._asked or self._sock is None or self._peer_gone:
-                return
-            self._asked = True
-        try:
-            self._sock.sendall(W.encode(W.WANT))
-        except OSError:
-            self._on_peer_gone()
+        if self._watching:
+            self._watching = False
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(self._sock)
 
     # Data
 
-    def _free(self) -> int:
-        return _capacity(self.produce_size) - (self._sent - self._peer_consumed)
-
     def enqueue_status(self, buf) -> int:
         """Write what fits of ``buf``: the count, QUEUEPAIR_NOSPACE, or QUEUEPAIR_NOTATTACHED."""
-        view = _bytes_view(buf)
-
-        def take(free):
-            n = min(len(view), free)
-            return n, (view[:n],)
-        return self._write(take)
+        qs = self._qs
+        if qs is None:
+            return self._enqueue_early([_bytes_view(buf)], False)
+        rc = qs.write(buf)
+        if rc < 0:
+            self._sync()
+        return rc
 
     def enqueue_many_status(self, bufs) -> int:
         """Write whole buffers while each fits: how many, or a negative code."""
-        views = [_bytes_view(b) for b in bufs]
+        qs = self._qs
+        if qs is None:
+            return self._enqueue_early([_bytes_view(b) for b in bufs], True)
+        rc = qs.write_many(bufs)
+        if rc < 0:
+            self._sync()
+        return rc
 
-        def take(free):
+    def _enqueue_early(self, views, whole: bool) -> int:
+        """Before the peer attached: keep what fits in the outbox (``whole``: whole buffers)."""
+        with self._cv:
+            if self._qs is not None:
+                return self.enqueue_many_status(views) if whole else self.enqueue_status(views[0])
+            if self._detached or self._peer_gone:
+                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+            free = _capacity(self.produce_size) - len(self._outbox)
+            if not whole:
+                n = min(len(views[0]), free)
+                if free <= 0:
+                    return VMCI_ERROR_QUEUEPAIR_NOSPACE
+                self._outbox += views[0][:n]
+                return n
+            if not views:
+                return 0
             n = 0
             for v in views:
-                if len(v) > free:
+                if len(v) > free or free <= 0:
                     break
                 free -= len(v)
+                self._outbox += v
                 n += 1
-            return (n, views[:n]) if n or not views else None
-        return self._write(take)
+            return n if n else VMCI_ERROR_QUEUEPAIR_NOSPACE
 
-    def _write(self, take) -> int:
-        """``take(free)`` returns ``(count, chunks)`` or None when nothing fits. Sends happen
-        under the send lock, so concurrent writers keep the stream in their reservation order."""
-        self._send_lock.acquire()
-        try:
-            with self._cv:
-                if self._detached or self._peer_gone:
-                    return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-                free = self._free()
-                taken = take(free) if free > 0 else None
-                if taken is not None:
-                    n, chunks = taken
-                    total = sum(len(c) for c in chunks)
-                    self._sent += total
-                    if self._sock is None:
-                        for chunk in chunks:
-                            self._outbox += chunk
-                        return n
-            if taken is None:
-                self._ask_credit()
-                return VMCI_ERROR_QUEUEPAIR_NOSPACE
-            if total:
-                self._send_raw(chunks, total)
-            return n
-        finally:
-            self._release_send()
-
-    def _read(self, buf_len: int, consume: bool, into: Optional[memoryview] = None
-              ) -> Tuple[int, Optional[bytes]]:
-        """``(count, bytes)``, or ``(count, None)`` when copied ``into`` a view, or ``(code, None)``."""
-        if not self._in and self._watching:
-            self._poke()
-        with self._cv:
-            if self._detached:
-                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED, None
-            if not self._in:
-                if self._peer_gone:
-                    return VMCI_ERROR_QUEUEPAIR_NOTATTACHED, None
-                return VMCI_ERROR_QUEUEPAIR_NODATA, None
-            n = min(buf_len, len(self._in))
-            data = self._in.copy(n, into)
-            if consume:
-                self._in.drop(n)
-                self._consumed += n
-                due = self._credit_due()
-        if consume and due:
-            self._send_credit()
-        return n, data
+    def _no_stream(self) -> int:
+        return VMCI_ERROR_QUEUEPAIR_NOTATTACHED if self._detached else VMCI_ERROR_QUEUEPAIR_NODATA
 
     def dequeue_status(self, buf) -> int:
         """Read into ``buf``: the count, QUEUEPAIR_NODATA, or QUEUEPAIR_NOTATTACHED once drained."""
-        return self._read_into(buf, True)
+        qs = self._qs
+        if qs is None:
+            return self._read_into(buf, True)
+        self._pumped = True                  # the hot path: one call into the core
+        rc = qs.read_into(buf)
+        if rc < 0:
+            self._sync()
+        return rc
 
     def peek_status(self, buf) -> int:
         return self._read_into(buf, False)
 
     def _read_into(self, buf, consume: bool) -> int:
-        view = _bytes_view(buf)
-        if view.readonly:
-            raise BufferError("the destination buffer must be writable")
-        return self._read(len(view), consume, view)[0]
+        qs = self._qs
+        if qs is None:
+            if _bytes_view(buf).readonly:
+                raise BufferError("the destination buffer must be writable")
+            return self._no_stream()
+        self._pumped = True
+        rc = qs.read_into(buf, consume)
+        if rc < 0:
+            self._sync()
+        return rc
 
-
-
+    def _read_bytes(self, n, consume: bool):
+        """``bytes`` of up to ``n`` ready bytes, or a negative code."""
+        qs = self._qs
+        if qs is None:
+            return self._no_stream()
+        self._pumped = True
+        rc = qs.read_bytes(n, consume)
+        if isinstance(rc, int):
+            self._sync()
+        return rc
 
     def dequeue(self, n: int) -> bytes:
         """Up to ``n`` bytes; QueuePairNoData when empty."""
-        return self._read_bytes(n, True)
+        _count(n)
+        rc = self._read_bytes(n, True)
+        return check(rc) if isinstance(rc, int) else rc
 
     def peek(self, n: int) -> bytes:
-        return self._read_bytes(n, False)
-
-    def _read_bytes(self, n, consume: bool) -> bytes:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            from .errors import InvalidArgs
-            raise InvalidArgs("a byte count must be an int >= 0")
-        rc, data = self._read(n, consume)
-        check(rc)
-        return data
+        _count(n)
+        rc = self._read_bytes(n, False)
+        return check(rc) if isinstance(rc, int) else rc
 
     def peek_view_status(self, n: int):
         """A read-only view of up to ``n`` ready bytes (a copy: there is no shared ring here),
         or a negative code as ``dequeue_status``."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             return VMCI_ERROR_INVALID_ARGS
-        rc, data = self._read(n, False)
-        return rc if data is None else memoryview(data)
+        rc = self._read_bytes(n, False)
+        return rc if isinstance(rc, int) else memoryview(rc)
 
     def consume_status(self, n: int) -> int:
         """Drop the first ``n`` ready bytes (after ``peek_view``): ``n``, or INVALID_ARGS if
         more than is ready, QUEUEPAIR_NOTATTACHED after detach."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             return VMCI_ERROR_INVALID_ARGS
-        with self._cv:
-            if self._detached:
-                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-            if n > len(self._in):
-                return VMCI_ERROR_INVALID_ARGS
-            self._in.drop(n)
-            self._consumed += n
-            due = self._credit_due()
-        if due:
-            self._send_credit()
-        return n
+        qs = self._qs
+        if qs is None:
+            return VMCI_ERROR_QUEUEPAIR_NOTATTACHED if self._detached else VMCI_ERROR_INVALID_ARGS if n else 0
+        return qs.consume(n)
 
     def peek_view(self, n: int) -> memoryview:
         rc = self.peek_view_status(n)
@@ -724,76 +521,93 @@ class StreamQueuePair(PairEnd):
             check(rc)
         return rc
 
+    def _query(self, early, fn) -> int:
+        if self._detached:
+            return check(VMCI_ERROR_QUEUEPAIR_NOTATTACHED)
+        qs = self._qs
+        if qs is None:
+            with self._cv:
+                if self._qs is None:
+                    return early()
+                qs = self._qs
+        return fn(qs)
 
-    def _query(self, fn) -> int:
-        with self._cv:
-            if self._detached:
-                return check(VMCI_ERROR_QUEUEPAIR_NOTATTACHED)
-            return fn()
+    def _pull(self, qs) -> None:
+        """Read what the stream holds now (for the queries and events)."""
+        if qs.pull() & self._runtime.core.QS_GONE or qs.state:
+            self._sync()
 
     def produce_free_space(self) -> int:
         """Bytes ``enqueue`` can write now (``produce_size - 1`` minus what the peer has not read)."""
-        return self._query(lambda: max(self._free(), 0))
+        return self._query(lambda: max(_capacity(self.produce_size) - len(self._outbox), 0),
+                           lambda qs: max(qs.free, 0))
 
     def produce_buf_ready(self) -> int:
         """Bytes we wrote that the peer has not read (as far as its credits tell)."""
-        return self._query(lambda: self._sent - self._peer_consumed)
+        return self._query(lambda: len(self._outbox), lambda qs: qs.sent - qs.peer_consumed)
 
     def consume_buf_ready(self) -> int:
         """Bytes ``dequeue`` can read now."""
-        return self._query(lambda: len(self._in))
+        def ready(qs):
+            self._pull(qs)
+            return qs.ready
+        return self._query(lambda: 0, ready)
 
     def consume_free_space(self) -> int:
         """Free bytes in the peer's produce queue, as seen from here."""
-        return self._query(lambda: _capacity(self.consume_size) - len(self._in))
+        def free(qs):
+            self._pull(qs)
+            return _capacity(self.consume_size) - qs.ready
+        return self._query(lambda: _capacity(self.consume_size), free)
 
     # Events and waits
 
     def events(self, timeout: float = 0.0) -> List[QPEvent]:
         """Events since the last call; waits up to ``timeout`` seconds (None: forever) for one."""
-        if self._watching:
-            self._poke()
+        qs = self._qs
+        if qs is not None and not self._peer_gone and not self._detached:
+            self._pull(qs)
         with self._cv:
             self._cv.wait_for(lambda: self._events or self._detached, timeout)
             out = list(self._events)
             self._events.clear()
         return out
 
-    def _wait(self, ready, timeout: Optional[float], drain: bool) -> int:
-        """Until ``ready()`` is not None. The waiter reads the stream itself when nobody else
-        does (``_pump``); it takes ``_rx`` under the condition, so it cannot miss a notify."""
+    def _wait(self, space: int, timeout: Optional[float]) -> int:
+        """Until data is ready (``space`` 0) or ``space`` bytes are free: before the peer is
+        there on the condition, then in the core's poll of the stream."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        if self._qs is None:
             with self._cv:
-                if self._detached or (not drain and self._peer_gone):
-                    return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-                got = ready()
-                if got is not None:
-                    return got
-                if self._peer_gone:
-                    return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return VMCI_ERROR_TIMEOUT
-                if not (self._watching and self._rx.acquire(False)):
+                while self._qs is None:
+                    if self._detached or self._peer_gone:
+                        return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+                    free = _capacity(self.produce_size) - len(self._outbox)
+                    if space and free >= space:
+                        return free
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return VMCI_ERROR_TIMEOUT
                     self._cv.wait(left)
-                    continue
-            self._pump(lambda: ready() is not None, left)
+        qs = self._qs
+        self._pumped = True
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        rc = qs.wait_space(space, left) if space else qs.wait_data(left)
+        if rc < 0:
+            self._sync()
+            if rc == self._runtime.core.WAKE:
+                rc = VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+        return rc
 
     def wait_for_data_status(self, timeout: Optional[float] = None) -> int:
         """Sleep until data is ready: the byte count, VMCI_ERROR_TIMEOUT, or QUEUEPAIR_NOTATTACHED."""
-        return self._wait(lambda: len(self._in) or None, timeout, True)
+        return self._wait(0, timeout)
 
     def wait_for_space_status(self, n: int = 1, timeout: Optional[float] = None) -> int:
         """Sleep until ``n`` bytes are free (0 < n < produce_size): the free count, or a code."""
         if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < max(self.produce_size, 1):
             return VMCI_ERROR_INVALID_ARGS
-        if self._free() < n and not self._detached:
-            with self._sending():
-                self._ask_credit()
-        return self._wait(lambda: self._free() if self._free() >= n else None, timeout, False)
-
-
+        return self._wait(n, timeout)
 
     # Detach
 
@@ -805,20 +619,20 @@ class StreamQueuePair(PairEnd):
             self._detached = True
             last = self._peer_gone or not self._ever_attached
             self._cv.notify_all()
-        with self._sending():
-            if self._sock is not None and not last:
-                with contextlib.suppress(OSError):
-                    self._sock.sendall(W.encode(W.BYE))
+            qs = self._qs
+        if qs is not None:
+            qs.bye(not last, SEND_TIMEOUT)     # BYE after every byte enqueued
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(SEND_TIMEOUT)
-        with self._rx:   # a waiter reading the stream has seen the wake-up and let go
-            self._epoll.close()
-            for sock in (self._sock, self._wake_r, self._wake_w):
-                if sock is not None:
-                    sock.close()
+        if qs is not None:
+            while not qs.close():              # a waiter in the core's poll has seen the wake-up
+                time.sleep(0.001)
+        self._epoll.close()
+        for sock in (self._sock, self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
         if self._listener is not None:
             self._listener.close()
         return VMCI_SUCCESS_LAST_DETACH if last else VMCI_SUCCESS
-

@@ -12,14 +12,14 @@ merges calls, so a writer that sends at most ``SIBLING_PIECE`` bytes per call ke
 small enough. Only links between two distinct guests (both CIDs above 2, the host's) need it:
 host <-> guest traffic passes the daemon's Unix sockets, which read what the buffer holds, and
 loopback never leaves the kernel. ``piece_for`` decides once per connection (its owner keeps
-the answer); ``send_all`` and ``send_parts`` write with it.
+the answer); ``send_all`` writes with it (the queue-pair core takes it as ``max_send``).
 
 Only SOCK_STREAM can be cut: a SEQPACKET message is one packet whatever its size, so
 ``piece_for`` answers None for it. Between siblings the vsock transport runs in stream mode
 anyway: vhost-device-vsock has no SEQPACKET (connects fail with ``ESOCKTNOSUPPORT``).
 """
 import socket
-from typing import Iterable, List, Optional
+from typing import Optional
 
 from ..constants import AF_VSOCK, VMADDR_CID_ANY, VMADDR_CID_HOST
 
@@ -57,20 +57,6 @@ def bytes_view(buf) -> memoryview:
     return view if view.ndim == 1 and view.format in ("B", "b", "c") else view.cast("B")
 
 
-def _sendmsg_all(sock: socket.socket, parts: List[memoryview]) -> None:
-    """``sendall`` of several byte buffers without joining them."""
-    sent = sock.sendmsg(parts)
-    while True:
-        while parts and sent >= len(parts[0]):
-            sent -= len(parts[0])
-            parts = parts[1:]
-        if not parts:
-            return
-        if sent:
-            parts = [parts[0][sent:]] + parts[1:]
-        sent = sock.sendmsg(parts)
-
-
 def send_all(sock: socket.socket, data, piece: Optional[int] = None) -> None:
     """``sock.sendall(data)``, in calls of at most ``piece`` bytes (None: one call)."""
     if piece is None:
@@ -81,25 +67,4 @@ def send_all(sock: socket.socket, data, piece: Optional[int] = None) -> None:
         sock.sendall(view[pos:pos + piece])
 
 
-def send_parts(sock: socket.socket, parts: Iterable, piece: Optional[int] = None) -> None:
-    """Send the byte buffers ``parts`` back to back, without joining them, in calls of at most
-    ``piece`` bytes (None: as few calls as the kernel takes)."""
-    views = [bytes_view(part) for part in parts]
-    if piece is None:
-        _sendmsg_all(sock, views)
-        return
-    group: List[memoryview] = []
-    room = piece
-    for view in views:
-        while len(view):
-            group.append(view[:room])
-            room -= len(group[-1])
-            view = view[len(group[-1]):]
-            if not room:
-                _sendmsg_all(sock, group)
-                group, room = [], piece
-    if group:
-        _sendmsg_all(sock, group)
-
-
-__all__ = ["SIBLING_PIECE", "bytes_view", "piece_between", "piece_for", "send_all", "send_parts"]
+__all__ = ["SIBLING_PIECE", "bytes_view", "piece_between", "piece_for", "send_all"]

@@ -25,20 +25,29 @@ import struct
 import threading
 from typing import Callable, Dict, Optional, Tuple
 
-from ..constants import VMADDR_PORT_ANY, VMCI_DG_HEADERSIZE, VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_MAX_DG_SIZE
+from ..constants import (
+    HELLO_FORMAT,
+    HELLO_MAGIC,
+    HELLO_TIMEOUT_MS,
+    HELLO_WELL_KNOWN_MAGIC,
+    UNBOUNDED_ACCOUNT_LIMIT,
+    VMADDR_PORT_ANY,
+    VMCI_DG_HEADERSIZE,
+    VMCI_MAX_DG_PAYLOAD_SIZE,
+    VMCI_MAX_DG_SIZE,
+)
 from ..handles import VMCIHandle
 from .base import Link, Peer
 from .pieces import send_all
 from .verdicts import LinkVerdict, encode_verdict
 
-HELLO = struct.Struct("<II")
-HELLO_MAGIC = 0x31435356  # b"VSC1" read as a little-endian u32
-HELLO_WELL_KNOWN_MAGIC = 0x31575356  # b"VSW1": the sender speaks for context 1
+# The hello's layout and magics live in ``constants`` (the C header is generated from them).
+HELLO = struct.Struct(HELLO_FORMAT)
 #: Seconds ``identify`` (or a stream reader) waits for a new connection's hello.
-HELLO_TIMEOUT = 5.0
+HELLO_TIMEOUT = HELLO_TIMEOUT_MS / 1000
 #: The account limit of links and endpoints across kernels: no user-space bound (the kernel's
 #: buffers bound the queue; see "Queue accounting" in ``transport/vsock.py``).
-UNBOUNDED = 1 << 62
+UNBOUNDED = UNBOUNDED_ACCOUNT_LIMIT
 PUMP_JOIN_TIMEOUT = 5.0
 #: Seconds ``disconnect`` lets a link's pump forward what the core already sent.
 LINGER = 2.0

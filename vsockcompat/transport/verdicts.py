@@ -18,11 +18,11 @@ import threading
 from typing import List, Optional, Tuple
 
 from ..access import ACL_EPOCH_WORD
+from ..constants import VERDICT_DENIED, VERDICT_FORMAT, VERDICT_MAGIC, VERDICT_MAY_SEND
 
-VERDICT = struct.Struct("<II")
-VERDICT_MAGIC = 0x31565356  # b"VSV1" read as a little-endian u32
+VERDICT = struct.Struct(VERDICT_FORMAT)
 #: The verdict words: the sender may send datagrams (DG_SEND granted), or it may not.
-MAY_SEND, DENIED = 0, 1
+MAY_SEND, DENIED = VERDICT_MAY_SEND, VERDICT_DENIED
 #: Bytes read at most per receive on a stream (whole verdicts; a cut one waits for its rest).
 STREAM_READ = VERDICT.size * 64
 

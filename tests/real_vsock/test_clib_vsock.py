@@ -1,0 +1,256 @@
+"""libvmci.so.0 on the vsock transport, over real AF_VSOCK, inside the guest test bed only.
+
+Legacy C programs (tests/c/datagramApp.c, tests/c/vsock_probe.c) run under ``vsockcompat run``
+with ``VSOCKCOMPAT_TRANSPORT=vsock`` against the discovery daemon and Python peers of both cores,
+in SEQPACKET (what ``auto`` picks here) and STREAM mode: the setups of the ``daemon`` fixture
+(tests/real_vsock/test_vsock_discovery.py). Every process is in context 1 (vsock_loopback).
+
+Every test is marked ``vsock``: the gate of ``conftest.py`` skips it everywhere but inside the
+guest booted by ``testbed/guest.py``, and ``_require_gate`` checks it again right before each C
+program that opens AF_VSOCK sockets is started. On the host, tests/test_clib_vsock_guard.py
+proves that the C library refuses the vsock transport there without making an AF_VSOCK socket.
+
+Run them:  python3 testbed/guest.py run --timeout 900 -- env PYTHONPATH=$PWD \
+               python3 -m pytest tests/real_vsock/test_clib_vsock.py -m vsock -rs -x
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vsockcompat import clib
+from vsockcompat import constants as C
+from vsockcompat.datagram import DatagramEndpoint
+from vsockcompat.errors import NoAccess
+from vsockcompat.handles import VMCIHandle
+from vsockcompat.sdk import VMCILibrary
+
+from .conftest import VMADDR_CID_LOCAL
+from .test_preload import _require_gate
+from .test_vsock_discovery import APP, daemon  # noqa: F401  (the daemon fixture, its setups)
+from .test_vsock_transport import frame, hello, settle
+
+# The first test of a setup also builds the programs and starts its daemon (Python is slow under TCG).
+pytestmark = [pytest.mark.vsock, pytest.mark.timeout(600)]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+SRC_DIR = os.path.join(os.path.dirname(TESTS), "src")
+RUN = [sys.executable, "-m", "vsockcompat.run", "--"]
+SERVER_FIRST = "Running datagram server --- will respond to 3 queries.\n"
+SERVER_GOT = "Received message: HELLO, SERVER!\n"
+CLIENT_OUT = "Received message: HELLO, CLIENT!\n"
+MAX = C.VMCI_MAX_DG_PAYLOAD_SIZE
+#: Seconds a program may take: under TCG on a loaded machine a Python start alone can take 40 s.
+WAIT = 180.0
+DG_SEND = C.VMCI_PRIV_DG_SEND
+
+
+def pattern(n):
+    """The bytes vsock_probe sends and checks: byte i is (7 i + 3) mod 256."""
+    return bytes((i * 7 + 3) & 0xFF for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def progs(tmp_path_factory):
+    """libvmci.so.0 (the package's when built, else built here) and the C programs, built with the guest's cc."""
+    cc = clib.find_compiler()
+    if cc is None:
+        pytest.skip("no C compiler in the guest")
+    out = str(tmp_path_factory.mktemp("cvsock"))
+    library = clib.library_path() or clib.build_libvmci(os.path.join(out, "lib"), src_dir=SRC_DIR)
+    built = {"library": library}
+    for name in ("datagramApp", "vsock_probe"):
+        exe = os.path.join(out, name)
+        proc = subprocess.run(cc + ["-Wall", "-Wextra", "-Werror", "-I", SRC_DIR, os.path.join(TESTS, "c", name + ".c"),
+                                    "-o", exe, "-L", os.path.dirname(library), "-l:libvmci.so.0", "-pthread"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout
+        built[name] = exe
+    return built
+
+
+def c_env(env, progs):
+    return dict(env, VSOCKCOMPAT_LIBVMCI=progs["library"])
+
+
+class Probe:
+    """A running vsock_probe: ``ask(line)`` sends one command and returns its answer's value."""
+
+    def __init__(self, env, progs):
+        _require_gate()
+        self.proc = subprocess.Popen(RUN + [progs["vsock_probe"]], env=c_env(env, progs), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def ask(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        name = line.split()[0]
+        assert answer.startswith(name + "="), (line, answer, self.proc.poll())
+        return answer[len(name) + 1:].split()
+
+    def start(self):
+        assert self.ask("init") == ["0"]
+        cid, rid = (int(v) for v in self.ask("create 0"))
+        assert cid == VMADDR_CID_LOCAL and rid >= 1024
+        self.handle = VMCIHandle(cid, rid)
+        return self
+
+    def close(self):
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                assert self.proc.wait(WAIT) == 0
+            assert self.proc.stderr.read() == ""
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def probe(daemon, progs):
+    _, env, _ = daemon
+    p = Probe(env, progs).start()
+    yield p
+    p.close()
+
+
+def _run_client(cmd, env):
+    client = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert (client.returncode, client.stdout, client.stderr) == (0, CLIENT_OUT, "")
+
+
+def _wait_registered(rt, server, name="HOST INFO"):
+    """Wait until the server registered ``name`` (a C program's stdout is a buffered pipe)."""
+    from vsockcompat import ds_client
+    deadline = time.monotonic() + WAIT
+    while ds_client.lookup_status(name, rt, timeout=5)[0] != C.VMCI_SUCCESS:
+        assert server.poll() is None, server.communicate()
+        assert time.monotonic() < deadline, "%r was never registered" % name
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("server_is_c", [True, False], ids=["c-server", "python-server"])
+def test_datagram_app_c_and_python_over_vsock(daemon, progs, server_is_c):
+    """The SDK sample: a C server answers C and Python clients; a Python server answers C clients."""
+    rt, env, _ = daemon
+    cenv = c_env(env, progs)
+    c_app = RUN + [progs["datagramApp"]]
+    _require_gate()
+    server = subprocess.Popen((c_app if server_is_c else APP) + ["-s"], env=cenv, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_registered(rt, server)
+        for client in ([c_app, APP, c_app] if server_is_c else [c_app, c_app, c_app]):
+            _run_client(client + ["-c"], cenv)
+        out, err = server.communicate(timeout=WAIT)
+        assert (server.returncode, out, err) == (0, SERVER_FIRST + SERVER_GOT * 3, "")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+
+
+def test_discovery_big_datagrams_and_errors_against_python(daemon, probe):
+    rt, env, _ = daemon
+    with DatagramEndpoint(runtime=rt) as ep:
+        # discovery through the daemon, both ways
+        assert probe.ask("lookup " + C.VMCI_PUBLIC_GROUP_NAME) == ["0", "2", "1023"]
+        assert probe.ask("register c probe") == ["0"]
+        from vsockcompat import ds_client
+        assert ds_client.lookup_status("c probe", rt) == (C.VMCI_SUCCESS, probe.handle)
+        assert probe.ask("register c probe") == [str(C.VMCI_ERROR_ALREADY_EXISTS)]
+        # the largest datagram, C -> Python and back
+        assert probe.ask("send 1 %d %d" % (ep.handle.resource, MAX)) == [str(MAX + C.VMCI_DG_HEADERSIZE)]
+        got = ep.recv(timeout=WAIT)
+        assert (got.src, got.payload == pattern(MAX)) == (probe.handle, True)
+        ep.send(probe.handle, pattern(MAX))
+        assert probe.ask("recv") == [str(MAX), "1", str(ep.handle.resource), "1"]
+        assert probe.ask("send 1 %d 0" % ep.handle.resource) == [str(C.VMCI_DG_HEADERSIZE)]
+        assert ep.recv(timeout=WAIT).payload == b""
+        # errors, as Python's vsock transport gives them
+        assert probe.ask("send 1 %d %d" % (ep.handle.resource, MAX + 1)) == [str(C.VMCI_ERROR_INVALID_ARGS)]
+        assert probe.ask("send 0 5 1") == [str(C.VMCI_ERROR_DST_UNREACHABLE)]
+        assert probe.ask("send 1 4242 1") == [str(C.VMCI_ERROR_INVALID_RESOURCE)]
+        assert probe.ask("shm") == ["1", str(C.VMCI_ERROR_UNAVAILABLE), str(C.VMCI_ERROR_UNAVAILABLE),
+                                    str(C.VMCI_ERROR_NOT_FOUND)]
+        assert probe.ask("unregister c probe") == ["0"]
+        assert probe.ask("lookup c probe") == [str(C.VMCI_ERROR_NOT_FOUND), str(C.VMCI_INVALID_ID),
+                                               str(C.VMCI_INVALID_ID)]
+    # the Python endpoint is gone: its port refuses
+    assert probe.ask("send 1 %d 1" % ep.handle.resource) == [str(C.VMCI_ERROR_INVALID_RESOURCE)]
+
+
+def test_verdicts_both_ways(daemon, probe):
+    """A Python receiver that denies the C sender: NO_ACCESS from its verdict, SUCCESS once lifted;
+    a C receiver that denies a Python sender: the same, from the C library's verdicts."""
+    rt, _, _ = daemon
+    lib = VMCILibrary(rt)
+    assert lib.VMCI_InitApp() == C.VMCI_SUCCESS
+    try:
+        server = lib.VMCIDatagram_CreateHnd(0)
+        assert probe.ask("send 1 %d 2" % server.resource) == ["26"]
+        # received: the endpoint has accepted the C link, so it can tell that sender its verdicts
+        assert lib.VMCIDatagram_RecvFrom(server, bytearray(8)) == (2, probe.handle)
+        assert lib.VMCIResource_AddClientPrivileges(server, probe.handle, [], [DG_SEND]) == C.VMCI_SUCCESS
+        assert probe.ask("sendwait 1 %d %d" % (server.resource, C.VMCI_ERROR_NO_ACCESS)) == [
+            str(C.VMCI_ERROR_NO_ACCESS)]
+        assert lib.VMCIResource_AddClientPrivileges(server, probe.handle, [DG_SEND], []) == C.VMCI_SUCCESS
+        assert probe.ask("sendwait 1 %d 1" % server.resource) == ["25"]
+    finally:
+        lib.VMCI_CleanupApp()
+    with DatagramEndpoint(runtime=rt) as ep:
+        ep.send(probe.handle, pattern(5))
+        assert probe.ask("recv") == ["5", "1", str(ep.handle.resource), "1"]
+        assert probe.ask("deny 1 %d" % ep.handle.resource) == ["0"]
+        _send_until(ep, probe.handle, denied=True)
+        assert probe.ask("allow 1 %d" % ep.handle.resource) == ["0"]
+        _send_until(ep, probe.handle, denied=False)
+        assert probe.ask("recv") == ["3", "1", str(ep.handle.resource), "1"]
+
+
+def _send_until(ep, dst, denied):
+    """Send 3 pattern bytes until the send is refused (denied) or succeeds (not denied)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            ep.send(dst, pattern(3))
+            if not denied:
+                return
+        except NoAccess:
+            if denied:
+                return
+        assert time.monotonic() < deadline, "the verdict never came"
+        time.sleep(0.02)
+
+
+def test_bad_peers_are_dropped_and_the_c_endpoint_keeps_serving(daemon, probe, vsock_socket):
+    rt, _, _ = daemon
+    kind = socket.SOCK_STREAM if rt.transport.mode == "stream" else socket.SOCK_SEQPACKET
+    me = tuple(probe.handle)
+    bad = [
+        hello(7001) + frame(me, (VMADDR_CID_LOCAL + 4, 7001), b"forged context"),
+        hello(7002) + frame(me, (VMADDR_CID_LOCAL, 7002), b"short", size=500),
+        b"\x00" * 5,
+    ]
+    for payload in bad:
+        raw = vsock_socket(kind)
+        raw.connect((VMADDR_CID_LOCAL, probe.handle.resource))
+        if kind == socket.SOCK_STREAM:
+            raw.sendall(payload)
+        else:
+            for part in (payload[:8], payload[8:]) if len(payload) > 8 else (payload,):
+                raw.send(part)
+        raw.close()
+    with DatagramEndpoint(runtime=rt) as ep:
+        settle(ep, 1.0)
+        ep.send(probe.handle, pattern(9))
+        assert probe.ask("recv") == ["9", "1", str(ep.handle.resource), "1"]

@@ -1,0 +1,239 @@
+"""libvmci.so.0's transport selection on the host, where AF_VSOCK must never be used.
+
+This machine's AF_VSOCK leads to a hypervisor host that is not ours. Every C program here runs
+under tests/c/no_vsock_shim.c (LD_PRELOAD, first): ``socket(AF_VSOCK, ...)`` fails and is
+recorded, ``/dev/vsock`` is refused (or faked with /dev/null and a CID the test picks), so no
+AF_VSOCK socket is ever created whatever the library does. The records prove the order of the
+C library's checks: ``auto`` and ``local`` never touch AF_VSOCK; ``vsock`` reads the local CID
+first and makes no socket when it is unknown, then only probes ``socket()`` (no connect), as
+Python's ``choose_mode`` does; ``hybrid`` is refused with a message. The vsock transport's real
+behaviour is tested in the guest bed (tests/real_vsock/test_clib_vsock.py); its socket-agnostic
+parts (src/vsc_link.c: hellos, verdicts, pumps, stream readers) run here over AF_UNIX
+(tests/c/vsock_wire.c), and the whole transport C to C over AF_VSOCK emulated on AF_UNIX.
+"""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from test_clib import CC, SANITIZE, SANITIZER_ENV, SANITIZER_MARKS, SRC_DIR, _cc, build, env_for
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+C_DIR = os.path.join(HERE, "c")
+INIT_FAILED = "Failed to init VMCI library.\n"
+SOCK_STREAM, SOCK_SEQPACKET = 1, 5
+NO_CID = ("vsockcompat: the vsock transport cannot run here: the local CID is unknown "
+          "(IOCTL_VM_SOCKETS_GET_LOCAL_CID on /dev/vsock failed or no vsock transport gave this kernel a CID)\n")
+WIRE_SOURCES = ("vsc_link.c", "vsc_dgram.c")
+
+pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clang) on PATH, and CC unset")
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """libvmci.so.0, datagramApp, vsock_probe and the shim, built here."""
+    out = str(tmp_path_factory.mktemp("guard"))
+    built = build(out)
+    built.shim = os.path.join(out, "no_vsock_shim.so")
+    _cc(["-Wall", "-Wextra", "-shared", "-fPIC", os.path.join(C_DIR, "no_vsock_shim.c"), "-o", built.shim,
+         "-ldl"], out)
+    built.probe = os.path.join(out, "vsock_probe")
+    _cc(["-Wall", "-Wextra", "-I", SRC_DIR, os.path.join(C_DIR, "vsock_probe.c"), "-o", built.probe,
+         "-L", built.lib_dir, "-lvmci"], out)
+    return built
+
+
+def run_guarded(guarded, rundir, tmp_path, args, stdin=None, **settings):
+    """Run a program under the shim; (result, the shim's records as (what, value) pairs)."""
+    log = tmp_path / "no_vsock.log"
+    env = env_for(rundir, "pure", guarded.library)
+    env.update(LD_LIBRARY_PATH=guarded.lib_dir, LD_PRELOAD=guarded.shim, NO_VSOCK_LOG=str(log))
+    for name, value in settings.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    result = subprocess.run(args, env=env, input=stdin, capture_output=True, text=True, timeout=60)
+    records = [tuple(line.split()) for line in log.read_text().splitlines()] if log.exists() else []
+    return result, [(what, int(value)) for what, value in records]
+
+
+@pytest.mark.parametrize("transport", [None, "", "auto", "local"])
+def test_auto_and_local_never_touch_af_vsock(guarded, rundir, tmp_path, transport):
+    script = "init\ncreate 0\nsend 2 %d 5\nrecv\nquit\n"
+    result, records = run_guarded(guarded, rundir, tmp_path, [guarded.probe], stdin=script % 1024,
+                                  VSOCKCOMPAT_TRANSPORT=transport, NO_VSOCK_CID="3")
+    assert result.stdout.splitlines() == ["init=0", "create=2 1024", "send=29", "recv=5 2 1024 1"], result.stderr
+    assert records == []
+
+
+def test_vsock_without_a_local_cid_refuses_before_any_socket(guarded, rundir, tmp_path):
+    result, records = run_guarded(guarded, rundir, tmp_path, [guarded.datagramApp, "-c"],
+                                  VSOCKCOMPAT_TRANSPORT="vsock")
+    assert (result.returncode, result.stderr) == (254, NO_CID + INIT_FAILED)
+    assert records == [("open", 0)]
+
+
+@pytest.mark.parametrize("mode,probes", [(None, [SOCK_SEQPACKET, SOCK_STREAM]), ("auto", [SOCK_SEQPACKET, SOCK_STREAM]),
+                                         ("seqpacket", [SOCK_SEQPACKET]), ("stream", [SOCK_STREAM])])
+def test_vsock_probes_socket_types_by_creating_sockets_only(guarded, rundir, tmp_path, mode, probes):
+    """A kernel with a CID (faked) whose AF_VSOCK sockets cannot be made: the probes are socket()
+    calls, nothing is connected, and the library refuses with the reasons."""
+    result, records = run_guarded(guarded, rundir, tmp_path, [guarded.datagramApp, "-c"],
+                                  VSOCKCOMPAT_TRANSPORT="vsock", VSOCKCOMPAT_VSOCK_MODE=mode, NO_VSOCK_CID="3")
+    names = {SOCK_SEQPACKET: "SEQPACKET", SOCK_STREAM: "STREAM"}
+    why = "; ".join("AF_VSOCK SOCK_%s sockets cannot be created here: Address family not supported by protocol"
+                    % names[kind] for kind in probes)
+    assert (result.returncode, result.stderr) == (
+        254, "vsockcompat: the vsock transport cannot run here: %s\n" % why + INIT_FAILED)
+    assert records == [("open", 0), ("ioctl", 1977)] + [("socket", kind) for kind in probes]
+
+
+@pytest.mark.parametrize("cid", ["3", "4294967294"])
+def test_context_1_is_refused_on_a_guest_kernel(guarded, rundir, tmp_path, cid):
+    result, records = run_guarded(guarded, rundir, tmp_path, [guarded.datagramApp, "-c"],
+                                  VSOCKCOMPAT_TRANSPORT="vsock", VSOCKCOMPAT_CID="1", NO_VSOCK_CID=cid)
+    assert (result.returncode, result.stderr) == (
+        254, "vsockcompat: context 1 (the discovery service) is served by the host, not by a guest "
+             "(local CID %s)\n" % cid + INIT_FAILED)
+    assert records == [("open", 0), ("ioctl", 1977)]
+
+
+def test_hybrid_fails_closed_with_a_message(guarded, rundir, tmp_path):
+    result, records = run_guarded(guarded, rundir, tmp_path, [guarded.datagramApp, "-c"],
+                                  VSOCKCOMPAT_TRANSPORT="hybrid", VSOCKCOMPAT_HYBRID_UDS=str(tmp_path / "vm.sock"))
+    assert result.returncode == 254
+    assert result.stderr == ("vsockcompat: VSOCKCOMPAT_TRANSPORT=hybrid is not available in libvmci.so.0 (its "
+                             "transports are local and vsock); run the program with the vsock transport in the "
+                             "guest, or use the Python library on the host\n" + INIT_FAILED)
+    assert records == []
+    # VMCI_InitApp's code, through every call: the documented init error
+    probe, _ = run_guarded(guarded, rundir, tmp_path, [guarded.probe], stdin="init\nquit\n",
+                           VSOCKCOMPAT_TRANSPORT="hybrid")
+    assert probe.stdout == "init=-39\n"
+
+
+# The socket-agnostic wire (tests/c/vsock_wire.c), plain, under the sanitizers and valgrind
+
+
+def build_wire(out_dir, extra=()):
+    exe = os.path.join(out_dir, "vsock_wire")
+    _cc(["-std=c11", "-Wall", "-Wextra", "-g", "-pthread", "-I", SRC_DIR] + list(extra)
+        + [os.path.join(C_DIR, "vsock_wire.c")] + [os.path.join(SRC_DIR, s) for s in WIRE_SOURCES] + ["-o", exe],
+        out_dir)
+    return exe
+
+
+def check_wire(result):
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and lines and lines[-1] == "all ok", result.stdout + result.stderr
+    assert [line for line in lines if not line.endswith("=ok") and line != "all ok"] == []
+    return lines
+
+
+def test_wire_hellos_verdicts_pumps_and_stream_readers(tmp_path):
+    lines = check_wire(subprocess.run([build_wire(str(tmp_path))], capture_output=True, text=True, timeout=120))
+    assert len(lines) > 10
+
+
+def test_wire_under_the_sanitizers(tmp_path):
+    exe = build_wire(str(tmp_path), SANITIZE)
+    result = subprocess.run([exe], capture_output=True, text=True, timeout=300, env=dict(os.environ, **SANITIZER_ENV))
+    check_wire(result)
+    assert all(mark not in result.stderr for mark in SANITIZER_MARKS), result.stderr
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_wire_under_valgrind(tmp_path):
+    exe = build_wire(str(tmp_path))
+    result = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite",
+                             "--quiet", exe], capture_output=True, text=True, timeout=600)
+    check_wire(result)
+
+
+# The whole C vsock transport, C <-> C, over AF_VSOCK emulated on AF_UNIX (tests/c/vsock_emulation.c,
+# linked into the program: its socket() and friends are the ones libvmci.so.0 calls)
+
+EMULATED = ("socket", "socketpair", "bind", "connect", "accept4", "getpeername", "getsockname", "open", "ioctl")
+
+
+@pytest.fixture(scope="module")
+def emulated(guarded, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("emu"))
+    exe = os.path.join(out, "vsock_probe_emu")
+    _cc(["-Wall", "-Wextra", "-rdynamic", "-I", SRC_DIR, os.path.join(C_DIR, "vsock_probe.c"),
+         os.path.join(C_DIR, "vsock_emulation.c"), "-o", exe, "-L", guarded.lib_dir, "-lvmci", "-ldl"], out)
+    # Fail closed: the program itself must define every call it emulates.
+    symbols = subprocess.run(["nm", "-D", "--defined-only", exe], capture_output=True, text=True, check=True).stdout
+    assert {line.split()[-1] for line in symbols.splitlines()} >= set(EMULATED)
+    return exe
+
+
+class EmulatedProbe:
+    """vsock_probe on the emulated vsock transport, driven line by line."""
+
+    def __init__(self, guarded, exe, rundir, emu_dir, mode, wrap=()):
+        env = env_for(rundir, "pure", guarded.library)
+        env.update(LD_LIBRARY_PATH=guarded.lib_dir, VSOCKCOMPAT_TRANSPORT="vsock", VSOCKCOMPAT_VSOCK_MODE=mode,
+                   VSOCK_EMU_DIR=emu_dir, VSOCKCOMPAT_DS_AUTOSTART="1")
+        self.proc = subprocess.Popen(list(wrap) + [exe], env=env, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def ask(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        assert answer.startswith(line.split()[0] + "="), (line, answer, self.proc.poll())
+        return answer.split("=", 1)[1].split()
+
+    def close(self):
+        out, err = self.proc.communicate("quit\n", timeout=60)
+        return self.proc.returncode, out, err
+
+
+def emulated_session(guarded, exe, rundir, tmp_path, mode, wrap=()):
+    """Two C processes on the emulated vsock: datagrams both ways, the largest one, verdicts both
+    ways, errors; returns both probes' (status, rest of stdout, stderr)."""
+    emu = str(tmp_path / "emu")
+    os.mkdir(emu)
+    a = EmulatedProbe(guarded, exe, rundir, emu, mode, wrap)
+    b = EmulatedProbe(guarded, exe, rundir, emu, mode, wrap)
+    try:
+        assert a.ask("init") == b.ask("init") == ["0"]
+        assert a.ask("create 0") == ["1", "1024"]
+        assert b.ask("create 0") == ["1", "1025"]  # 1024 is taken: the next port
+        assert a.ask("send 1 1025 69608") == ["69632"]
+        assert b.ask("recv") == ["69608", "1", "1024", "1"]
+        assert b.ask("send 1 1024 7") == ["31"]
+        assert a.ask("recv") == ["7", "1", "1025", "1"]
+        # b denies a: a learns it from b's verdict, and again once lifted
+        assert b.ask("deny 1 1024") == ["0"]
+        assert a.ask("sendwait 1 1025 -7") == ["-7"]
+        assert b.ask("allow 1 1024") == ["0"]
+        assert a.ask("sendwait 1 1025 1") == ["25"]
+        assert b.ask("recv") == ["1", "1", "1024", "0"]  # one byte "x", not the pattern
+        # errors
+        assert a.ask("send 1 4242 1") == ["-1"]
+        assert a.ask("send 0 5 1") == a.ask("send 3 5 1") == ["-10"]
+        assert a.ask("send 1 1025 69609") == ["-2"]
+        assert a.ask("shm") == ["1", "-20", "-20", "-21"]
+        assert a.ask("lookup anything") == ["-1", "4294967295", "4294967295"]  # no daemon, none started
+        assert not os.path.exists(os.path.join(rundir, "ds.log"))
+    finally:
+        results = a.close(), b.close()
+    return results
+
+
+@pytest.mark.parametrize("mode", ["seqpacket", "stream"])
+def test_c_to_c_over_emulated_vsock(guarded, emulated, rundir, tmp_path, mode):
+    for status, out, err in emulated_session(guarded, emulated, rundir, tmp_path, mode):
+        assert (status, out, err) == (0, "", "")
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@pytest.mark.parametrize("mode", ["seqpacket", "stream"])
+def test_c_to_c_over_emulated_vsock_under_valgrind(guarded, emulated, rundir, tmp_path, mode):
+    wrap = ["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "--quiet"]
+    for status, out, err in emulated_session(guarded, emulated, rundir, tmp_path, mode, wrap):
+        assert (status, out, err) == (0, "", "")
