@@ -76,15 +76,6 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_unlock(pthread_mutex_t *mutex)
 
 
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    short POLLOUT
-
-
 cdef extern from "<errno.h>" nogil:
     int EAGAIN
 
@@ -332,7 +323,7 @@ cdef class Link:
             room.fd = self._link.fd
             room.events = POLLOUT
             room.revents = 0
-            if poll(&room, 1, 0) > 0:
+            if c_poll(&room, 1, 0) > 0:  # poll.h: declared in _cqstream.pxi
                 return VSC_STALE
             return VMCI_ERROR_NO_RESOURCES
         rc = vsc_link_send(&self._link, buf, length, &err)
