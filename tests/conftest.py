@@ -99,6 +99,23 @@ def runtime(make_runtime):
     return make_runtime()
 
 
+@pytest.fixture
+def spawned_daemons(monkeypatch):
+    """The discovery daemons the client starts during the test (``ds_client._spawn`` counted)."""
+    from vsockcompat import ds_client
+
+    spawned = []
+    real_spawn = ds_client._spawn
+
+    def counting_spawn(rt):
+        proc = real_spawn(rt)
+        spawned.append(proc)
+        return proc
+
+    monkeypatch.setattr(ds_client, "_spawn", counting_spawn)
+    return spawned
+
+
 def child_env(rundir, core_name, cid=2, **extra):
     """Environment for a subprocess that uses vsockcompat on the same runtime directory and core."""
     env = dict(os.environ)

@@ -262,16 +262,8 @@ def test_daemon_process_exits_cleanly_on_sigterm(rundir, core, client):
         assert b"LOOKUP b'vmci public group'" in f.read()
 
 
-def test_autostart_starts_one_daemon_for_concurrent_clients(make_runtime, rundir, core, monkeypatch):
-    spawned = []
-    real_spawn = ds_client._spawn
-
-    def counting_spawn(rt):
-        proc = real_spawn(rt)
-        spawned.append(proc)
-        return proc
-
-    monkeypatch.setattr(ds_client, "_spawn", counting_spawn)
+def test_autostart_starts_one_daemon_for_concurrent_clients(make_runtime, rundir, core, spawned_daemons):
+    spawned = spawned_daemons
     runtimes = [make_runtime(), make_runtime()]
     barrier = threading.Barrier(2)
     results = [None, None]

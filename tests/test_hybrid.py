@@ -717,7 +717,7 @@ def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_pat
             mirrors_both_ways(region, other)
             other.detach()
             with pytest.raises(DstUnreachable, match="guest"):
-                SharedRegion.attach(region.handle, runtime=attacher_rt)
+                SharedRegion.attach((GUEST + 4, rid), runtime=attacher_rt)
             fake.answer = lambda port: "close"
             with pytest.raises(errors.NotFound):
                 SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
@@ -832,7 +832,8 @@ def test_stream_listeners_take_either_guest_and_name_it(core, rundir, two_vmms, 
     transport = Runtime(hybrid_settings(rundir, guests_of((vmm3, vmm4))), core=core).transport
     rid, listener = transport.listen_stream(None)
     try:
-        assert listener.paths == ("%s_%d" % (vmm3.path, rid), "%s_%d" % (vmm4.path, rid))
+        assert listener.paths == ("%s_%d" % (vmm3.path, rid), "%s_%d" % (vmm4.path, rid),
+                                  "%s_%d.host" % (vmm3.path, rid), "%s_%d.host" % (vmm4.path, rid))
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):
             listener.accept()

@@ -109,6 +109,8 @@ def test_create_query_attach_snapshot(fd_guard, two, rundir):
     assert bytes(b.buffer[:5]) == b"hello" and bytes(b.buffer[9995:]) == b"world"
     b.detach()
     a.detach()
+    # The creator's server ends once it has seen b's BYE (asynchronous: slow under load).
+    eventually(lambda: not a._loop.thread.is_alive(), "the creator kept serving")
     with pytest.raises(NotFound):
         query(a.handle, runtime=two[1])
     assert not [n for n in files(rundir) if ".mir" in n]

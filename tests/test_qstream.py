@@ -260,11 +260,17 @@ def test_waits_time_out(bed, core):
     assert a.wait_space(0) == VMCI_ERROR_INVALID_ARGS
 
 
+def waiting(call):
+    """``call()`` started in a thread: ``(thread, results)``, the result appended once it returns."""
+    got = []
+    t = threading.Thread(target=lambda: got.append(call()))
+    t.start()
+    return t, got
+
+
 def test_a_wait_sleeps_until_data_and_counts_the_frame(bed, core):
     qs, peer = raw_end(bed, core)
-    got = []
-    t = threading.Thread(target=lambda: got.append(qs.wait_data(WAIT)))
-    t.start()
+    t, got = waiting(lambda: qs.wait_data(WAIT))
     time.sleep(0.1)
     assert t.is_alive()
     peer.sendall(W.encode(W.DATA, 0, b"0123456789")[:W.HEADER.size + 3])   # the header and 3 bytes
@@ -277,9 +283,7 @@ def test_a_wait_sleeps_until_data_and_counts_the_frame(bed, core):
 
 def test_the_wake_fd_ends_a_wait(bed, core):
     qs, _peer = raw_end(bed, core)
-    got = []
-    t = threading.Thread(target=lambda: got.append(qs.wait_data(None)))
-    t.start()
+    t, got = waiting(lambda: qs.wait_data(None))
     time.sleep(0.1)
     assert not qs.close()                    # a thread sleeps inside: nothing freed
     bed.wakes[qs].send(b"\0")
@@ -293,9 +297,7 @@ def test_a_waiter_wakes_when_another_thread_reads_its_bytes(bed, core):
     the stream's bytes into the consume queue; the first is woken (the kick pipe)."""
     a, b = ends(bed, core, produce=100, consume=100)
     assert b.write(b"q" * 99) == 99
-    got = []
-    t = threading.Thread(target=lambda: got.append(a.wait_data(WAIT)))
-    t.start()
+    t, got = waiting(lambda: a.wait_data(WAIT))
     assert b.wait_space(1, 0.2) == VMCI_ERROR_TIMEOUT
     t.join(WAIT)
     assert got and got[0] > 0

@@ -214,10 +214,12 @@ class AccessControl:
         if resource == PUBLIC_GROUP or self._group(resource) is not None:
             return "group"
         t = self.transport
+        if not self._files and resource in self._owned:
+            return self._owned[resource]  # ours: on hybrid a region listens where endpoints do
         if t.endpoint_alive(resource):
             return "datagram"
         if not self._files:
-            return self._owned.get(resource)
+            return None
         base = os.path.join(t.context_dir(resource.context), "%d" % resource.resource)
         for suffix, kind in ((".shm", "sharedmem"), (".qp", "queuepair"), (".mir", "sharedmem"),
                              (".qst", "queuepair")):  # shared, then mirrored (mirror_link)

@@ -13,11 +13,14 @@ gives VMCI_ERROR_PAYLOAD_TOO_LARGE, any other malformed reply
 VMCI_ERROR_GENERIC.
 
 If no daemon answers at ``(1, 1)``, the runtime's ``ds_autostart`` is set and
-its transport is the local one, the first call starts one (``DAEMON_COMMAND``,
-idle exit 60 s), waits up to ``SPAWN_TIMEOUT`` seconds for it to bind ``(1, 1)``
-and sends once more. Over vsock the daemon lives on the host and is never started.
-Concurrent clients serialise on ``<rundir>/ds.spawn.lock`` so only one
-daemon is started.
+the daemon belongs on this machine (``starts_daemon``: the local transport, or the
+hybrid one on the host, whose daemon is given the same VMM sockets), the first call
+starts one (``DAEMON_COMMAND``, idle exit 60 s), waits up to ``SPAWN_TIMEOUT``
+seconds for it to bind ``(1, 1)`` and sends once more. Over vsock the daemon lives
+on the host and is never started. Concurrent clients serialise on
+``<rundir>/ds.spawn.lock`` so only one daemon is started. A daemon that cannot
+start (or exits first) gives the send's code (no service at ``(1, 1)``) at once,
+and its reason is in ``<rundir>/ds.log``.
 
 ``*_status`` functions return codes (for the SDK calls); the others raise the
 VMCIError of the code.
@@ -84,7 +87,7 @@ def _call(action: int, name, handle, runtime: Optional[Runtime],
     with ep:
         rc = ep.send_status(VMCI_DS_HANDLE, payload, len(payload))
         if (rc in (C.VMCI_ERROR_INVALID_RESOURCE, C.VMCI_ERROR_DST_UNREACHABLE) and rt.settings.ds_autostart
-                and rt.transport.name == "local"):  # over vsock the host's daemon is started by its admin
+                and starts_daemon(rt.transport)):
             if _start_daemon(rt):
                 rc = ep.send_status(VMCI_DS_HANDLE, payload, len(payload))
         if rc < 0:
@@ -108,6 +111,28 @@ def _await_reply(ep: DatagramEndpoint, msgid: int, deadline: float) -> Tuple[int
             return code, VMCI_INVALID_HANDLE, "malformed reply: %s" % exc.reason
         handle = reply.handle if reply.code == C.VMCI_SUCCESS else VMCI_INVALID_HANDLE
         return reply.code, handle, reply.msg.decode("utf-8", "replace")
+
+
+def starts_daemon(transport) -> bool:
+    """Whether a client on ``transport`` starts a missing daemon: on the local transport, and
+    on the hybrid one (which runs on the host, the daemon's place); over vsock the host's
+    daemon is started by its admin."""
+    return transport.name in ("local", "hybrid")
+
+
+def daemon_environ(rt: Runtime) -> dict:
+    """The environment of a daemon started for ``rt``: this process's, with the runtime's
+    directory, core and transport (on hybrid, its VMM sockets and their guest CIDs)."""
+    env = dict(os.environ)
+    env["VSOCKCOMPAT_RUNDIR"] = rt.settings.rundir
+    env["VSOCKCOMPAT_NO_EXTENSIONS"] = "1" if rt.core.NAME == "pure" else "0"
+    env["VSOCKCOMPAT_TRANSPORT"] = rt.transport.name
+    env["VSOCKCOMPAT_CID"] = str(C.VMCI_WELL_KNOWN_CONTEXT_ID)
+    if rt.transport.name == "hybrid":
+        env["VSOCKCOMPAT_HYBRID_UDS"] = ":".join(vmm.uds_path for vmm in rt.transport.vmms)
+        env["VSOCKCOMPAT_HYBRID_CID"] = ":".join(str(vmm.guest_cid) for vmm in rt.transport.vmms)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _start_daemon(rt: Runtime) -> bool:
@@ -145,10 +170,7 @@ def _start_daemon(rt: Runtime) -> bool:
 
 
 def _spawn(rt: Runtime) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["VSOCKCOMPAT_RUNDIR"] = rt.settings.rundir
-    env["VSOCKCOMPAT_NO_EXTENSIONS"] = "1" if rt.core.NAME == "pure" else "0"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env = daemon_environ(rt)
     with open(os.path.join(rt.settings.rundir, "ds.log"), "ab") as logfile:
         proc = subprocess.Popen(list(DAEMON_COMMAND) + ["--idle-exit", "60", "--quiet"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logfile,

@@ -19,8 +19,9 @@ Naming of a stream endpoint of kind ``suffix`` (``.mir`` regions, ``.qst`` queue
   ``AF_UNIX`` at ``<uds>_<rid>`` of every VMM socket (a ``ListenerSet``), where each VMM
   delivers its guest's connections to host port ``rid`` (so a guest reaches ``(2, rid)`` as
   over vsock); the peer is the guest of the socket it came through (``transport.hybrid``).
-  The host reaches a guest's endpoints through that guest's VMM (``CONNECT <rid>``). Only
-  host <-> guest: host programs share memory directly.
+  The host reaches a guest's endpoints through that guest's VMM (``CONNECT <rid>``). The
+  host's processes reach each other's at ``<uds>_<rid>.host`` (mirrored too, so a host
+  region is one region for the guests and the host's processes alike).
 """
 import contextlib
 import errno
@@ -223,7 +224,8 @@ def connect(runtime: Runtime, suffix: str, handle: VMCIHandle,
 def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> Optional[int]:
     """The context of a connected peer as the kernel says, or None if its claim is false.
 
-    vsock: the peer's CID. Hybrid: the guest's, for a stream the VMM delivered. Local
+    vsock: the peer's CID. Hybrid: the guest's, for a stream through a VMM; ``claimed``
+    for a host process of this user (``HybridTransport.stream_peer_context``). Local
     transport: the peer must be bound in ``c<claimed>/`` and run as the user who owns that
     directory (``SO_PEERCRED``), as datagram links are.
     """
@@ -231,7 +233,7 @@ def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> Optiona
         cid = sock.getpeername()[0]
         return runtime.transport.local_cid if cid == VMADDR_CID_LOCAL else cid
     if _is_hybrid(runtime.transport):
-        return runtime.transport.stream_peer_context(sock)
+        return runtime.transport.stream_peer_context(sock, claimed)
     return claimed if runtime.transport.peer_in_context(sock, claimed) else None
 
 

@@ -21,6 +21,11 @@ core, at ``HOST_RIDS[core]`` in context 2 (reached by every guest), each on its 
   (``vsockcompat <app> -s`` on that core, regions mirrored) and answers its first line of output once it printed
   it (``b"started: <line>"``), or ``b"failed: <reason>"``;
 * ``b"result"``: waits for that server to exit and answers ``b"<status>\\n<stdout>\\0<stderr>"``;
+* ``b"share"``: creates a mirrored region of ``SHARE_SIZE`` bytes here (context 2), writes
+  ``b"creator"`` at 0, and runs another host program (``SHARER``) that attaches to it at its
+  ``.host`` path, checks that, writes ``b"attacher"`` at 64 and detaches; answers
+  ``b"shared <rid> <its status> <its stderr>"``. The region lives until this process ends;
+* ``b"peek <rid> <offset> <n>"``: answers ``n`` bytes of that region's copy here at ``offset``;
 * anything else: echoed to its sender as ``payload + b" from <context>:<resource>"`` (the
   sender's handle as this side saw it).
 
@@ -50,6 +55,7 @@ from vsockcompat.datagram import DatagramEndpoint  # noqa: E402
 from vsockcompat.errors import Timeout, VMCIError  # noqa: E402
 from vsockcompat.handles import VMCIHandle  # noqa: E402
 from vsockcompat.runtime import Runtime  # noqa: E402
+from vsockcompat.sharedmem import SharedRegion  # noqa: E402
 
 #: The host endpoints' resource ids, one per core (the guest tests send to these).
 HOST_RIDS = {"cython": 5001, "pure": 5002}
@@ -60,6 +66,17 @@ START_WAIT = 30.0
 #: The most of a server's output ``result`` returns.
 OUTPUT_MAX = 16384
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(vsockcompat.__file__)))
+#: Bytes of a region ``share`` creates.
+SHARE_SIZE = 4096
+#: The second host program of ``share`` (argument: the region's resource id).
+SHARER = r"""
+import sys
+from vsockcompat.sharedmem import SharedRegion
+region = SharedRegion.attach((2, int(sys.argv[1])), %d)
+assert bytes(region.buffer[:7]) == b"creator", bytes(region.buffer[:7])
+region.buffer[64:72] = b"attacher"
+region.detach()
+""" % SHARE_SIZE
 
 
 def child_env(core=None, **extra):
@@ -101,12 +118,29 @@ def start_daemon(settings, log):
 
 
 class Samples:
-    """The one SDK sample server at a time that the guest's ``start`` runs here."""
+    """The one SDK sample server at a time that the guest's ``start`` runs here, and the regions
+    of ``share``."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.proc = None
         self.first = b""
+        self.regions = {}
+
+    def share(self, runtime, core):
+        region = SharedRegion.create(SHARE_SIZE, runtime=runtime)
+        with self.lock:
+            self.regions[region.handle.resource] = region
+        region.buffer[:7] = b"creator"
+        out = subprocess.run([sys.executable, "-c", SHARER, str(region.handle.resource)],
+                             env=child_env(core), stdin=subprocess.DEVNULL, capture_output=True,
+                             timeout=START_WAIT)
+        return b"shared %d %d %s" % (region.handle.resource, out.returncode, out.stderr[-OUTPUT_MAX:])
+
+    def peek(self, rid, offset, n):
+        with self.lock:
+            region = self.regions.get(rid)
+        return b"failed: no region" if region is None else bytes(region.buffer[offset:offset + n])
 
     def start(self, app, core):
         if app not in APPS or core not in HOST_RIDS:
@@ -159,6 +193,10 @@ def answer(ep, dg, runtime, samples, guest_cid):
         return samples.start(words[1].decode(), words[2].decode())
     if dg.payload == b"result":
         return samples.result()
+    if dg.payload == b"share":
+        return samples.share(runtime, runtime.core.NAME)
+    if words[0] == b"peek" and len(words) == 4:
+        return samples.peek(*map(int, words[1:]))
     return dg.payload + b" from %d:%d" % (dg.src.context, dg.src.resource)
 
 
@@ -189,6 +227,8 @@ def main():
         return 2
     rundir = tempfile.mkdtemp(prefix="vsc-host-")
     os.environ["VSOCKCOMPAT_RUNDIR"] = rundir      # the daemon's files, the samples' too
+    # The daemon is ours to start and watch: a lookup must not start another on demand.
+    os.environ["VSOCKCOMPAT_DS_AUTOSTART"] = "0"
     settings = Settings.from_environ()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -44,9 +44,15 @@ A link to context 1 or 2 connects to the destination's ``host_path`` on the firs
 one listens (so processes configured with different subsets of the sockets still meet), and
 sends the hello; a link to a guest goes through its VMM; any other context is
 ``DstUnreachable``. Mirrored regions and streamed queue pairs (``mirror_link``) use plain
-streams, between the host and the guests only: the owner's ``ListenerSet`` at
-``<uds_path>_<rid>`` of every socket (``listen_stream``), the host's connection through the
-guest's VMM (``connect_stream``).
+streams (no hello; their own HELLO frame carries the attacher's context): the owner's
+``ListenerSet`` at ``<uds_path>_<rid>`` and ``<uds_path>_<rid>.host`` of every socket
+(``listen_stream``); the host's connection to a guest goes through the guest's VMM, to another
+host process to its ``host_path`` (``connect_stream``). Host processes share a kernel, yet
+their regions are mirrored too rather than POSIX shared memory: one region is then one thing
+whoever attaches (guests and host processes alike, one creator serving all, one id space with
+the endpoints), as a host region of the SDK is one region for every context. The peer of such
+a stream is judged as a datagram link's: at (or to) a ``host_path``, a process of this user
+(``SO_PEERCRED``), in the host context its HELLO names (1 or 2, nothing else).
 
 Streams carry the vsock transport's stream mode (``transport.vsock``): the 8-byte hello, then
 frames back to back; the guest must run the vsock transport with ``VSOCKCOMPAT_VSOCK_MODE=stream``
@@ -138,6 +144,12 @@ def unix_listening(path: str) -> bool:
         if len(fields) == 8 and fields[7] == wanted and int(fields[3], 16) & _SO_ACCEPTCON:
             return True
     return False
+
+
+def _peer_creds(sock: socket.socket) -> Tuple[int, int]:
+    """``(pid, uid)`` of the process at the other end of a Unix stream (``SO_PEERCRED``)."""
+    pid, uid, _ = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+    return pid, uid
 
 
 class VMMSocket(NamedTuple):
@@ -390,10 +402,12 @@ class HybridTransport(StreamLinks, Transport):
             raise
         return self._start_link(sock, src, dst, stream=True)
 
-    def _connect_host(self, sock: socket.socket, dst: VMCIHandle) -> None:
-        """Connect to a host endpoint at the first of its ``host_paths`` that accepts;
-        InvalidResource if none listens."""
-        sock.settimeout(HANDSHAKE_TIMEOUT)
+    def _connect_host(self, sock: socket.socket, dst: VMCIHandle,
+                      timeout: Optional[float] = None) -> None:
+        """Connect to a host endpoint at the first of its ``host_paths`` that accepts within
+        ``timeout`` (None: ``HANDSHAKE_TIMEOUT``); InvalidResource if none listens."""
+        timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
+        sock.settimeout(timeout)
         for path in self.host_paths(dst.resource):
             try:
                 sock.connect(path)
@@ -402,7 +416,7 @@ class HybridTransport(StreamLinks, Transport):
                 continue
             except socket.timeout:
                 raise Timeout("endpoint %s did not accept within %gs"
-                              % (tuple(dst), HANDSHAKE_TIMEOUT)) from None
+                              % (tuple(dst), timeout)) from None
         raise InvalidResource("no endpoint %s on this host (%s)"
                               % (tuple(dst), " or ".join(self.host_paths(dst.resource))))
 
@@ -436,30 +450,41 @@ class HybridTransport(StreamLinks, Transport):
                                  % (uds, dst.resource, reply))
         return port
 
-    # Streams of mirrored regions and queue pairs (``mirror_link``): the guests' side only
+    # Streams of mirrored regions and queue pairs (``mirror_link``)
+
+    def stream_paths(self, rid: int) -> Tuple[str, ...]:
+        """Where a stream endpoint on port ``rid`` listens: for the guests and for the host."""
+        return self.port_paths(rid) + self.host_paths(rid)
 
     def listen_stream(self, resource: Optional[int]) -> Tuple[int, ListenerSet]:
         """A listener where every VMM delivers its guest's connections to ``resource`` (None: a
-        fresh id), in the id space of this transport's endpoints."""
-        rid, socks = self._bind(resource, self.port_paths)
+        fresh id), and where the host's processes connect (``host_path``), in the id space of
+        this transport's endpoints."""
+        rid, socks = self._bind(resource, self.stream_paths)
         try:
             for sock in socks:
                 sock.listen(socket.SOMAXCONN)
-            return rid, ListenerSet(socks, self.port_paths(rid))
+            return rid, ListenerSet(socks, self.stream_paths(rid))
         except BaseException:
             for sock in socks:
                 sock.close()
-            for path in self.port_paths(rid):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            self._unlink(rid)
             raise
 
     def connect_stream(self, dst: VMCIHandle, timeout: float) -> socket.socket:
-        """A stream to the guest's listener ``dst`` through its VMM; a VMCIError otherwise."""
-        vmm = self._vmm(dst, "on the hybrid transport mirrored regions and queue pairs")
+        """A stream to the listener ``dst``: a guest's through its VMM, a host process's
+        (context 1 or 2) at its ``host_path``; a VMCIError otherwise (InvalidResource when
+        nothing listens there)."""
+        host = dst.context in _HOST_CONTEXTS
+        vmm = None if host else self._vmm(dst, "on the hybrid transport mirrored regions and queue pairs")
+        if not 0 <= dst.resource <= _MAX_PORT:
+            raise InvalidResource("no endpoint %s" % (tuple(dst),))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._handshake(sock, vmm, dst, timeout)
+            if host:
+                self._connect_host(sock, dst, timeout)
+            else:
+                self._handshake(sock, vmm, dst, timeout)
             sock.settimeout(None)
         except BaseException:
             sock.close()
@@ -473,14 +498,23 @@ class HybridTransport(StreamLinks, Transport):
         vmm = self._by_uds.get(uds) if sep and port.isdigit() else None
         return None if vmm is None else vmm.guest_cid
 
-    def stream_peer_context(self, sock: socket.socket) -> Optional[int]:
-        """The guest at the other end of a stream: one ``listen_stream`` accepted (where it
-        arrived), or one ``connect_stream`` made (the VMM socket it is connected to); else None."""
+    def stream_peer_context(self, sock: socket.socket, claimed: Optional[int] = None) -> Optional[int]:
+        """The context at the other end of a stream, or None if ``claimed`` (what its HELLO
+        says) is not believed: the guest of a stream ``listen_stream`` accepted from a VMM, or
+        ``connect_stream`` made through one; for a stream at (or to) a ``host_path``, ``claimed``
+        if it is a host context and the process there runs as this user (``SO_PEERCRED``)."""
         cid = self.arrival_cid(sock)
-        if cid is None:
-            vmm = self._by_uds.get(sock.getpeername())
-            cid = None if vmm is None else vmm.guest_cid
-        return cid
+        if cid is not None:
+            return cid
+        peer = sock.getpeername()
+        vmm = self._by_uds.get(peer)
+        if vmm is not None:
+            return vmm.guest_cid
+        if not (sock.getsockname().endswith(HOST_SUFFIX) or peer.endswith(HOST_SUFFIX)):
+            return None
+        if claimed not in _HOST_CONTEXTS or _peer_creds(sock)[1] != os.getuid():
+            return None
+        return claimed
 
     # Identity
 
@@ -489,7 +523,7 @@ class HybridTransport(StreamLinks, Transport):
         if not conn.getsockname().endswith(HOST_SUFFIX):  # the kernel's word: where it arrived
             cid = self.arrival_cid(conn)
             return None if well_known or cid is None else Peer(VMCIHandle(cid, rid), 0, None)
-        pid, uid, _ = _CREDS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+        pid, uid = _peer_creds(conn)
         if uid != os.getuid():
             return None
         context = VMCI_WELL_KNOWN_CONTEXT_ID if well_known else VMCI_HOST_CONTEXT_ID
