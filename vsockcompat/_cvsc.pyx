@@ -78,6 +78,18 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef extern from "<errno.h>" nogil:
     int EAGAIN
+    int ENOMEM
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int c_shutdown "shutdown"(int fd, int how)
+    int SHUT_WR
+
+
+cdef extern from "<poll.h>" nogil:  # pollfd and c_poll: declared in _cqstream.pxi
+    short POLLHUP
+    short POLLERR
+    short POLLNVAL
 
 
 cdef extern from *:
@@ -274,10 +286,12 @@ cdef class Link:
         """From now on a send that finds the socket full (``EAGAIN``) seals the link.
 
         For a socket whose non-blocking send may write *part* of a message before failing with
-        ``EAGAIN`` (an AF_VSOCK SEQPACKET one): that send returns VMCI_ERROR_NO_RESOURCES and
-        nothing is ever sent on the socket again, so no later message can join the cut one.
-        A sealed link's ``send`` returns VMCI_ERROR_NO_RESOURCES while the socket has no room
-        (one ``poll``), and STALE once it has (the receiver drained: replace the link).
+        ``EAGAIN`` (an AF_VSOCK SEQPACKET one): that send returns VMCI_ERROR_NO_RESOURCES, the
+        socket is shut down for writing (``SHUT_WR``: the receiver reads every whole message
+        sent before the cut, then the end; a cut message is never delivered) and nothing is
+        sent on it again. A sealed link's ``send`` returns VMCI_ERROR_NO_RESOURCES until the
+        receiver has closed the connection (one ``poll``: a hang-up), and STALE from then on
+        (everything sent before the seal was read: replace the link, FIFO order is kept).
         """
         if not self._seal_ready:
             rc = pthread_mutex_init(&self._seal_lock, NULL)
@@ -288,7 +302,8 @@ cdef class Link:
 
     @property
     def sealed(self):
-        """True once a send found the socket full after ``seal_when_full``."""
+        """True once a send found the socket full after ``seal_when_full`` (and shut it down
+        for writing)."""
         return bool(self._sealed)
 
     def send(self, payload, Py_ssize_t length):
@@ -314,28 +329,36 @@ cdef class Link:
 
     cdef int _send_sealing(self, const void *buf, uint64_t length) noexcept nogil:
         """``vsc_link_send`` under the seal lock: a send that meets ``EAGAIN`` seals the link
-        before any other thread may send."""
-        cdef int rc, err
-        cdef pollfd room
+        (and shuts the socket down for writing) before any other thread may send."""
+        cdef int rc, err = 0
+        cdef pollfd gone
         pthread_mutex_lock(&self._seal_lock)
         if self._sealed:
+            gone.fd = self._link.fd
+            gone.events = 0  # hang-ups and errors are reported whatever is asked
+            gone.revents = 0
+            rc = VMCI_ERROR_NO_RESOURCES
+            if gone.fd < 0:
+                rc = VSC_PEER_GONE
+            elif c_poll(&gone, 1, 0) > 0 and gone.revents & (POLLHUP | POLLERR | POLLNVAL):
+                rc = VSC_STALE
             pthread_mutex_unlock(&self._seal_lock)
-            room.fd = self._link.fd
-            room.events = POLLOUT
-            room.revents = 0
-            if c_poll(&room, 1, 0) > 0:  # poll.h: declared in _cqstream.pxi
-                return VSC_STALE
-            return VMCI_ERROR_NO_RESOURCES
+            return rc
         rc = vsc_link_send(&self._link, buf, length, &err)
-        if err == EAGAIN:
+        if err == EAGAIN or err == ENOMEM:  # the errors Linux may return after a partial send
             self._sealed = True
+            c_shutdown(self._link.fd, SHUT_WR)  # fails only on a connection already gone
         pthread_mutex_unlock(&self._seal_lock)
         return rc
 
     def close(self):
         """Stop sending (waits for a send in progress); the caller then closes the socket."""
         with nogil:
+            if self._seal_ready:  # a sealing send reads the descriptor under this lock
+                pthread_mutex_lock(&self._seal_lock)
             vsc_link_close(&self._link)
+            if self._seal_ready:
+                pthread_mutex_unlock(&self._seal_lock)
 
 
 cdef class Receiver:

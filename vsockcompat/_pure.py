@@ -203,11 +203,24 @@ def _hung_up(sock):
     return bool(poller.poll(0))
 
 
-def _has_room(sock):
-    """Whether ``sock`` can take a send now (a sealed link's receiver drained)."""
+_GONE_EVENTS = select.POLLHUP | select.POLLERR | select.POLLNVAL
+#: The errors after which Linux may have sent part of a SEQPACKET message (a sealing link's).
+_CUT_ERRNOS = (errno.EAGAIN, errno.ENOMEM)
+
+
+def _peer_closed(sock):
+    """Whether the receiver of a sealed (write-shut) link closed its end: a hang-up or error."""
     poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(0))
+    poller.register(sock, 0)  # hang-ups and errors are reported whatever is asked
+    return any(revents & _GONE_EVENTS for _, revents in poller.poll(0))
+
+
+def _seal(sock):
+    """Shut ``sock`` down for writing: its receiver reads what came before, then the end."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # a connection already gone: the next send sees the hang-up
+        pass
 
 
 def _send_locked(sock, account, header, view, length):
@@ -258,8 +271,8 @@ class Link:
         self._epoch = self._words[_W_ACL_EPOCH]
 
     def seal_when_full(self):
-        """See the Cython core: from now on a send that meets ``EAGAIN`` seals the link (it
-        returns NO_RESOURCES, then STALE once the socket has room) and nothing more is sent."""
+        """See the Cython core: from now on a send that meets ``EAGAIN`` seals the link (shut
+        down for writing; NO_RESOURCES until the receiver closed it, then STALE)."""
         self._seal = True
 
     def send(self, payload, length):
@@ -295,7 +308,7 @@ class Link:
             if self._closed or words[_W_CLOSED]:
                 return PEER_GONE
             if self.sealed:
-                return STALE if _has_room(self._sock) else VMCI_ERROR_NO_RESOURCES
+                return STALE if _peer_closed(self._sock) else VMCI_ERROR_NO_RESOURCES
             total = VMCI_DG_HEADERSIZE + length
             produced = words[_W_PRODUCED]
             consumed = words[_W_CONSUMED]
@@ -309,8 +322,9 @@ class Link:
                     self._sock.sendmsg((header, data), (), _SEND_FLAGS)
             except OSError as exc:
                 words[_W_PRODUCED] = produced
-                if self._seal and exc.errno == errno.EAGAIN:
+                if self._seal and exc.errno in _CUT_ERRNOS:
                     self.sealed = True  # under the lock: no other send can follow a cut message
+                    _seal(self._sock)
                 return _SEND_ERRNO_STATUS.get(exc.errno, VMCI_ERROR_GENERIC)
             return total
         finally:

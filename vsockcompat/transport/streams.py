@@ -8,9 +8,11 @@
   guests: ``pieces.py``, or a hybrid transport's connection);
 * the **direct** link of a SEQPACKET connection: the core sends each datagram on the connection
   itself (one ``sendmsg``, on the caller's thread) and seals the link when a send finds it full
-  (``Link.seal_when_full``: that send may have cut its message, so nothing more is sent on it;
-  the sender gets VMCI_ERROR_NO_RESOURCES until the receiver drained, then a fresh link); a
-  **watch** thread only reads what the receiver writes back (verdicts) and sees hang-ups;
+  (``Link.seal_when_full``: that send may have cut its message, so the connection is shut
+  down for writing and nothing more is sent on it; the sender gets VMCI_ERROR_NO_RESOURCES
+  until the receiver has read what came before the cut and closed the connection at its end,
+  then a fresh link: FIFO order holds across the seal); a **watch** thread only reads what the
+  receiver writes back (verdicts) and sees hang-ups;
 * the **stream receiver** (``StreamListener``): a listening stream socket whose connections are
   read by threads that split them into frames and hand each one to the core as a message;
 * ``StreamLinks``: the link and account helpers of transports built on these.
@@ -424,7 +426,9 @@ class StreamLinks:
             pass
         pump.join(PUMP_JOIN_TIMEOUT)
         vs.close()
-        self._release(link.account, link.page)
+        # Not unmapped here: another thread may be about to send on the core's link, which
+        # holds the account (its page goes with the last holder); closed, it sends nothing.
+        link.account.mark_closed()
 
     def _stream_peer(self, conn) -> Optional[Peer]:
         """The identity a StreamListener found for a connection it handed over (None: refused)."""

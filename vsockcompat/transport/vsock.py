@@ -18,11 +18,17 @@ Mapping (DESIGN.md, "Mapping the SDK onto today's kernels"):
   fail with ``EAGAIN`` when the receiver's buffer is full, leaving the receiver a message
   without its end (never delivered: it lacks its end-of-record mark) which the next message
   would complete into a merged one. So the first ``EAGAIN`` **seals** the link
-  (``Link.seal_when_full``): that send and the next ones return ``VMCI_ERROR_NO_RESOURCES``,
-  nothing more is sent on the connection, and once it has room again (the receiver read what
-  came before the cut) the endpoint closes it and opens a fresh one. Datagrams sent before
-  the seal and after it travel on two connections, so the receiver may take them out of order.
-  A watch thread per link reads the verdicts the receiver writes back and sees hang-ups.
+  (``Link.seal_when_full``): that send and the next ones return ``VMCI_ERROR_NO_RESOURCES``
+  and the connection is shut down for writing (``SHUT_WR``). The receiver then reads every
+  whole datagram sent before the cut and, after them, the end of the connection: a message
+  without its end-of-record mark is never delivered (``virtio_transport_common.c`` counts
+  only messages whose last packet carries ``VIRTIO_VSOCK_SEQ_EOM``, and a receive with none
+  counted and the peer's sending side shut returns 0), and every receiver (both cores, the C
+  library) closes a connection at its end. Only once it has (a hang-up on the sealed
+  connection) does the endpoint open a fresh link, so FIFO order per sender holds across the
+  seal, with no change on the wire. A receiver that never reads keeps its sender refused (its
+  queue is full); one that goes away gives the usual peer-gone path below. A watch thread per
+  link reads the verdicts the receiver writes back and sees hang-ups.
 
 Modes (``VSOCKCOMPAT_VSOCK_MODE``, decided by ``choose_mode`` with ``socket()`` only, no traffic):
 ``seqpacket`` (virtio, vhost, loopback; the default where the kernel has it), or ``stream``:
