@@ -18,6 +18,11 @@ links), in the same run. They take turns, ``--rounds`` times each per payload si
 ``--count`` round trips, timed by the client. It prints the median round-trip time of each and
 their ratios to raw (target <= 1.3x with the Cython core). A benchmark reports, it never fails
 on timing: status 0 when every round completed, 1 otherwise.
+
+``--syscalls`` counts instead of timing (counts are not noisy under load): the system calls per
+64 B round trip between two endpoints of one process (a client and an echo thread, receives
+waiting with a timeout), direct then pumped links, each from ``strace -f -c`` over ``--count``
+round trips minus the same program making none (its start, the endpoints, the links).
 """
 import argparse
 import importlib.util
@@ -207,6 +212,81 @@ def measure(args):
     return results, ok, rt.core.NAME, rt.transport.mode
 
 
+# ------------------------------------------------------------------ system calls (--syscalls)
+
+#: Calls of the Python runtime itself rather than of the datagram path (the GIL, the allocator).
+RUNTIME_CALLS = ("futex", "mmap", "munmap", "madvise", "brk", "mprotect")
+
+
+def round_trips(core, kind, count):
+    """The program ``strace`` counts: one warm-up, then ``count`` 64 B round trips."""
+    import threading
+
+    from vsockcompat.datagram import DatagramEndpoint
+
+    rundir = tempfile.mkdtemp(prefix="vsc", dir="/tmp")
+    rt = runtime(core, "seqpacket", rundir, pumped=kind == "pumped")
+    client, echo = DatagramEndpoint(runtime=rt), DatagramEndpoint(runtime=rt)
+
+    def serve():
+        view = memoryview(bytearray(70000))
+        for _ in range(count + 1):
+            n, src = echo.recv_status(view, TIMEOUT)
+            echo.send_status(src, view, n)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    payload, view = bytes(64), memoryview(bytearray(70000))
+    ok = True
+    for _ in range(count + 1):
+        ok = ok and client.send_status(echo.handle, payload, 64) >= 0 and client.recv_status(view, TIMEOUT)[0] == 64
+    server.join(TIMEOUT)
+    client.close()
+    echo.close()
+    shutil.rmtree(rundir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def strace_counts(text):
+    """``{syscall: calls}`` from the table of ``strace -c``."""
+    counts = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1] != "total" and fields[3].isdigit():
+            counts[fields[-1]] = int(fields[3])
+    return counts
+
+
+def count_calls(args):
+    """Print the system calls per round trip of direct and pumped links; False if a run failed."""
+    strace = shutil.which("strace")
+    if strace is None:
+        print("vsock_pingpong: --syscalls needs strace", file=sys.stderr)
+        return False
+    per_trip = {}
+    for kind in ("direct", "pumped"):
+        runs = {}
+        for count in (0, args.count):
+            with tempfile.NamedTemporaryFile("r", prefix="vsc-strace") as out:
+                cmd = [strace, "-f", "-c", "-o", out.name, sys.executable, os.path.abspath(__file__),
+                       "--core", args.core, "--calls-of", kind, "--count", str(count)]
+                if subprocess.run(cmd, timeout=TIMEOUT * 5).returncode != 0:
+                    return False
+                runs[count] = strace_counts(out.read())
+        per_trip[kind] = {name: (runs[args.count].get(name, 0) - runs[0].get(name, 0)) / args.count
+                          for name in set(runs[0]) | set(runs[args.count])}
+    print("vsock system calls per 64 B round trip, Linux %s, core %s, one process, %d round trips "
+          "minus none (strace -f -c)" % (platform.release(), args.core, args.count))
+    names = sorted({n for calls in per_trip.values() for n, v in calls.items() if abs(v) >= 0.05})
+    print("%-16s %8s %8s" % ("call", "direct", "pumped"))
+    for name in names:
+        print("%-16s %8.2f %8.2f" % (name, per_trip["direct"].get(name, 0), per_trip["pumped"].get(name, 0)))
+    for title, left_out in (("total", ()), ("without runtime", RUNTIME_CALLS)):
+        totals = [sum(v for n, v in per_trip[kind].items() if n not in left_out) for kind in ("direct", "pumped")]
+        print("%-16s %8.2f %8.2f   direct/pumped %.2fx" % (title, totals[0], totals[1], totals[0] / totals[1]))
+    return True
+
+
 def main(argv=None):
     parser = base_parser(__doc__)
     parser.add_argument("--count", type=int, default=2000, help="round trips per round")
@@ -214,6 +294,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="--count 500 --rounds 3")
     parser.add_argument("--pumped", action="store_true",
                         help="also measure pumped links (as before direct links), in the same run")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count system calls per round trip (strace), direct and pumped, instead of timing")
+    parser.add_argument("--calls-of", choices=("direct", "pumped"), help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rundir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -222,6 +305,10 @@ def main(argv=None):
         return refused
     if args.serve:
         return serve(args.core, args.mode, args.rundir)
+    if args.calls_of:
+        return round_trips(args.core, args.calls_of, args.count)
+    if args.syscalls:
+        return 0 if count_calls(args) else 1
     if args.quick:
         args.count, args.rounds = 500, 3
     results, ok, core, mode = measure(args)
