@@ -345,7 +345,8 @@ def test_refused_until_the_receiver_drained_then_in_order_on_a_fresh_link(endpoi
     assert len(refused) == 5 and not set(refused) & set(accepted)
 
 
-def _receive(endpoint, count, out):
+def _receive(endpoint, count, out, start):
+    start.wait(WAIT)
     for _ in range(count):
         out.append(endpoint.recv(timeout=WAIT).payload)
 
@@ -357,7 +358,8 @@ def test_senders_that_retry_keep_fifo_across_many_seals(endpoints):
     senders, count = 3, 300
     seals = set()
     got = []
-    reader = threading.Thread(target=_receive, args=(b, senders * count, got))
+    refused = threading.Event()  # the link fills (and seals) first, however fast the reader is
+    reader = threading.Thread(target=_receive, args=(b, senders * count, got, refused))
     reader.start()
 
     def send(me):
@@ -372,6 +374,7 @@ def test_senders_that_retry_keep_fifo_across_many_seals(endpoints):
                     state = a._links.get(b.handle)
                     if state is not None and state.sender.sealed:
                         seals.add(id(state.sender))
+                    refused.set()
                     assert time.monotonic() < deadline, "refused for %s s" % WAIT
                     time.sleep(0.001)
 

@@ -114,8 +114,10 @@ def test_senders_that_retry_keep_fifo_across_seals(pair):
     a, b = pair
     senders, count = 3, 60
     got, seals = [], set()
+    refused = threading.Event()
 
     def receive():
+        refused.wait(WAIT)  # the link fills (and seals) first, however fast this reader is
         for _ in range(senders * count):
             got.append(b.recv(timeout=WAIT).payload)
 
@@ -130,6 +132,7 @@ def test_senders_that_retry_keep_fifo_across_seals(pair):
                     state = a._links.get(b.handle)
                     if state is not None and state.sender.sealed:
                         seals.add(id(state.sender))
+                    refused.set()
                     raise
             _send_until_accepted(once)
 
