@@ -74,6 +74,13 @@ class Link:
     def watch_acl(self) -> None:
         """Read the receiver's ACL epoch word; from then on ``send`` returns STALE (sending
         nothing) once the word differs."""
+    def seal_when_full(self) -> None:
+        """From now on a send that meets ``EAGAIN`` (or ``ENOMEM``) seals the link: it fails,
+        the socket is shut down for writing and nothing more is sent on it; a sealed link's
+        ``send`` returns VMCI_ERROR_NO_RESOURCES until the receiver hangs up (it read all that
+        came before the seal, then the end), STALE from then on."""
+    @property
+    def sealed(self) -> bool: ...
     def send(self, payload: Buffer, length: int) -> int: ...
     def close(self) -> None: ...
 

@@ -40,6 +40,7 @@ cdef extern from "vsc_dgram.h" nogil:
     int VSC_ACCT_OFF_ACL_EPOCH
     int VMCI_DG_HEADERSIZE
     int VMCI_ERROR_INVALID_ARGS
+    int VMCI_ERROR_NO_RESOURCES
 
     void vsc_dg_encode_header(uint8_t *out, const vsc_dg_header *h)
     void vsc_dg_decode_header(const uint8_t *inp, vsc_dg_header *h)
@@ -64,6 +65,31 @@ cdef extern from "vsc_dgram.h" nogil:
 
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+
+
+cdef extern from "<errno.h>" nogil:
+    int EAGAIN
+    int ENOMEM
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int c_shutdown "shutdown"(int fd, int how)
+    int SHUT_WR
+
+
+cdef extern from "<poll.h>" nogil:  # pollfd and c_poll: declared in _cqstream.pxi
+    short POLLHUP
+    short POLLERR
+    short POLLNVAL
 
 
 cdef extern from *:
@@ -229,6 +255,10 @@ cdef class Link:
     cdef uint8_t *_page
     cdef uint64_t _epoch
     cdef bint _watch
+    cdef bint _seal
+    cdef bint _sealed
+    cdef bint _seal_ready
+    cdef pthread_mutex_t _seal_lock
 
     def __cinit__(self, sock, Account account not None, uint32_t dst_context, uint32_t dst_resource,
                   uint32_t src_context, uint32_t src_resource):
@@ -248,6 +278,34 @@ cdef class Link:
         self._epoch = _acl_epoch(self._account.page())
         self._watch = True
 
+    def __dealloc__(self):
+        if self._seal_ready:
+            pthread_mutex_destroy(&self._seal_lock)
+
+    def seal_when_full(self):
+        """From now on a send that finds the socket full (``EAGAIN``) seals the link.
+
+        For a socket whose non-blocking send may write *part* of a message before failing with
+        ``EAGAIN`` (an AF_VSOCK SEQPACKET one): that send returns VMCI_ERROR_NO_RESOURCES, the
+        socket is shut down for writing (``SHUT_WR``: the receiver reads every whole message
+        sent before the cut, then the end; a cut message is never delivered) and nothing is
+        sent on it again. A sealed link's ``send`` returns VMCI_ERROR_NO_RESOURCES until the
+        receiver has closed the connection (one ``poll``: a hang-up), and STALE from then on
+        (everything sent before the seal was read: replace the link, FIFO order is kept).
+        """
+        if not self._seal_ready:
+            rc = pthread_mutex_init(&self._seal_lock, NULL)
+            if rc != 0:
+                raise OSError(rc, "cannot create the link's seal lock")
+            self._seal_ready = True
+        self._seal = True
+
+    @property
+    def sealed(self):
+        """True once a send found the socket full after ``seal_when_full`` (and shut it down
+        for writing)."""
+        return bool(self._sealed)
+
     def send(self, payload, Py_ssize_t length):
         """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``)."""
         return self._send(payload, length)
@@ -262,14 +320,45 @@ cdef class Link:
             PyBuffer_Release(&view)
             return VMCI_ERROR_INVALID_ARGS
         with nogil:
-            rc = vsc_link_send(&self._link, view.buf, <uint64_t>length, &err)
+            if self._seal:
+                rc = self._send_sealing(view.buf, <uint64_t>length)
+            else:
+                rc = vsc_link_send(&self._link, view.buf, <uint64_t>length, &err)
         PyBuffer_Release(&view)
+        return rc
+
+    cdef int _send_sealing(self, const void *buf, uint64_t length) noexcept nogil:
+        """``vsc_link_send`` under the seal lock: a send that meets ``EAGAIN`` seals the link
+        (and shuts the socket down for writing) before any other thread may send."""
+        cdef int rc, err = 0
+        cdef pollfd gone
+        pthread_mutex_lock(&self._seal_lock)
+        if self._sealed:
+            gone.fd = self._link.fd
+            gone.events = 0  # hang-ups and errors are reported whatever is asked
+            gone.revents = 0
+            rc = VMCI_ERROR_NO_RESOURCES
+            if gone.fd < 0:
+                rc = VSC_PEER_GONE
+            elif c_poll(&gone, 1, 0) > 0 and gone.revents & (POLLHUP | POLLERR | POLLNVAL):
+                rc = VSC_STALE
+            pthread_mutex_unlock(&self._seal_lock)
+            return rc
+        rc = vsc_link_send(&self._link, buf, length, &err)
+        if err == EAGAIN or err == ENOMEM:  # the errors Linux may return after a partial send
+            self._sealed = True
+            c_shutdown(self._link.fd, SHUT_WR)  # fails only on a connection already gone
+        pthread_mutex_unlock(&self._seal_lock)
         return rc
 
     def close(self):
         """Stop sending (waits for a send in progress); the caller then closes the socket."""
         with nogil:
+            if self._seal_ready:  # a sealing send reads the descriptor under this lock
+                pthread_mutex_lock(&self._seal_lock)
             vsc_link_close(&self._link)
+            if self._seal_ready:
+                pthread_mutex_unlock(&self._seal_lock)
 
 
 cdef class Receiver:

@@ -214,6 +214,26 @@ def _hung_up(sock):
     return bool(poller.poll(0))
 
 
+_GONE_EVENTS = select.POLLHUP | select.POLLERR | select.POLLNVAL
+#: The errors after which Linux may have sent part of a SEQPACKET message (a sealing link's).
+_CUT_ERRNOS = (errno.EAGAIN, errno.ENOMEM)
+
+
+def _peer_closed(sock):
+    """Whether the receiver of a sealed (write-shut) link closed its end: a hang-up or error."""
+    poller = select.poll()
+    poller.register(sock, 0)  # hang-ups and errors are reported whatever is asked
+    return any(revents & _GONE_EVENTS for _, revents in poller.poll(0))
+
+
+def _seal(sock):
+    """Shut ``sock`` down for writing: its receiver reads what came before, then the end."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # a connection already gone: the next send sees the hang-up
+        pass
+
+
 def _send_locked(sock, account, header, view, length):
     words = account._words
     if words[_W_CLOSED]:
@@ -242,7 +262,8 @@ class Link:
     Thread-safe: sends and ``close`` serialise on the receiver's account lock.
     """
 
-    __slots__ = ("_sock", "_account", "_handles", "_closed", "_epoch", "_words", "_lock", "_header")
+    __slots__ = ("_sock", "_account", "_handles", "_closed", "_epoch", "_words", "_lock", "_header",
+                 "_seal", "sealed")
 
     def __init__(self, sock, account, dst_context, dst_resource, src_context, src_resource):
         self._sock = sock
@@ -253,10 +274,17 @@ class Link:
         self._words = account._words
         self._lock = ctypes.cast(account.lock, _MUTEX)  # made once: ctypes calls are the cost here
         self._header = (-1, None)  # (length, header) of the last send: a stream repeats its length
+        self._seal = False
+        self.sealed = False
 
     def watch_acl(self):
         """See the Cython core: ``send`` returns STALE once the receiver's ACL epoch word changes."""
         self._epoch = self._words[_W_ACL_EPOCH]
+
+    def seal_when_full(self):
+        """See the Cython core: from now on a send that meets ``EAGAIN`` seals the link (shut
+        down for writing; NO_RESOURCES until the receiver closed it, then STALE)."""
+        self._seal = True
 
     def send(self, payload, length):
         """Send ``length`` bytes of ``payload``: the frame size or a status (see ``vsc_link_send``).
@@ -289,6 +317,8 @@ class Link:
         try:
             if self._closed or words[_W_CLOSED]:
                 return PEER_GONE
+            if self.sealed:
+                return STALE if _peer_closed(self._sock) else VMCI_ERROR_NO_RESOURCES
             total = VMCI_DG_HEADERSIZE + length
             produced = words[_W_PRODUCED]
             limit = words[_W_LIMIT]
@@ -303,6 +333,9 @@ class Link:
                     self._sock.sendmsg((header, data), (), _SEND_FLAGS)
             except OSError as exc:
                 words[_W_PRODUCED] = produced
+                if self._seal and exc.errno in _CUT_ERRNOS:
+                    self.sealed = True  # under the lock: no other send can follow a cut message
+                    _seal(self._sock)
                 return _SEND_ERRNO_STATUS.get(exc.errno, VMCI_ERROR_GENERIC)
             return total
         finally:

@@ -23,6 +23,7 @@ from .constants import (
     VMCI_ERROR_NO_MEM,
     VMCI_ERROR_NO_ACCESS,
     VMCI_ERROR_NO_MORE_DATAGRAMS,
+    VMCI_ERROR_NO_RESOURCES,
     VMCI_ERROR_TIMEOUT,
     VMCI_MAX_DG_PAYLOAD_SIZE,
 )
@@ -35,6 +36,8 @@ log = logging.getLogger("vsockcompat")
 _SPILL_SIZE = VMCI_MAX_DG_PAYLOAD_SIZE + 1
 #: Links (cached connections to destinations) an endpoint keeps at most; the oldest go first.
 MAX_LINKS = 256
+#: Sealed links (filled, then drained by their receiver) one send may replace before it gives up.
+MAX_RELINKS = 8
 
 
 class Datagram(NamedTuple):
@@ -84,6 +87,8 @@ class _OpenLink:
     def __init__(self, sender, link):
         self.sender = sender
         self.link = link
+        if link.direct:
+            sender.seal_when_full()
         if link.verdict is None:
             sender.watch_acl()  # the epoch first, then the privileges it covers
         else:
@@ -199,7 +204,9 @@ class DatagramEndpoint:
     def _send_slow(self, dst: VMCIHandle, buf, length: int, failed) -> int:
         """``send_status`` through a fresh link (the Fastpath calls this): none was cached, or
         the sender ``failed`` found its receiver gone or its privileges changed (then one
-        fresh attempt)."""
+        fresh attempt). A sealed link its receiver closed once drained (``Link.seal_when_full``;
+        other threads may fill and drain a fresh one meanwhile) is replaced without counting as
+        an attempt, at most MAX_RELINKS times per send."""
         attempts = 2
         if failed is not None:
             attempts = 1
@@ -209,7 +216,8 @@ class DatagramEndpoint:
                 if rc is not None:
                     return rc
                 self._close_link(dst, state)
-        for _ in range(attempts):
+        relinks = 0
+        while attempts > 0:
             try:
                 state = self._open_link(dst)
             except VMCIError as exc:
@@ -224,8 +232,13 @@ class DatagramEndpoint:
             rc = self._judged_send(dst, state, buf, length)
             if rc is not None:
                 return rc
+            if state.sender.sealed and relinks < MAX_RELINKS:
+                relinks += 1  # drained and closed by a live receiver: not an attempt
+            else:
+                attempts -= 1
             self._close_link(dst, state)
-        return VMCI_ERROR_INVALID_RESOURCE
+        # Still sealed ones: a live receiver, busy (other senders fill each fresh link at once).
+        return VMCI_ERROR_NO_RESOURCES if state.sender.sealed else VMCI_ERROR_INVALID_RESOURCE
 
     def _judged_send(self, dst: VMCIHandle, state: _OpenLink, buf, length: int) -> Optional[int]:
         """Send again on a link whose send was refused, if it was for the receiver's verdict:
@@ -301,12 +314,17 @@ class DatagramEndpoint:
         """Links whose receiver hung up, then the oldest ones past MAX_LINKS. Under _link_lock."""
         poller = select.poll()
         by_fd = {}
+        stale = []
         for dst, state in self._links.items():
+            if state.link.direct:  # its receiver writes verdicts on it: its watch sees hang-ups
+                if state.link.verdict.ended:
+                    stale.append((dst, state))
+                continue
             fd = state.link.sock.fileno()
             by_fd[fd] = (dst, state)
             poller.register(fd, select.POLLIN)
-        # A receiver never writes on a link: any event is a hang-up or an error.
-        stale = [by_fd[fd] for fd, _ in poller.poll(0)]
+        # A receiver never writes on a pumped link's end: any event is a hang-up or an error.
+        stale.extend(by_fd[fd] for fd, _ in poller.poll(0))
         excess = len(self._links) - len(stale) - (MAX_LINKS - 1)
         if excess > 0:
             gone = {dst for dst, _ in stale}

@@ -33,6 +33,9 @@ class Link(NamedTuple):
     account: object  # core.Account of the destination
     page: object
     verdict: object = None  # a LinkVerdict where the receiver tells its verdicts (feature "verdicts")
+    #: The core sends on the connection itself, whose non-blocking send may cut a message when
+    #: full: its sender must ``seal_when_full`` (AF_VSOCK SEQPACKET links, ``streams.py``).
+    direct: bool = False
 
 
 class Transport(abc.ABC):

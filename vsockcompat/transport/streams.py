@@ -4,8 +4,15 @@
   the well-known context 1): wire format in ``transport/vsock.py``;
 * the **pump** of a link: the core sends each datagram, without blocking and all or nothing, on
   one end of an AF_UNIX SEQPACKET pair; a thread forwards each message with a blocking send on
-  the real connection (a SEQPACKET one, or a stream where the frames go back to back, cut in
-  pieces between sibling guests: ``pieces.py``);
+  the real connection (a stream where the frames go back to back, cut in pieces between sibling
+  guests: ``pieces.py``, or a hybrid transport's connection);
+* the **direct** link of a SEQPACKET connection: the core sends each datagram on the connection
+  itself (one ``sendmsg``, on the caller's thread) and seals the link when a send finds it full
+  (``Link.seal_when_full``: that send may have cut its message, so the connection is shut
+  down for writing and nothing more is sent on it; the sender gets VMCI_ERROR_NO_RESOURCES
+  until the receiver has read what came before the cut and closed the connection at its end,
+  then a fresh link: FIFO order holds across the seal); a **watch** thread only reads what the
+  receiver writes back (verdicts) and sees hang-ups;
 * the **stream receiver** (``StreamListener``): a listening stream socket whose connections are
   read by threads that split them into frames and hand each one to the core as a message;
 * ``StreamLinks``: the link and account helpers of transports built on these.
@@ -117,6 +124,33 @@ def _pump(back: socket.socket, vs: socket.socket, stream: bool = False,
             verdict.ended = True
         view.release()
         back.close()
+
+
+_WATCH_END = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def _watch(vs: socket.socket, verdict: LinkVerdict) -> None:
+    """Read the verdicts the receiver writes on a direct link's connection ``vs`` into ``verdict``.
+
+    Ends, setting ``verdict.ended``, when the receiver hangs up (the core's next send then fails
+    and the endpoint replaces the link) or ``disconnect`` shuts ``vs`` down; bytes that are not
+    verdicts end the link: ``vs`` is shut down, so the core's next send fails likewise.
+    """
+    poller = select.poll()
+    poller.register(vs, select.POLLIN)
+    try:
+        while True:
+            events = 0
+            for _, revents in poller.poll():
+                events |= revents
+            if not verdict.receive(vs) or events & _WATCH_END:
+                break
+        if verdict.garbled:
+            vs.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError):  # ValueError: the link's page was released under a late watch
+        pass
+    finally:
+        verdict.ended = True
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> int:
@@ -326,7 +360,7 @@ class StreamListener:
 
 
 class StreamLinks:
-    """What the vsock (stream mode) and hybrid transports share: pumped links, accounts, peers."""
+    """What the vsock and hybrid transports share: pumped and direct links, accounts, peers."""
 
     _core = None
     _pumps: Dict[int, tuple]
@@ -357,19 +391,44 @@ class StreamLinks:
             self._pumps[id(front)] = (vs, pump)
         return Link(front, account, page, verdict)
 
+    def _start_direct_link(self, vs: socket.socket, src: VMCIHandle, dst: VMCIHandle) -> Link:
+        """Wrap the connected SEQPACKET ``vs`` (hello sent) in a direct link: the core sends on
+        ``vs`` itself (sealing when full) and a watch thread reads the receiver's verdicts."""
+        try:
+            account, page = self._private_account()
+        except BaseException:
+            vs.close()
+            raise
+        try:
+            verdict = LinkVerdict(page, False)
+            watch = threading.Thread(target=_watch, args=(vs, verdict), daemon=True,
+                                     name="vsockcompat-%s-watch-%d-%d.%d" % (self.name, src.resource, *dst))
+            watch.start()
+        except BaseException:
+            vs.close()
+            self._release(account, page)
+            raise
+        with self._lock:
+            self._pumps[id(vs)] = (vs, watch)
+        return Link(vs, account, page, verdict, direct=True)
+
     def disconnect(self, src: VMCIHandle, link: Link) -> None:
-        """Close a link once its pump forwarded what was sent (at most ``LINGER`` seconds)."""
+        """Close a link: a pumped one once its pump forwarded what was sent (at most ``LINGER``
+        seconds); a direct one at once (what the core sent is in the kernel already)."""
         with self._lock:
             vs, pump = self._pumps.pop(id(link.sock))
-        link.sock.close()  # the pump forwards what is queued, then sees the end
-        pump.join(LINGER)
+        if vs is not link.sock:
+            link.sock.close()  # the pump forwards what is queued, then sees the end
+            pump.join(LINGER)
         try:
-            vs.shutdown(socket.SHUT_RDWR)  # wakes a pump still blocked in send
+            vs.shutdown(socket.SHUT_RDWR)  # wakes a pump still blocked in send, or the watch
         except OSError:
             pass
         pump.join(PUMP_JOIN_TIMEOUT)
         vs.close()
-        self._release(link.account, link.page)
+        # Not unmapped here: another thread may be about to send on the core's link, which
+        # holds the account (its page goes with the last holder); closed, it sends nothing.
+        link.account.mark_closed()
 
     def _stream_peer(self, conn) -> Optional[Peer]:
         """The identity a StreamListener found for a connection it handed over (None: refused)."""

@@ -4,9 +4,10 @@ Across kernels the privileges of an endpoint live in its owning process, which e
 on receive. So that a denied sender learns of it (``VMCI_ERROR_NO_ACCESS``) rather than only
 seeing its datagrams dropped, the receiver writes an 8-byte **verdict** back on the link's own
 connection: when it accepts a connection whose sender is denied, and whenever that sender's
-verdict changes. The sender's pump reads them (``LinkVerdict.receive``) and keeps the last one;
-a change bumps the ACL epoch word of the link's private account page, so the core's next send
-returns STALE (one word compared per send, no syscall) and the endpoint then reads ``denied``.
+verdict changes. The sender's pump (a direct link's watch thread) reads them
+(``LinkVerdict.receive``) and keeps the last one; a change bumps the ACL epoch word of the link's
+private account page, so the core's next send returns STALE (one word compared per send, no
+syscall) and the endpoint then reads ``denied``.
 
 Parsing is pure (``decode_verdict``, ``split_verdicts``); bytes that are not verdicts end the
 link (``LinkVerdict.garbled``), so a peer can neither crash nor stall the sender.
@@ -57,11 +58,12 @@ def split_verdicts(data: bytes) -> Optional[Tuple[List[bool], int]]:
 
 
 class LinkVerdict:
-    """What a link's receiver last said of its sender. The link's pump writes it, the sender reads it.
+    """What a link's receiver last said of its sender: the link's pump (or watch) writes it, the
+    sender reads it.
 
     ``denied``: the last verdict (a link starts allowed: a receiver speaks only to deny or to
     change its mind). ``garbled``: the receiver sent bytes that are not verdicts, and the link
-    ended. ``ended``: the pump stopped (the link is gone; a send finds out).
+    ended. ``ended``: the pump (or watch) stopped (the link is gone; a send finds out).
 
     The link page's ACL epoch word moves (under ``_lock``, so it only grows) whenever
     ``denied`` changes, and stays away from the epoch the sender watches while denied: so the

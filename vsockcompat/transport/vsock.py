@@ -12,12 +12,23 @@ Mapping (DESIGN.md, "Mapping the SDK onto today's kernels"):
   ``CAP_NET_BIND_SERVICE`` (``NoAccess`` otherwise); a port in use gives ``DuplicateEntry``.
 * link = one ``SOCK_SEQPACKET`` connection to ``(dst.context, dst.resource)``, cached by the
   endpoint (one connect per destination); every datagram is one message: the SDK's 24-byte
-  header then the payload, exactly as on the local transport. The core does not send on the
-  vsock socket itself: Linux (6.1) may send *part* of a SEQPACKET message and then fail with
-  ``EAGAIN`` on a non-blocking send, leaving the receiver a message without its end (readable,
-  yet ``EAGAIN`` to read) or, with the next message, a merged one. So the core sends, without
-  blocking, on one end of an ``AF_UNIX`` SEQPACKET pair (all or nothing per message), and a
-  pump thread per link forwards each message with a blocking send on the vsock connection.
+  header then the payload, exactly as on the local transport. The core sends each datagram
+  on the vsock connection itself, one non-blocking ``sendmsg`` on the caller's thread (a
+  *direct* link, ``streams.py``). Linux (6.1) may send *part* of a SEQPACKET message and then
+  fail with ``EAGAIN`` when the receiver's buffer is full, leaving the receiver a message
+  without its end (never delivered: it lacks its end-of-record mark) which the next message
+  would complete into a merged one. So the first ``EAGAIN`` **seals** the link
+  (``Link.seal_when_full``): that send and the next ones return ``VMCI_ERROR_NO_RESOURCES``
+  and the connection is shut down for writing (``SHUT_WR``). The receiver then reads every
+  whole datagram sent before the cut and, after them, the end of the connection: a message
+  without its end-of-record mark is never delivered (``virtio_transport_common.c`` counts
+  only messages whose last packet carries ``VIRTIO_VSOCK_SEQ_EOM``, and a receive with none
+  counted and the peer's sending side shut returns 0), and every receiver (both cores, the C
+  library) closes a connection at its end. Only once it has (a hang-up on the sealed
+  connection) does the endpoint open a fresh link, so FIFO order per sender holds across the
+  seal, with no change on the wire. A receiver that never reads keeps its sender refused (its
+  queue is full); one that goes away gives the usual peer-gone path below. A watch thread per
+  link reads the verdicts the receiver writes back and sees hang-ups.
 
 Modes (``VSOCKCOMPAT_VSOCK_MODE``, decided by ``choose_mode`` with ``socket()`` only, no traffic):
 ``seqpacket`` (virtio, vhost, loopback; the default where the kernel has it), or ``stream``:
@@ -83,8 +94,8 @@ receiving process, so it tells a sender whether it may send, each verdict an 8-b
 A link starts allowed. The receiver writes a verdict when it accepts a connection whose sender
 is denied, and again whenever that sender's verdict changes (the endpoint's privileges or a
 group they name changed), at once, from the thread that made the change. It never blocks on
-it: a sender that does not read them may miss some. The sender's pump keeps the last verdict;
-while it says denied, ``VMCIDatagram_SendTo`` returns ``VMCI_ERROR_NO_ACCESS`` (``send``
+it: a sender that does not read them may miss some. The sender's pump (or watch) keeps the last
+verdict; while it says denied, ``VMCIDatagram_SendTo`` returns ``VMCI_ERROR_NO_ACCESS`` (``send``
 raises ``NoAccess``) on the cached link, without a syscall; a message that is not a verdict
 (wrong size, magic or word) ends the link, counted in ``stats.bad_verdicts``. The receiver
 still enforces the privileges itself, so a sender that ignores verdicts is dropped and counted
@@ -109,16 +120,19 @@ account page, initialised with a limit of 2**62 (no user-space bound): the sende
 counts what it produced, the receiver's only what it consumed. The SDK's exact bound of
 ``VMCI_MAX_DATAGRAM_QUEUE_SIZE`` (139,264) bytes queued per endpoint is a property of the local
 transport; over vsock the bound is the kernel's: the receiving connection's buffer (256 KiB by
-default), then the link's AF_UNIX pair (``net.core.wmem_default``); a sender that finds both
-full gets ``EAGAIN`` -> ``VMCI_ERROR_NO_RESOURCES`` at once. A credit scheme that bounds each
+default; in stream mode then the link's AF_UNIX pair, ``net.core.wmem_default``); a sender
+that finds it full gets ``EAGAIN`` -> ``VMCI_ERROR_NO_RESOURCES`` at once (sealing a SEQPACKET
+link, above). A credit scheme that bounds each
 sender by the receiver's free space (and so restores the SDK bound) is future work.
 
-Peer loss: a receiver that goes away resets its connections; the link's pump sees the hang-up
-and closes its end of the pair, so the endpoint's stale-link check sees it and the next send
-gets ``EPIPE``; the endpoint reconnects once, and the refused connect reports
-``VMCI_ERROR_INVALID_RESOURCE``. Closing a link (``disconnect``: ``forget``, or closing the
-endpoint) first lets its pump forward what the core already sent, for at most ``LINGER``
-seconds, so a reply sent just before closing is not lost.
+Peer loss: a receiver that goes away resets its connections; the next send on a direct link
+fails (``EPIPE``/``ECONNRESET``), and in stream mode the link's pump sees the hang-up and closes
+its end of the pair, so the endpoint's stale-link check sees it and the next send gets
+``EPIPE``; the endpoint reconnects once, and the refused connect reports
+``VMCI_ERROR_INVALID_RESOURCE``. Closing a stream-mode link (``disconnect``: ``forget``, or
+closing the endpoint) first lets its pump forward what the core already sent, for at most
+``LINGER`` seconds, so a reply sent just before closing is not lost; a direct link's datagrams
+are in the kernel once sent, and its connection is shut down at once.
 """
 import errno
 import fcntl
@@ -241,6 +255,9 @@ class VsockTransport(StreamLinks, Transport):
 
     name = "vsock"
     features = frozenset({"dgram", "peer-identity", "verdicts"})
+    #: SEQPACKET links are direct (the core sends on the connection); False: pumped, as in
+    #: stream mode (the benchmark compares the two in one run).
+    direct_links = True
 
     def __init__(self, core, cid: Optional[int] = None, *, context: Optional[int] = None,
                  mode: str = "auto"):
@@ -373,6 +390,8 @@ class VsockTransport(StreamLinks, Transport):
         except BaseException:
             vs.close()
             raise
+        if self.mode == "seqpacket" and self.direct_links:
+            return self._start_direct_link(vs, src, dst)
         return self._start_link(vs, src, dst, stream=self.mode == "stream",
                                 piece=piece_for(vs, self._kcid))
 
