@@ -20,8 +20,9 @@ import pytest
 from vsockcompat.constants import AF_VSOCK
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.errors import NoResources, Timeout
+from vsockcompat.run import command
 
-from .test_clib_vsock import Probe, pattern, progs  # noqa: F401  (the C programs' fixture)
+from .test_clib_vsock import Probe, c_env, pattern, progs  # noqa: F401  (the C programs' fixture)
 from .test_vsock_discovery import vsock_env, vsock_runtime as make_vsock_runtime
 from .test_vsock_transport import vsock_runtime, pair  # noqa: F401  (fixtures)
 
@@ -159,7 +160,8 @@ def test_the_c_library_receiver_drains_a_sealed_link_in_order(rundir, progs):  #
     size = BIG + 1000
     data = pattern(size)
     with tempfile.TemporaryDirectory(prefix="vsc", dir="/tmp") as c_rundir:
-        probe = Probe(vsock_env(c_rundir, "cython", "seqpacket"), progs).start()
+        argv, env = command([progs["vsock_probe"]], c_env(vsock_env(c_rundir, "cython", "seqpacket"), progs))
+        probe = Probe(argv, env).start()
         try:
             with DatagramEndpoint(runtime=make_vsock_runtime("cython", rundir, "seqpacket")) as a:
                 dst = probe.handle
