@@ -24,7 +24,7 @@ from vsockcompat.run import command
 
 from guest_c_programs import ProbeProcess, build_programs, fnv1a, probe_pattern
 
-from .conftest import BED_CID, SIBLING_CID
+from .conftest import BED_CID, SIBLING_CID, gate
 from .guest_peer import SIBLING_RIDS, pattern
 from .test_cross_guests import SIBLING_WAIT, sibling_core  # noqa: F401  (a fixture)
 
@@ -49,6 +49,10 @@ def probe_cmd(tmp_path_factory):
 
 def test_c_library_and_python_sibling_exchange_the_largest_datagram(sibling_core, probe_cmd):
     peer = SIBLING_RIDS[sibling_core]
+    reason = gate()  # checked again right before a program that makes AF_VSOCK sockets starts
+    if reason is not None:
+        pytest.fail("the cross-VM gate is closed (%s): refusing to run an AF_VSOCK program" % reason,
+                    pytrace=False)
     probe = ProbeProcess(*probe_cmd, wait=WAIT)
     try:
         assert probe.ask("init") == ["0"]
