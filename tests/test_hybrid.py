@@ -365,7 +365,7 @@ def test_selection_and_settings(core, rundir, tmp_path, monkeypatch):
         with pytest.raises(SettingError, match="VSOCKCOMPAT_HYBRID_CID"):
             Settings.from_environ(dict(env, VSOCKCOMPAT_HYBRID_CID=bad))
     with pytest.raises(SettingError, match="VSOCKCOMPAT_VSOCK_MODE"):
-        Settings.from_environ({"VSOCKCOMPAT_VSOCK_MODE": "dgram"})
+        Settings.from_environ({"VSOCKCOMPAT_VSOCK_MODE": "datagram"})
     assert Settings.from_environ({"VSOCKCOMPAT_VSOCK_MODE": "stream"}).vsock_mode == "stream"
 
 

@@ -51,6 +51,14 @@ def vsock_refused(monkeypatch):
     return requests
 
 
+def virtio_like(kind=socket.SOCK_SEQPACKET):
+    """A stand-in for ``_vsock_socket`` on a kernel without a datagram transport (virtio,
+    loopback): SOCK_DGRAM fails with ENODEV, other types give an AF_UNIX SEQPACKET socket."""
+    if kind & 0xF == socket.SOCK_DGRAM:
+        raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
 def settings(rundir, transport):
     return Settings(no_extensions=False, rundir=rundir, cid=2, transport=transport,
                     ds_autostart=False)
@@ -72,9 +80,9 @@ def test_vsock_is_attempted_only_when_asked(vsock_refused, core, rundir):
     with pytest.raises(TransportUnavailable) as info:
         open_transport(settings(rundir, "vsock"), core)
     assert "SOCK_SEQPACKET" in str(info.value) and "Errno %d" % errno.EAFNOSUPPORT in str(info.value)
-    # auto probes SEQPACKET, then STREAM: socket() only, nothing connected
+    # auto probes DGRAM, then SEQPACKET, then STREAM: socket() only, nothing bound or connected
     kinds = [request[1][0] & 0xF for request in vsock_refused]
-    assert kinds == [socket.SOCK_SEQPACKET, socket.SOCK_STREAM]
+    assert kinds == [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET, socket.SOCK_STREAM]
 
 
 def test_vsock_runtime_reports_unavailable(vsock_refused, core, rundir):
@@ -84,8 +92,7 @@ def test_vsock_runtime_reports_unavailable(vsock_refused, core, rundir):
 
 
 def test_vsock_without_a_local_cid_is_unavailable(vsock_refused, monkeypatch, core):
-    monkeypatch.setattr(vsock_module, "_vsock_socket",
-                        lambda: socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    monkeypatch.setattr(vsock_module, "_vsock_socket", virtio_like)
     monkeypatch.setattr(vsock_module, "read_local_cid", lambda device="": vsock_module.VMADDR_CID_ANY)
     with pytest.raises(TransportUnavailable, match="local CID"):
         vsock_module.VsockTransport(core)
@@ -112,8 +119,7 @@ class FakeConn:
 
 @pytest.fixture
 def transport(vsock_refused, monkeypatch, core):
-    monkeypatch.setattr(vsock_module, "_vsock_socket",
-                        lambda: socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    monkeypatch.setattr(vsock_module, "_vsock_socket", virtio_like)
     monkeypatch.setattr(vsock_module, "HELLO_TIMEOUT", 0.05)
     yield vsock_module.VsockTransport(core, cid=7)
     assert vsock_refused == []
@@ -240,8 +246,7 @@ def test_context_1_is_reached_on_the_host(local_cid, expected):
 
 
 def test_a_guest_cannot_serve_context_1(vsock_refused, monkeypatch, core):
-    monkeypatch.setattr(vsock_module, "_vsock_socket",
-                        lambda *kind: socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    monkeypatch.setattr(vsock_module, "_vsock_socket", virtio_like)
     with pytest.raises(TransportUnavailable, match="served by the host"):
         vsock_module.VsockTransport(core, cid=3, context=1)
     with pytest.raises(TransportUnavailable, match="not in 5"):
@@ -286,8 +291,9 @@ def test_open_transport_passes_the_well_known_context_and_the_mode(vsock_refused
 # Modes: chosen by creating sockets only.
 
 @pytest.mark.parametrize("refused, requested, expected", [
-    ((), "auto", "seqpacket"), ((socket.SOCK_SEQPACKET,), "auto", "stream"),
-    ((), "stream", "stream"), ((), "seqpacket", "seqpacket"),
+    ((), "auto", "dgram"), ((socket.SOCK_DGRAM,), "auto", "seqpacket"),
+    ((socket.SOCK_DGRAM, socket.SOCK_SEQPACKET), "auto", "stream"),
+    ((), "stream", "stream"), ((), "seqpacket", "seqpacket"), ((), "dgram", "dgram"),
 ])
 def test_choose_mode(monkeypatch, refused, requested, expected):
     made = []
@@ -305,8 +311,10 @@ def test_choose_mode(monkeypatch, refused, requested, expected):
 def test_choose_mode_reports_what_cannot_be_made(vsock_refused):
     with pytest.raises(TransportUnavailable, match="SOCK_STREAM"):
         vsock_module.choose_mode("stream")
-    with pytest.raises(TransportUnavailable, match="unknown vsock mode"):
+    with pytest.raises(TransportUnavailable, match="SOCK_DGRAM"):
         vsock_module.choose_mode("dgram")
+    with pytest.raises(TransportUnavailable, match="unknown vsock mode"):
+        vsock_module.choose_mode("datagram")
 
 
 # The stream receiver: a StreamListener over an AF_UNIX stream listener standing in for vsock.

@@ -9,7 +9,7 @@ from typing import Mapping, NamedTuple, Optional, Tuple
 TRANSPORTS = ("auto", "local", "vsock", "hybrid")
 SHM_MODES = ("auto", "shared", "mirrored")  # mirror_link.mirrored
 DS_REGISTER_RULES = ("permissive", "trusted")  # policy.REGISTER_RULES
-VSOCK_MODES = ("auto", "seqpacket", "stream")  # transport.vsock.choose_mode
+VSOCK_MODES = ("auto", "dgram", "seqpacket", "stream")  # transport.vsock.choose_mode
 DEFAULT_HYBRID_CID = 3  # the guest CID Firecracker and Cloud Hypervisor examples use
 DEFAULT_CID = 2  # VMCI_HOST_CONTEXT_ID: a process on the host
 MAX_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMCI_INVALID_ID
@@ -107,8 +107,9 @@ class Settings(NamedTuple):
     #: Regions and queue pairs (VSOCKCOMPAT_SHM_MODE): ``shared`` memory, ``mirrored`` over
     #: streams, or ``auto``: shared where the transport has shared memory, else mirrored.
     shm_mode: str = "auto"
-    #: Socket type of the vsock transport (VSOCKCOMPAT_VSOCK_MODE): ``seqpacket``, ``stream``,
-    #: or ``auto``: SEQPACKET where such sockets can be created, else STREAM.
+    #: Socket type of the vsock transport (VSOCKCOMPAT_VSOCK_MODE): ``dgram``, ``seqpacket``,
+    #: ``stream``, or ``auto``: DGRAM where such sockets can be created (VMCI), else SEQPACKET
+    #: where they can, else STREAM.
     vsock_mode: str = "auto"
     #: The VMMs' hybrid-vsock Unix sockets of the ``hybrid`` transport, each with the CID of
     #: the guest behind it: ``((path, cid), ...)`` (VSOCKCOMPAT_HYBRID_UDS, VSOCKCOMPAT_HYBRID_CID).

@@ -179,6 +179,9 @@ class DatagramEndpoint:
         #: fd -> whether its sender was last told it is denied (a link starts allowed). Where the
         #: transport tells verdicts; ``_conns`` changes under ``_verdict_lock`` too, for the pushes.
         self._verdicts = "verdicts" in self._transport.features
+        #: The transport sends each datagram itself (feature ``sendto``: vsock's dgram mode,
+        #: where a datagram needs no connection): no links, every send is ``_send_by_transport``.
+        self._sendto = "sendto" in self._transport.features
         self._told: Dict[int, bool] = {}
         self._verdict_lock = threading.Lock()
         self._rx.watch_acl(_weak_call(self, lambda endpoint: endpoint._recheck_access()))
@@ -207,6 +210,8 @@ class DatagramEndpoint:
         fresh attempt). A sealed link its receiver closed once drained (``Link.seal_when_full``;
         other threads may fill and drain a fresh one meanwhile) is replaced without counting as
         an attempt, at most MAX_RELINKS times per send."""
+        if self._sendto:
+            return self._send_by_transport(dst, buf, length)
         attempts = 2
         if failed is not None:
             attempts = 1
@@ -239,6 +244,18 @@ class DatagramEndpoint:
             self._close_link(dst, state)
         # Still sealed ones: a live receiver, busy (other senders fill each fresh link at once).
         return VMCI_ERROR_NO_RESOURCES if state.sender.sealed else VMCI_ERROR_INVALID_RESOURCE
+
+    def _send_by_transport(self, dst: VMCIHandle, buf, length: int) -> int:
+        """``send_status`` where the transport sends each datagram (feature ``sendto``): the
+        sender's checks of a link, every time, then one ``send_datagram``."""
+        try:
+            self._access.check_send(self.handle, dst)
+            rc = self._transport.send_datagram(self.handle, dst, buf, length)
+        except VMCIError as exc:
+            self._link_error = (dst, exc)
+            return exc.code
+        self._fast.sent += 1
+        return rc
 
     def _judged_send(self, dst: VMCIHandle, state: _OpenLink, buf, length: int) -> Optional[int]:
         """Send again on a link whose send was refused, if it was for the receiver's verdict:

@@ -17,8 +17,6 @@
   read by threads that split them into frames and hand each one to the core as a message;
 * ``StreamLinks``: the link and account helpers of transports built on these.
 """
-import collections
-import errno
 import mmap
 import os
 import select
@@ -40,6 +38,7 @@ from ..constants import (
 )
 from ..handles import VMCIHandle
 from .base import Link, Peer
+from .handover import HandOver
 from .pieces import send_all
 from .verdicts import LinkVerdict, encode_verdict
 
@@ -208,7 +207,7 @@ def _deframe(sock: socket.socket, out: socket.socket) -> None:
         view.release()
 
 
-class StreamListener:
+class StreamListener(HandOver):
     """The listener of a stream-mode endpoint, as the core and the endpoint use it.
 
     Wraps one listening stream socket (AF_VSOCK or AF_UNIX), or several that make one endpoint
@@ -223,37 +222,17 @@ class StreamListener:
     def __init__(self, listener,
                  identify: Callable[[socket.socket, Tuple[bool, int]], Optional[Peer]],
                  name: str):
+        HandOver.__init__(self)
         self._listeners = tuple(listener) if isinstance(listener, (tuple, list)) else (listener,)
         self._identify = identify
         self._name = name
-        self._lock = threading.Lock()
-        self._queue = collections.deque()
-        self._peers: Dict[socket.socket, Optional[Peer]] = {}
         self._streams: Dict[socket.socket, socket.socket] = {}  # handed-over core end -> its connection
         self._readers: Dict[threading.Thread, tuple] = {}
-        self._closed = False
-        self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         for sock in self._listeners:
             sock.setblocking(False)
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
                                           name="vsockcompat-%s-accept" % name)
         self._acceptor.start()
-
-    def fileno(self) -> int:
-        return self._ready_r
-
-    def accept(self):
-        with self._lock:
-            if not self._queue:
-                raise BlockingIOError(errno.EAGAIN, "no connection waits")
-            front = self._queue.popleft()
-            os.read(self._ready_r, 1)
-        return front, None
-
-    def peer(self, sock) -> Optional[Peer]:
-        with self._lock:
-            return self._peers.pop(sock, None)
 
     def tell(self, front, denied: bool) -> bool:
         """Write a verdict on the connection behind the handed-over ``front`` (never blocking;
@@ -312,11 +291,9 @@ class StreamListener:
                 if self._closed:
                     return
                 self._readers[me] = (conn, back)
-                self._peers[front] = peer
                 self._streams[front] = conn
                 handed = front
-                self._queue.append(front)
-                os.write(self._ready_w, b"\0")
+                self._hand_over(front, peer)
                 front = None  # the endpoint owns it now
             if peer is not None:
                 _deframe(conn, back)
@@ -337,8 +314,7 @@ class StreamListener:
                 return
             self._closed = True
             readers = dict(self._readers)
-            queued, self._queue = list(self._queue), collections.deque()
-            self._peers.clear()
+            queued = self._take_waiting()
             self._streams.clear()
         os.write(self._stop_w, b"\0")
         self._acceptor.join(PUMP_JOIN_TIMEOUT)
@@ -355,8 +331,7 @@ class StreamListener:
             reader.join(PUMP_JOIN_TIMEOUT)
         for front in queued:
             front.close()
-        for fd in (self._ready_r, self._ready_w, self._stop_r, self._stop_w):
-            os.close(fd)
+        self.close_pipes()
 
 
 class StreamLinks:

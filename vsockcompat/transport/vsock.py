@@ -31,19 +31,23 @@ Mapping (DESIGN.md, "Mapping the SDK onto today's kernels"):
   link reads the verdicts the receiver writes back and sees hang-ups.
 
 Modes (``VSOCKCOMPAT_VSOCK_MODE``, decided by ``choose_mode`` with ``socket()`` only, no traffic):
-``seqpacket`` (virtio, vhost, loopback; the default where the kernel has it), or ``stream``:
-``SOCK_STREAM`` connections carrying the same hello and frames back to back (a frame's header
-says its payload size, so frames need no other framing). ``auto`` takes SEQPACKET when
-``socket(AF_VSOCK, SOCK_SEQPACKET)`` can be created, else STREAM. The two ends of a link must use
+``dgram`` (VMware's VMCI transport: one ``SOCK_DGRAM`` socket per endpoint, the SDK payload as
+the datagram, no hello, no verdicts; ``transport/vsock_dgram.py``), ``seqpacket`` (virtio,
+vhost, loopback), or ``stream``: ``SOCK_STREAM`` connections carrying the same hello and frames
+back to back (a frame's header says its payload size, so frames need no other framing).
+``auto`` takes DGRAM when ``socket(AF_VSOCK, SOCK_DGRAM)`` can be created (only a datagram
+transport, VMCI, lets it: see ``vsock_dgram.py``), else SEQPACKET when such a socket can be
+created, else STREAM. The two ends of a link must use
 the same mode (a vsock port has one socket type); set ``stream`` on both sides for a device
 without SEQPACKET (vhost-device-vsock, Firecracker, Cloud Hypervisor: their connects fail with
 ``ESOCKTNOSUPPORT``). Probing has a limit: since Linux 5.14 a SEQPACKET *socket* can be created
 whatever the transport, which says whether it carries SEQPACKET only at ``connect``; there the
 connect's ``ESOCKTNOSUPPORT`` becomes ``DstUnreachable`` naming the fix (``stream``); kernels
-before 5.14 refuse the socket, and ``auto`` takes STREAM. SOCK_DGRAM (VMware's VMCI transport
-only) is not used yet: VMCI also carries STREAM. Between two guests (vhost-device-vsock's sibling
-forwarding, stream mode) a link's pump writes in pieces of at most ``pieces.SIBLING_PIECE`` bytes,
-decided per link at connect (``transport/pieces.py``: bigger packets are lost on that path).
+before 5.14 refuse the socket, and ``auto`` takes STREAM. The rest of this docstring describes
+the link modes (``seqpacket``, ``stream``); dgram mode has no links. Between two guests
+(vhost-device-vsock's sibling forwarding, stream mode) a link's pump writes in pieces of at
+most ``pieces.SIBLING_PIECE`` bytes, decided per link at connect (``transport/pieces.py``:
+bigger packets are lost on that path).
 
 In stream mode the core still sees whole messages (``transport/streams.py``, shared with the
 ``hybrid`` transport): each accepted connection gets a reader thread
@@ -158,6 +162,7 @@ from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, 
 from ..handles import VMCIHandle
 from .base import Bound, Link, Peer, Transport, TransportUnavailable
 from .pieces import piece_for
+from .vsock_dgram import DGRAM_FEATURES, DgramListener, DgramMode
 from .streams import (  # noqa: F401  (the hello and the pump are part of this transport's wire format)
     HELLO,
     HELLO_MAGIC,
@@ -178,9 +183,12 @@ VSOCK_DEVICE = "/dev/vsock"
 FIRST_AUTO_RID = VMCI_RESERVED_RESOURCE_ID_MAX + 1
 #: Ports tried, upwards, for one auto-assigned resource id.
 AUTO_RID_TRIES = 65536
-MODES = ("seqpacket", "stream")
+MODES = ("dgram", "seqpacket", "stream")
 
-_SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
+_SOCK_TYPES = {"dgram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET,
+               "stream": socket.SOCK_STREAM}
+_NO_DGRAM_HINT = (" (only VMware's VMCI transport carries vsock datagrams; "
+                  "VSOCKCOMPAT_VSOCK_MODE=seqpacket or stream work on the others)")
 _GONE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.EPROTO, errno.ETIMEDOUT, errno.EPIPE,
          errno.ENOTCONN)
 _UNREACHABLE = (errno.EHOSTUNREACH, errno.ENODEV, errno.ENETUNREACH, errno.EADDRNOTAVAIL,
@@ -193,10 +201,12 @@ def _vsock_socket(kind: int = socket.SOCK_SEQPACKET) -> socket.socket:
 
 
 def choose_mode(requested: str = "auto") -> str:
-    """``seqpacket`` or ``stream``, by creating (never connecting) AF_VSOCK sockets.
+    """``dgram``, ``seqpacket`` or ``stream``, by creating (never binding, connecting or
+    sending on) AF_VSOCK sockets.
 
-    ``auto`` is SEQPACKET when such a socket can be created, else STREAM. TransportUnavailable
-    when the mode asked for (or, for ``auto``, neither) can be created.
+    ``auto`` is DGRAM when such a socket can be created (a datagram transport, VMCI, is
+    loaded), else SEQPACKET when such a socket can be created, else STREAM. TransportUnavailable
+    when the mode asked for (or, for ``auto``, none) can be created.
     """
     if requested not in MODES + ("auto",):
         raise TransportUnavailable("unknown vsock mode %r (auto, %s)" % (requested, ", ".join(MODES)))
@@ -205,8 +215,9 @@ def choose_mode(requested: str = "auto") -> str:
         try:
             probe = _vsock_socket(_SOCK_TYPES[mode]) if mode != "seqpacket" else _vsock_socket()
         except OSError as exc:
-            errors.append("AF_VSOCK SOCK_%s sockets cannot be created here: [Errno %s] %s"
-                          % (mode.upper(), exc.errno, exc.strerror or exc))
+            errors.append("AF_VSOCK SOCK_%s sockets cannot be created here: [Errno %s] %s%s"
+                          % (mode.upper(), exc.errno, exc.strerror or exc,
+                             _NO_DGRAM_HINT if mode == "dgram" else ""))
             continue
         probe.close()
         return mode
@@ -250,8 +261,9 @@ def _link_error(exc: OSError, dst: VMCIHandle):
     return None
 
 
-class VsockTransport(StreamLinks, Transport):
-    """AF_VSOCK links (SEQPACKET or STREAM); identity: kernel CID + the connection's hello."""
+class VsockTransport(DgramMode, StreamLinks, Transport):
+    """AF_VSOCK endpoints: links (SEQPACKET or STREAM; identity: kernel CID + the connection's
+    hello) or, in dgram mode, DGRAM sockets (identity: the kernel's source address)."""
 
     name = "vsock"
     features = frozenset({"dgram", "peer-identity", "verdicts"})
@@ -266,7 +278,8 @@ class VsockTransport(StreamLinks, Transport):
         ``cid`` overrides the kernel's local CID (for kernels whose ``/dev/vsock`` cannot say);
         by default it is read from the ioctl. ``context`` may only be 1: endpoints of the
         well-known context (the discovery service), on a host or loopback-only kernel. ``mode``
-        is ``auto``, ``seqpacket`` or ``stream`` (``choose_mode``). Probe sockets send nothing.
+        is ``auto``, ``dgram``, ``seqpacket`` or ``stream`` (``choose_mode``). Probe sockets send
+        nothing.
         """
         self.mode = choose_mode(mode)
         if cid is None:
@@ -290,6 +303,8 @@ class VsockTransport(StreamLinks, Transport):
         self._bound: Dict[int, object] = {}
         self._next_rid = FIRST_AUTO_RID
         self._pumps: Dict[int, tuple] = {}
+        if self.mode == "dgram":
+            self.features = DGRAM_FEATURES
 
     @property
     def local_cid(self) -> int:
@@ -306,6 +321,8 @@ class VsockTransport(StreamLinks, Transport):
     # Endpoints
 
     def bind(self, resource: Optional[int]) -> Bound:
+        if self.mode == "dgram":
+            return self._bind_dgram(resource)
         sock = self._socket()
         try:
             if resource is not None:
@@ -371,7 +388,12 @@ class VsockTransport(StreamLinks, Transport):
             cid = well_known_cid(self._kcid)
         return cid, dst.resource
 
+    #: How a failed connect, hello or datagram send becomes a VMCIError (None: not ours to map).
+    link_error = staticmethod(_link_error)
+
     def connect(self, src: VMCIHandle, dst: VMCIHandle) -> Link:
+        if self.mode == "dgram":
+            raise TransportUnavailable("dgram mode has no links: endpoints send with send_datagram")
         if dst.context in (VMCI_HYPERVISOR_CONTEXT_ID, VMADDR_CID_ANY):
             raise DstUnreachable("context %d cannot be reached over vsock" % dst.context)
         if dst.resource == VMADDR_PORT_ANY:
@@ -410,10 +432,11 @@ class VsockTransport(StreamLinks, Transport):
 
     def _stream_listeners(self):
         with self._lock:
-            return [listener for listener in self._bound.values() if isinstance(listener, StreamListener)]
+            return [listener for listener in self._bound.values()
+                    if isinstance(listener, (StreamListener, DgramListener))]
 
     def identify(self, conn, dst: VMCIHandle) -> Optional[Peer]:
-        if self.mode == "stream":
+        if self.mode in ("stream", "dgram"):
             return self._stream_peer(conn)
         cid, _port = conn.getpeername()
         poller = select.poll()
@@ -433,6 +456,8 @@ class VsockTransport(StreamLinks, Transport):
         return Peer(VMCIHandle(context, hello[1]), 0, None)  # pid 0, uid None: not known across kernels
 
     def tell(self, conn, denied: bool) -> None:
+        if self.mode == "dgram":
+            return  # no channel back to a sender: its datagrams are dropped and counted
         if self.mode == "stream":
             super().tell(conn, denied)
             return
