@@ -420,16 +420,18 @@ def test_more_sources_than_pairs_are_all_delivered(pair, emu, monkeypatch):
 
 
 def test_closing_an_endpoint_frees_its_port_threads_and_descriptors(make_dgram_runtime, emu, fd_guard):
+    def readers():
+        return [t for t in threading.enumerate() if t.name.endswith("-dgram") and t.is_alive()]
+
     rt = make_dgram_runtime()
-    rt.transport  # opened before the count
-    before = threading.active_count()
     with DatagramEndpoint(runtime=rt) as a, DatagramEndpoint(runtime=rt) as b:
         a.send(b.handle, b"x")
         assert b.recv(timeout=WAIT).payload == b"x"
-        path = path_of(emu, b.handle)
-        assert os.path.exists(path)
-    assert not os.path.exists(path)
-    assert threading.active_count() == before
+        paths = [path_of(emu, b.handle), path_of(emu, b.handle)[:-2]]  # its DGRAM and STREAM ports
+        assert all(os.path.exists(p) for p in paths)
+        assert len(readers()) == 2
+    assert not any(os.path.exists(p) for p in paths)
+    assert readers() == []
 
 
 def test_a_sender_denied_in_its_own_runtime_is_refused_at_once(pair):
@@ -453,3 +455,23 @@ def test_a_source_whose_pair_the_endpoint_dropped_gets_a_fresh_one(pair, emu):
         assert b.recv(timeout=WAIT) == (VMCIHandle(3, 9000), b"second")
     finally:
         sender.close()
+
+
+def test_an_endpoint_holds_its_stream_port_too_so_a_handle_names_one_thing(make_dgram_runtime, emu):
+    rt = make_dgram_runtime()
+    region = standin.standin_socket(socket.SOCK_STREAM)  # where a mirrored region would listen
+    region.bind((standin.VMADDR_CID_ANY, 1024))
+    other = raw(emu, HOST, 1025)  # a DGRAM port someone else holds
+    try:
+        with pytest.raises(DuplicateEntry):
+            DatagramEndpoint(1024, runtime=rt)
+        with DatagramEndpoint(runtime=rt) as ep:
+            assert ep.handle.resource == 1026  # 1024's stream port and 1025's datagram port are taken
+            late_region = standin.standin_socket(socket.SOCK_STREAM)
+            with pytest.raises(OSError) as info:
+                late_region.bind((standin.VMADDR_CID_ANY, 1026))
+            assert info.value.errno == errno.EADDRINUSE
+            late_region.close()
+    finally:
+        region.close()
+        other.close()

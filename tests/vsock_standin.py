@@ -104,26 +104,8 @@ class StandinSocket:
         self._bind_path(self._path_of(self._cid, port))
 
     def _bind_path(self, path: str) -> None:
-        try:
-            self._sock.bind(path)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or self._holder_alive(path):
-                raise
-            os.unlink(path)  # left by a socket closed without unlinking: free, as in the kernel
-            self._sock.bind(path)
+        self._sock.bind(path)  # EADDRINUSE while the path exists: ``close`` removes it
         self._path = path
-
-    def _holder_alive(self, path: str) -> bool:
-        probe = _real_socket(socket.AF_UNIX, self._sock.type)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            return False
-        except OSError:
-            return True
-        finally:
-            probe.close()
-        return True
 
     def _bind_ephemeral(self) -> None:
         while True:

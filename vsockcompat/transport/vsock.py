@@ -315,8 +315,10 @@ class VsockTransport(DgramMode, StreamLinks, Transport):
         """The kernel's CID (differs from ``local_cid`` only for the well-known context)."""
         return self._kcid
 
-    def _socket(self) -> socket.socket:
-        return _vsock_socket(self._sock_type) if self.mode != "seqpacket" else _vsock_socket()
+    def _socket(self, kind: Optional[int] = None) -> socket.socket:
+        """A new AF_VSOCK socket of this mode's type (or of ``kind``)."""
+        kind = self._sock_type if kind is None else kind
+        return _vsock_socket(kind) if kind != socket.SOCK_SEQPACKET else _vsock_socket()
 
     # Endpoints
 

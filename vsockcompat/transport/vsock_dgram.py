@@ -15,6 +15,8 @@ Mapping (the spec both cores follow):
 * endpoint ``(context, rid)`` = one DGRAM socket bound to ``(VMADDR_CID_ANY, rid)``: ids from
   1024 upwards as in the other modes; a port in use gives ``DuplicateEntry``, a port <= 1023
   without ``CAP_NET_BIND_SERVICE`` ``NoAccess`` (``vmci_transport_dgram_bind`` returns EACCES).
+  The endpoint also holds STREAM port ``rid`` (bound, never listening), so that a mirrored
+  region or streamed queue pair cannot take its handle (``DgramMode._bind_both``).
   Resource 1 is the discovery service's: on a host (or loopback-only) kernel only a transport of
   the well-known context 1 binds it, a context-2 endpoint asking for it gets ``NoAccess``, and a
   context-1 transport binds nothing else (the kernel's address could not name it context 1).
@@ -72,11 +74,14 @@ from ..constants import (
     VMCI_HYPERVISOR_CONTEXT_ID,
     VMCI_MAX_DG_PAYLOAD_SIZE,
 )
-from ..errors import DstUnreachable, InvalidArgs, InvalidResource, NoAccess, error_for
+from ..errors import (DstUnreachable, DuplicateEntry, InvalidArgs, InvalidResource, NoAccess,
+                      NoResources, error_for)
 from ..handles import VMCI_DS_HANDLE, VMCIHandle
 from .base import Bound, Peer
 from .handover import HandOver
 
+#: Ids tried, upwards, for one auto-assigned resource id (as ``vsock.AUTO_RID_TRIES``).
+AUTO_RID_TRIES = 65536
 #: Sources with a live pair per endpoint; the least recently heard one goes first.
 MAX_SOURCES = 256
 #: The features of the vsock transport in dgram mode: the endpoint hands each datagram to
@@ -92,16 +97,19 @@ _PAIR_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
 class DgramListener(HandOver):
     """What an endpoint in dgram mode listens with: its bound DGRAM socket and a reader thread.
 
-    ``sock`` is the endpoint's socket (sends leave on it too). The reader names each datagram's
+    ``sock`` is the endpoint's socket (sends leave on it too); ``reserve``, if given, a socket
+    held until ``close`` (the endpoint's STREAM port, ``DgramMode._bind_both``). The reader names each datagram's
     source with ``identify((cid, port))`` (None: dropped, counted in ``unknown``) and forwards it
     as a frame to ``handle`` on that source's AF_UNIX SEQPACKET pair, whose core end the endpoint
     accepts (``HandOver``) with the source as its ``Peer``.
     """
 
     def __init__(self, sock, handle: VMCIHandle,
-                 identify: Callable[[Tuple[int, int]], Optional[VMCIHandle]], name: str):
+                 identify: Callable[[Tuple[int, int]], Optional[VMCIHandle]], name: str,
+                 reserve=None):
         HandOver.__init__(self)
         self.sock = sock
+        self._reserve = reserve
         self.unknown = 0
         self._handle = handle
         self._identify = identify
@@ -227,6 +235,8 @@ class DgramListener(HandOver):
         os.write(self._stop_w, b"\0")
         self._reader.join(JOIN_TIMEOUT)
         self.sock.close()
+        if self._reserve is not None:
+            self._reserve.close()
         with self._lock:
             backs, self._pairs = list(self._pairs.values()), collections.OrderedDict()
             queued = self._take_waiting()
@@ -247,13 +257,13 @@ class DgramMode:
         if (not self._well_known and well_known_here and resource == VMCI_DS_RESOURCE_ID):
             raise NoAccess("resource %d is the discovery service's datagram port on this kernel "
                            "(context 1), not context %d's" % (VMCI_DS_RESOURCE_ID, self._cid))
-        sock = self._socket()
+        sock, reserve, rid = self._bind_both(resource)
         try:
-            rid = self._bind_explicit(sock, resource) if resource is not None else self._bind_auto(sock)
             handle = VMCIHandle(self._cid, rid)
-            listener = DgramListener(sock, handle, self.dgram_source, "vsock-%d" % rid)
+            listener = DgramListener(sock, handle, self.dgram_source, "vsock-%d" % rid, reserve)
         except BaseException:
             sock.close()
+            reserve.close()
             raise
         try:
             account, page = self._private_account()
@@ -263,6 +273,29 @@ class DgramMode:
         with self._lock:
             self._bound[rid] = listener
         return Bound(handle, listener, account, page)
+
+    def _bind_both(self, resource: Optional[int]):
+        """``(dgram socket, stream socket, rid)``, both bound to port ``rid`` (None: the first
+        id from 1024 up free in both port spaces). The kernel keeps DGRAM ports apart from the
+        STREAM/SEQPACKET ones where mirrored regions and streamed queue pairs listen; holding
+        the STREAM port too (bound, never listening: a connect to it is refused) keeps one
+        handle naming one resource, as in the link modes. DuplicateEntry if either is taken."""
+        for _ in range(AUTO_RID_TRIES if resource is None else 1):
+            reserve = self._socket(socket.SOCK_STREAM)
+            sock = None
+            try:
+                rid = self._bind_explicit(reserve, resource) if resource is not None else self._bind_auto(reserve)
+                sock = self._socket()
+                self._bind_explicit(sock, rid)
+                return sock, reserve, rid
+            except BaseException as exc:
+                reserve.close()
+                if sock is not None:
+                    sock.close()
+                if resource is not None or not isinstance(exc, DuplicateEntry):
+                    raise
+        raise NoResources("no resource id free for both datagrams and streams in %d tries"
+                          % AUTO_RID_TRIES)
 
     def dgram_source(self, address: Tuple[int, int]) -> Optional[VMCIHandle]:
         """The handle of the sender the kernel places at ``address``; None if it names none."""
