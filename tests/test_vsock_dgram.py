@@ -475,3 +475,19 @@ def test_an_endpoint_holds_its_stream_port_too_so_a_handle_names_one_thing(make_
     finally:
         region.close()
         other.close()
+
+
+def test_a_receiver_closed_while_its_buffers_are_full(pair):
+    """Its reader waits on a full pair; closing it must not hang, and the sender sees it gone."""
+    a, b = pair
+    while True:
+        try:
+            a.send(b.handle, b"f" * 1000)
+        except NoResources:
+            break
+    gone = b.handle
+    started = time.monotonic()
+    b.close()
+    assert time.monotonic() - started < WAIT
+    with pytest.raises(DstUnreachable):
+        a.send(gone, b"anyone?")
