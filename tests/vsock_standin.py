@@ -84,7 +84,8 @@ class StandinSocket:
         return getattr(self._sock, name)
 
     def _path_of(self, cid: int, port: int) -> str:
-        return os.path.join(self._dir, "c%dp%d%s" % (cid, port, ".d" if self.type == socket.SOCK_DGRAM else ""))
+        suffix = ".d" if self.type == socket.SOCK_DGRAM else ""
+        return os.path.join(self._dir, "c%dp%d%s" % (cid, port, suffix))
 
     @staticmethod
     def address_of(path) -> tuple:

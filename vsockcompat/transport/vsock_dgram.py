@@ -98,10 +98,10 @@ class DgramListener(HandOver):
     """What an endpoint in dgram mode listens with: its bound DGRAM socket and a reader thread.
 
     ``sock`` is the endpoint's socket (sends leave on it too); ``reserve``, if given, a socket
-    held until ``close`` (the endpoint's STREAM port, ``DgramMode._bind_both``). The reader names each datagram's
-    source with ``identify((cid, port))`` (None: dropped, counted in ``unknown``) and forwards it
-    as a frame to ``handle`` on that source's AF_UNIX SEQPACKET pair, whose core end the endpoint
-    accepts (``HandOver``) with the source as its ``Peer``.
+    held until ``close`` (the endpoint's STREAM port, ``DgramMode._bind_both``). The reader
+    names each datagram's source with ``identify((cid, port))`` (None: dropped, counted in
+    ``unknown``) and forwards it as a frame to ``handle`` on that source's AF_UNIX SEQPACKET
+    pair, whose core end the endpoint accepts (``HandOver``) with the source as its ``Peer``.
     """
 
     def __init__(self, sock, handle: VMCIHandle,
@@ -284,7 +284,10 @@ class DgramMode:
             reserve = self._socket(socket.SOCK_STREAM)
             sock = None
             try:
-                rid = self._bind_explicit(reserve, resource) if resource is not None else self._bind_auto(reserve)
+                if resource is None:
+                    rid = self._bind_auto(reserve)
+                else:
+                    rid = self._bind_explicit(reserve, resource)
                 sock = self._socket()
                 self._bind_explicit(sock, rid)
                 return sock, reserve, rid
@@ -319,8 +322,9 @@ class DgramMode:
         view = memoryview(buf)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        if type(length) is not int or not 0 <= length <= min(len(view), VMCI_MAX_DG_PAYLOAD_SIZE):
-            raise InvalidArgs("length %r is not in 0..%d" % (length, min(len(view), VMCI_MAX_DG_PAYLOAD_SIZE)))
+        most = min(len(view), VMCI_MAX_DG_PAYLOAD_SIZE)
+        if type(length) is not int or not 0 <= length <= most:
+            raise InvalidArgs("length %r is not in 0..%d" % (length, most))
         if dst.context in (VMCI_HYPERVISOR_CONTEXT_ID, VMADDR_CID_ANY):
             raise DstUnreachable("context %d cannot be reached over vsock" % dst.context)
         if dst.resource == VMADDR_PORT_ANY:
