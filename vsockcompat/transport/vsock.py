@@ -1,6 +1,7 @@
 """The ``vsock`` transport: datagram endpoints over real AF_VSOCK (``VSOCKCOMPAT_TRANSPORT=vsock``).
 
-Mapping (DESIGN.md, "Mapping the SDK onto today's kernels"):
+Mapping (DESIGN.md, "Mapping the SDK onto today's kernels"), in the link modes (``seqpacket``,
+``stream``; the ``dgram`` mode of VMware's VMCI transport has its own: ``vsock_dgram.py``):
 
 * handle ``(context, resource)`` <-> vsock address ``(cid, port)``; our context is the kernel's
   ``IOCTL_VM_SOCKETS_GET_LOCAL_CID`` on ``/dev/vsock`` (a client's ``getsockname`` does not
