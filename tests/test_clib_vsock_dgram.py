@@ -162,9 +162,9 @@ def test_dgram_and_seqpacket_endpoints_cannot_reach_each_other(guarded, emulated
 class DiscoveryStandIn:
     """A registry answering DS requests on the emulated DGRAM port 1 of CID 1, in a thread."""
 
-    def __init__(self, emu):
+    def __init__(self, emu, cid=1):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(os.path.join(emu, "c1p%d.d" % C.VMCI_DS_RESOURCE_ID))
+        self.sock.bind(os.path.join(emu, "c%dp%d.d" % (cid, C.VMCI_DS_RESOURCE_ID)))
         self.registry = {C.VMCI_PUBLIC_GROUP_NAME.encode(): VMCIHandle(C.VMCI_HOST_CONTEXT_ID, 1023)}
         self.sources = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -235,3 +235,28 @@ def test_datagram_app_c_to_c_in_dgram_mode(guarded, datagram_app_emu, rundir, em
     # every request came from a DGRAM endpoint of the C library (the kernel's address, no hello)
     assert ds.sources and all(name.startswith("c1p") and name.endswith(".d") for name in ds.sources)
     assert b"HOST INFO" not in ds.registry  # the server unregistered when it ended
+
+
+def test_a_guest_and_its_host_in_dgram_mode(guarded, emulated, rundir, emu):
+    """A guest kernel (CID 3) and its host (CID 2) sharing the emulation: sources are the kernels'
+    CIDs, and the discovery service is port 1 of CID 2 for the guest, its replies (1, 1)."""
+    ds = DiscoveryStandIn(emu, cid=2)
+    guest, = probes(guarded, emulated, rundir, emu, 1, VSOCK_EMU_CID="3")
+    host, = probes(guarded, emulated, rundir, emu, 1, VSOCK_EMU_CID="2")
+    try:
+        assert guest.ask("create 0") == ["3", "1024"]
+        assert host.ask("create 0") == ["2", "1024"]
+        assert guest.ask("send 2 1024 %d" % MAX) == [str(MAX + HEADER)]
+        assert host.ask("recv") == [str(MAX), "3", "1024", "1"]
+        assert host.ask("send 3 1024 5") == [str(5 + HEADER)]
+        assert guest.ask("recv") == ["5", "2", "1024", "1"]
+        # the C client takes a reply only from (1, 1): port 1 of the well-known CID is that
+        assert guest.ask("lookup " + C.VMCI_PUBLIC_GROUP_NAME) == ["0", "2", "1023"]
+        assert guest.ask("register guest svc") == ["0"]
+        assert ds.registry[b"guest svc"] == VMCIHandle(3, 1024)
+        assert host.ask("send 4 1024 1") == [str(C.VMCI_ERROR_DST_UNREACHABLE)]  # no kernel of CID 4
+    finally:
+        results = guest.close(), host.close()
+        ds.close()
+    assert results == ((0, "", ""),) * 2
+    assert ds.sources and all(name.startswith("c3p") and name.endswith(".d") for name in ds.sources)
