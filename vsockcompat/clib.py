@@ -58,11 +58,13 @@ def find_compiler(compiler: Optional[str] = None) -> Optional[List[str]]:
 
 
 def build_libvmci(build_dir: str, compiler: Optional[str] = None, *, src_dir: Optional[str] = None,
-                  extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = ()) -> str:
+                  extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = (),
+                  sources: Sequence[str] = SOURCES) -> str:
     """Compile ``<build_dir>/libvmci.so.0`` (and a ``libvmci.so`` symlink for ``-lvmci``).
 
     Returns the library's path; raises BuildError with the compiler's output on failure.
-    ``extra_cflags``/``extra_ldflags`` are added last (e.g. ``-fsanitize=address,undefined``).
+    ``extra_cflags``/``extra_ldflags`` are added last (e.g. ``-fsanitize=address,undefined``);
+    ``sources`` are the files of ``src_dir`` compiled (another tree's list, for an older one).
     """
     src_dir = src_dir or SOURCE_DIR
     cc = find_compiler(compiler)
@@ -72,7 +74,7 @@ def build_libvmci(build_dir: str, compiler: Optional[str] = None, *, src_dir: Op
     out = os.path.join(build_dir, SONAME)
     tmp = out + ".tmp%d" % os.getpid()
     cmd = (cc + list(CFLAGS) + list(extra_cflags) + ["-I", src_dir]
-           + [os.path.join(src_dir, name) for name in SOURCES]
+           + [os.path.join(src_dir, name) for name in sources]
            + ["-shared", "-Wl,-soname," + SONAME,
               "-Wl,--version-script=" + os.path.join(src_dir, VERSION_SCRIPT),
               "-o", tmp] + list(extra_ldflags))
