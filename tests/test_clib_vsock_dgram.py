@@ -93,6 +93,7 @@ def dgram_session(guarded, exe, rundir, emu, wrap=(), **settings):
         # resource 1 is the discovery service's in dgram mode: only context 1's process may take it
         assert c.ask("create 1") == [INVALID, INVALID]
         assert not os.path.exists(os.path.join(emu, "c1p1.d"))
+        assert c.ask("create 1025") == [INVALID, INVALID]  # b's port: taken
     finally:
         results = a.close(), b.close(), c.close()
     return results
@@ -115,6 +116,21 @@ def test_c_to_c_in_dgram_mode_under_the_sanitizers(rundir, emu, tmp_path):
     for status, out, err in dgram_session(built, exe, rundir, emu, **SANITIZER_ENV):
         assert status == 0 and out == "", err
         assert all(mark not in err for mark in SANITIZER_MARKS), err
+
+
+def test_a_full_receiver_gives_no_resources_until_it_reads(guarded, emulated, rundir, emu):
+    """The queue bound is the receiving kernel's socket buffer: a send that would block is
+    VMCI_ERROR_NO_RESOURCES at once, and sends go through again once the receiver reads."""
+    a, b = probes(guarded, emulated, rundir, emu, 2)
+    try:
+        assert a.ask("create 0") == ["1", "1024"]
+        assert b.ask("create 0") == ["1", "1025"]
+        assert a.ask("sendwait 1 1025 %d" % C.VMCI_ERROR_NO_RESOURCES) == [str(C.VMCI_ERROR_NO_RESOURCES)]
+        assert b.ask("recv") == ["1", "1", "1024", "0"]  # the one byte "x" of sendwait
+        assert a.ask("send 1 1025 3") == [str(3 + HEADER)]
+    finally:
+        results = a.close(), b.close()
+    assert results == ((0, "", ""),) * 2
 
 
 @pytest.mark.parametrize("dgram,suffix", [("1", ".d"), ("0", "")])
