@@ -133,6 +133,23 @@ def test_a_full_receiver_gives_no_resources_until_it_reads(guarded, emulated, ru
     assert results == ((0, "", ""),) * 2
 
 
+def test_only_context_1_takes_resource_1_and_its_datagrams_are_from_1_1(guarded, emulated, rundir, emu):
+    """The process speaking for context 1 (VSOCKCOMPAT_CID=1, the discovery daemon's) may bind
+    resource 1; what it sends from there arrives as from (1, 1), from the kernel's address alone."""
+    ds, = probes(guarded, emulated, rundir, emu, 1, VSOCKCOMPAT_CID="1")
+    client, = probes(guarded, emulated, rundir, emu, 1)
+    try:
+        assert ds.ask("create 1") == ["1", "1"]
+        assert client.ask("create 1") == [INVALID, INVALID]
+        assert client.ask("create 0") == ["1", "1024"]
+        assert client.ask("send 1 1 4") == [str(4 + HEADER)]
+        assert ds.ask("echo") == [str(4 + HEADER)]
+        assert client.ask("recv") == ["4", "1", "1", "1"]
+    finally:
+        results = ds.close(), client.close()
+    assert results == ((0, "", ""),) * 2
+
+
 @pytest.mark.parametrize("dgram,suffix", [("1", ".d"), ("0", "")])
 def test_auto_takes_dgram_where_such_sockets_can_be_made(guarded, emulated, rundir, emu, dgram, suffix):
     """auto: DGRAM when the kernel creates such a socket (a vmci kernel), else SEQPACKET (virtio)."""
