@@ -101,6 +101,7 @@ int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **ou
         goto fail;
     ep->handle = ep->bound.handle;
     ep->transport = t;
+    ep->dgram = on_vsock(t) && t->vsock_mode == VSC_VSOCK_DGRAM;
     ep->acl_epoch = vsc_acl_epoch(ep->bound.acct);
     if (vsc_rx_init(&ep->rx, ep->bound.listener, ep->wake_r, ep->bound.acct, ep->handle) != 0) {
         transport_unbind(t, &ep->bound);
@@ -296,6 +297,14 @@ static int link_stale(vsc_endpoint *ep, int i)
     return vsc_acl_epoch(c->acct) != ep->links[i].acl_epoch;
 }
 
+/* Vsock dgram mode: one datagram from the endpoint's own socket; no link, no verdict. */
+static int send_dgram(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_t len)
+{
+    if (!vsc_acl_may_send(ep->transport, ep->handle, dst))
+        return VMCI_ERROR_NO_ACCESS; /* a receiver in this process that denies us */
+    return vsc_vsock_dgram_send(ep->transport, ep->bound.listener, dst, buf, len);
+}
+
 int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_t len)
 {
     int attempt, i, rc = VMCI_ERROR_INVALID_RESOURCE, sys_errno;
@@ -304,6 +313,8 @@ int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_
         return VMCI_ERROR_INVALID_ARGS;
     if (__atomic_load_n(&ep->closing, __ATOMIC_ACQUIRE))
         return VMCI_ERROR_INVALID_ARGS;
+    if (ep->dgram)
+        return send_dgram(ep, dst, buf, len);
     pthread_mutex_lock(&ep->link_lock);
     /* A cached link whose receiver went away gets one fresh attempt. */
     for (attempt = 0; attempt < 2; attempt++) {
@@ -491,6 +502,45 @@ static int deliver_held(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *s
     return n;
 }
 
+/* Keep a datagram of n bytes too large for buf (its first len bytes in buf, the rest in spill)
+ * for the next receive: VMCI_ERROR_NO_MEM either way (the SDK's answer to too small a buffer). */
+static int hold(vsc_endpoint *ep, const void *buf, uint32_t len, uint64_t n, vsc_handle from)
+{
+    ep->held = malloc((size_t)n);
+    if (ep->held == NULL)
+        return VMCI_ERROR_NO_MEM; /* the datagram is lost */
+    if (len > 0)
+        memcpy(ep->held, buf, len);
+    memcpy(ep->held + len, ep->spill, (size_t)(n - len));
+    ep->held_len = n;
+    ep->held_src = from;
+    return VMCI_ERROR_NO_MEM;
+}
+
+/* Vsock dgram mode: the datagram waiting on the endpoint's socket. Its length, VMCI_ERROR_NO_MEM
+ * (held), VSC_AGAIN (nothing to deliver: none queued, or one read and dropped), or a VMCI code.
+ * The privileges are enforced here, per datagram: a denied sender's are counted and dropped. */
+static int recv_dgram(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *src)
+{
+    vsc_handle from;
+    ssize_t n = vsc_vsock_dgram_recv(ep->transport, ep->bound.listener, buf, len, ep->spill, SPILL_SIZE, &from);
+
+    if (n == VSC_AGAIN || n == VSC_BAD_FRAME)
+        return VSC_AGAIN;
+    if (n < 0)
+        return (int)n;
+    if (!vsc_acl_may_send(ep->transport, from, ep->handle)) {
+        ep->dropped_denied++;
+        if (len > 0)
+            memset(buf, 0, (size_t)n < len ? (size_t)n : len);
+        return VSC_AGAIN;
+    }
+    if ((uint64_t)n > len)
+        return hold(ep, buf, len, (uint64_t)n, from);
+    *src = from;
+    return (int)n;
+}
+
 static int recv_locked(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *src, int timeout_ms)
 {
     int64_t deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
@@ -523,17 +573,8 @@ static int recv_locked(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *sr
                     memset(buf, 0, n < len ? (size_t)n : len);
                 goto waited;
             }
-            if (n > len) {
-                ep->held = malloc((size_t)n);
-                if (ep->held == NULL)
-                    return VMCI_ERROR_NO_MEM; /* the datagram is lost */
-                if (len > 0)
-                    memcpy(ep->held, buf, len);
-                memcpy(ep->held + len, ep->spill, (size_t)(n - len));
-                ep->held_len = n;
-                ep->held_src = from;
-                return VMCI_ERROR_NO_MEM;
-            }
+            if (n > len)
+                return hold(ep, buf, len, n, from);
             *src = from;
             return (int)n;
         }
@@ -543,7 +584,12 @@ static int recv_locked(vsc_endpoint *ep, void *buf, uint32_t len, vsc_handle *sr
                 return VMCI_ERROR_TIMEOUT;
             break;
         case VSC_ACCEPT:
-            accept_all(ep);
+            if (!ep->dgram) {
+                accept_all(ep);
+                break;
+            }
+            if ((status = recv_dgram(ep, buf, len, src)) != VSC_AGAIN)
+                return (int)status;
             break;
         case VSC_WAKE:
             drain_wake(ep);

@@ -25,7 +25,8 @@ typedef struct {
 typedef struct vsc_endpoint {
     vsc_handle handle;
     const vsc_local *transport;
-    vsc_bound bound;
+    vsc_bound bound;         /* in vsock dgram mode, bound.listener is the endpoint's DGRAM socket */
+    int dgram;               /* vsock dgram mode: no links, no connections (src/vsc_vsock.h) */
     int wake_r, wake_w;
     int closing;             /* atomic; set once by vsc_endpoint_close */
     int refs;                /* atomic; counted by the caller (its table), not by this module */
@@ -67,7 +68,8 @@ void vsc_endpoint_abandon(vsc_endpoint *ep);
 void vsc_endpoint_privileges_changed(vsc_endpoint *ep);
 
 /* The frame size (header included) or a VMCI code; VMCI_ERROR_NO_ACCESS if the destination
- * denies us DG_SEND (checked when a link opens and again whenever its ACL epoch changes). */
+ * denies us DG_SEND (checked when a link opens and again whenever its ACL epoch changes; in
+ * vsock dgram mode only as far as this process knows it: a receiver elsewhere drops in silence). */
 int vsc_endpoint_send(vsc_endpoint *ep, vsc_handle dst, const void *buf, uint32_t len);
 /*
  * The payload length, or VMCI_ERROR_NO_MEM (too small a buffer; the datagram stays

@@ -184,7 +184,8 @@ static int parse_choice(const char *value, const char *const *names, int n)
 }
 
 static const char *const TRANSPORTS[] = {"auto", "local", "vsock", "hybrid"}; /* _settings.TRANSPORTS */
-static const char *const VSOCK_MODES[] = {"auto", "seqpacket", "stream"};    /* _settings.VSOCK_MODES */
+/* _settings.VSOCK_MODES; the index is the VSC_VSOCK_* value */
+static const char *const VSOCK_MODES[] = {"auto", "seqpacket", "stream", "dgram"};
 
 int vsc_local_open(vsc_local *t)
 {
@@ -194,7 +195,7 @@ int vsc_local_open(vsc_local *t)
 
     memset(t, 0, sizeof *t);
     transport = parse_choice(getenv("VSOCKCOMPAT_TRANSPORT"), TRANSPORTS, 4);
-    t->vsock_mode = parse_choice(getenv("VSOCKCOMPAT_VSOCK_MODE"), VSOCK_MODES, 3);
+    t->vsock_mode = parse_choice(getenv("VSOCKCOMPAT_VSOCK_MODE"), VSOCK_MODES, 4);
     if (transport < 0 || t->vsock_mode < 0)
         return -1;
     if (transport == 3) {

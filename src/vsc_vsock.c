@@ -27,12 +27,12 @@ static uint32_t g_next_rid = FIRST_AUTO_RID; /* under g_rid_lock */
 
 static const char *mode_name(int mode)
 {
-    return mode == VSC_VSOCK_STREAM ? "STREAM" : "SEQPACKET";
+    return mode == VSC_VSOCK_STREAM ? "STREAM" : mode == VSC_VSOCK_DGRAM ? "DGRAM" : "SEQPACKET";
 }
 
 static int sock_type(int mode)
 {
-    return mode == VSC_VSOCK_STREAM ? SOCK_STREAM : SOCK_SEQPACKET;
+    return mode == VSC_VSOCK_STREAM ? SOCK_STREAM : mode == VSC_VSOCK_DGRAM ? SOCK_DGRAM : SOCK_SEQPACKET;
 }
 
 static uint32_t read_local_cid(void)
@@ -67,8 +67,11 @@ size_t vsc_vsock_piece_between(uint32_t kcid, uint32_t peer_cid)
 
 int vsc_vsock_open(vsc_local *t)
 {
-    static const int order[] = {VSC_VSOCK_SEQPACKET, VSC_VSOCK_STREAM};
-    char why[256] = "";
+    /* auto: the first type whose socket can be created. Since Linux 5.5 a DGRAM socket gets its
+     * transport at creation and fails with ENODEV when no transport has datagrams (only VMware's
+     * vmci_transport does): src/vsc_vsock_dgram.c. */
+    static const int order[] = {VSC_VSOCK_DGRAM, VSC_VSOCK_SEQPACKET, VSC_VSOCK_STREAM};
+    char why[512] = ""; /* room for the three reasons */
     size_t used = 0;
     int i;
 
@@ -87,7 +90,7 @@ int vsc_vsock_open(vsc_local *t)
     t->well_known = t->cid == VMCI_WELL_KNOWN_CONTEXT_ID;
     if (!t->well_known)
         t->cid = t->kcid;
-    for (i = 0; i < 2; i++) {
+    for (i = 0; i < (int)(sizeof order / sizeof order[0]); i++) {
         int mode = order[i], fd;
 
         if (t->vsock_mode != VSC_VSOCK_AUTO && t->vsock_mode != mode)
@@ -162,16 +165,21 @@ static int bind_rid(int fd, uint32_t resource, uint32_t *rid)
 int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
 {
     uint32_t rid = 0;
-    int fd = vsock_socket(t, SOCK_NONBLOCK), rc;
+    int dgram = t->vsock_mode == VSC_VSOCK_DGRAM, fd, rc;
 
-    if (fd < 0)
+    /* In dgram mode the kernel's address is the only identity: a datagram from port
+     * VMCI_DS_RESOURCE_ID is the discovery service's (vsc_vsock_dgram_source), so only the
+     * process speaking for context 1 may hold it. */
+    if (dgram && resource == VMCI_DS_RESOURCE_ID && !t->well_known)
+        return VMCI_ERROR_NO_ACCESS;
+    if ((fd = vsock_socket(t, SOCK_NONBLOCK)) < 0)
         return errno == EMFILE || errno == ENFILE || errno == ENOMEM ? VMCI_ERROR_NO_RESOURCES
                                                                      : VMCI_ERROR_GENERIC;
     if ((rc = bind_rid(fd, resource, &rid)) != VMCI_SUCCESS) {
         close(fd);
         return rc;
     }
-    if (listen(fd, SOMAXCONN) != 0 || (out->acct = vsc_private_account()) == NULL) {
+    if ((!dgram && listen(fd, SOMAXCONN) != 0) || (out->acct = vsc_private_account()) == NULL) {
         close(fd);
         return VMCI_ERROR_NO_RESOURCES;
     }
@@ -188,7 +196,7 @@ void vsc_vsock_unbind(const vsc_bound *b)
 
 /* Links */
 
-static int link_error(int e)
+int vsc_vsock_error(int e)
 {
     switch (e) {
     case ECONNREFUSED:
@@ -233,7 +241,7 @@ int vsc_vsock_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_co
     if (dst.resource == VMADDR_PORT_ANY)
         return VMCI_ERROR_INVALID_RESOURCE;
     if ((fd = vsock_socket(t, 0)) < 0)
-        return link_error(errno);
+        return vsc_vsock_error(errno);
     memset(&addr, 0, sizeof addr);
     addr.svm_family = AF_VSOCK;
     addr.svm_cid = vsc_vsock_cid_of(t->kcid, dst.context);
@@ -243,7 +251,7 @@ int vsc_vsock_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_co
     while ((rc = connect(fd, (struct sockaddr *)&addr, sizeof addr)) != 0 && errno == EINTR)
         ;
     if (rc != 0 || vsc_send_all(fd, hello, sizeof hello) != 0) {
-        rc = link_error(errno);
+        rc = vsc_vsock_error(errno);
         close(fd);
         return rc;
     }

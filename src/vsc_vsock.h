@@ -7,8 +7,12 @@
  * on a host or loopback-only kernel (the discovery daemon's context). Context 1 is reached at
  * CID 2 from a guest (local CID > 2), else at CID 1.
  *
- * A link = one connection to (dst.context, dst.resource), SOCK_SEQPACKET or SOCK_STREAM (the
- * mode, VSOCKCOMPAT_VSOCK_MODE; auto: SEQPACKET when such a socket can be created). The connector
+ * The mode (VSOCKCOMPAT_VSOCK_MODE; auto: the first of DGRAM, SEQPACKET, STREAM whose socket can be
+ * created, nothing connected) is the socket type. In dgram mode there are no links: an endpoint's
+ * socket is a SOCK_DGRAM one and a datagram is one vsock datagram of the payload alone
+ * (src/vsc_vsock_dgram.c, at the end of this header). Otherwise:
+ *
+ * A link = one connection to (dst.context, dst.resource), SOCK_SEQPACKET or SOCK_STREAM. The connector
  * first sends the 8-byte hello (VSC_HELLO_MAGIC or VSC_HELLO_WELL_KNOWN_MAGIC, then its rid,
  * u32 little-endian each), then datagram frames (the SDK header + payload), one per message or,
  * in stream mode, back to back (cut into send() calls of at most VSC_SIBLING_PIECE bytes between
@@ -53,7 +57,9 @@ uint32_t vsc_vsock_cid_of(uint32_t kcid, uint32_t context);
  * bigger than one receive buffer of the other guest (vsockcompat/transport/pieces.py); else 0. */
 size_t vsc_vsock_piece_between(uint32_t kcid, uint32_t peer_cid);
 
-/* Endpoints: a VMCI code (DUPLICATE_ENTRY for a port in use, NO_ACCESS for a privileged one). */
+/* Endpoints: a VMCI code (DUPLICATE_ENTRY for a port in use, NO_ACCESS for a privileged one, and
+ * in dgram mode for VMCI_DS_RESOURCE_ID unless we speak for context 1). The endpoint's socket is
+ * out->listener: listening, or in dgram mode the bound SOCK_DGRAM socket itself. */
 int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out);
 /* Senders see the endpoint gone; the caller still closes listener and unmaps acct. */
 void vsc_vsock_unbind(const vsc_bound *b);
@@ -69,5 +75,31 @@ int vsc_vsock_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_co
  */
 int vsc_vsock_accept(const vsc_local *t, int fd, vsc_handle self, vsc_handle *src, int *rx_fd,
                      vsc_vsock_in **in);
+
+/* The VMCI code for a failed connect, hello or datagram send (vsockcompat/transport/vsock.py
+ * _link_error; EAGAIN, ENOBUFS and ENOMEM: VMCI_ERROR_NO_RESOURCES). */
+int vsc_vsock_error(int e);
+
+/*
+ * Dgram mode (src/vsc_vsock_dgram.c). A datagram is one vsock datagram whose bytes are the SDK
+ * payload alone, sent with sendto from the sending endpoint's own bound socket, so the kernel
+ * stamps its source (cid, port); the receiver takes the source handle from that address only
+ * (vsc_vsock_dgram_source). No hello, no verdicts: a receiver that denies a sender drops its
+ * datagrams (the endpoint counts them) and the sender is not told. The queue bound is the
+ * receiving kernel's socket buffer; datagrams can be lost, as with VMware's own AF_VSOCK
+ * datagrams.
+ */
+/* The handle of a datagram the kernel says came from (cid, port): from the well-known CID's (or
+ * our own kernel's) port VMCI_DS_RESOURCE_ID, (1, 1); from CID 1 or our own CID, (kcid, port);
+ * else (cid, port). */
+vsc_handle vsc_vsock_dgram_source(const vsc_local *t, uint32_t cid, uint32_t port);
+/* Send len payload bytes from the endpoint socket fd to dst, without blocking: len plus the SDK
+ * header size (what the other modes return), or a VMCI code (vsc_vsock_error). */
+int vsc_vsock_dgram_send(const vsc_local *t, int fd, vsc_handle dst, const void *buf, uint32_t len);
+/* Receive one datagram from the endpoint socket fd without blocking, its payload scattered into
+ * buf then spill: the payload length with *src, VSC_AGAIN (none queued), VSC_BAD_FRAME (one that
+ * is not a vsock datagram we can hold: read and dropped), or a VMCI code. */
+ssize_t vsc_vsock_dgram_recv(const vsc_local *t, int fd, void *buf, size_t len, void *spill, size_t spill_len,
+                             vsc_handle *src);
 
 #endif

@@ -286,7 +286,7 @@ def test_c_usage(cbuild, rundir, args):
 # transport's refusals are proven with AF_VSOCK shut off, in test_clib_vsock_guard.py).
 @pytest.mark.parametrize("setting", [{"VSOCKCOMPAT_RUNDIR": "/tmp/" + "y" * 80}, {"VSOCKCOMPAT_CID": "two"},
                                      {"VSOCKCOMPAT_TRANSPORT": "vsock2"}, {"VSOCKCOMPAT_DS_AUTOSTART": "yes"},
-                                     {"VSOCKCOMPAT_VSOCK_MODE": "dgram"}])
+                                     {"VSOCKCOMPAT_VSOCK_MODE": "datagram"}])
 def test_c_init_failure_exits_254(cbuild, rundir, setting):
     env = env_for(rundir, "pure", cbuild.library)
     env.update(setting)

@@ -23,7 +23,7 @@ from test_clib import CC, SANITIZE, SANITIZER_ENV, SANITIZER_MARKS, SRC_DIR, _cc
 HERE = os.path.dirname(os.path.abspath(__file__))
 C_DIR = os.path.join(HERE, "c")
 INIT_FAILED = "Failed to init VMCI library.\n"
-SOCK_STREAM, SOCK_SEQPACKET = 1, 5
+SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5
 NO_CID = ("vsockcompat: the vsock transport cannot run here: the local CID is unknown "
           "(IOCTL_VM_SOCKETS_GET_LOCAL_CID on /dev/vsock failed or no vsock transport gave this kernel a CID)\n")
 WIRE_SOURCES = ("vsc_link.c", "vsc_dgram.c")
@@ -76,14 +76,17 @@ def test_vsock_without_a_local_cid_refuses_before_any_socket(guarded, rundir, tm
     assert records == [("open", 0)]
 
 
-@pytest.mark.parametrize("mode,probes", [(None, [SOCK_SEQPACKET, SOCK_STREAM]), ("auto", [SOCK_SEQPACKET, SOCK_STREAM]),
+AUTO_PROBES = [SOCK_DGRAM, SOCK_SEQPACKET, SOCK_STREAM]
+
+
+@pytest.mark.parametrize("mode,probes", [(None, AUTO_PROBES), ("auto", AUTO_PROBES), ("dgram", [SOCK_DGRAM]),
                                          ("seqpacket", [SOCK_SEQPACKET]), ("stream", [SOCK_STREAM])])
 def test_vsock_probes_socket_types_by_creating_sockets_only(guarded, rundir, tmp_path, mode, probes):
     """A kernel with a CID (faked) whose AF_VSOCK sockets cannot be made: the probes are socket()
     calls, nothing is connected, and the library refuses with the reasons."""
     result, records = run_guarded(guarded, rundir, tmp_path, [guarded.datagramApp, "-c"],
                                   VSOCKCOMPAT_TRANSPORT="vsock", VSOCKCOMPAT_VSOCK_MODE=mode, NO_VSOCK_CID="3")
-    names = {SOCK_SEQPACKET: "SEQPACKET", SOCK_STREAM: "STREAM"}
+    names = {SOCK_DGRAM: "DGRAM", SOCK_SEQPACKET: "SEQPACKET", SOCK_STREAM: "STREAM"}
     why = "; ".join("AF_VSOCK SOCK_%s sockets cannot be created here: Address family not supported by protocol"
                     % names[kind] for kind in probes)
     assert (result.returncode, result.stderr) == (
@@ -157,19 +160,24 @@ def test_wire_under_valgrind(tmp_path):
 # linked into the program: its socket() and friends are the ones libvmci.so.0 calls)
 
 EMULATED = ("socket", "socketpair", "bind", "connect", "accept4", "getpeername", "getsockname", "open", "ioctl",
-            "send", "sendto", "sendmsg", "write")
+            "send", "sendto", "sendmsg", "write", "recvfrom", "recvmsg")
 
 
-@pytest.fixture(scope="module")
-def emulated(guarded, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("emu"))
-    exe = os.path.join(out, "vsock_probe_emu")
-    _cc(["-Wall", "-Wextra", "-rdynamic", "-I", SRC_DIR, os.path.join(C_DIR, "vsock_probe.c"),
-         os.path.join(C_DIR, "vsock_emulation.c"), "-o", exe, "-L", guarded.lib_dir, "-lvmci", "-ldl"], out)
+def build_emulated(program, lib_dir, out, extra=()):
+    """tests/c/<program>.c linked with the emulation and the libvmci.so.0 of lib_dir: its path."""
+    exe = os.path.join(out, program + "_emu")
+    _cc(["-Wall", "-Wextra", "-rdynamic", "-I", SRC_DIR] + list(extra)
+        + [os.path.join(C_DIR, program + ".c"), os.path.join(C_DIR, "vsock_emulation.c"), "-o", exe,
+           "-L", lib_dir, "-lvmci", "-ldl"], out)
     # Fail closed: the program itself must define every call it emulates.
     symbols = subprocess.run(["nm", "-D", "--defined-only", exe], capture_output=True, text=True, check=True).stdout
     assert {line.split()[-1] for line in symbols.splitlines()} >= set(EMULATED)
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulated(guarded, tmp_path_factory):
+    return build_emulated("vsock_probe", guarded.lib_dir, str(tmp_path_factory.mktemp("emu")))
 
 
 class EmulatedProbe:

@@ -17,8 +17,8 @@ from typing import List, Mapping, Optional, Sequence
 
 SONAME = "libvmci.so.0"
 LINK_NAME = "libvmci.so"
-SOURCES = ("vsc_lib.c", "vsc_endpoint.c", "vsc_local.c", "vsc_vsock.c", "vsc_link.c", "vsc_ds.c", "vsc_dgram.c", "vsc_shm.c",
-           "vsc_acl.c", "vsc_acl_memory.c", "vsc_policy.c")
+SOURCES = ("vsc_lib.c", "vsc_endpoint.c", "vsc_local.c", "vsc_vsock.c", "vsc_vsock_dgram.c", "vsc_link.c", "vsc_ds.c",
+           "vsc_dgram.c", "vsc_shm.c", "vsc_acl.c", "vsc_acl_memory.c", "vsc_policy.c")
 HEADERS = ("vmcilib.h", "vmci_sockets.h", "vsc_constants.h")
 VERSION_SCRIPT = "libvmci.map"
 #: The names the library exports: the SDK's user-level calls (vmci-sdk.md section 4).
@@ -58,11 +58,13 @@ def find_compiler(compiler: Optional[str] = None) -> Optional[List[str]]:
 
 
 def build_libvmci(build_dir: str, compiler: Optional[str] = None, *, src_dir: Optional[str] = None,
-                  extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = ()) -> str:
+                  extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = (),
+                  sources: Sequence[str] = SOURCES) -> str:
     """Compile ``<build_dir>/libvmci.so.0`` (and a ``libvmci.so`` symlink for ``-lvmci``).
 
     Returns the library's path; raises BuildError with the compiler's output on failure.
-    ``extra_cflags``/``extra_ldflags`` are added last (e.g. ``-fsanitize=address,undefined``).
+    ``extra_cflags``/``extra_ldflags`` are added last (e.g. ``-fsanitize=address,undefined``);
+    ``sources`` are the files of ``src_dir`` compiled (another tree's list, for an older one).
     """
     src_dir = src_dir or SOURCE_DIR
     cc = find_compiler(compiler)
@@ -72,7 +74,7 @@ def build_libvmci(build_dir: str, compiler: Optional[str] = None, *, src_dir: Op
     out = os.path.join(build_dir, SONAME)
     tmp = out + ".tmp%d" % os.getpid()
     cmd = (cc + list(CFLAGS) + list(extra_cflags) + ["-I", src_dir]
-           + [os.path.join(src_dir, name) for name in SOURCES]
+           + [os.path.join(src_dir, name) for name in sources]
            + ["-shared", "-Wl,-soname," + SONAME,
               "-Wl,--version-script=" + os.path.join(src_dir, VERSION_SCRIPT),
               "-o", tmp] + list(extra_ldflags))

@@ -16,6 +16,14 @@
  * ECONNRESET, as vsock_loopback does. With $VSOCK_EMU_SENDS set, the length asked of every
  * send(), sendto(), sendmsg() and write() on an emulated socket is appended to that file, one
  * "send <bytes>" line each. The real AF_VSOCK family is never passed to libc.
+ *
+ * SOCK_DGRAM (a kernel with VMware's vmci_transport; the C library's dgram mode): only with
+ * $VSOCK_EMU_DGRAM=1, else socket() fails with ENODEV as under virtio and vsock_loopback. Port P
+ * of CID C is then the AF_UNIX SOCK_DGRAM path $VSOCK_EMU_DIR/c<C>p<P>.d; sendto() of an unbound
+ * socket first binds it to an ephemeral port of its CID (the kernel auto-binds), a destination
+ * CID is reached as for the other types, and a port nobody holds fails with EHOSTUNREACH
+ * (vmci_transport's errno for VMCI_ERROR_INVALID_RESOURCE); recvfrom(), recvmsg() and
+ * getsockname() give the (cid, port) behind the paths.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -37,7 +45,8 @@
 
 #define MAX_FD 65536
 
-static unsigned char emulated[MAX_FD]; /* 1: an emulated AF_VSOCK descriptor */
+static unsigned char emulated[MAX_FD]; /* an emulated AF_VSOCK descriptor: 1, or DGRAM for SOCK_DGRAM */
+#define DGRAM 2
 static int fake_device = -1;
 static unsigned next_ephemeral;
 
@@ -50,6 +59,11 @@ static void mark(int fd, int on)
 static int is_emulated(int fd)
 {
     return fd >= 0 && fd < MAX_FD && emulated[fd];
+}
+
+static int is_dgram(int fd)
+{
+    return fd >= 0 && fd < MAX_FD && emulated[fd] == DGRAM;
 }
 
 #define REAL(ret, name, ...) \
@@ -77,17 +91,36 @@ static unsigned reach(unsigned cid)
     return cid >= VMADDR_CID_HOST && cid != VMADDR_CID_ANY ? cid : 0;
 }
 
-/* $VSOCK_EMU_DIR/c<cid>p<port>; -1 if unset or too long. */
-static int port_path(unsigned cid, unsigned port, struct sockaddr_un *out)
+/* $VSOCK_EMU_DIR/c<cid>p<port>, with ".d" for the DGRAM socket fd; -1 if unset or too long. */
+static int port_path(int fd, unsigned cid, unsigned port, struct sockaddr_un *out)
 {
     const char *dir = getenv("VSOCK_EMU_DIR");
 
     memset(out, 0, sizeof *out);
     out->sun_family = AF_UNIX;
-    if (dir == NULL || (size_t)snprintf(out->sun_path, sizeof out->sun_path, "%s/c%up%u", dir, cid, port)
-                           >= sizeof out->sun_path)
+    if (dir == NULL || (size_t)snprintf(out->sun_path, sizeof out->sun_path, "%s/c%up%u%s", dir, cid, port,
+                                        is_dgram(fd) ? ".d" : "") >= sizeof out->sun_path)
         return -1;
     return 0;
+}
+
+/* Bind fd to an ephemeral port of our CID, so that a peer can name it; 0 or -1 (errno). */
+static int bind_ephemeral(int fd)
+{
+    struct sockaddr_un self;
+    int rc;
+    REAL(int, bind, int, const struct sockaddr *, socklen_t);
+
+    do {
+        unsigned port = 0x40000000u + ((unsigned)getpid() & 0xFFFFu) * 0x1000u
+                        + (__atomic_fetch_add(&next_ephemeral, 1u, __ATOMIC_RELAXED) & 0xFFFu);
+        if (port_path(fd, emu_cid(), port, &self) != 0) {
+            errno = EINVAL;
+            return -1;
+        }
+        rc = real_bind(fd, (struct sockaddr *)&self, sizeof self);
+    } while (rc != 0 && errno == EADDRINUSE);
+    return rc;
 }
 
 /* The vsock address behind a bound AF_UNIX path ((cid, VMADDR_PORT_ANY) if unbound). */
@@ -132,11 +165,52 @@ ssize_t send(int fd, const void *buf, size_t len, int flags)
     return real_send(fd, buf, len, flags);
 }
 
+/* The path a datagram to the vsock address addr goes to, binding fd first if it is unbound;
+ * 0, or -1 (errno). */
+static int dgram_target(int fd, const struct sockaddr *addr, socklen_t alen, struct sockaddr_un *out)
+{
+    const struct sockaddr_vm *vm = (const struct sockaddr_vm *)addr;
+    struct sockaddr_un self;
+    socklen_t n = sizeof self;
+    unsigned peer;
+    REAL(int, getsockname, int, struct sockaddr *, socklen_t *);
+
+    if (addr == NULL || alen < sizeof *vm || vm->svm_family != AF_VSOCK) {
+        errno = addr == NULL ? EDESTADDRREQ : EINVAL;
+        return -1;
+    }
+    if ((peer = reach(vm->svm_cid)) == 0) {
+        errno = ENETUNREACH;
+        return -1;
+    }
+    if (port_path(fd, peer, vm->svm_port, out) != 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    memset(&self, 0, sizeof self);
+    if (real_getsockname(fd, (struct sockaddr *)&self, &n) != 0)
+        return -1;
+    return n > offsetof(struct sockaddr_un, sun_path) && self.sun_path[0] != '\0' ? 0 : bind_ephemeral(fd);
+}
+
+/* The result of sending a datagram: to a port nobody holds, EHOSTUNREACH. */
+static ssize_t dgram_sent(ssize_t rc)
+{
+    if (rc < 0 && (errno == ENOENT || errno == ECONNREFUSED))
+        errno = EHOSTUNREACH;
+    return rc;
+}
+
 ssize_t sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr, socklen_t alen)
 {
+    struct sockaddr_un to;
     REAL(ssize_t, sendto, int, const void *, size_t, int, const struct sockaddr *, socklen_t);
     log_send(fd, len);
-    return real_sendto(fd, buf, len, flags, addr, alen);
+    if (!is_dgram(fd) || (addr == NULL && alen == 0))
+        return real_sendto(fd, buf, len, flags, addr, alen);
+    if (dgram_target(fd, addr, alen, &to) != 0)
+        return -1;
+    return dgram_sent(real_sendto(fd, buf, len, flags, (struct sockaddr *)&to, sizeof to));
 }
 
 ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
@@ -147,6 +221,16 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     for (i = 0; msg != NULL && i < msg->msg_iovlen; i++)
         len += msg->msg_iov[i].iov_len;
     log_send(fd, len);
+    if (is_dgram(fd) && msg != NULL && msg->msg_name != NULL) {
+        struct sockaddr_un to;
+        struct msghdr copy = *msg;
+
+        if (dgram_target(fd, msg->msg_name, msg->msg_namelen, &to) != 0)
+            return -1;
+        copy.msg_name = &to;
+        copy.msg_namelen = sizeof to;
+        return dgram_sent(real_sendmsg(fd, &copy, flags));
+    }
     return real_sendmsg(fd, msg, flags);
 }
 
@@ -155,6 +239,13 @@ ssize_t write(int fd, const void *buf, size_t len)
     REAL(ssize_t, write, int, const void *, size_t);
     log_send(fd, len);
     return real_write(fd, buf, len);
+}
+
+static int dgram_enabled(void)
+{
+    const char *on = getenv("VSOCK_EMU_DGRAM");
+
+    return on != NULL && strcmp(on, "1") == 0;
 }
 
 int socket(int domain, int type, int protocol)
@@ -171,8 +262,12 @@ int socket(int domain, int type, int protocol)
         errno = EAFNOSUPPORT;
         return -1;
     }
+    if ((type & 0xF) == SOCK_DGRAM && !dgram_enabled()) {
+        errno = ENODEV; /* af_vsock.c: no transport carries datagrams */
+        return -1;
+    }
     fd = real_socket(AF_UNIX, type, 0);
-    mark(fd, 1);
+    mark(fd, (type & 0xF) == SOCK_DGRAM ? DGRAM : 1);
     return fd;
 }
 
@@ -202,7 +297,7 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len)
     if (!is_emulated(fd))
         return real_bind(fd, addr, len);
     if (len < sizeof *vm || vm->svm_family != AF_VSOCK || vm->svm_port == VMADDR_PORT_ANY
-        || port_path(emu_cid(), vm->svm_port, &un) != 0) {
+        || port_path(fd, emu_cid(), vm->svm_port, &un) != 0) {
         errno = EINVAL;
         return -1;
     }
@@ -212,14 +307,17 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len)
 int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     const struct sockaddr_vm *vm = (const struct sockaddr_vm *)addr;
-    struct sockaddr_un un, self;
+    struct sockaddr_un un;
     unsigned peer;
     int rc;
     REAL(int, connect, int, const struct sockaddr *, socklen_t);
-    REAL(int, bind, int, const struct sockaddr *, socklen_t);
 
     if (!is_emulated(fd))
         return real_connect(fd, addr, len);
+    if (is_dgram(fd)) {
+        errno = EOPNOTSUPP; /* not emulated: the C library never connects a DGRAM socket */
+        return -1;
+    }
     if (len < sizeof *vm || vm->svm_family != AF_VSOCK) {
         errno = EINVAL;
         return -1;
@@ -228,20 +326,11 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
         errno = ENETUNREACH;
         return -1;
     }
-    if (port_path(peer, vm->svm_port, &un) != 0) {
+    if (port_path(fd, peer, vm->svm_port, &un) != 0) {
         errno = EINVAL;
         return -1;
     }
-    do { /* the connector's own port, so that the peer can name it */
-        unsigned port = 0x40000000u + ((unsigned)getpid() & 0xFFFFu) * 0x1000u
-                        + (__atomic_fetch_add(&next_ephemeral, 1u, __ATOMIC_RELAXED) & 0xFFFu);
-        if (port_path(emu_cid(), port, &self) != 0) {
-            errno = EINVAL;
-            return -1;
-        }
-        rc = real_bind(fd, (struct sockaddr *)&self, sizeof self);
-    } while (rc != 0 && errno == EADDRINUSE);
-    if (rc != 0)
+    if (bind_ephemeral(fd) != 0) /* the connector's own port, so that the peer can name it */
         return -1;
     rc = real_connect(fd, (struct sockaddr *)&un, sizeof un);
     if (rc != 0 && (errno == ENOENT || errno == ECONNREFUSED))
@@ -286,6 +375,59 @@ static int name_of(int fd, struct sockaddr *addr, socklen_t *len, int peer)
     memcpy(addr, &vm, *len < sizeof vm ? *len : sizeof vm);
     *len = sizeof vm;
     return 0;
+}
+
+/* The vsock address of a datagram's sender, from its AF_UNIX path un. */
+static void name_sender(const struct sockaddr_un *un, socklen_t n, void *addr, socklen_t *len)
+{
+    struct sockaddr_vm vm;
+
+    to_vsock(un, n, emu_cid(), &vm);
+    memcpy(addr, &vm, *len < sizeof vm ? *len : sizeof vm);
+    *len = sizeof vm;
+}
+
+ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr, socklen_t *alen)
+{
+    struct sockaddr_un un;
+    socklen_t n = sizeof un;
+    ssize_t rc;
+    REAL(ssize_t, recvfrom, int, void *, size_t, int, struct sockaddr *, socklen_t *);
+
+    if (!is_dgram(fd) || addr == NULL || alen == NULL)
+        return real_recvfrom(fd, buf, len, flags, addr, alen);
+    memset(&un, 0, sizeof un);
+    if ((rc = real_recvfrom(fd, buf, len, flags, (struct sockaddr *)&un, &n)) >= 0)
+        name_sender(&un, n, addr, alen);
+    return rc;
+}
+
+ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+{
+    struct sockaddr_un un;
+    void *name;
+    socklen_t want;
+    ssize_t rc;
+    REAL(ssize_t, recvmsg, int, struct msghdr *, int);
+
+    if (!is_dgram(fd) || msg == NULL || msg->msg_name == NULL)
+        return real_recvmsg(fd, msg, flags);
+    name = msg->msg_name;
+    want = msg->msg_namelen;
+    memset(&un, 0, sizeof un);
+    msg->msg_name = &un;
+    msg->msg_namelen = sizeof un;
+    rc = real_recvmsg(fd, msg, flags);
+    msg->msg_name = name;
+    if (rc >= 0) {
+        socklen_t n = msg->msg_namelen;
+
+        msg->msg_namelen = want;
+        name_sender(&un, n, name, &msg->msg_namelen);
+    } else {
+        msg->msg_namelen = want;
+    }
+    return rc;
 }
 
 int getpeername(int fd, struct sockaddr *addr, socklen_t *len)

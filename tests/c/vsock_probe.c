@@ -8,6 +8,7 @@
  *   create <rid>          VMCIDatagram_CreateHnd (0: any)       create=<cid> <rid>  (our handle)
  *   send <cid> <rid> <n>  n pattern bytes from our handle       send=<rc>
  *   recv                  VMCIDatagram_RecvFrom                 recv=<rc> <cid> <rid> <pattern ok>
+ *   recvn <n>             the same into an n-byte buffer        recvn=<rc> <cid> <rid> <pattern ok>
  *   say <cid> <rid> <text>        the text (to the line's end)  say=<rc>
  *   sendpre <cid> <rid> <n> <word>  n bytes: word, a space, then the pattern's bytes from there on
  *   recvtext              receive one; its first 400 bytes     recvtext=<rc> <cid> <rid> <text>
@@ -104,10 +105,11 @@ main(void)
       } else if (strcmp(cmd, "send") == 0 && sscanf(line, "%*s %lu %lu %lu", &a, &b, &c) == 3) {
          Fill((uint32)c);
          printf("send=%d\n", VMCIDatagram_SendTo(VMCI_MAKE_HANDLE(a, b), me, (uint32)c, buf));
-      } else if (strcmp(cmd, "recv") == 0) {
+      } else if (strcmp(cmd, "recv") == 0 || (strcmp(cmd, "recvn") == 0 && sscanf(line, "%*s %lu", &a) == 1
+                                              && a <= sizeof buf)) {
          VMCIHandle src = VMCI_INVALID_HANDLE;
-         int rc = VMCIDatagram_RecvFrom(me, &src, buf, sizeof buf);
-         printf("recv=%d %u %u %d\n", rc, src.context, src.resource, rc >= 0 && PatternOk(rc));
+         int rc = VMCIDatagram_RecvFrom(me, &src, buf, cmd[4] == 'n' ? (uint32)a : sizeof buf);
+         printf("%s=%d %u %u %d\n", cmd, rc, src.context, src.resource, rc >= 0 && PatternOk(rc));
       } else if (strcmp(cmd, "say") == 0 && sscanf(line, "%*s %lu %lu %399[^\n]", &a, &b, name) == 3) {
          printf("say=%d\n", VMCIDatagram_SendTo(VMCI_MAKE_HANDLE(a, b), me, (uint32)strlen(name), name));
       } else if (strcmp(cmd, "sendpre") == 0

@@ -2,8 +2,9 @@
 
 Legacy C programs (tests/c/datagramApp.c, tests/c/vsock_probe.c) run with
 ``VSOCKCOMPAT_TRANSPORT=vsock`` against the discovery daemon and Python peers of both cores,
-in SEQPACKET (what ``auto`` picks here) and STREAM mode: the setups of the ``daemon`` fixture
-(tests/real_vsock/test_vsock_discovery.py). Every process is in context 1 (vsock_loopback).
+in SEQPACKET (what ``auto`` picks here: vsock_loopback has no datagrams, so no ``dgram`` mode) and
+STREAM mode: the setups of the ``daemon`` fixture (tests/real_vsock/test_vsock_discovery.py). Every
+process is in context 1 (vsock_loopback).
 
 A Python start takes 10-40 s under TCG, so the C programs are executed directly with the argv and
 environment ``vsockcompat run`` would exec them with (``vsockcompat.run.command``, the function
@@ -18,6 +19,7 @@ proves that the C library refuses the vsock transport there without making an AF
 Run them:  python3 testbed/guest.py run --timeout 900 -- env PYTHONPATH=$PWD \
                python3 -m pytest tests/real_vsock/test_clib_vsock.py -m vsock -rs -x
 """
+import errno
 import os
 import shutil
 import socket
@@ -272,3 +274,31 @@ def test_bad_peers_are_dropped_and_the_c_endpoint_keeps_serving(daemon, probe, v
         settle(ep, 1.0)
         ep.send(probe.handle, pattern(9))
         assert probe.ask("recv") == ["9", "1", str(ep.handle.resource), "1"]
+
+
+def test_auto_is_not_dgram_under_vsock_loopback_and_explicit_dgram_fails(progs, vsock_socket):
+    """vsock_loopback has no datagram transport: the kernel refuses a SOCK_DGRAM socket (ENODEV,
+    net/vmw_vsock/af_vsock.c vsock_assign_transport), so the C library's ``auto`` takes SEQPACKET
+    (a SEQPACKET peer connects to its endpoint) and an explicit ``dgram`` fails VMCI_InitApp with
+    VMCI_ERROR_DEVICE_NOT_FOUND and the kernel's reason."""
+    with pytest.raises(OSError) as refused:
+        vsock_socket(socket.SOCK_DGRAM)
+    assert refused.value.errno == errno.ENODEV
+    rundir = tempfile.mkdtemp(prefix="vsc", dir="/tmp")
+    try:
+        env = c_env(vsock_env(rundir, "pure"), progs)
+        argv, run_env = command([progs["vsock_probe"]], env)
+        probe = Probe(argv, run_env).start()
+        try:
+            raw = vsock_socket(socket.SOCK_SEQPACKET)
+            raw.connect((VMADDR_CID_LOCAL, probe.handle.resource))  # a SEQPACKET listener
+        finally:
+            probe.close()
+        argv, run_env = command([progs["vsock_probe"]], c_env(vsock_env(rundir, "pure", mode="dgram"), progs))
+        _require_gate()
+        init = subprocess.run(argv, env=run_env, input="init\nquit\n", capture_output=True, text=True, timeout=WAIT)
+        assert (init.returncode, init.stdout) == (0, "init=%d\n" % C.VMCI_ERROR_DEVICE_NOT_FOUND)
+        assert init.stderr == ("vsockcompat: the vsock transport cannot run here: AF_VSOCK SOCK_DGRAM sockets "
+                               "cannot be created here: %s\n" % os.strerror(errno.ENODEV))
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
