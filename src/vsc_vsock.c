@@ -169,8 +169,10 @@ int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
 
     /* In dgram mode the kernel's address is the only identity: a datagram from port
      * VMCI_DS_RESOURCE_ID is the discovery service's (vsc_vsock_dgram_source), so only the
-     * process speaking for context 1 may hold it. */
-    if (dgram && resource == VMCI_DS_RESOURCE_ID && !t->well_known)
+     * process speaking for context 1 may hold it where context 1 lives on this kernel (a host or
+     * loopback-only kernel; a guest's port 1 is an ordinary endpoint). */
+    if (dgram && resource == VMCI_DS_RESOURCE_ID && !t->well_known
+        && vsc_vsock_cid_of(t->kcid, VMCI_WELL_KNOWN_CONTEXT_ID) == VMADDR_CID_LOCAL)
         return VMCI_ERROR_NO_ACCESS;
     if ((fd = vsock_socket(t, SOCK_NONBLOCK)) < 0)
         return errno == EMFILE || errno == ENFILE || errno == ENOMEM ? VMCI_ERROR_NO_RESOURCES

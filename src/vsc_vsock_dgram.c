@@ -25,11 +25,14 @@
 vsc_handle vsc_vsock_dgram_source(const vsc_local *t, uint32_t cid, uint32_t port)
 {
     int own = cid == VMADDR_CID_LOCAL || cid == t->kcid;
+    uint32_t well_known = vsc_vsock_cid_of(t->kcid, VMCI_WELL_KNOWN_CONTEXT_ID);
     vsc_handle h = {own ? t->kcid : cid, port};
 
-    /* Port 1 of the well-known CID is the discovery service's; on our own kernel only the
-     * process speaking for context 1 may bind it (vsc_vsock_bind). */
-    if (port == VMCI_DS_RESOURCE_ID && (own || cid == vsc_vsock_cid_of(t->kcid, VMCI_WELL_KNOWN_CONTEXT_ID))) {
+    /* Port 1 of the CID that reaches context 1 is the discovery service's: the host's, seen from
+     * a guest; our own kernel's only where context 1 lives here (a host or loopback-only kernel,
+     * where only the process speaking for context 1 may bind it: vsc_vsock_bind). A guest's own
+     * port 1 is an ordinary endpoint of the guest, as in vsockcompat/transport/vsock_dgram.py. */
+    if (port == VMCI_DS_RESOURCE_ID && (well_known == VMADDR_CID_LOCAL ? own : cid == well_known)) {
         h.context = VMCI_WELL_KNOWN_CONTEXT_ID;
         h.resource = VMCI_DS_RESOURCE_ID;
     }

@@ -274,7 +274,7 @@ def test_a_guest_and_its_host_in_dgram_mode(guarded, emulated, rundir, emu):
     """A guest kernel (CID 3) and its host (CID 2) sharing the emulation: sources are the kernels'
     CIDs, and the discovery service is port 1 of CID 2 for the guest, its replies (1, 1)."""
     ds = DiscoveryStandIn(emu, cid=2)
-    guest, = probes(guarded, emulated, rundir, emu, 1, VSOCK_EMU_CID="3")
+    guest, peer = probes(guarded, emulated, rundir, emu, 2, VSOCK_EMU_CID="3")
     host, = probes(guarded, emulated, rundir, emu, 1, VSOCK_EMU_CID="2")
     try:
         assert guest.ask("create 0") == ["3", "1024"]
@@ -288,8 +288,12 @@ def test_a_guest_and_its_host_in_dgram_mode(guarded, emulated, rundir, emu):
         assert guest.ask("register guest svc") == ["0"]
         assert ds.registry[b"guest svc"] == VMCIHandle(3, 1024)
         assert host.ask("send 4 1024 1") == [str(C.VMCI_ERROR_DST_UNREACHABLE)]  # no kernel of CID 4
+        # context 1 lives on the host: a guest's own port 1 is an ordinary endpoint of the guest
+        assert peer.ask("create 1") == ["3", "1"]
+        assert peer.ask("send 3 1024 7") == [str(7 + HEADER)]
+        assert guest.ask("recv") == ["7", "3", "1", "1"]
     finally:
-        results = guest.close(), host.close()
+        results = guest.close(), peer.close(), host.close()
         ds.close()
-    assert results == ((0, "", ""),) * 2
+    assert results == ((0, "", ""),) * 3
     assert ds.sources and all(name.startswith("c3p") and name.endswith(".d") for name in ds.sources)
