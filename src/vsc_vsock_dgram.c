@@ -39,6 +39,31 @@ vsc_handle vsc_vsock_dgram_source(const vsc_local *t, uint32_t cid, uint32_t por
     return h;
 }
 
+/* vmci_transport turns VMCI's codes into errnos (vmci-sdk.md 10.2); undo it where it can:
+ * EHOSTUNREACH is INVALID_RESOURCE (nothing at that resource; for a well-known destination, the
+ * SDK's DST_UNREACHABLE: (1, 1), or any handle of context 1 on a kernel whose own CID is not 1),
+ * EINVAL (the arguments were checked first) the codes folded into it such as an unknown context
+ * (DST_UNREACHABLE), ENOMEM is NO_MEM. The same mapping as vsockcompat/transport/vsock_dgram.py's
+ * sendto_error. */
+static int sendto_error(const vsc_local *t, int e, vsc_handle dst)
+{
+    int well_known = dst.context == VMCI_WELL_KNOWN_CONTEXT_ID
+                     && (dst.resource == VMCI_DS_RESOURCE_ID || t->kcid != VMADDR_CID_LOCAL);
+
+    switch (e) {
+    case EMSGSIZE:
+        return VMCI_ERROR_INVALID_ARGS;
+    case EHOSTUNREACH:
+        return well_known ? VMCI_ERROR_DST_UNREACHABLE : VMCI_ERROR_INVALID_RESOURCE;
+    case EINVAL:
+        return VMCI_ERROR_DST_UNREACHABLE;
+    case ENOMEM:
+        return VMCI_ERROR_NO_MEM;
+    default:
+        return vsc_vsock_error(e);
+    }
+}
+
 int vsc_vsock_dgram_send(const vsc_local *t, int fd, vsc_handle dst, const void *buf, uint32_t len)
 {
     struct sockaddr_vm addr;
@@ -56,7 +81,7 @@ int vsc_vsock_dgram_send(const vsc_local *t, int fd, vsc_handle dst, const void 
         n = sendto(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL, (struct sockaddr *)&addr, sizeof addr);
     } while (n < 0 && errno == EINTR);
     if (n < 0)
-        return errno == EMSGSIZE ? VMCI_ERROR_INVALID_ARGS : vsc_vsock_error(errno);
+        return sendto_error(t, errno, dst);
     if ((size_t)n != len)
         return VMCI_ERROR_GENERIC; /* a datagram is sent whole or not at all */
     return (int)len + VMCI_DG_HEADERSIZE;

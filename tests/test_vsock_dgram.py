@@ -20,6 +20,7 @@ from vsockcompat.apps import datagram_app
 from vsockcompat.constants import (
     DG_HEADER_FORMAT,
     VMCI_ERROR_DST_UNREACHABLE,
+    VMCI_ERROR_INVALID_RESOURCE,
     VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_NO_MEM,
     VMCI_ERROR_NO_RESOURCES,
@@ -37,6 +38,7 @@ from vsockcompat.sdk import VMCILibrary
 from vsockcompat.transport import TransportUnavailable
 from vsockcompat.transport import vsock as vsock_module
 from vsockcompat.transport import vsock_dgram
+from vsockcompat.transport.vsock_dgram import sendto_error
 
 WAIT = 10.0
 HOST = 2
@@ -362,9 +364,9 @@ def test_a_receiver_gone(pair):
     a, b = pair
     gone = b.handle
     b.close()
-    with pytest.raises(DstUnreachable):
+    with pytest.raises(InvalidResource):  # VMCI's INVALID_RESOURCE arrives as EHOSTUNREACH
         a.send(gone, b"anyone?")
-    assert a.send_status(gone, b"anyone?", 7) == VMCI_ERROR_DST_UNREACHABLE
+    assert a.send_status(gone, b"anyone?", 7) == VMCI_ERROR_INVALID_RESOURCE
 
 
 def test_impossible_destinations(pair):
@@ -375,8 +377,8 @@ def test_impossible_destinations(pair):
         a.send(VMCIHandle(0xFFFFFFFF, 1024), b"x")
     with pytest.raises(InvalidResource):
         a.send(VMCIHandle(HOST, 0xFFFFFFFF), b"x")
-    with pytest.raises(DstUnreachable):
-        a.send(VMCIHandle(77, 1024), b"x")  # a kernel nothing listens in: EHOSTUNREACH
+    with pytest.raises(InvalidResource):
+        a.send(VMCIHandle(77, 1024), b"x")  # nothing holds that port (the stand-in: EHOSTUNREACH)
     assert a.stats.sent == 0
 
 
@@ -489,5 +491,22 @@ def test_a_receiver_closed_while_its_buffers_are_full(pair):
     started = time.monotonic()
     b.close()
     assert time.monotonic() - started < WAIT
-    with pytest.raises(DstUnreachable):
+    with pytest.raises(InvalidResource):
         a.send(gone, b"anyone?")
+
+
+@pytest.mark.parametrize("code, dst, local_cid, expected", [
+    (errno.EHOSTUNREACH, VMCIHandle(HOST, 1024), HOST, VMCI_ERROR_INVALID_RESOURCE),
+    (errno.EHOSTUNREACH, VMCIHandle(1, 1), HOST, VMCI_ERROR_DST_UNREACHABLE),
+    (errno.EHOSTUNREACH, VMCIHandle(1, 1), 1, VMCI_ERROR_DST_UNREACHABLE),
+    (errno.EHOSTUNREACH, VMCIHandle(1, 7), 3, VMCI_ERROR_DST_UNREACHABLE),
+    (errno.EHOSTUNREACH, VMCIHandle(1, 1024), 1, VMCI_ERROR_INVALID_RESOURCE),  # a loopback kernel's own
+    (errno.EINVAL, VMCIHandle(77, 1024), HOST, VMCI_ERROR_DST_UNREACHABLE),
+    (errno.ENOMEM, VMCIHandle(HOST, 1024), HOST, VMCI_ERROR_NO_MEM),
+    (errno.EMSGSIZE, VMCIHandle(HOST, 1024), HOST, VMCI_ERROR_INVALID_ARGS),
+    (errno.EAGAIN, VMCIHandle(HOST, 1024), HOST, None),
+])
+def test_sendto_errnos_undo_vmci_transports_mapping(code, dst, local_cid, expected):
+    """vmci_transport's errnos (vmci-sdk.md 10.2) back to the SDK's codes; None: a link's mapping."""
+    error = sendto_error(OSError(code, os.strerror(code)), dst, 5, local_cid)
+    assert (error.code if error is not None else None) == expected

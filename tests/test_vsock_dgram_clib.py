@@ -14,11 +14,11 @@ import pytest
 from test_clib import CC, SRC_DIR
 from test_clib_vsock_guard import EmulatedProbe, emulated, guarded  # noqa: F401  (fixtures)
 from test_vsock_dgram import HOST, WAIT, emu, make_dgram_runtime  # noqa: F401  (fixtures)
-from vsockcompat.constants import VMCI_ERROR_DST_UNREACHABLE, VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_PRIV_DG_SEND
+from vsockcompat.constants import VMCI_ERROR_INVALID_RESOURCE, VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_PRIV_DG_SEND
 from vsockcompat import ds_client
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.ds_server import DiscoveryServer
-from vsockcompat.errors import DstUnreachable, Timeout
+from vsockcompat.errors import InvalidResource, Timeout
 from vsockcompat.handles import VMCIHandle
 
 
@@ -81,8 +81,8 @@ def test_python_and_c_agree_on_a_receiver_gone_and_python_drops_a_denied_c_sende
         c = VMCIHandle(*(int(word) for word in c_probe.ask("create 0")))
         with DatagramEndpoint(runtime=make_dgram_runtime()) as gone:
             gone_handle = gone.handle
-        assert c_probe.ask("send %d %d 5" % gone_handle) == [str(VMCI_ERROR_DST_UNREACHABLE)]
-        with pytest.raises(DstUnreachable):
+        assert c_probe.ask("send %d %d 5" % gone_handle) == [str(VMCI_ERROR_INVALID_RESOURCE)]
+        with pytest.raises(InvalidResource):
             py.send(gone_handle, b"x")
         py._runtime.access.change(py.handle, lambda acl: acl.add(c, [], [VMCI_PRIV_DG_SEND]))
         assert c_probe.ask("send %d %d 5" % tuple(py.handle)) == ["29"]  # no channel back: sent

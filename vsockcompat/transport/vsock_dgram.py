@@ -34,7 +34,7 @@ Mapping (the spec both cores follow):
 
 Design. Sends need no thread: the endpoint gives each datagram to ``send_datagram`` (feature
 ``sendto``), one non-blocking ``sendto`` on the caller's thread; the kernel decides at once, so
-``EAGAIN``/``ENOBUFS``/``ENOMEM`` become ``VMCI_ERROR_NO_RESOURCES`` and a link to cache would
+``EAGAIN``/``ENOBUFS`` become ``VMCI_ERROR_NO_RESOURCES`` (the other errnos: ``sendto_error``) and a link to cache would
 buy nothing (a DGRAM socket has no connection). Receives reuse the core unchanged: a
 ``DgramListener`` stands where a listening socket stands in the other modes. Its reader thread
 ``recvfrom``s the endpoint's socket and hands each datagram to the core as a frame (the SDK's
@@ -72,7 +72,9 @@ from ..constants import (
     VMCI_DS_RESOURCE_ID,
     VMCI_ERROR_GENERIC,
     VMCI_HYPERVISOR_CONTEXT_ID,
+    VMCI_ERROR_NO_MEM,
     VMCI_MAX_DG_PAYLOAD_SIZE,
+    VMCI_WELL_KNOWN_CONTEXT_ID,
 )
 from ..errors import (DstUnreachable, DuplicateEntry, InvalidArgs, InvalidResource, NoAccess,
                       NoResources, error_for)
@@ -336,9 +338,9 @@ class DgramMode:
         try:
             listener.sock.sendto(view[:length], socket.MSG_DONTWAIT, self.vsock_address(dst))
         except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                raise InvalidArgs("the kernel refuses %d bytes as one datagram" % length) from None
-            error = self.link_error(exc, dst)
+            error = sendto_error(exc, dst, length, self._kcid)
+            if error is None:
+                error = self.link_error(exc, dst)
             if error is None:
                 error = error_for(VMCI_ERROR_GENERIC, "datagram to %s failed: %s"
                                   % (tuple(dst), os.strerror(exc.errno or 0)))
@@ -346,4 +348,33 @@ class DgramMode:
         return VMCI_DG_HEADERSIZE + length
 
 
-__all__ = ["DgramListener", "DgramMode", "DGRAM_FEATURES", "MAX_SOURCES"]
+def well_known_destination(dst: VMCIHandle, local_cid: int) -> bool:
+    """Whether ``dst`` is a well-known service: the discovery service's ``(1, 1)``, or any handle of
+    context 1 on a kernel whose own CID is not 1 (on a loopback-only kernel, CID 1, context 1 is
+    also the kernel's own context)."""
+    return dst.context == VMCI_WELL_KNOWN_CONTEXT_ID and (
+        dst.resource == VMCI_DS_RESOURCE_ID or local_cid != VMADDR_CID_LOCAL)
+
+
+def sendto_error(exc: OSError, dst: VMCIHandle, length: int, local_cid: int):
+    """The VMCIError of a failed datagram ``sendto`` that differs from a failed link's, else None.
+
+    vmci_transport turns VMCI's codes into errnos (vmci-sdk.md 10.2); this undoes it where it can:
+    ``EHOSTUNREACH`` is ``VMCI_ERROR_INVALID_RESOURCE`` (nothing at that resource; for a
+    well-known destination the SDK's ``DST_UNREACHABLE``), ``EINVAL`` (our arguments were
+    checked first) the codes it folds into it, such as an unknown context (``DST_UNREACHABLE``),
+    ``ENOMEM`` is ``NO_MEM``, ``EMSGSIZE`` a datagram over the limit.
+    """
+    code = exc.errno
+    if code == errno.EMSGSIZE:
+        return InvalidArgs("the kernel refuses %d bytes as one datagram" % length)
+    if code == errno.EHOSTUNREACH and not well_known_destination(dst, local_cid):
+        return InvalidResource("no endpoint %s (%s)" % (tuple(dst), os.strerror(code)))
+    if code in (errno.EHOSTUNREACH, errno.EINVAL):
+        return DstUnreachable("%s cannot be reached (%s)" % (tuple(dst), os.strerror(code)))
+    if code == errno.ENOMEM:
+        return error_for(VMCI_ERROR_NO_MEM, "no memory for a datagram to %s" % (tuple(dst),))
+    return None
+
+
+__all__ = ["sendto_error", "DgramListener", "DgramMode", "DGRAM_FEATURES", "MAX_SOURCES"]
