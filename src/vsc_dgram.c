@@ -332,9 +332,20 @@ ssize_t vsc_dg_recv(int sock_fd, uint8_t *acct, vsc_dg_header *h, void *buf, siz
 #define RX_KEY_WAKE     (-2)
 #define RX_KEY_LISTENER (-1)
 
-int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_handle self)
+/* Add fd to the epoll set: 0, or an errno value. */
+static int watch(vsc_rx *rx, int fd)
 {
     struct epoll_event ev;
+
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    return epoll_ctl(rx->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? errno : 0;
+}
+
+int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_handle self)
+{
+    int rc;
 
     memset(rx, 0, sizeof *rx);
     rx->listener_fd = listener_fd;
@@ -343,6 +354,7 @@ int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_han
     rx->self = self;
     rx->last_fd = -1;
     rx->hot_fd = -1;
+    rx->parked_fd = -1;
     rx->batch_fd = -1;
     rx->pending_fd = -1;
     rx->polled = 1;
@@ -350,28 +362,17 @@ int vsc_rx_init(vsc_rx *rx, int listener_fd, int wake_fd, uint8_t *acct, vsc_han
     rx->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (rx->epfd < 0)
         return errno;
-    memset(&ev, 0, sizeof ev);
-    ev.events = EPOLLIN;
-    ev.data.fd = listener_fd;
-    if (epoll_ctl(rx->epfd, EPOLL_CTL_ADD, listener_fd, &ev) < 0)
-        goto fail;
-    ev.data.fd = wake_fd;
-    if (epoll_ctl(rx->epfd, EPOLL_CTL_ADD, wake_fd, &ev) < 0)
-        goto fail;
+    if ((rc = watch(rx, listener_fd)) != 0 || (rc = watch(rx, wake_fd)) != 0) {
+        close(rx->epfd);
+        rx->epfd = -1;
+        return rc;
+    }
     rx->pending_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    ev.data.fd = rx->pending_fd;
-    if (rx->pending_fd >= 0 && epoll_ctl(rx->epfd, EPOLL_CTL_ADD, rx->pending_fd, &ev) < 0) {
+    if (rx->pending_fd >= 0 && watch(rx, rx->pending_fd) != 0) {
         close(rx->pending_fd); /* no read-ahead then: one frame per recvmsg */
         rx->pending_fd = -1;
     }
     return 0;
-fail:
-    {
-        int e = errno;
-        close(rx->epfd);
-        rx->epfd = -1;
-        return e;
-    }
 }
 
 void vsc_rx_destroy(vsc_rx *rx)
@@ -385,6 +386,7 @@ void vsc_rx_destroy(vsc_rx *rx)
         close(rx->pending_fd);
     rx->pending_fd = -1;
     rx->pending_set = 0;
+    rx->parked_fd = -1;
     free(rx->batch);
     rx->batch = NULL;
     free(rx->frame);
@@ -406,7 +408,7 @@ static int hot_setup(int fd)
 
 int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src)
 {
-    struct epoll_event ev;
+    int rc;
 
     if (fd < 0)
         return EBADF;
@@ -424,18 +426,15 @@ int vsc_rx_add(vsc_rx *rx, int fd, vsc_handle src)
         rx->conns = grown;
         rx->nconns = n;
     }
-    memset(&ev, 0, sizeof ev);
-    ev.events = EPOLLIN;
-    ev.data.fd = fd;
-    if (epoll_ctl(rx->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
-        return errno;
+    if ((rc = watch(rx, fd)) != 0)
+        return rc;
     rx->conns[fd].fd = fd;
     rx->conns[fd].src = src;
     rx->conns[fd].seq = rx->next_seq++;
     rx->conns[fd].hot_ok = hot_setup(fd);
     rx->nlive++;
     rx->only_fd = fd;
-    rx->hot_fd = -1;
+    rx->hot_fd = -1; /* not hot: the next wait puts a parked connection back */
     return 0;
 }
 
@@ -472,13 +471,42 @@ static void batch_discard(vsc_rx *rx)
     batch_done(rx);
 }
 
+/* Put the parked connection back in the epoll set: 0, or an errno value (it stays out). */
+static int rx_unpark(vsc_rx *rx)
+{
+    int fd = rx->parked_fd, rc;
+
+    if (fd < 0)
+        return 0;
+    if ((rc = watch(rx, fd)) != 0)
+        return rc;
+    __atomic_store_n(&rx->parked_fd, -1, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+/* Take the hot connection out of the epoll set: while nothing else polls epfd, a frame on
+ * it then wakes the reader alone, without an epoll callback. Receiving thread only; needs
+ * pending_fd, with which vsc_rx_set_polled makes epfd readable while a connection is out. */
+static void rx_park(vsc_rx *rx, int fd)
+{
+    if (rx->parked_fd == fd || rx->pending_fd < 0 || rx_unpark(rx) != 0
+        || epoll_ctl(rx->epfd, EPOLL_CTL_DEL, fd, NULL) < 0)
+        return;
+    __atomic_store_n(&rx->parked_fd, fd, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&rx->polled, __ATOMIC_SEQ_CST))
+        batch_signal(rx); /* vsc_rx_set_polled(1) ran meanwhile: the next receive puts it back */
+}
+
 void vsc_rx_remove(vsc_rx *rx, int fd)
 {
     int i, j;
 
     if (fd < 0 || fd >= rx->nconns || rx->conns[fd].fd < 0)
         return;
-    epoll_ctl(rx->epfd, EPOLL_CTL_DEL, fd, NULL);
+    if (fd == rx->parked_fd)
+        __atomic_store_n(&rx->parked_fd, -1, __ATOMIC_SEQ_CST);
+    else
+        epoll_ctl(rx->epfd, EPOLL_CTL_DEL, fd, NULL);
     rx->conns[fd].fd = -1;
     if (fd == rx->hot_fd)
         rx->hot_fd = -1;
@@ -638,8 +666,8 @@ static ssize_t batch_fill(vsc_rx *rx, int fd, int flags, int *sys_errno)
 
 void vsc_rx_set_polled(vsc_rx *rx, int polled)
 {
-    rx->polled = polled != 0;
-    if (rx->polled && rx->batch_count > rx->batch_next)
+    __atomic_store_n(&rx->polled, polled != 0, __ATOMIC_SEQ_CST);
+    if (polled && (rx->batch_count > rx->batch_next || __atomic_load_n(&rx->parked_fd, __ATOMIC_SEQ_CST) >= 0))
         batch_signal(rx);
 }
 
@@ -685,15 +713,36 @@ static ssize_t rx_read(vsc_rx *rx, int fd, int flags, vsc_dg_header *h, void *bu
     return errno == ECONNRESET ? VSC_PEER_GONE : VMCI_ERROR_GENERIC;
 }
 
-/* A frame came from fd: checked, and while fd is the only connection, it is hot. */
-static ssize_t rx_delivered(vsc_rx *rx, int fd, const vsc_dg_header *h, ssize_t n)
+/* A frame came from fd: checked, and while fd is the only connection, it is hot; parked
+ * too while nothing else polls epfd, if this receive's caller waits long (long_wait: a
+ * hot read is tried for such callers only). */
+static ssize_t rx_delivered(vsc_rx *rx, int fd, const vsc_dg_header *h, ssize_t n, int long_wait)
 {
     n = rx_check_source(rx, fd, h, n);
     if (n >= 0) {
         rx->hot_fd = rx->nlive == 1 && rx->conns[fd].hot_ok ? fd : -1;
         rx->last_len = (uint64_t)n;
+        if (rx->hot_fd >= 0 && long_wait && !__atomic_load_n(&rx->polled, __ATOMIC_SEQ_CST))
+            rx_park(rx, fd);
+        else
+            rx_unpark(rx); /* if that fails, the next wait tries again */
     }
     return n;
+}
+
+/* Before waiting: the parked connection back in the epoll set, unless it is still hot and
+ * the wait is the bounded look at everything else (hot_poll). 0, or a status for it. */
+static int rx_before_wait(vsc_rx *rx, int hot_poll, int *sys_errno)
+{
+    int fd = rx->parked_fd, rc;
+
+    if (fd < 0 || (hot_poll && fd == rx->hot_fd && !__atomic_load_n(&rx->polled, __ATOMIC_SEQ_CST)))
+        return 0;
+    if ((rc = rx_unpark(rx)) == 0)
+        return 0;
+    *sys_errno = rc;
+    rx->last_fd = fd; /* it cannot be watched: the caller removes it */
+    return VMCI_ERROR_GENERIC;
 }
 
 ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
@@ -701,12 +750,12 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
 {
     vsc_dg_header h;
     ssize_t n;
-    int fd, rc;
+    int fd, rc, long_wait = timeout_ms < 0 || timeout_ms >= VSC_RX_HOT_MIN_WAIT_MS;
 
     *sys_errno = 0;
     if (rx->batch_count > 0) {
         fd = rx->batch_fd;
-        return rx_delivered(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
+        return rx_delivered(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len), long_wait);
     }
     for (;;) {
         /* One sender, bytes queued (the account says so) or its connection hot: read it
@@ -717,7 +766,7 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
         if (rx->nready == 0 && rx->nlive == 1 && rx->skips < VSC_RX_SKIPS) {
             uint64_t bytes = vsc_acct_queued(rx->acct);
             int queued = bytes > 0;
-            int hot = rx->hot_fd == rx->only_fd && (timeout_ms < 0 || timeout_ms >= VSC_RX_HOT_MIN_WAIT_MS);
+            int hot = rx->hot_fd == rx->only_fd && long_wait;
 
             if (queued || hot) {
                 rx->skips++;
@@ -725,7 +774,8 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
                 n = bytes > rx->last_len ? batch_fill(rx, fd, hot ? MSG_WAITFORONE : MSG_DONTWAIT, sys_errno)
                                          : NO_BATCH;
                 if (n == 0)
-                    return rx_delivered(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len));
+                    return rx_delivered(rx, fd, &h, batch_next(rx, &h, buf, buf_len, spill, spill_len),
+                                        long_wait);
                 if (n == NO_BATCH)
                     n = rx_read(rx, fd, hot ? 0 : MSG_DONTWAIT, &h, buf, buf_len, spill, spill_len, sys_errno);
                 if (n == VSC_AGAIN && hot) {
@@ -736,12 +786,20 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
                     rx->skips = VSC_RX_SKIPS; /* the queued bytes are elsewhere: wait properly */
                     continue;
                 }
-                return n == VSC_INTR ? n : rx_delivered(rx, fd, &h, n);
+                return n == VSC_INTR ? n : rx_delivered(rx, fd, &h, n, long_wait);
             }
         }
         if (rx->nready == 0) {
+            /* The hot connection parked: a look at the rest, without waiting, then read it. */
+            int hot_poll = rx->parked_fd >= 0 && rx->nlive == 1 && long_wait;
+
+            if ((rc = rx_before_wait(rx, hot_poll, sys_errno)) != 0)
+                return rc;
+            hot_poll = hot_poll && rx->parked_fd >= 0;
             rx->skips = 0;
-            rc = rx_wait(rx, timeout_ms, sys_errno);
+            rc = rx_wait(rx, hot_poll ? 0 : timeout_ms, sys_errno);
+            if (rc == VSC_AGAIN && hot_poll)
+                continue;
             if (rc != 0)
                 return rc;
             if (rx->nready == 0)
@@ -759,6 +817,6 @@ ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t s
                 return VSC_INTR; /* a spurious wake-up: the caller recomputes its timeout */
             continue;
         }
-        return rx_delivered(rx, fd, &h, n);
+        return rx_delivered(rx, fd, &h, n, long_wait);
     }
 }

@@ -147,6 +147,9 @@ typedef struct {
     int only_fd;         /* the connection, when nlive == 1 */
     int skips;           /* epoll_wait calls skipped in a row (bounded) */
     int hot_fd;          /* the only connection, while its last read delivered a frame; -1: none */
+    int parked_fd;       /* the hot connection, out of the epoll set while nothing else polls
+                          * epfd (each frame then wakes only the reader, no epoll callback);
+                          * put back before any wait that must see it; -1: none */
     /* Frames read ahead from connection batch_fd, delivered (and only then released from
      * the account, so the queue bound stays exact) before anything else is read. */
     uint8_t *batch;      /* VSC_RX_BATCH slots, allocated when a sender first streams */
@@ -191,13 +194,19 @@ void vsc_rx_remove(vsc_rx *rx, int fd);
  * the call returns VSC_INTR, so the next one waits on everything with epoll. A
  * new connection, a wake-up or a close is thus noticed within that bound, and
  * at the latest every VSC_RX_SKIPS receives.
+ * While nothing else polls epfd (vsc_rx_set_polled 0), the hot connection is
+ * taken out of the epoll set (one epoll_ctl when it turns hot), so that its
+ * frames do not also wake epoll; it is put back before any wait that must see it.
  */
 ssize_t vsc_rx_recv(vsc_rx *rx, void *buf, size_t buf_len, void *spill, size_t spill_len,
                     int timeout_ms, int *sys_errno);
 /*
  * Whether anything but vsc_rx_recv may poll rx->epfd (1 after vsc_rx_init). With 0,
- * frames read ahead do not make epfd readable, saving two system calls per batch;
- * setting 1 again makes it readable at once if frames wait.
+ * frames read ahead do not make epfd readable, saving two system calls per batch,
+ * and the hot connection leaves the epoll set (see vsc_rx_recv); setting 1 again
+ * makes epfd readable at once if frames wait or a connection is out of the set (the
+ * next vsc_rx_recv, which may then find nothing, puts it back). Only this call may
+ * run on another thread than the receiving one.
  */
 void vsc_rx_set_polled(vsc_rx *rx, int polled);
 

@@ -110,6 +110,7 @@ int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **ou
         rc = VMCI_ERROR_NO_RESOURCES;
         goto fail;
     }
+    vsc_rx_set_polled(&ep->rx, 0); /* only vsc_endpoint_recv waits on it */
     pthread_mutex_init(&ep->recv_lock, NULL);
     pthread_mutex_init(&ep->link_lock, NULL);
     ep->refs = 1;

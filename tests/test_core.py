@@ -653,6 +653,88 @@ def test_asking_for_fileno_late_still_shows_frames_read_ahead(core, rx):
     assert not select.select([fd], [], [], 0)[0]
 
 
+def test_a_hot_connection_shows_its_frames_to_a_late_poller(core, rx):
+    """A connection read hot while nobody polled (the C core takes it out of the epoll set
+    then) is watched again once fileno() is asked: its next frame makes the receiver readable.
+    Asking may make it readable once before (a receive then finds nothing)."""
+    assert rx.link.send(b"a", 1) == 25
+    assert rx.take(10.0) == (1, "tag-3")  # a long wait: now hot
+    fd = rx.rx.fileno()
+    if select.select([fd], [], [], 0)[0]:
+        assert rx.take(0) == (core.AGAIN, None)
+    assert not select.select([fd], [], [], 0)[0]
+    assert rx.link.send(b"b", 1) == 25
+    assert select.select([fd], [], [], 5)[0], "the hot connection's frame went unseen"
+    assert rx.take(0) == (1, "tag-3") and rx.buf[0] == ord("b")
+    assert not select.select([fd], [], [], 0)[0]
+
+
+def test_a_removed_hot_connections_descriptor_can_serve_a_new_connection(core, rx):
+    """The hot connection removed (and closed), a new one on the same descriptor number is
+    watched: a wait with epoll sees its frames."""
+    assert rx.link.send(b"a", 1) == 25
+    assert rx.take(10.0) == (1, "tag-3")
+    old = rx.b.fileno()
+    rx.rx.remove(old)
+    rx.b.close()
+    rx.a.close()
+    rx.a, rx.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if rx.b.fileno() != old:  # the lowest free number: the old one, unless a thread took it
+        rx.a, rx.b = rx.b, rx.a
+    rx.rx.add(rx.b, 3, 1024, "tag-5")
+    rx.a.send(core.encode_datagram(2, 1025, 3, 1024, b"new"))
+    assert rx.take(0.05) == (3, "tag-5") and bytes(rx.buf[:3]) == b"new"  # via epoll_wait
+    rx.a.send(core.encode_datagram(2, 1025, 3, 1024, b"hot"))
+    assert rx.take(10.0) == (3, "tag-5") and bytes(rx.buf[:3]) == b"hot"
+    assert rx.take(0.05) == (core.AGAIN, None)
+
+
+def _epoll_targets(epfd):
+    """The descriptors the epoll instance epfd watches (/proc/self/fdinfo)."""
+    with open("/proc/self/fdinfo/%d" % epfd) as f:
+        return {int(line.split()[1]) for line in f if line.startswith("tfd:")}
+
+
+def _new_epoll_fds(before):
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink("/proc/self/fd/" + name) == "anon_inode:[eventpoll]":
+                fds.add(int(name))
+        except OSError:
+            pass
+    return fds - before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="needs /proc/self/fdinfo")
+def test_the_c_receiver_watches_a_hot_connection_only_while_someone_may_poll(core, page, tmp_path):
+    """vsc_rx parks the hot connection (out of the epoll set, so that its frames wake only
+    the reader) while nobody polls, and puts it back for a wait on everything or a poller.
+    (What a poller sees is the same on both cores: the tests above.)"""
+    if core.__name__ != "vsockcompat._cvsc":
+        pytest.skip("the C receiver's epoll set: the pure core has no such optimisation")
+    before = _new_epoll_fds(set())
+    r = Rx(core, page, tmp_path)
+    try:
+        (epfd,) = _new_epoll_fds(before)
+        conn = r.b.fileno()
+        assert conn in _epoll_targets(epfd)
+        assert r.link.send(b"a", 1) == 25
+        assert r.take(10.0) == (1, "tag-3")
+        assert conn not in _epoll_targets(epfd), "the hot connection stayed in the epoll set"
+        assert r.take(0.05) == (core.AGAIN, None)  # a wait below the hot minimum sees everything
+        assert conn in _epoll_targets(epfd)
+        assert r.link.send(b"b", 1) == 25
+        assert r.take(10.0) == (1, "tag-3")
+        assert conn not in _epoll_targets(epfd)
+        assert r.rx.fileno() == epfd  # someone may poll now
+        assert r.link.send(b"c", 1) == 25
+        assert r.take(10.0) == (1, "tag-3")
+        assert conn in _epoll_targets(epfd)
+    finally:
+        r.close()
+
+
 def test_the_pure_receivers_tuning_is_the_c_cores():
     """The pure core copies three of vsc_rx's tuning values; they must stay the C header's."""
     import re
