@@ -89,6 +89,13 @@ _RECV = 1 << 18
 READER_TICK = 0.01
 
 
+def _kernel_buffer(consume_size: int) -> int:
+    """Bytes of stream our kernel should hold for us (``mirror_link.hold``): a whole consume
+    queue plus a quarter for the frame headers, so that the queue's credit, not the kernel's,
+    is what makes the peer wait."""
+    return consume_size + consume_size // 4
+
+
 def _capacity(size: int) -> int:
     return size - 1 if size > 0 else 0
 
@@ -169,6 +176,8 @@ class StreamQueuePair(PairEnd):
                 if handle is None:
                     raise
                 continue
+            with contextlib.suppress(OSError):      # accepted streams inherit it
+                mirror_link.hold(listener.sock, _kernel_buffer(consume_size))
             qp = cls(runtime, listener.handle, True, produce_size, consume_size, flags, peer)
             qp._listener = listener
             qp._start()
@@ -189,6 +198,8 @@ class StreamQueuePair(PairEnd):
         me = runtime.transport.local_cid
         sock = mirror_link.connect(runtime, mirror_link.QUEUE_PAIR, handle)
         try:
+            with contextlib.suppress(OSError):      # before HELLO, which tells the creator's kernel
+                mirror_link.hold(sock, _kernel_buffer(consume_size))
             sock.settimeout(HELLO_TIMEOUT)
             sock.sendall(W.encode(W.HELLO, 0, _HELLO.pack(produce_size, consume_size, flags, me)))
             first = _read_answer(sock, handle)
