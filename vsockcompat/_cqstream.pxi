@@ -325,6 +325,16 @@ cdef class QueueStream:
             return _NOTATTACHED
         return 0
 
+    cdef int _short(self, uint64_t need) except -1:
+        # A write of ``need`` bytes that the credit known so far does not cover first takes
+        # the credit already in the socket (the stream read as ``pull`` does), so that it is
+        # cut or refused only for want of credit the peer has not sent. 1 if the peer went.
+        if self._pcap - (self._sent - self._peer_consumed) < need:
+            self._rx(NULL, _ALL, False)
+            if self._state & _QS_GONE:
+                return 1
+        return 0
+
     def write(self, buf):
         """Enqueue what fits of ``buf``: the count, QUEUEPAIR_NOSPACE (WANT sent), or
         QUEUEPAIR_NOTATTACHED. Blocks (GIL released) only while the socket has no room."""
@@ -335,6 +345,8 @@ cdef class QueueStream:
             return _NOTATTACHED
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
         try:
+            if self._short(<uint64_t>view.len):
+                return _NOTATTACHED
             free = self._pcap - (self._sent - self._peer_consumed)
             if free == 0:
                 if not self._asked:
@@ -376,6 +388,10 @@ cdef class QueueStream:
             for i in range(count):
                 PyObject_GetBuffer(items[i], &views[i], PyBUF_SIMPLE)
                 got += 1
+                total += <uint64_t>views[i].len
+            if self._short(total):
+                return _NOTATTACHED
+            total = 0
             free = self._pcap - (self._sent - self._peer_consumed)
             while free and taken < count and <uint64_t>views[taken].len <= free - total:
                 iov[taken].iov_base = views[taken].buf

@@ -151,6 +151,16 @@ class QueueStream:
     def _free(self) -> int:
         return self._pcap - (self._sent - self._peer_consumed)
 
+    def _short(self, need) -> int:
+        """The free space for a write of ``need`` bytes: when it is short, first the credit
+        already in the socket is taken (the stream read as ``pull`` does), so that a write is
+        cut or refused only for want of credit the peer has not sent; -1 if the peer went."""
+        if self._free() < need:
+            self._rx(None, _ALL, False)
+            if self._state & QS_GONE:
+                return -1
+        return self._free()
+
     def write(self, buf):
         """Enqueue what fits of ``buf``: the count, QUEUEPAIR_NOSPACE (WANT sent), or
         QUEUEPAIR_NOTATTACHED. Blocks only while the socket has no room."""
@@ -158,7 +168,9 @@ class QueueStream:
         with self._lock:
             if self._state & (_DETACHED | QS_GONE):
                 return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-            free = self._free()
+            free = self._short(len(view))
+            if free < 0:
+                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
             if not free:
                 self._ask()
                 return VMCI_ERROR_QUEUEPAIR_NOSPACE
@@ -180,7 +192,9 @@ class QueueStream:
                 return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
             if not views:
                 return 0
-            free, taken = self._free(), 0
+            free, taken = self._short(sum(len(v) for v in views)), 0
+            if free < 0:
+                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
             while free and taken < len(views) and len(views[taken]) <= free:
                 free -= len(views[taken])
                 taken += 1
