@@ -13,7 +13,10 @@ much it has dequeued (CREDIT frames carry the running total) whenever a quarter 
 queue is owed or the peer asks (WANT: sent by an end that finds its produce queue full or
 waits for space); an end's produce free space is ``produce_size - 1``
 minus the bytes it sent that the peer has not reported dequeued, so an enqueue never accepts
-more than the peer's consume queue can hold. Differences from one kernel: the free space an
+more than the peer's consume queue can hold (an enqueue that finds it short first reads the
+CREDIT frames already in its socket). Each end's kernel holds its whole consume queue plus a
+quarter for frame headers (``mirror_link.hold`` on a vsock stream: the default 256 KiB would
+otherwise stop the peer's sends before the queue's credit does). Differences from one kernel: the free space an
 end sees lags the peer's dequeues (by less than a quarter of the queue, and by one frame's
 transit once it asks), and bytes enqueued before the peer attaches wait in the creator's
 memory until it does.
