@@ -603,3 +603,30 @@ def test_hold_raises_the_vsock_buffer_to_the_queue_it_carries():
     with a, b:
         mirror_link.hold(a, 1 << 30)                 # not vsock: untouched
         assert a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 1 << 30
+
+
+def test_an_end_that_only_writes_still_answers_the_peers_want(two):
+    """While the application only enqueues (never short of credit, so its writes do not read
+    the stream), its reader thread still takes the peer's WANT within a tick or two."""
+    a, b = pair(two, produce=1 << 20, consume=1000)
+    assert b.enqueue(b"y" * 100) == 100
+    assert a.wait_for_data(WAIT) == 100 and a.dequeue(100) == b"y" * 100   # 100 owed: < a quarter
+    assert b.enqueue(b"z" * 1000) == 899 and b.produce_free_space() == 0
+    stop = threading.Event()
+
+    def write_only():
+        while not stop.is_set():
+            assert a.enqueue(b"w") == 1
+            time.sleep(0.0005)
+
+    writer = threading.Thread(target=write_only)
+    writer.start()
+    try:
+        # A tick or two; far less than the time jitter takes to leave a tick without a write.
+        assert b.wait_for_space(50, 2.0) == 100
+    finally:
+        stop.set()
+        writer.join()
+    assert a.produce_free_space() > 0
+    b.detach()
+    a.detach()

@@ -28,7 +28,9 @@ empty. This module does the handshake, events and threads around it. Who reads t
 caller that dequeues or waits (waits sleep in the core's poll); otherwise each end's reader
 thread does, taking it back after ``READER_TICK`` seconds in which no caller read it (it wakes
 every tick until detach), so frames (credit, WANT, BYE, and data into the consume queue) keep
-being taken while the application is busy elsewhere.
+being taken while the application is busy elsewhere. While callers only write (an enqueue
+reads the stream itself only when short of credit), the reader thread reads it once a tick
+rather than at each frame's arrival: a writer is not interrupted for every CREDIT.
 
 Stream (ends named by ``mirror_link``, frames of ``mirror_wire``): the attacher sends
 HELLO with payload ``<QQII`` (its produce size, consume size, flags, context id); the
@@ -152,6 +154,7 @@ class StreamQueuePair(PairEnd):
         self._watching = False           # the stream is in the reader thread's epoll (until it ends)
         self._armed = False              # ... and wakes it (set and cleared by that thread only)
         self._pumped = False             # a caller read the stream since the reader thread's last tick
+        self._wrote = False              # ... or wrote (a write reads it only when short of credit)
 
     # Allocation
 
@@ -284,7 +287,7 @@ class StreamQueuePair(PairEnd):
 
     def _readable(self) -> None:
         """The stream has bytes: read them into the consume queue, unless callers read it."""
-        news = self._runtime.core.QS_BUSY if self._pumped else self._qs.pull()
+        news = self._runtime.core.QS_BUSY if self._pumped or self._wrote else self._qs.pull()
         if news & self._runtime.core.QS_BUSY:
             self._arm(False)
         elif news & self._runtime.core.QS_GONE:
@@ -293,14 +296,20 @@ class StreamQueuePair(PairEnd):
     def _tick(self) -> None:
         """A quiet tick: if no caller read the stream for a whole tick, watch it again (frames
         then wait at most two ticks for a reader while the application is busy elsewhere);
-        send what the socket could not take earlier."""
+        if callers only wrote, read what the stream holds now, once a tick (their writes read
+        it only when short of credit, and the peer's CREDIT frames need no wake-up each); send
+        what the socket could not take earlier."""
         qs = self._qs
         if qs is None:
             return
         if qs.pending:
             qs.flush(0)
         if self._pumped:
-            self._pumped = False
+            self._pumped = self._wrote = False
+        elif self._wrote:
+            self._wrote = False
+            if qs.pull() & self._runtime.core.QS_GONE:
+                self._sync()
         elif not self._armed:
             self._arm(True)
 
@@ -420,6 +429,7 @@ class StreamQueuePair(PairEnd):
         qs = self._qs
         if qs is None:
             return self._enqueue_early([_bytes_view(buf)], False)
+        self._wrote = True
         rc = qs.write(buf)
         if rc < 0:
             self._sync()
@@ -430,6 +440,7 @@ class StreamQueuePair(PairEnd):
         qs = self._qs
         if qs is None:
             return self._enqueue_early([_bytes_view(b) for b in bufs], True)
+        self._wrote = True
         rc = qs.write_many(bufs)
         if rc < 0:
             self._sync()
