@@ -317,6 +317,19 @@ def waiting(call):
     return t, got
 
 
+def test_a_wait_after_an_empty_dequeue_sees_what_came_since(bed, core):
+    qs, peer = raw_end(bed, core)
+    assert qs.read_into(bytearray(10)) == VMCI_ERROR_QUEUEPAIR_NODATA      # the socket: empty
+    peer.sendall(W.encode(W.DATA, 0, b"late"))
+    assert qs.wait_data(0) == 4                        # no sleep asked for: it reads first
+    assert qs.read_into(bytearray(10)) == 4
+    assert qs.read_into(bytearray(10)) == VMCI_ERROR_QUEUEPAIR_NODATA
+    peer.sendall(W.encode(W.DATA, 0, b"later"))
+    assert qs.wait_data(WAIT) == 5                     # it polls first: the bytes are there
+    assert qs.read_bytes(10) == b"later"
+    assert qs.wait_data(0.05) == VMCI_ERROR_TIMEOUT
+
+
 def test_a_wait_sleeps_until_data_and_counts_the_frame(bed, core):
     qs, peer = raw_end(bed, core)
     t, got = waiting(lambda: qs.wait_data(WAIT))

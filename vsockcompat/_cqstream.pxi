@@ -110,6 +110,7 @@ cdef class QueueStream:
     cdef uint64_t _pcap, _ccap, _csize
     cdef uint64_t _sent, _peer_consumed, _consumed, _credited, _announced
     cdef bint _peer_wants, _asked
+    cdef bint _dry           # the last read found the socket empty (EAGAIN, or short)
     cdef int _state, _news, _busy
     cdef int _sleepers       # threads asleep in _sleep (they read the stream themselves)
     cdef int _kick[2]        # a pipe: written when another thread's read brought what sleepers wait for
@@ -577,6 +578,7 @@ cdef class QueueStream:
             if rc < 0:
                 if errno == EINTR:
                     continue
+                self._dry = True
                 if errno != EAGAIN and errno != EWOULDBLOCK:
                     self._gone(_QS_EOF)
                 break
@@ -597,7 +599,8 @@ cdef class QueueStream:
                 self._hdr_have += r
                 if self._hdr_have == _HDR:
                     self._frame()
-            if <size_t>rc < asked:
+            self._dry = <size_t>rc < asked
+            if self._dry:
                 break
         if got:
             self._news |= _QS_DATA
@@ -737,6 +740,7 @@ cdef class QueueStream:
         cdef uint64_t free
         cdef bint first = True
         cdef double deadline = -1 if timeout is None else _monotonic() + max(<double>timeout, 0.0)
+        cdef bint sleeps = timeout is None or timeout > 0
         while True:
             if self._state & _QS_DETACHED:
                 return _NOTATTACHED
@@ -755,7 +759,9 @@ cdef class QueueStream:
             else:
                 # Up to the next payload's header: its bytes count as ready (they come in the
                 # same send as the header) and the caller's dequeue reads them directly.
-                self._rx(NULL, 0, True)
+                # (a dequeue that just found the socket empty is followed by a poll first)
+                if not (first and self._dry and not self._rlen and not self._data_left and sleeps):
+                    self._rx(NULL, 0, True)
                 if self._state & _QS_EOF:
                     self._data_left = 0      # a frame cut short: its rest never comes
                 if self._rlen or self._data_left:

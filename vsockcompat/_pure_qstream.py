@@ -64,6 +64,7 @@ class QueueStream:
         self._hdr_have = 0
         self._data_left = 0
         self._promised = 0          # payload bytes counted ready by wait_data, not received yet
+        self._dry = False           # the last read found the socket empty (EAGAIN, or short)
         self._ring = bytearray()    # the consume queue, from _rpos on
         self._rpos = 0
         self._out = bytearray()     # bytes of the stream the socket has not taken yet
@@ -365,6 +366,7 @@ class QueueStream:
                 del self._ring[len(self._ring) - want + max(min(r, want), 0):]
             if r == -2:
                 continue
+            self._dry = r < asked
             if r < 0:
                 break
             if r == 0:
@@ -506,7 +508,7 @@ class QueueStream:
 
     def _wait(self, space, timeout):
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-        first = True
+        first, sleeps = True, timeout is None or timeout > 0
         with self._lock:
             while True:
                 if self._state & _DETACHED:
@@ -523,7 +525,9 @@ class QueueStream:
                 else:
                     # Up to the next payload's header: its bytes count as ready (they come in
                     # the same send as the header) and the caller's dequeue reads them directly.
-                    self._rx(None, 0, True)
+                    # (a dequeue that just found the socket empty is followed by a poll first)
+                    if not (first and self._dry and not self._ready() and not self._data_left and sleeps):
+                        self._rx(None, 0, True)
                     if self._state & _EOF:
                         self._data_left = 0      # a frame cut short: its rest never comes
                     if self._ready() or self._data_left:
