@@ -567,3 +567,66 @@ def test_a_restricted_attacher_is_refused_by_the_creator(make_mirrored, rundir):
             QueuePair.alloc(a.handle, 200, 100, runtime=restricted)
     finally:
         a.detach()
+
+
+class FakeVsockStream:
+    """Stands for an AF_VSOCK socket (none is made on this machine): its buffer options."""
+    family = C.AF_VSOCK
+
+    def __init__(self, size=1 << 18, top=1 << 18):
+        self.opts = {C.SO_VM_SOCKETS_BUFFER_SIZE: size, C.SO_VM_SOCKETS_BUFFER_MAX_SIZE: top}
+        self.calls = []
+
+    def getsockopt(self, level, name):
+        assert level == C.AF_VSOCK
+        return self.opts[name]
+
+    def setsockopt(self, level, name, value):
+        assert level == C.AF_VSOCK
+        self.calls.append((name, value))
+        if name == C.SO_VM_SOCKETS_BUFFER_SIZE and value > self.opts[C.SO_VM_SOCKETS_BUFFER_MAX_SIZE]:
+            value = self.opts[C.SO_VM_SOCKETS_BUFFER_MAX_SIZE]   # as the kernel clamps it
+        self.opts[name] = value
+
+
+def test_hold_raises_the_vsock_buffer_to_the_queue_it_carries():
+    from vsockcompat import mirror_link
+    from vsockcompat.qp_stream import _kernel_buffer
+    sock = FakeVsockStream()
+    mirror_link.hold(sock, _kernel_buffer(1 << 18))
+    want = (1 << 18) + (1 << 16)                     # the queue and a quarter for the headers
+    assert sock.calls == [(C.SO_VM_SOCKETS_BUFFER_MAX_SIZE, want), (C.SO_VM_SOCKETS_BUFFER_SIZE, want)]
+    small = FakeVsockStream(size=1 << 20, top=1 << 21)
+    mirror_link.hold(small, _kernel_buffer(4096))    # never lowered
+    assert small.calls == [] and small.opts[C.SO_VM_SOCKETS_BUFFER_SIZE] == 1 << 20
+    a, b = socket.socketpair()
+    with a, b:
+        mirror_link.hold(a, 1 << 30)                 # not vsock: untouched
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 1 << 30
+
+
+def test_an_end_that_only_writes_still_answers_the_peers_want(two):
+    """While the application only enqueues (never short of credit, so its writes do not read
+    the stream), its reader thread still takes the peer's WANT within a tick or two."""
+    a, b = pair(two, produce=1 << 20, consume=1000)
+    assert b.enqueue(b"y" * 100) == 100
+    assert a.wait_for_data(WAIT) == 100 and a.dequeue(100) == b"y" * 100   # 100 owed: < a quarter
+    assert b.enqueue(b"z" * 1000) == 899 and b.produce_free_space() == 0
+    stop = threading.Event()
+
+    def write_only():
+        while not stop.is_set():
+            assert a.enqueue(b"w") == 1
+            time.sleep(0.0005)
+
+    writer = threading.Thread(target=write_only)
+    writer.start()
+    try:
+        # A tick or two; far less than the time jitter takes to leave a tick without a write.
+        assert b.wait_for_space(50, 2.0) == 100
+    finally:
+        stop.set()
+        writer.join()
+    assert a.produce_free_space() > 0
+    b.detach()
+    a.detach()

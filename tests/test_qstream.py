@@ -108,6 +108,55 @@ def test_a_write_takes_what_fits_then_nospace_asks_once(bed, core):
     assert qs.write(b"wxyz!") == 4
 
 
+def nothing_more(sock):
+    """True when ``sock`` holds no byte now."""
+    sock.setblocking(False)
+    try:
+        return not sock.recv(1)
+    except BlockingIOError:
+        return True
+    finally:
+        sock.settimeout(WAIT)
+
+
+def test_a_write_short_of_credit_first_takes_the_credit_already_sent(bed, core):
+    qs, peer = raw_end(bed, core, produce=10)
+    assert qs.write(b"012345678") == 9
+    peer.sendall(W.encode(W.CREDIT, 9))                # nobody pulled it
+    assert qs.write(b"abcdefghij") == 9                # not cut to 0 / NOSPACE: no WANT
+    assert qs.peer_consumed == 9 and qs.free == 0
+    assert frames(recv_exactly(peer, 2 * W.HEADER.size + 18)) == [
+        (W.DATA, 0, b"012345678"), (W.DATA, 0, b"abcdefghi")]
+    assert nothing_more(peer)
+    peer.sendall(W.encode(W.CREDIT, 13))
+    assert qs.write_many([b"abc", b"d", b"e"]) == 2    # 4 free once the credit is read
+    assert frames(recv_exactly(peer, W.HEADER.size + 4)) == [(W.DATA, 0, b"abcd")]
+    assert nothing_more(peer)
+
+
+def test_a_write_that_fits_leaves_the_stream_unread(bed, core):
+    qs, peer = raw_end(bed, core, produce=100)
+    assert qs.write(b"x" * 10) == 10
+    peer.sendall(W.encode(W.CREDIT, 10))
+    assert qs.write(b"y" * 10) == 10 and qs.peer_consumed == 0   # enough credit: no read
+    assert qs.pull() == core.QS_CREDIT and qs.peer_consumed == 10
+
+
+@pytest.mark.parametrize("end", [W.encode(W.BYE), b"", W.encode(W.CREDIT, 99)],
+                         ids=["bye", "closed", "bad-credit"])
+def test_a_write_short_of_credit_finds_the_peer_gone(bed, core, end):
+    qs, peer = raw_end(bed, core, produce=10)
+    assert qs.write(b"x" * 9) == 9
+    if end:
+        peer.sendall(end)
+    else:
+        peer.shutdown(socket.SHUT_WR)
+    assert qs.write(b"y") == VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+    assert qs.write_many([b"y"]) == VMCI_ERROR_QUEUEPAIR_NOTATTACHED
+    assert qs.state == core.QS_GONE | (core.QS_BAD if end == W.encode(W.CREDIT, 99) else 0)
+    assert qs.sent == 9
+
+
 def test_any_contiguous_buffer_is_written_as_bytes(bed, core):
     import array
     qs, peer = raw_end(bed, core)
@@ -266,6 +315,19 @@ def waiting(call):
     t = threading.Thread(target=lambda: got.append(call()))
     t.start()
     return t, got
+
+
+def test_a_wait_after_an_empty_dequeue_sees_what_came_since(bed, core):
+    qs, peer = raw_end(bed, core)
+    assert qs.read_into(bytearray(10)) == VMCI_ERROR_QUEUEPAIR_NODATA      # the socket: empty
+    peer.sendall(W.encode(W.DATA, 0, b"late"))
+    assert qs.wait_data(0) == 4                        # no sleep asked for: it reads first
+    assert qs.read_into(bytearray(10)) == 4
+    assert qs.read_into(bytearray(10)) == VMCI_ERROR_QUEUEPAIR_NODATA
+    peer.sendall(W.encode(W.DATA, 0, b"later"))
+    assert qs.wait_data(WAIT) == 5                     # it polls first: the bytes are there
+    assert qs.read_bytes(10) == b"later"
+    assert qs.wait_data(0.05) == VMCI_ERROR_TIMEOUT
 
 
 def test_a_wait_sleeps_until_data_and_counts_the_frame(bed, core):

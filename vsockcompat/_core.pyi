@@ -254,9 +254,12 @@ class QueueStream:
                  send_timeout: float = 30.0) -> None: ...
     def write(self, buf: Buffer) -> int:
         """What fits of ``buf``: the count, QUEUEPAIR_NOSPACE (WANT sent) or QUEUEPAIR_NOTATTACHED;
-        blocks (up to send_timeout, then the peer counts as gone) only while the socket is full."""
+        blocks (up to send_timeout, then the peer counts as gone) only while the socket is full.
+        When the credit known so far does not cover ``buf``, first reads the stream as ``pull``
+        does (the CREDIT already there counts; NOTATTACHED if that finds the peer gone)."""
     def write_many(self, bufs: "list[Buffer]") -> int:
-        """Whole buffers while each fits: how many (0 for none), QUEUEPAIR_NOSPACE, NOTATTACHED."""
+        """Whole buffers while each fits: how many (0 for none), QUEUEPAIR_NOSPACE, NOTATTACHED;
+        reads the stream first as ``write`` when the credit known does not cover them all."""
     def ask(self) -> None:
         """Send WANT once until a CREDIT comes."""
     def flush(self, timeout: Optional[float] = None) -> int: ...

@@ -110,6 +110,7 @@ cdef class QueueStream:
     cdef uint64_t _pcap, _ccap, _csize
     cdef uint64_t _sent, _peer_consumed, _consumed, _credited, _announced
     cdef bint _peer_wants, _asked
+    cdef bint _dry           # the last read found the socket empty (EAGAIN, or short)
     cdef int _state, _news, _busy
     cdef int _sleepers       # threads asleep in _sleep (they read the stream themselves)
     cdef int _kick[2]        # a pipe: written when another thread's read brought what sleepers wait for
@@ -325,6 +326,16 @@ cdef class QueueStream:
             return _NOTATTACHED
         return 0
 
+    cdef int _short(self, uint64_t need) except -1:
+        # A write of ``need`` bytes that the credit known so far does not cover first takes
+        # the credit already in the socket (the stream read as ``pull`` does), so that it is
+        # cut or refused only for want of credit the peer has not sent. 1 if the peer went.
+        if self._pcap - (self._sent - self._peer_consumed) < need:
+            self._rx(NULL, _ALL, False)
+            if self._state & _QS_GONE:
+                return 1
+        return 0
+
     def write(self, buf):
         """Enqueue what fits of ``buf``: the count, QUEUEPAIR_NOSPACE (WANT sent), or
         QUEUEPAIR_NOTATTACHED. Blocks (GIL released) only while the socket has no room."""
@@ -335,6 +346,8 @@ cdef class QueueStream:
             return _NOTATTACHED
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
         try:
+            if self._short(<uint64_t>view.len):
+                return _NOTATTACHED
             free = self._pcap - (self._sent - self._peer_consumed)
             if free == 0:
                 if not self._asked:
@@ -376,6 +389,10 @@ cdef class QueueStream:
             for i in range(count):
                 PyObject_GetBuffer(items[i], &views[i], PyBUF_SIMPLE)
                 got += 1
+                total += <uint64_t>views[i].len
+            if self._short(total):
+                return _NOTATTACHED
+            total = 0
             free = self._pcap - (self._sent - self._peer_consumed)
             while free and taken < count and <uint64_t>views[taken].len <= free - total:
                 iov[taken].iov_base = views[taken].buf
@@ -561,6 +578,7 @@ cdef class QueueStream:
             if rc < 0:
                 if errno == EINTR:
                     continue
+                self._dry = True
                 if errno != EAGAIN and errno != EWOULDBLOCK:
                     self._gone(_QS_EOF)
                 break
@@ -581,7 +599,8 @@ cdef class QueueStream:
                 self._hdr_have += r
                 if self._hdr_have == _HDR:
                     self._frame()
-            if <size_t>rc < asked:
+            self._dry = <size_t>rc < asked
+            if self._dry:
                 break
         if got:
             self._news |= _QS_DATA
@@ -721,6 +740,7 @@ cdef class QueueStream:
         cdef uint64_t free
         cdef bint first = True
         cdef double deadline = -1 if timeout is None else _monotonic() + max(<double>timeout, 0.0)
+        cdef bint sleeps = timeout is None or timeout > 0
         while True:
             if self._state & _QS_DETACHED:
                 return _NOTATTACHED
@@ -739,7 +759,9 @@ cdef class QueueStream:
             else:
                 # Up to the next payload's header: its bytes count as ready (they come in the
                 # same send as the header) and the caller's dequeue reads them directly.
-                self._rx(NULL, 0, True)
+                # (a dequeue that just found the socket empty is followed by a poll first)
+                if not (first and self._dry and not self._rlen and not self._data_left and sleeps):
+                    self._rx(NULL, 0, True)
                 if self._state & _QS_EOF:
                     self._data_left = 0      # a frame cut short: its rest never comes
                 if self._rlen or self._data_left:

@@ -64,6 +64,7 @@ class QueueStream:
         self._hdr_have = 0
         self._data_left = 0
         self._promised = 0          # payload bytes counted ready by wait_data, not received yet
+        self._dry = False           # the last read found the socket empty (EAGAIN, or short)
         self._ring = bytearray()    # the consume queue, from _rpos on
         self._rpos = 0
         self._out = bytearray()     # bytes of the stream the socket has not taken yet
@@ -151,6 +152,16 @@ class QueueStream:
     def _free(self) -> int:
         return self._pcap - (self._sent - self._peer_consumed)
 
+    def _short(self, need) -> int:
+        """The free space for a write of ``need`` bytes: when it is short, first the credit
+        already in the socket is taken (the stream read as ``pull`` does), so that a write is
+        cut or refused only for want of credit the peer has not sent; -1 if the peer went."""
+        if self._free() < need:
+            self._rx(None, _ALL, False)
+            if self._state & QS_GONE:
+                return -1
+        return self._free()
+
     def write(self, buf):
         """Enqueue what fits of ``buf``: the count, QUEUEPAIR_NOSPACE (WANT sent), or
         QUEUEPAIR_NOTATTACHED. Blocks only while the socket has no room."""
@@ -158,7 +169,9 @@ class QueueStream:
         with self._lock:
             if self._state & (_DETACHED | QS_GONE):
                 return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
-            free = self._free()
+            free = self._short(len(view))
+            if free < 0:
+                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
             if not free:
                 self._ask()
                 return VMCI_ERROR_QUEUEPAIR_NOSPACE
@@ -180,7 +193,9 @@ class QueueStream:
                 return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
             if not views:
                 return 0
-            free, taken = self._free(), 0
+            free, taken = self._short(sum(len(v) for v in views)), 0
+            if free < 0:
+                return VMCI_ERROR_QUEUEPAIR_NOTATTACHED
             while free and taken < len(views) and len(views[taken]) <= free:
                 free -= len(views[taken])
                 taken += 1
@@ -351,6 +366,7 @@ class QueueStream:
                 del self._ring[len(self._ring) - want + max(min(r, want), 0):]
             if r == -2:
                 continue
+            self._dry = r < asked
             if r < 0:
                 break
             if r == 0:
@@ -492,7 +508,7 @@ class QueueStream:
 
     def _wait(self, space, timeout):
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-        first = True
+        first, sleeps = True, timeout is None or timeout > 0
         with self._lock:
             while True:
                 if self._state & _DETACHED:
@@ -509,7 +525,9 @@ class QueueStream:
                 else:
                     # Up to the next payload's header: its bytes count as ready (they come in
                     # the same send as the header) and the caller's dequeue reads them directly.
-                    self._rx(None, 0, True)
+                    # (a dequeue that just found the socket empty is followed by a poll first)
+                    if not (first and self._dry and not self._ready() and not self._data_left and sleeps):
+                        self._rx(None, 0, True)
                     if self._state & _EOF:
                         self._data_left = 0      # a frame cut short: its rest never comes
                     if self._ready() or self._data_left:

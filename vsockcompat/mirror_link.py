@@ -31,6 +31,7 @@ import os
 import socket
 from typing import Optional
 
+from .constants import SO_VM_SOCKETS_BUFFER_MAX_SIZE, SO_VM_SOCKETS_BUFFER_SIZE
 from .errors import (DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, NoResources,
                      NotFound, Timeout, Unavailable)
 from .handles import VMCIHandle
@@ -237,6 +238,24 @@ def peer_context(runtime: Runtime, sock: socket.socket, claimed: int) -> Optiona
     return claimed if runtime.transport.peer_in_context(sock, claimed) else None
 
 
+def hold(sock, nbytes: int) -> None:
+    """Let the kernel queue ``nbytes`` of an AF_VSOCK stream ``sock`` for us to read.
+
+    The vsock kernel buffer (``SO_VM_SOCKETS_BUFFER_SIZE``, 256 KiB by default and at most
+    ``SO_VM_SOCKETS_BUFFER_MAX_SIZE``) is the credit our kernel grants the peer's: a stream
+    carrying a queue of that size plus its frame headers would find the kernel's flow control
+    binding before its own. Raises both to ``nbytes`` when below (never lowers them); a
+    listening socket passes them to the connections it accepts. Other sockets: nothing (a
+    ``ListenerSet`` or AF_UNIX stream has no such buffer). Unprivileged; OSError propagates.
+    """
+    if getattr(sock, "family", None) != AF_VSOCK:
+        return
+    if sock.getsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE) < nbytes:
+        sock.setsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE, nbytes)
+    if sock.getsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE) < nbytes:
+        sock.setsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, nbytes)
+
+
 def write_piece(runtime: Runtime, sock: socket.socket) -> Optional[int]:
     """Bytes per ``send()`` on the connected stream ``sock``: ``SIBLING_PIECE`` between two
     guests (vhost-device-vsock drops bigger packets there; ``transport/pieces.py``), else None
@@ -244,5 +263,5 @@ def write_piece(runtime: Runtime, sock: socket.socket) -> Optional[int]:
     return piece_for(sock, runtime.transport.local_cid)
 
 
-__all__ = ["mirrored", "listen", "connect", "peer_context", "write_piece", "register_kinds", "Listener",
+__all__ = ["mirrored", "listen", "connect", "peer_context", "hold", "write_piece", "register_kinds", "Listener",
            "REGION", "QUEUE_PAIR", "CONNECT_TIMEOUT"]

@@ -13,7 +13,10 @@ much it has dequeued (CREDIT frames carry the running total) whenever a quarter 
 queue is owed or the peer asks (WANT: sent by an end that finds its produce queue full or
 waits for space); an end's produce free space is ``produce_size - 1``
 minus the bytes it sent that the peer has not reported dequeued, so an enqueue never accepts
-more than the peer's consume queue can hold. Differences from one kernel: the free space an
+more than the peer's consume queue can hold (an enqueue that finds it short first reads the
+CREDIT frames already in its socket). Each end's kernel holds its whole consume queue plus a
+quarter for frame headers (``mirror_link.hold`` on a vsock stream: the default 256 KiB would
+otherwise stop the peer's sends before the queue's credit does). Differences from one kernel: the free space an
 end sees lags the peer's dequeues (by less than a quarter of the queue, and by one frame's
 transit once it asks), and bytes enqueued before the peer attaches wait in the creator's
 memory until it does.
@@ -25,7 +28,9 @@ empty. This module does the handshake, events and threads around it. Who reads t
 caller that dequeues or waits (waits sleep in the core's poll); otherwise each end's reader
 thread does, taking it back after ``READER_TICK`` seconds in which no caller read it (it wakes
 every tick until detach), so frames (credit, WANT, BYE, and data into the consume queue) keep
-being taken while the application is busy elsewhere.
+being taken while the application is busy elsewhere. While callers only write (an enqueue
+reads the stream itself only when short of credit), the reader thread reads it once a tick
+rather than at each frame's arrival: a writer is not interrupted for every CREDIT.
 
 Stream (ends named by ``mirror_link``, frames of ``mirror_wire``): the attacher sends
 HELLO with payload ``<QQII`` (its produce size, consume size, flags, context id); the
@@ -89,6 +94,13 @@ _RECV = 1 << 18
 READER_TICK = 0.01
 
 
+def _kernel_buffer(consume_size: int) -> int:
+    """Bytes of stream our kernel should hold for us (``mirror_link.hold``): a whole consume
+    queue plus a quarter for the frame headers, so that the queue's credit, not the kernel's,
+    is what makes the peer wait."""
+    return consume_size + consume_size // 4
+
+
 def _capacity(size: int) -> int:
     return size - 1 if size > 0 else 0
 
@@ -142,6 +154,7 @@ class StreamQueuePair(PairEnd):
         self._watching = False           # the stream is in the reader thread's epoll (until it ends)
         self._armed = False              # ... and wakes it (set and cleared by that thread only)
         self._pumped = False             # a caller read the stream since the reader thread's last tick
+        self._wrote = False              # ... or wrote (a write reads it only when short of credit)
 
     # Allocation
 
@@ -169,6 +182,8 @@ class StreamQueuePair(PairEnd):
                 if handle is None:
                     raise
                 continue
+            with contextlib.suppress(OSError):      # accepted streams inherit it
+                mirror_link.hold(listener.sock, _kernel_buffer(consume_size))
             qp = cls(runtime, listener.handle, True, produce_size, consume_size, flags, peer)
             qp._listener = listener
             qp._start()
@@ -189,6 +204,8 @@ class StreamQueuePair(PairEnd):
         me = runtime.transport.local_cid
         sock = mirror_link.connect(runtime, mirror_link.QUEUE_PAIR, handle)
         try:
+            with contextlib.suppress(OSError):      # before HELLO, which tells the creator's kernel
+                mirror_link.hold(sock, _kernel_buffer(consume_size))
             sock.settimeout(HELLO_TIMEOUT)
             sock.sendall(W.encode(W.HELLO, 0, _HELLO.pack(produce_size, consume_size, flags, me)))
             first = _read_answer(sock, handle)
@@ -270,7 +287,7 @@ class StreamQueuePair(PairEnd):
 
     def _readable(self) -> None:
         """The stream has bytes: read them into the consume queue, unless callers read it."""
-        news = self._runtime.core.QS_BUSY if self._pumped else self._qs.pull()
+        news = self._runtime.core.QS_BUSY if self._pumped or self._wrote else self._qs.pull()
         if news & self._runtime.core.QS_BUSY:
             self._arm(False)
         elif news & self._runtime.core.QS_GONE:
@@ -279,14 +296,20 @@ class StreamQueuePair(PairEnd):
     def _tick(self) -> None:
         """A quiet tick: if no caller read the stream for a whole tick, watch it again (frames
         then wait at most two ticks for a reader while the application is busy elsewhere);
-        send what the socket could not take earlier."""
+        if callers only wrote, read what the stream holds now, once a tick (their writes read
+        it only when short of credit, and the peer's CREDIT frames need no wake-up each); send
+        what the socket could not take earlier."""
         qs = self._qs
         if qs is None:
             return
         if qs.pending:
             qs.flush(0)
         if self._pumped:
-            self._pumped = False
+            self._pumped = self._wrote = False
+        elif self._wrote:
+            self._wrote = False
+            if qs.pull() & self._runtime.core.QS_GONE:
+                self._sync()
         elif not self._armed:
             self._arm(True)
 
@@ -406,6 +429,7 @@ class StreamQueuePair(PairEnd):
         qs = self._qs
         if qs is None:
             return self._enqueue_early([_bytes_view(buf)], False)
+        self._wrote = True
         rc = qs.write(buf)
         if rc < 0:
             self._sync()
@@ -416,6 +440,7 @@ class StreamQueuePair(PairEnd):
         qs = self._qs
         if qs is None:
             return self._enqueue_early([_bytes_view(b) for b in bufs], True)
+        self._wrote = True
         rc = qs.write_many(bufs)
         if rc < 0:
             self._sync()

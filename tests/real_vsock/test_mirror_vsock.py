@@ -281,6 +281,26 @@ def test_shared_mem_app_pair_over_vsock(daemon, core, rundir):
             proc.communicate()
 
 
+def test_a_queue_pair_stream_buffers_a_whole_queue_in_the_kernel(rt):
+    """Both ends' vsock streams hold their consume queue plus headers in the kernel (the
+    creator's through its listener, whose accepted stream inherits the size)."""
+    from vsockcompat.qp_stream import _kernel_buffer
+    a = QueuePair.alloc(None, 1 << 18, 1 << 19, flags=C.VMCI_QPFLAG_LOCAL, runtime=rt)
+    b = QueuePair.alloc(a.handle, 1 << 19, 1 << 18, flags=C.VMCI_QPFLAG_LOCAL, runtime=rt)
+    try:
+        assert b.enqueue(b"x" * 300000) == 300000     # a queue bigger than the default buffer
+        got = 0
+        while got < 300000:
+            a.wait_for_data(WAIT)
+            got += len(a.dequeue(1 << 20))
+        for end, consume in ((a, 1 << 19), (b, 1 << 18)):
+            size = end._sock.getsockopt(C.AF_VSOCK, C.SO_VM_SOCKETS_BUFFER_SIZE)
+            assert size == _kernel_buffer(consume) > 1 << 18
+    finally:
+        b.detach()
+        a.detach()
+
+
 def test_queue_pair_stream_throughput_against_raw_vsock(rt, vsock_socket):
     """Prints (never asserts) queue-pair throughput over vsock against a raw AF_VSOCK
     SOCK_STREAM between the same two threads, in one run."""
