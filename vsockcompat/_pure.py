@@ -546,16 +546,12 @@ class Receiver:
             return n, None  # a status
         if n == 0:
             return PEER_GONE, None
-        self._release(n)
-        return self._admit(buf, conn, n, flags, hot, deliver)
-
-    def _release(self, n):
-        """A frame of ``n`` bytes left the queue (see ``Account._release_frame``)."""
         words = self._words
-        consumed = words[_W_CONSUMED] + n
+        consumed = words[_W_CONSUMED] + n  # the frame leaves the queue (see Account._release_frame)
         if consumed > words[_W_PRODUCED]:
             consumed = max(words[_W_PRODUCED], consumed - n)
         words[_W_CONSUMED] = consumed
+        return self._admit(buf, conn, n, flags, hot, deliver)
 
     def _admit(self, buf, conn, n, flags, hot, deliver):
         """The rest of ``_receive`` for a released frame of ``n`` bytes read from ``conn``:
@@ -628,11 +624,13 @@ class Receiver:
                 self._skips += 1
             self.last_fd = conn[4]
             try:
-                if mode is _HOT and len(spill) > VMCI_MAX_DG_PAYLOAD_SIZE:
+                if (mode is _HOT or mode is _READY and conn is self._hot) and len(spill) > VMCI_MAX_DG_PAYLOAD_SIZE:
                     # A blocking read (SO_RCVTIMEO bounds it) into buffers that hold any frame
                     # the SDK allows, so no flag is needed to see a truncated one: it exceeds
                     # the maximum. readv costs half of recvmsg_into (callgrind). The Fastpath
-                    # does this read itself, see its recv_status.
+                    # does this read itself, see its recv_status. The hot connection found
+                    # ready (every _SKIP_MAX receives) is read so too: epoll saw its frame,
+                    # and only this thread reads it (the receive lock).
                     n = _readv(conn[4], (self._header, buf, spill))
                     flags = 0
                 else:

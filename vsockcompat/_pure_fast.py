@@ -74,11 +74,12 @@ class Fastpath:
                     words = link._words
                     produced = words[_W_PRODUCED]
                     total = VMCI_DG_HEADERSIZE + length
-                    if produced - link._consumed + total >= link._limit:
+                    room = link._limit - total  # the queue is full at produced - consumed >= room
+                    if produced - link._consumed >= room:
                         link._consumed = words[_W_CONSUMED]
                     if not (link._shut or words[_W_CLOSED]
                             or link._epoch is not None and words[_W_ACL_EPOCH] != link._epoch
-                            or produced - link._consumed + total >= link._limit or total >= link._limit):
+                            or produced - link._consumed >= room or room <= 0):
                         words[_W_PRODUCED] = produced + total
                         try:
                             link._sock.send(header + (buf if length == len(buf) else buf[:length]), _SEND_FLAGS)
@@ -125,7 +126,7 @@ class Fastpath:
                         rx.last_fd = conn[4]
                         n, tag = PEER_GONE, None
                     else:
-                        words = rx._words  # Receiver._release, inline
+                        words = rx._words  # the frame leaves the queue, as in Receiver._receive
                         consumed = words[_W_CONSUMED] + n
                         if consumed > words[_W_PRODUCED]:
                             consumed = max(words[_W_PRODUCED], consumed - n)
