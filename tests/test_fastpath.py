@@ -239,6 +239,18 @@ def test_the_queue_bound_holds_exactly_through_the_fastpath(bed):
     assert bed.send_calls == [] and bed.account.queued() == fits * 88
 
 
+def test_a_hot_read_that_times_out_waits_on_everything(bed):
+    """The hot read gives up after VSC_RX_HOT_MS; the receive then waits with epoll."""
+    _deliver_one(bed)
+    sender = threading.Timer(0.05, lambda: bed.fast.send_status(DST, b"late", 4))
+    sender.start()
+    try:
+        assert bed.fast.recv_status(bed.buf) == (4, SENDER.handle) and bytes(bed.buf[:4]) == b"late"
+    finally:
+        sender.join(10)
+    assert bed.recv_calls == [] and bed.fast.received == 2 and bed.account.queued() == 0
+
+
 def test_a_receiver_that_closed_after_a_send_sends_the_next_to_the_slow_path(bed):
     assert bed.fast.send_status(DST, b"a", 1) == 25
     bed.account.mark_closed()
