@@ -16,6 +16,7 @@ from vsockcompat._backend import load_core
 from vsockcompat.constants import (
     VMCI_ERROR_INVALID_ARGS,
     VMCI_ERROR_NO_MORE_DATAGRAMS,
+    VMCI_ERROR_NO_RESOURCES,
     VMCI_MAX_DG_PAYLOAD_SIZE,
 )
 from vsockcompat.handles import VMCI_INVALID_HANDLE, VMCIHandle
@@ -163,6 +164,98 @@ def test_a_wake_up_goes_to_the_slow_path(core, bed):
     os.write(bed.wake_w, b"\0")
     assert bed.fast.recv_status(bed.buf) == (-888, None)
     assert bed.recv_calls == [(bed.buf, None, core.WAKE, None, True)]
+
+
+# After a delivery the connection is hot and its frame remembered: what the Fastpath does
+# inline from then on must still see every change.
+
+
+def _deliver_one(bed):
+    assert bed.fast.send_status(DST, b"a", 1) == 25
+    assert bed.fast.recv_status(bed.buf) == (1, SENDER.handle)
+
+
+def test_a_connection_denied_after_a_delivery_drops_the_next_alike_datagram(core, bed):
+    _deliver_one(bed)
+    bed.rx.deny(bed.b.fileno(), True)
+    assert bed.fast.send_status(DST, b"b", 1) == 25
+    assert bed.fast.recv_status(bed.buf) == (-888, None)
+    assert bed.recv_calls == [(bed.buf, None, core.DENIED, None, True)]
+    bed.rx.deny(bed.b.fileno(), False)
+    assert bed.fast.send_status(DST, b"c", 1) == 25
+    assert bed.fast.recv_status(bed.buf) == (1, SENDER.handle) and bed.buf[0] == ord("c")
+    assert bed.fast.received == 2 and bed.account.queued() == 0
+
+
+@pytest.mark.parametrize("deny", [False, True])
+def test_the_acl_epoch_moving_after_a_delivery_rechecks_before_the_next(core, bed, deny):
+    rechecks = []
+
+    def recheck():
+        rechecks.append(bed.words[7])
+        if deny:
+            bed.rx.deny(bed.b.fileno(), True)
+
+    bed.rx.watch_acl(recheck)
+    _deliver_one(bed)
+    bed.words[7] += 1  # the receiver's ACL epoch word
+    assert bed.fast.send_status(DST, b"b", 1) == 25
+    if deny:
+        assert bed.fast.recv_status(bed.buf) == (-888, None)
+        assert bed.recv_calls == [(bed.buf, None, core.DENIED, None, True)]
+    else:
+        assert bed.fast.recv_status(bed.buf) == (1, SENDER.handle) and bed.buf[0] == ord("b")
+    assert rechecks == [bed.words[7]]
+
+
+def test_a_forged_datagram_on_a_hot_connection_goes_to_the_slow_path(core, bed):
+    _deliver_one(bed)
+    bed.a.send(core.encode_datagram(2, 1025, 3, 999, b"b"))  # not the connection's source
+    assert bed.fast.recv_status(bed.buf) == (-888, None)
+    assert bed.recv_calls == [(bed.buf, None, core.FORGED, None, True)]
+    assert bed.rx.last_fd == bed.b.fileno() and bed.fast.received == 1
+
+
+def test_a_sender_that_hangs_up_after_a_delivery_is_peer_gone(core, bed):
+    _deliver_one(bed)
+    bed.a.close()
+    assert bed.fast.recv_status(bed.buf) == (-888, None)
+    assert bed.recv_calls == [(bed.buf, None, core.PEER_GONE, None, True)]
+    assert bed.rx.last_fd == bed.b.fileno()
+
+
+def test_the_queue_bound_holds_exactly_through_the_fastpath(bed):
+    """Frames of 24 + 64 bytes are accepted while the queue stays under its limit, then
+    NO_RESOURCES (no slow path: a VMCI code); one received makes room for one more."""
+    limit = bed.account.limit
+    fits = (limit - 1) // 88  # produced - consumed + 88 < limit before each accepted send
+    payload = bytes(64)
+    assert [bed.fast.send_status(DST, payload, 64) for _ in range(fits)] == [88] * fits
+    assert bed.fast.send_status(DST, payload, 64) == VMCI_ERROR_NO_RESOURCES
+    assert bed.account.queued() == fits * 88 and bed.fast.sent == fits
+    assert bed.fast.recv_status(bytearray(64)) == (64, SENDER.handle)
+    assert bed.fast.send_status(DST, payload, 64) == 88
+    assert bed.fast.send_status(DST, payload, 64) == VMCI_ERROR_NO_RESOURCES
+    assert bed.send_calls == [] and bed.account.queued() == fits * 88
+
+
+def test_a_hot_read_that_times_out_waits_on_everything(bed):
+    """The hot read gives up after VSC_RX_HOT_MS; the receive then waits with epoll."""
+    _deliver_one(bed)
+    sender = threading.Timer(0.05, lambda: bed.fast.send_status(DST, b"late", 4))
+    sender.start()
+    try:
+        assert bed.fast.recv_status(bed.buf) == (4, SENDER.handle) and bytes(bed.buf[:4]) == b"late"
+    finally:
+        sender.join(10)
+    assert bed.recv_calls == [] and bed.fast.received == 2 and bed.account.queued() == 0
+
+
+def test_a_receiver_that_closed_after_a_send_sends_the_next_to_the_slow_path(bed):
+    assert bed.fast.send_status(DST, b"a", 1) == 25
+    bed.account.mark_closed()
+    assert bed.fast.send_status(DST, b"b", 1) == -777
+    assert bed.send_calls == [(DST, b"b", 1, bed.link)] and bed.fast.sent == 1
 
 
 def test_the_lock_is_released_when_the_slow_path_raises(bed):

@@ -65,16 +65,22 @@ _mutexattr_setpshared = _pthread("pthread_mutexattr_setpshared")
 _mutexattr_setrobust = _pthread("pthread_mutexattr_setrobust")
 for _f in (_mutex_lock, _mutex_unlock, _mutex_consistent):
     _f.argtypes = (ctypes.c_void_p,)
-# A Link's calls per send, in their cheapest form (callgrind: trylock + unlock 3,400
-# instructions, lock + unlock as above 5,100): no argtypes, the mutex passed as a ctypes
-# pointer (a plain int would be cut to a C int), through PyDLL, which keeps the GIL: so only
-# for the calls that never block.
+# A Link's calls per send, in their cheapest form (callgrind: trylock + unlock 3,150
+# instructions, 3,400 with a ctypes pointer, lock + unlock as above 5,100): no argtypes, the
+# mutex passed by a prebuilt ``byref`` (ctypes passes its address as it is; a pointer object
+# makes a new argument object each call, a plain int would be cut to a C int), through PyDLL,
+# which keeps the GIL: so only for the calls that never block.
 _held_gil = ctypes.PyDLL(None)
 _mutex_trylock_gil = _held_gil.pthread_mutex_trylock
 _mutex_unlock_gil = _held_gil.pthread_mutex_unlock
 _mutex_trylock_gil.restype = ctypes.c_int
 _mutex_unlock_gil.restype = None  # it cannot fail for the holder; no result to convert
-_MUTEX = ctypes.POINTER(ctypes.c_char)
+
+
+def _mutex_ref(address):
+    """The argument that passes the mutex at ``address`` to the calls above (and to those with
+    ``c_void_p`` arguments); it does not keep the memory mapped."""
+    return ctypes.byref(ctypes.c_char.from_address(address))
 
 
 def _acquire(lock):
@@ -263,7 +269,7 @@ class Link:
     """
 
     __slots__ = ("_sock", "_account", "_handles", "_closed", "_epoch", "_words", "_lock", "_header",
-                 "_seal", "sealed")
+                 "_seal", "sealed", "_shut", "_limit", "_consumed")
 
     def __init__(self, sock, account, dst_context, dst_resource, src_context, src_resource):
         self._sock = sock
@@ -272,10 +278,16 @@ class Link:
         self._closed = False
         self._epoch = None
         self._words = account._words
-        self._lock = ctypes.cast(account.lock, _MUTEX)  # made once: ctypes calls are the cost here
+        self._lock = _mutex_ref(account.lock)  # made once: ctypes calls are the cost here
         self._header = (-1, None)  # (length, header) of the last send: a stream repeats its length
         self._seal = False
         self.sealed = False
+        # For the Fastpath's inline send: closed or sealed; the account's LIMIT word (set
+        # once, before the account is valid; 0 sends every frame to ``send``); the CONSUMED
+        # word seen last (under the lock).
+        self._shut = False
+        self._limit = self._words[_W_LIMIT] if account.is_valid() else 0
+        self._consumed = 0
 
     def watch_acl(self):
         """See the Cython core: ``send`` returns STALE once the receiver's ACL epoch word changes."""
@@ -308,8 +320,7 @@ class Link:
             data = view[:length]
         size, header = self._header  # one tuple: a thread sending another length replaces it whole
         if size != length:
-            header = _HEADER.pack(*self._handles, length)
-            self._header = (length, header)
+            header = self.header(length)
         lock = self._lock
         rc = _mutex_trylock_gil(lock)
         if rc and self._wait_lock(rc):
@@ -332,14 +343,25 @@ class Link:
                 else:
                     self._sock.sendmsg((header, data), (), _SEND_FLAGS)
             except OSError as exc:
-                words[_W_PRODUCED] = produced
-                if self._seal and exc.errno in _CUT_ERRNOS:
-                    self.sealed = True  # under the lock: no other send can follow a cut message
-                    _seal(self._sock)
-                return _SEND_ERRNO_STATUS.get(exc.errno, VMCI_ERROR_GENERIC)
+                return self._failed(exc, produced)
             return total
         finally:
             _mutex_unlock_gil(lock)
+
+    def _failed(self, exc, produced):
+        """The status of a send that raised ``exc`` after PRODUCED was ``produced``, rolled back.
+        Under the lock."""
+        self._words[_W_PRODUCED] = produced
+        if self._seal and exc.errno in _CUT_ERRNOS:
+            self.sealed = self._shut = True  # under the lock: no other send can follow a cut message
+            _seal(self._sock)
+        return _SEND_ERRNO_STATUS.get(exc.errno, VMCI_ERROR_GENERIC)
+
+    def header(self, length):
+        """The frame header for a payload of ``length`` bytes, kept for the next send."""
+        header = _HEADER.pack(*self._handles, length)
+        self._header = (length, header)
+        return header
 
     def _wait_lock(self, rc):
         """The account lock after a ``trylock`` that returned ``rc``: 0 once held, else an error.
@@ -357,7 +379,7 @@ class Link:
         """Stop sending (waits for a send in progress); the caller then closes the socket."""
         lock = self._account.lock
         locked = _acquire(lock) == 0
-        self._closed = True
+        self._closed = self._shut = True
         if locked:
             _mutex_unlock(lock)
 
@@ -389,7 +411,7 @@ def recv_datagram(sock, account, buf, spill):
     return n, fields
 
 
-_NO_FRAME = (None, -1, None)  # Receiver._good until a frame passes its checks
+_NO_FRAME = ()  # Receiver._good until a frame passes its checks
 _UNTAGGED = object()  # the tag of a connection no longer served
 _ANY_EPOCH = -1  # never the value of the (unsigned) epoch word
 _SKIP_MAX = 16  # VSC_RX_SKIPS: receives in a row without epoll while one sender is served
@@ -428,7 +450,8 @@ class Receiver:
         self._skips = 0
         self._hot = None  # the only connection's entry, while its last read delivered a frame
         self._header = bytearray(VMCI_DG_HEADERSIZE)
-        self._good = _NO_FRAME  # (conn, frame size, header) of the last frame that passed the checks
+        self._good = _NO_FRAME  # (conn, frame size, header, 0) of the last frame that passed the checks
+        self._good_tag = None  # its tag, if its connection may deliver (None: look it up)
         self._recheck = None
         self._epoch = 0  # the ACL epoch word at the last re-check; _ANY_EPOCH: re-check next time
         self.last_fd = -1
@@ -460,8 +483,7 @@ class Receiver:
             self._only = next(iter(self._conns.values())) if len(self._conns) == 1 else None
             if self._hot is not None and self._hot[4] == fd:
                 self._hot = None
-            if self._good[0] is not None and self._good[0][4] == fd:
-                self._good = _NO_FRAME
+            self._forget_good()
 
     def deny(self, fd, denied):
         """Drop (``take`` returns DENIED) or deliver again what the connection ``fd`` sends."""
@@ -470,6 +492,13 @@ class Receiver:
                 self._denied.add(fd)
         else:
             self._denied.discard(fd)
+        self._forget_good()
+
+    def _forget_good(self):
+        # The tag remembered with the last good frame: to be looked up again (a connection
+        # removed or denied, or allowed again).
+        self._good = _NO_FRAME
+        self._good_tag = None
 
     def watch_acl(self, recheck):
         """See the Cython core: ``recheck()`` runs before a delivery after the ACL epoch changed."""
@@ -511,8 +540,60 @@ class Receiver:
         return self._receive(buf, spill, timeout, True)
 
     def _receive(self, buf, spill, timeout, deliver):
-        """``take`` (``deliver``), or ``(frame size, None)`` without the delivery checks
-        (``recv``); the Fastpath calls it directly: one Python frame per datagram."""
+        """``take`` (``deliver``), or ``(frame size, None)`` without the delivery checks (``recv``)."""
+        n, conn, flags, hot = self._read(buf, spill, timeout)
+        if conn is None:
+            return n, None  # a status
+        if n == 0:
+            return PEER_GONE, None
+        words = self._words
+        consumed = words[_W_CONSUMED] + n  # the frame leaves the queue (see Account._release_frame)
+        if consumed > words[_W_PRODUCED]:
+            consumed = max(words[_W_PRODUCED], consumed - n)
+        words[_W_CONSUMED] = consumed
+        return self._admit(buf, conn, n, flags, hot, deliver)
+
+    def _admit(self, buf, conn, n, flags, hot, deliver):
+        """The rest of ``_receive`` for a released frame of ``n`` bytes read from ``conn``:
+        checked (if not alike the last good one), then delivered. The Fastpath calls it
+        directly for a hot read whose frame is not the common case."""
+        header = self._header
+        if (conn, n, header, flags) != self._good:
+            status = self._check(conn, header, n, flags)
+            if status < 0:
+                return status, None
+        if not hot:
+            self._hot = conn if conn is self._only and conn[5] else None
+        if not deliver:
+            return n, None
+        words = self._words
+        if words[_W_ACL_EPOCH] != self._epoch and self._recheck is not None:
+            self._epoch = words[_W_ACL_EPOCH]
+            self._recheck()
+        tag = self._good_tag  # the connection's, unless the re-check removed or denied it
+        if tag is None:
+            tag = self._tag(conn[4])
+            if tag is _UNTAGGED:  # denied, or removed by the re-check
+                length = n - VMCI_DG_HEADERSIZE
+                buf[: min(length, len(buf))] = bytes(min(length, len(buf)))
+                return DENIED, None
+        return n - VMCI_DG_HEADERSIZE, tag
+
+    def _hot_failed(self, exc, buf, spill):
+        """``take``'s result after a hot read (see ``_read``) raised ``exc``."""
+        if isinstance(exc, BlockingIOError):
+            self._hot = None  # nothing came in time: wait on everything
+            return self._receive(buf, spill, None, True)
+        return PEER_GONE if isinstance(exc, ConnectionResetError) else VMCI_ERROR_GENERIC, None
+
+    def _tag(self, fd):
+        """The tag ``take`` delivers with the frames of ``fd``; _UNTAGGED if it may not."""
+        return _UNTAGGED if fd in self._denied else self._tags.get(fd, _UNTAGGED)
+
+    def _read(self, buf, spill, timeout):
+        """Read one frame into the header, ``buf`` and ``spill``, waiting up to ``timeout``
+        seconds (None: forever): ``(n, conn, flags, whether it was a hot read)``, or
+        ``(status, None, None, None)``."""
         ready, words = self._ready, self._words
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
@@ -526,9 +607,9 @@ class Receiver:
             elif ready:
                 fd = ready.pop()
                 if fd == self._wake_fd:
-                    return WAKE, None
+                    return WAKE, None, None, None
                 if fd == self._listener_fd:
-                    return ACCEPT, None
+                    return ACCEPT, None, None, None
                 conn = self._conns[fd]
                 mode = _READY
             else:
@@ -536,60 +617,39 @@ class Receiver:
                 if conn is None or self._skips >= _SKIP_MAX or words[_W_PRODUCED] <= words[_W_CONSUMED]:
                     self._skips = 0
                     if self._wait(deadline) is AGAIN:
-                        return AGAIN, None
+                        return AGAIN, None, None, None
                     continue
                 mode = _QUEUED
             if mode is not _READY:
                 self._skips += 1
             self.last_fd = conn[4]
-            header = self._header
             try:
-                if mode is _HOT and len(spill) > VMCI_MAX_DG_PAYLOAD_SIZE:
+                if (mode is _HOT or mode is _READY and conn is self._hot) and len(spill) > VMCI_MAX_DG_PAYLOAD_SIZE:
                     # A blocking read (SO_RCVTIMEO bounds it) into buffers that hold any frame
                     # the SDK allows, so no flag is needed to see a truncated one: it exceeds
-                    # the maximum. readv costs half of recvmsg_into (callgrind).
-                    n = _readv(conn[4], (header, buf, spill))
+                    # the maximum. readv costs half of recvmsg_into (callgrind). The Fastpath
+                    # does this read itself, see its recv_status. The hot connection found
+                    # ready (every _SKIP_MAX receives) is read so too: epoll saw its frame,
+                    # and only this thread reads it (the receive lock).
+                    n = _readv(conn[4], (self._header, buf, spill))
                     flags = 0
                 else:
-                    n, _, flags, _ = conn[0].recvmsg_into((header, buf, spill), 0,
+                    n, _, flags, _ = conn[0].recvmsg_into((self._header, buf, spill), 0,
                                                           0 if mode is _HOT else _MSG_DONTWAIT)
+                    flags &= _MSG_TRUNC  # the only flag that counts (see _check)
             except BlockingIOError:
                 if mode is _HOT:
                     self._hot = None  # nothing came in time: wait on everything
                 elif mode is _QUEUED:
                     self._skips = _SKIP_MAX  # the queued bytes are elsewhere: wait properly
                 elif not ready and deadline is not None and time.monotonic() >= deadline:
-                    return AGAIN, None
+                    return AGAIN, None, None, None
                 continue
             except ConnectionResetError:
-                return PEER_GONE, None
+                return PEER_GONE, None, None, None
             except OSError:
-                return VMCI_ERROR_GENERIC, None
-            if n == 0:
-                return PEER_GONE, None
-            consumed = words[_W_CONSUMED] + n  # the frame leaves the queue (see _release_frame)
-            if consumed > words[_W_PRODUCED]:
-                consumed = max(words[_W_PRODUCED], consumed - n)
-            words[_W_CONSUMED] = consumed
-            good = self._good
-            if flags & _MSG_TRUNC or n != good[1] or good[0] is not conn or header != good[2]:
-                status = self._check(conn, header, n, flags)
-                if status < 0:
-                    return status, None
-            if mode is not _HOT:
-                self._hot = conn if conn is self._only and conn[5] else None
-            if not deliver:
-                return n, None
-            fd = conn[4]
-            if words[_W_ACL_EPOCH] != self._epoch and self._recheck is not None:
-                self._epoch = words[_W_ACL_EPOCH]
-                self._recheck()
-            length = n - VMCI_DG_HEADERSIZE
-            tag = self._tags.get(fd, _UNTAGGED)
-            if tag is _UNTAGGED or fd in self._denied:  # denied, or removed by the re-check
-                buf[: min(length, len(buf))] = bytes(min(length, len(buf)))
-                return DENIED, None
-            return length, tag
+                return VMCI_ERROR_GENERIC, None, None, None
+            return n, conn, flags, mode is _HOT
 
     def _check(self, conn, header, n, flags):
         """``n``, or BAD_FRAME / FORGED, for a frame of ``n`` bytes read from ``conn``; a
@@ -602,7 +662,9 @@ class Receiver:
             return BAD_FRAME
         if sc != conn[1] or sr != conn[2] or dc != self._self_context or dr != self._self_resource:
             return FORGED
-        self._good = (conn, n, bytes(header))
+        self._good = (conn, n, bytes(header), 0)
+        tag = self._tag(conn[4])
+        self._good_tag = None if tag is _UNTAGGED else tag
         return n
 
     def close(self):
@@ -613,7 +675,7 @@ class Receiver:
         self._recheck = None
         self._only = None
         self._hot = None
-        self._good = _NO_FRAME
+        self._forget_good()
         self._ready = []
 
 
