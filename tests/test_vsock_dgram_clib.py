@@ -5,12 +5,11 @@ The Python stand-in for AF_VSOCK (``tests/vsock_standin.py``, in this process) a
 AF_UNIX path, so a Python endpoint and a C endpoint of one emulated kernel exchange datagrams and
 find each other through a Python discovery daemon, with no real AF_VSOCK anywhere.
 """
-import os
 import threading
 
 import pytest
 
-from test_clib import CC, SRC_DIR
+from test_clib import CC
 from test_clib_vsock_guard import EmulatedProbe, emulated, guarded  # noqa: F401  (fixtures)
 from test_vsock_dgram import HOST, WAIT, emu, make_dgram_runtime  # noqa: F401  (fixtures)
 from vsockcompat.constants import VMCI_ERROR_INVALID_RESOURCE, VMCI_MAX_DG_PAYLOAD_SIZE, VMCI_PRIV_DG_SEND
