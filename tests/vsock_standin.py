@@ -25,12 +25,10 @@ import os
 import re
 import socket
 
-AF_VSOCK = 40
-VMADDR_CID_ANY = 0xFFFFFFFF
-VMADDR_CID_LOCAL = 1
-VMADDR_CID_HOST = 2
-VMADDR_PORT_ANY = 0xFFFFFFFF
-LAST_RESERVED_PORT = 1023
+from vsockcompat.constants import (AF_VSOCK, VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_LOCAL,
+                                   VMADDR_PORT_ANY)
+from vsockcompat.constants import VMCI_RESERVED_RESOURCE_ID_MAX as LAST_RESERVED_PORT
+
 CAP_NET_BIND_SERVICE = 10
 _PATH = re.compile(r"c([0-9]+)p([0-9]+)(\.d)?")
 _ephemeral = itertools.count()
