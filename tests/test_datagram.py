@@ -53,6 +53,17 @@ def test_explicit_resource_id_and_duplicate(runtime):
         assert reused.handle == VMCIHandle(2, 5000)
 
 
+@pytest.mark.parametrize("resource", [None, 5000])
+def test_an_id_being_claimed_is_not_taken_by_another_program(make_runtime, monkeypatch, resource):
+    """The local transport claims an id under its context lock, listening before it lets go: a
+    second program creating an endpoint meanwhile waits, then gets the next id (or
+    DuplicateEntry for the same explicit one). The hybrid transport's counterpart is in
+    test_hybrid_host."""
+    from test_hybrid_host import claim_during_anothers_claim, claimed_apart
+    first, second = claim_during_anothers_claim(make_runtime(), make_runtime(), resource, monkeypatch)
+    claimed_apart(first, second, resource, make_runtime())
+
+
 @pytest.mark.parametrize("resource", [-1, 0xFFFFFFFF, 2**40, "1", 1.0, True])
 def test_bad_resource_ids(runtime, resource):
     with pytest.raises(errors.InvalidArgs):

@@ -3,6 +3,7 @@ pairs attached at each other's ``<uds>_<rid>.host`` paths, and the discovery dae
 on demand by the first VMCIDs_* call of a host program. Host side only: the VMM sockets are
 plain paths (nothing reaches a guest here) and no AF_VSOCK socket is created
 (``no_af_vsock``, from test_hybrid)."""
+import fcntl
 import os
 import socket
 import struct
@@ -148,6 +149,94 @@ def test_a_separate_host_program_attaches_through_the_environment(host_rt, core,
         assert out.stdout == b"attached 4096\n"
         region.sync()
         assert bytes(region.buffer[8:13]) == b"child"
+
+
+# Claiming a port
+
+def claim_during_anothers_claim(first_rt, second_rt, resource, monkeypatch):
+    """Create an endpoint (on ``resource``; None: the next free id) in ``second_rt`` while
+    ``first_rt`` is stopped inside creating its own, after binding and before it listens (the
+    window where two programs starting at once met). Returns what each creation gave: an
+    endpoint or its VMCIError."""
+    paused, resume = threading.Event(), threading.Event()
+    real_listen = socket.socket.listen
+    results = {}
+
+    def listen(sock, *args):
+        if threading.current_thread() is first and not paused.is_set():
+            paused.set()
+            resume.wait(WAIT)
+        return real_listen(sock, *args)
+
+    def create(which, rt):
+        try:
+            results[which] = DatagramEndpoint(resource, runtime=rt)
+        except errors.VMCIError as exc:
+            results[which] = exc
+
+    first_rt.transport, second_rt.transport          # opened before the pause
+    monkeypatch.setattr(socket.socket, "listen", listen)
+    first = threading.Thread(target=create, args=("first", first_rt))
+    second = threading.Thread(target=create, args=("second", second_rt))
+    first.start()
+    try:
+        assert paused.wait(WAIT)
+        second.start()
+        second.join(1.0)          # a creation that does not wait for the first one's ends at once
+    finally:
+        resume.set()
+        first.join(WAIT)
+        if second.ident is not None:
+            second.join(WAIT)
+    monkeypatch.setattr(socket.socket, "listen", real_listen)
+    return results["first"], results["second"]
+
+
+def claimed_apart(first, second, resource, sender_rt):
+    """Check the result of ``claim_during_anothers_claim``: two endpoints on two ids (None), or
+    the id to the first and DuplicateEntry to the second; each endpoint receives what is sent
+    to its handle (none is deaf). Closes them."""
+    endpoints = [ep for ep in (first, second) if isinstance(ep, DatagramEndpoint)]
+    try:
+        if resource is None:
+            assert len(endpoints) == 2 and first.handle != second.handle
+        else:
+            assert first.handle == (2, resource) and isinstance(second, errors.DuplicateEntry)
+        with DatagramEndpoint(runtime=sender_rt) as sender:
+            for i, ep in enumerate(endpoints):
+                sender.send(ep.handle, b"to %d" % i)
+            for i, ep in enumerate(endpoints):
+                assert ep.recv(timeout=WAIT).payload == b"to %d" % i
+    finally:
+        for ep in endpoints:
+            ep.close()
+
+
+@pytest.mark.parametrize("resource", [None, 4242])
+def test_a_port_being_claimed_is_not_taken_by_another_program(host_rt, monkeypatch, resource):
+    """Two host programs creating endpoints at once get two ports, or one gets DuplicateEntry
+    for the same explicit one. (Both got 1024: the second took the first's files, bound but
+    not listening yet, for a dead endpoint's and the first was deaf, so the reply of a discovery
+    daemon it had just started was lost.) The local transport's counterpart is in test_datagram."""
+    first, second = claim_during_anothers_claim(host_rt(), host_rt(), resource, monkeypatch)
+    claimed_apart(first, second, resource, host_rt())
+
+
+def test_a_stopped_claimer_gives_a_timeout_not_a_hang(host_rt, vmm_paths, monkeypatch):
+    """The claim lock is the directory of the VMM sockets; held by a stopped process it makes
+    creation fail with VMCI_ERROR_TIMEOUT after CLAIM_TIMEOUT seconds."""
+    from vsockcompat.transport import hybrid
+    monkeypatch.setattr(hybrid, "CLAIM_TIMEOUT", 0.2)
+    rt = host_rt()
+    fd = os.open(os.path.dirname(vmm_paths[0][0]), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(errors.Timeout):
+            DatagramEndpoint(runtime=rt)
+    finally:
+        os.close(fd)
+    with DatagramEndpoint(runtime=rt) as ep:
+        assert ep.handle.context == 2
 
 
 # Queue pairs

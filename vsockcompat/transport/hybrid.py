@@ -60,6 +60,15 @@ frames back to back; the guest must run the vsock transport with ``VSOCKCOMPAT_V
 Verdicts flow back on each stream as they do over vsock, so the guest and the host each learn
 when the other denies them DG_SEND.
 
+Claiming a port: the files ``<uds_path>_<port>`` and ``<uds_path>_<port>.host`` of every socket
+are the host's port namespace, shared by all the processes given those sockets, with no kernel to
+hand ports out. A process claims a port (an endpoint's or a stream listener's) by binding all its
+paths and listening there; a file where nothing listens is a dead claim's, and is reclaimed. So
+that a claim in progress (bound, not yet listening) is never taken for a dead one, claims are
+serialised: a process claims while it holds ``flock`` on each directory of the VMM sockets (the
+directory itself: no lock file), taken in one order by all, and listens before it lets go.
+Without it two programs starting at once both got port 1024, one of them deaf.
+
 Liveness (``endpoint_alive``, which the discovery daemon uses to drop the entries of endpoints
 that are gone): a host endpoint is alive while a Unix socket listens at one of its
 ``host_path`` files (``/proc/net/unix``, no traffic). A guest endpoint is probed through its VMM:
@@ -70,6 +79,7 @@ alive.
 """
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import select
@@ -94,6 +104,8 @@ PROBE_TIMEOUT = 1.0
 MAX_REPLY = 32
 #: What ``host_path`` appends to a port's path: never a path the VMM connects to.
 HOST_SUFFIX = ".host"
+#: Seconds a claim of a port waits for the claim lock (held for microseconds by each claimer).
+CLAIM_TIMEOUT = 10.0
 _OK = re.compile(rb"OK ([0-9]{1,10})\n")
 _SUN_PATH_MAX = 107
 _MAX_PORT = 0xFFFFFFFE
@@ -243,6 +255,7 @@ class HybridTransport(StreamLinks, Transport):
             raise TransportUnavailable("on the hybrid transport a process is in context 2 (the "
                                        "host) or 1 (the discovery service), not in %d" % context)
         self.vmms = vmms
+        self._dirs = tuple(sorted({os.path.dirname(vmm.uds_path) for vmm in vmms}))
         self._cid = VMCI_HOST_CONTEXT_ID if context is None else context
         self._well_known = self._cid == VMCI_WELL_KNOWN_CONTEXT_ID
         self._core = core
@@ -279,10 +292,8 @@ class HybridTransport(StreamLinks, Transport):
     # Endpoints
 
     def bind(self, resource: Optional[int]) -> Bound:
-        rid, socks = self._bind(resource, lambda r: self.port_paths(r) + self.host_paths(r))
+        rid, socks = self._bind(resource, self.stream_paths)
         try:
-            for sock in socks:
-                sock.listen(socket.SOMAXCONN)
             listener = StreamListener(socks, self._identify_stream, "hybrid-%d" % rid)
         except BaseException:
             self._unlink(rid)
@@ -305,25 +316,35 @@ class HybridTransport(StreamLinks, Transport):
                 os.unlink(path)
 
     def _try_bind(self, paths: Tuple[str, ...]) -> Optional[List[socket.socket]]:
-        """Sockets bound at each of ``paths``; None if a live listener holds any (a dead one's
-        file is reclaimed)."""
-        socks = []
+        """Sockets bound and listening at each of ``paths``; None if a live listener holds any
+        (a dead one's file is reclaimed). Call while ``_claim_lock`` is held."""
+        socks: List[socket.socket] = []
+        bound = 0  # paths[:bound] are ours
         try:
             for path in paths:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
                 socks.append(sock)
                 if not self._try_bind_path(sock, path):
-                    for bound in paths[:len(socks) - 1]:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(bound)
-                    for s in socks:
-                        s.close()
-                    return None
+                    break
+                bound += 1
+            else:
+                for sock in socks:
+                    sock.listen(socket.SOMAXCONN)
+                return socks
         except BaseException:
-            for s in socks:
-                s.close()
+            self._abandon(socks, paths[:bound])
             raise
-        return socks
+        self._abandon(socks, paths[:bound])
+        return None
+
+    @staticmethod
+    def _abandon(socks: List[socket.socket], paths: Tuple[str, ...]) -> None:
+        """Close ``socks`` and remove ``paths``, the files of a claim that failed."""
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for sock in socks:
+            sock.close()
 
     def _try_bind_path(self, sock: socket.socket, path: str) -> bool:
         for _ in range(2):
@@ -350,8 +371,45 @@ class HybridTransport(StreamLinks, Transport):
         finally:
             probe.close()
 
+    @contextlib.contextmanager
+    def _claim_lock(self):
+        """Hold ``flock`` on every directory of the VMM sockets, in (device, inode) order, so
+        that no other process claims a port meanwhile (see "Claiming a port"). Timeout after
+        ``CLAIM_TIMEOUT`` seconds if a claimer holds one that long (stopped, say)."""
+        fds: Dict[Tuple[int, int], int] = {}
+        try:
+            for directory in self._dirs:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) in fds:  # one directory by two names: one lock
+                    os.close(fd)
+                else:
+                    fds[(st.st_dev, st.st_ino)] = fd
+            deadline = time.monotonic() + CLAIM_TIMEOUT
+            for key in sorted(fds):
+                pause = 0.001
+                while True:
+                    try:
+                        fcntl.flock(fds[key], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise Timeout("another process has been claiming a port in %s for %gs"
+                                          % (", ".join(self._dirs), CLAIM_TIMEOUT)) from None
+                        time.sleep(pause)
+                        pause = min(pause * 2, 0.05)
+            yield
+        finally:
+            for fd in fds.values():
+                os.close(fd)  # releases its flock
+
     def _bind(self, rid: Optional[int], paths: Callable[[int], Tuple[str, ...]]):
-        """``(rid, sockets)`` bound at each of ``paths(rid)`` (None: the next free id)."""
+        """``(rid, sockets)`` bound and listening at each of ``paths(rid)`` (None: the next
+        free id), claimed under ``_claim_lock``."""
+        with self._claim_lock():
+            return self._bind_locked(rid, paths)
+
+    def _bind_locked(self, rid: Optional[int], paths: Callable[[int], Tuple[str, ...]]):
         if rid is not None:
             socks = self._try_bind(paths(rid))
             if socks is None:
@@ -462,8 +520,6 @@ class HybridTransport(StreamLinks, Transport):
         this transport's endpoints."""
         rid, socks = self._bind(resource, self.stream_paths)
         try:
-            for sock in socks:
-                sock.listen(socket.SOMAXCONN)
             return rid, ListenerSet(socks, self.stream_paths(rid))
         except BaseException:
             for sock in socks:
