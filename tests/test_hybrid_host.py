@@ -222,6 +222,32 @@ def test_a_port_being_claimed_is_not_taken_by_another_program(host_rt, monkeypat
     claimed_apart(first, second, resource, host_rt())
 
 
+def test_a_listener_with_a_full_backlog_keeps_its_port(host_rt, vmm_paths):
+    """The claim's probe of a path in use never blocks (it runs under the claim lock): a live
+    listener whose backlog is full is alive, so its port is taken, not reclaimed."""
+    path = "%s_%d" % (vmm_paths[0][0], 4343)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting = []
+    try:
+        listener.bind(path)
+        listener.listen(0)
+        for _ in range(64):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            waiting.append(client)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the backlog never filled")
+        with pytest.raises(errors.DuplicateEntry):
+            DatagramEndpoint(4343, runtime=host_rt())
+        assert os.path.exists(path)
+    finally:
+        for sock in waiting + [listener]:
+            sock.close()
+
+
 def test_a_stopped_claimer_gives_a_timeout_not_a_hang(host_rt, vmm_paths, monkeypatch):
     """The claim lock is the directory of the VMM sockets; held by a stopped process it makes
     creation fail with VMCI_ERROR_TIMEOUT after CLAIM_TIMEOUT seconds."""

@@ -362,9 +362,14 @@ class HybridTransport(StreamLinks, Transport):
 
     @staticmethod
     def _listening(path: str) -> bool:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        """Whether something listens at ``path`` (a connection attempt: it works across network
+        namespaces, unlike ``unix_listening``). Never blocks, as it runs under the claim lock:
+        a listener whose backlog is full (EAGAIN) is alive."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             probe.connect(path)
+            return True
+        except BlockingIOError:
             return True
         except OSError:
             return False
