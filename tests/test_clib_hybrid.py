@@ -25,8 +25,8 @@ from conftest import PYTHON, child_env
 from guest_c_programs import ProbeProcess, fnv1a, probe_pattern
 from test_clib import CC, CLIENT_OUT, SERVER_OUT, env_for
 from test_clib_vsock_guard import guarded  # noqa: F401  (fixture: library, datagramApp, probe, shim)
-from test_hybrid import (GUEST, WAIT, EchoGuest, FakeVMM, connect_as_guest, frame, hybrid_settings,  # noqa: F401
-                         no_af_vsock, read_frame, stop_vmm)
+from test_hybrid import (GUEST, WAIT, connect_as_guest, frame, hybrid_settings,  # noqa: F401  (fixtures too)
+                         no_af_vsock, vmm)
 
 HEADER = C.VMCI_DG_HEADERSIZE
 PY_APP = [PYTHON, "-m", "vsockcompat", "datagram-app"]
@@ -84,17 +84,9 @@ def closed_by_peer(sock):
 
 
 @pytest.fixture
-def vmm(tmp_path):
-    uds = str(tmp_path / "vm.vsock")
-    guest = EchoGuest(uds)
-    fake = FakeVMM(uds, guest)
-    yield fake
-    stop_vmm(fake, guest)
-
-
-@pytest.fixture
 def probe_on(guarded, rundir, shim_log):
-    """``probe_on(uds, **env)``: a started Probe on hybrid; all are closed (exit 0, quiet stderr) at teardown."""
+    """``probe_on(uds, **env)``: a started Probe on hybrid; all are closed (exit 0, quiet stderr) at
+    teardown (ask for it after ``vmm``, so that they close before the VMM's guest is joined)."""
     started = []
 
     def start(uds, rid=0, **extra):
@@ -107,7 +99,7 @@ def probe_on(guarded, rundir, shim_log):
 
 # Host -> guest through the VMM, and back through <uds>_<port>
 
-def test_c_reaches_a_guest_through_the_vmm_and_hears_back(probe_on, vmm):
+def test_c_reaches_a_guest_through_the_vmm_and_hears_back(vmm, probe_on):
     probe = probe_on(vmm.path)
     rid = probe.handle.resource
     assert os.path.exists("%s_%d" % (vmm.path, rid)) and os.path.exists("%s_%d.host" % (vmm.path, rid))
@@ -136,7 +128,7 @@ def test_c_reaches_a_guest_through_the_vmm_and_hears_back(probe_on, vmm):
     (b"OK 12", C.VMCI_ERROR_TIMEOUT),              # no newline: still waiting when the time is up
     (b"A" * 100, C.VMCI_ERROR_DST_UNREACHABLE),
 ], ids=["no-answer", "silent", "err", "no-port", "negative", "too-big", "lowercase", "unterminated", "garbage"])
-def test_bad_handshakes_give_the_codes_and_the_endpoint_goes_on(probe_on, vmm, answer, code):
+def test_bad_handshakes_give_the_codes_and_the_endpoint_goes_on(vmm, probe_on, answer, code):
     vmm.answer = lambda port: answer if port == 5000 else "ok"
     probe = probe_on(vmm.path)
     assert probe.ask("send %d 5000 10" % GUEST) == [str(code)]
@@ -157,7 +149,7 @@ def test_unreachable_destinations(probe_on, tmp_path):
     assert probe.ask("recv") == ["9", "2", str(me.resource), "1"]
 
 
-def test_guest_input_is_judged_by_the_path_it_arrived_on(probe_on, vmm):
+def test_guest_input_is_judged_by_the_path_it_arrived_on(vmm, probe_on):
     """At <uds>_<rid> the sender is the VMM's guest (a hello claiming context 1 is refused, a frame
     claiming another source is dropped with its connection); at .host a process of this user,
     context 1 if its hello says so."""
