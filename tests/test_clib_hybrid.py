@@ -17,7 +17,8 @@ import pytest
 from vsockcompat import constants as C
 from vsockcompat import ds_client
 from vsockcompat.datagram import DatagramEndpoint
-from vsockcompat.handles import VMCIHandle
+from vsockcompat.ds_protocol import encode_request
+from vsockcompat.handles import VMCI_INVALID_HANDLE, VMCIHandle
 from vsockcompat.runtime import Runtime
 from vsockcompat.transport import vsock as vsock_module
 
@@ -25,8 +26,8 @@ from conftest import PYTHON, child_env
 from guest_c_programs import ProbeProcess, fnv1a, probe_pattern
 from test_clib import CC, CLIENT_OUT, SERVER_OUT, env_for
 from test_clib_vsock_guard import guarded  # noqa: F401  (fixture: library, datagramApp, probe, shim)
-from test_hybrid import (GUEST, WAIT, connect_as_guest, frame, hybrid_settings,  # noqa: F401  (fixtures too)
-                         no_af_vsock, vmm)
+from test_hybrid import (GUEST, WAIT, EchoGuest, FakeVMM, connect_as_guest, frame, guest_asks,  # noqa: F401
+                         guest_reply, hybrid_settings, no_af_vsock, stop_vmm, vmm)
 
 HEADER = C.VMCI_DG_HEADERSIZE
 PY_APP = [PYTHON, "-m", "vsockcompat", "datagram-app"]
@@ -169,3 +170,103 @@ def test_guest_input_is_judged_by_the_path_it_arrived_on(vmm, probe_on):
     assert probe.ask("recvtext", 3) == ["6", "1", "1", "the DS"]
     for sock in (honest, host):
         sock.close()
+
+
+# C and Python host programs on hybrid (both cores), at each other's .host paths
+
+def test_c_and_python_host_programs_both_ways(core, rundir, vmm, probe_on):
+    probe = probe_on(vmm.path)
+    host = Runtime(hybrid_settings(rundir, vmm.path), core=core)
+    well_known = Runtime(hybrid_settings(rundir, vmm.path, cid=1), core=core)
+    with DatagramEndpoint(runtime=host) as ep, DatagramEndpoint(runtime=well_known) as ds_like:
+        assert ep.send(probe.handle, b"from python") == len(b"from python")
+        assert probe.ask("recvtext", 3) == ["11", "2", str(ep.handle.resource), "from python"]
+        assert probe.ask("say 2 %d from c" % ep.handle.resource) == [str(6 + HEADER)]
+        assert ep.recv(timeout=WAIT) == (probe.handle, b"from c")
+        for size in (0, C.VMCI_MAX_DG_PAYLOAD_SIZE):
+            assert probe.ask("send 2 %d %d" % (ep.handle.resource, size)) == [str(size + HEADER)]
+            assert ep.recv(timeout=WAIT) == (probe.handle, probe_pattern(size))
+            assert ep.send(probe.handle, probe_pattern(size)) == size
+            assert probe.ask("recv") == [str(size), "2", str(ep.handle.resource), "1"]
+        # Context 1 is the host's too: its hello says so at .host, and C answers it there.
+        assert ds_like.send(probe.handle, b"from 1") == 6
+        assert probe.ask("echo") == [str(6 + HEADER)]
+        assert ds_like.recv(timeout=WAIT) == (probe.handle, b"from 1")
+        # A C receiver's privileges reach the Python sender as a verdict.
+        assert probe.ask("deny 2 %d" % ep.handle.resource) == ["0"]
+        deadline = time.monotonic() + WAIT
+        while ep.send_status(probe.handle, b"x", 1) != C.VMCI_ERROR_NO_ACCESS and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ep.send_status(probe.handle, b"x", 1) == C.VMCI_ERROR_NO_ACCESS
+    assert vmm.connects == []  # host programs never go through the VMM
+
+
+# The discovery service: the C program starts the hybrid daemon; host and guest both use it
+
+def test_c_starts_the_hybrid_daemon_and_host_and_guest_find_its_name(core, rundir, tmp_path, probe_on):
+    uds = str(tmp_path / "vm.vsock")
+    guest = EchoGuest(uds, echo=False)
+    fake = FakeVMM(uds, guest)
+    try:
+        probe = probe_on(os.path.relpath(uds), VSOCKCOMPAT_DS_AUTOSTART="1")  # made absolute for the daemon
+        assert probe.ask("register C SERVICE") == ["0"]
+        assert os.path.exists(os.path.join(rundir, "ds.pid"))
+        assert os.path.exists(uds + "_1") and os.path.exists(uds + "_1.host")
+        assert probe.ask("lookup C SERVICE") == ["0", "2", str(probe.handle.resource)]
+        host = Runtime(hybrid_settings(rundir, uds)._replace(ds_autostart=False), core=core)
+        assert ds_client.lookup_status("C SERVICE", runtime=host) == (C.VMCI_SUCCESS, probe.handle)
+        ask = guest_asks(fake, 5000, encode_request(C.VMCI_DS_ACTION_LOOKUP, 7, VMCI_INVALID_HANDLE, "C SERVICE"))
+        reply = guest_reply(fake, 5000)
+        assert (reply.msgid, reply.code, reply.handle) == (7, C.VMCI_SUCCESS, probe.handle)
+        ask.close()
+        assert probe.ask("register C SERVICE") == [str(C.VMCI_ERROR_ALREADY_EXISTS)]
+        assert probe.ask("unregister C SERVICE") == ["0"]
+        assert probe.ask("lookup C SERVICE")[0] == str(C.VMCI_ERROR_NOT_FOUND)
+        assert probe.ask("lookup %s" % ("x" * (C.VMCI_DS_MAX_NAME_LEN + 1)))[0] == str(C.VMCI_ERROR_INVALID_ARGS)
+    finally:
+        stop_vmm(fake, guest)
+
+
+def test_without_autostart_no_daemon_is_started(rundir, vmm, probe_on):
+    probe = probe_on(vmm.path, VSOCKCOMPAT_DS_AUTOSTART="0")
+    assert probe.ask("lookup NOBODY")[0] == str(C.VMCI_ERROR_INVALID_RESOURCE)
+    assert not os.path.exists(os.path.join(rundir, "ds.pid"))
+
+
+# The SDK's datagramApp: C on one side, Python on the other, both on hybrid
+
+def wait_registered(rundir, uds, core, name="HOST INFO"):
+    host = Runtime(hybrid_settings(rundir, uds)._replace(ds_autostart=False), core=core)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rc, handle = ds_client.lookup_status(name, runtime=host)
+        if rc == C.VMCI_SUCCESS:
+            return handle
+        time.sleep(0.05)
+    raise AssertionError("%r was never registered" % name)
+
+
+@pytest.mark.parametrize("server_side", ["c", "python"])
+def test_datagram_app_between_c_and_python_on_hybrid(guarded, core, rundir, vmm, shim_log, server_side):
+    c_cmd = [guarded.datagramApp]
+    c_environ = c_env(guarded, rundir, vmm.path, shim_log, VSOCKCOMPAT_DS_AUTOSTART="1")
+    py_environ = py_env(rundir, core.NAME, vmm.path)
+    server_cmd, server_env = (c_cmd, c_environ) if server_side == "c" else (PY_APP, py_environ)
+    client_cmd, client_env = (PY_APP, py_environ) if server_side == "c" else (c_cmd, c_environ)
+    server = subprocess.Popen(server_cmd + ["-s"], env=server_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        handle = wait_registered(rundir, vmm.path, core)
+        assert handle.context == 2
+        for _ in range(3):
+            client = subprocess.run(client_cmd + ["-c"], env=client_env, capture_output=True, text=True, timeout=60)
+            assert (client.returncode, client.stdout, client.stderr) == (0, CLIENT_OUT, "")
+        out, err = server.communicate(timeout=60)
+        assert (server.returncode, out, err) == (0, SERVER_OUT, "")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    late = subprocess.run(client_cmd + ["-c"], env=client_env, capture_output=True, text=True, timeout=60)
+    assert (late.returncode, late.stdout, late.stderr) == (0, "", "Failed to lookup in discovery service.\n")
+    assert vmm.connects == []
