@@ -270,3 +270,51 @@ def test_datagram_app_between_c_and_python_on_hybrid(guarded, core, rundir, vmm,
     late = subprocess.run(client_cmd + ["-c"], env=client_env, capture_output=True, text=True, timeout=60)
     assert (late.returncode, late.stdout, late.stderr) == (0, "", "Failed to lookup in discovery service.\n")
     assert vmm.connects == []
+
+
+def test_two_vmm_sockets_route_by_cid_and_name_their_guests(tmp_path, probe_on):
+    paths = [str(tmp_path / "a.vsock"), str(tmp_path / "b.vsock")]
+    guests = [EchoGuest(paths[0], cid=3), EchoGuest(paths[1], cid=4)]
+    vmms = [FakeVMM(path, guest) for path, guest in zip(paths, guests)]
+    try:
+        probe = probe_on(":".join(paths), cids="3:4")
+        rid = probe.handle.resource
+        assert all(os.path.exists("%s_%d%s" % (p, rid, s)) for p in paths for s in ("", ".host"))
+        assert probe.ask("say 4 6000 to four") == [str(7 + HEADER)]
+        assert probe.ask("recvtext", 3) == ["7", "4", "6000", "ruof ot"]
+        assert probe.ask("say 3 6000 to three") == [str(8 + HEADER)]
+        assert probe.ask("recvtext", 3) == ["8", "3", "6000", "eerht ot"]
+        assert probe.ask("send 5 6000 1") == [str(C.VMCI_ERROR_DST_UNREACHABLE)]
+        assert (vmms[0].connects, vmms[1].connects) == ([6000], [6000])
+        assert probe.ask("shm") == ["1", str(C.VMCI_ERROR_UNAVAILABLE), str(C.VMCI_ERROR_UNAVAILABLE),
+                                    str(C.VMCI_ERROR_NOT_FOUND)]  # as C on vsock: no shared memory
+        probe.close()
+    finally:
+        for fake, guest in zip(vmms, guests):
+            stop_vmm(fake, guest)
+
+
+@pytest.mark.parametrize("settings, why", [
+    ({"VSOCKCOMPAT_HYBRID_UDS": ""}, "the hybrid transport needs VSOCKCOMPAT_HYBRID_UDS"),
+    ({"VSOCKCOMPAT_HYBRID_UDS": "{d}/a:"}, "VSOCKCOMPAT_HYBRID_UDS has an empty path in"),
+    ({"VSOCKCOMPAT_HYBRID_UDS": "{d}/a:{d}/b"}, "VSOCKCOMPAT_HYBRID_CID must give one guest CID per socket"),
+    ({"VSOCKCOMPAT_HYBRID_UDS": "{d}/a:{d}/b", "VSOCKCOMPAT_HYBRID_CID": "3"},
+     "VSOCKCOMPAT_HYBRID_CID must give one guest CID per socket"),
+    ({"VSOCKCOMPAT_HYBRID_UDS": "{d}/a:{d}/b", "VSOCKCOMPAT_HYBRID_CID": "3:3"}, "names a guest CID twice"),
+    ({"VSOCKCOMPAT_HYBRID_UDS": "{d}/a:{d}/./a", "VSOCKCOMPAT_HYBRID_CID": "3:4"}, "names a socket twice"),
+    ({"VSOCKCOMPAT_HYBRID_CID": "2"}, "VSOCKCOMPAT_HYBRID_CID must hold decimal guest CIDs"),
+    ({"VSOCKCOMPAT_HYBRID_CID": "x"}, "VSOCKCOMPAT_HYBRID_CID must hold decimal guest CIDs"),
+    ({"VSOCKCOMPAT_HYBRID_CID": "4294967295"}, "VSOCKCOMPAT_HYBRID_CID must hold decimal guest CIDs"),
+    ({"VSOCKCOMPAT_HYBRID_UDS": "{d}/missing/a"}, "the directory of the VMM socket does not exist"),
+    ({"VSOCKCOMPAT_HYBRID_UDS": "{d}/" + "x" * 100}, "too long for Unix socket paths with a port suffix"),
+    ({"VSOCKCOMPAT_CID": "3"}, "on the hybrid transport a process is in context 2 (the host) or 1"),
+], ids=["unset", "empty-path", "cids-missing", "cids-short", "cid-twice", "path-twice", "cid-2", "cid-text",
+        "cid-invalid", "no-dir", "too-long", "context-3"])
+def test_bad_hybrid_settings_fail_init_with_why(guarded, rundir, tmp_path, shim_log, settings, why):
+    d = str(tmp_path)
+    env = c_env(guarded, rundir, os.path.join(d, "vm.vsock"), shim_log)
+    env.update({name: value.format(d=d) for name, value in settings.items()})
+    result = subprocess.run([guarded.datagramApp, "-c"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 254
+    first, second = result.stderr.splitlines()
+    assert first.startswith("vsockcompat: ") and why in first and second == "Failed to init VMCI library."
