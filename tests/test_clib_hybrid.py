@@ -8,6 +8,7 @@ under tests/c/no_vsock_shim.c, whose records must stay empty (no AF_VSOCK socket
 and this process refuses AF_VSOCK (test_hybrid.no_af_vsock).
 """
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -63,8 +64,8 @@ def py_env(rundir, core_name, uds, cid=2):
 class Probe(ProbeProcess):
     """vsock_probe on hybrid, initialised, with an endpoint (``handle``); ``close()`` is idempotent."""
 
-    def __init__(self, guarded, env, rid=0):
-        super().__init__([guarded.probe], env, WAIT)
+    def __init__(self, guarded, env, rid=0, wrap=()):
+        super().__init__(list(wrap) + [guarded.probe], env, WAIT * (6 if wrap else 1))
         assert self.ask("init") == ["0"]
         cid, got = (int(v) for v in self.ask("create %d" % rid))
         assert cid == 2 and got >= (rid or 1024)
@@ -90,8 +91,8 @@ def probe_on(guarded, rundir, shim_log):
     teardown (ask for it after ``vmm``, so that they close before the VMM's guest is joined)."""
     started = []
 
-    def start(uds, rid=0, **extra):
-        started.append(Probe(guarded, c_env(guarded, rundir, uds, shim_log, **extra), rid))
+    def start(uds, rid=0, wrap=(), **extra):
+        started.append(Probe(guarded, c_env(guarded, rundir, uds, shim_log, **extra), rid, wrap))
         return started[-1]
     yield start
     for probe in started:
@@ -318,3 +319,27 @@ def test_bad_hybrid_settings_fail_init_with_why(guarded, rundir, tmp_path, shim_
     assert result.returncode == 254
     first, second = result.stderr.splitlines()
     assert first.startswith("vsockcompat: ") and why in first and second == "Failed to init VMCI library."
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_a_hybrid_session_under_valgrind(vmm, probe_on):
+    """Links through the VMM and between host programs, a refused guest, a refused handshake:
+    no memory error and no definite leak (valgrind's exit status 99, checked by close())."""
+    wrap = ["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "--quiet"]
+    vmm.answer = lambda port: "close" if port == 5001 else "ok"
+    a, b = probe_on(vmm.path, wrap=wrap), probe_on(vmm.path, wrap=wrap)
+    assert a.ask("say %d 5000 via the vmm" % GUEST) == [str(11 + HEADER)]
+    assert a.ask("recvtext", 3) == ["11", str(GUEST), "5000", "mmv eht aiv"]
+    assert a.ask("send %d 5001 1" % GUEST) == [str(C.VMCI_ERROR_INVALID_RESOURCE)]
+    assert a.ask("say 2 %d to b" % b.handle.resource) == [str(4 + HEADER)]
+    assert b.ask("echo") == [str(4 + HEADER)]
+    assert a.ask("recvtext", 3) == ["4", "2", str(b.handle.resource), "to b"]
+    claim = connect_as_guest(vmm, b.handle.resource, vsock_module.encode_hello(1, well_known=True))
+    honest = connect_as_guest(vmm, b.handle.resource, vsock_module.encode_hello(5009)
+                              + frame(tuple(b.handle), (GUEST, 5009), b"ok"))
+    assert b.ask("recvtext", 3) == ["2", str(GUEST), "5009", "ok"]
+    assert closed_by_peer(claim)
+    for sock in (claim, honest):
+        sock.close()
+    a.close()
+    b.close()
