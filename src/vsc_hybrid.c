@@ -83,14 +83,18 @@ static int parse_paths(const char *uds, struct vsc_hybrid *h)
         const char *colon = strchr(p, ':');
         size_t len = colon ? (size_t)(colon - p) : strlen(p);
         char part[4096];
+        char *out = h->vmm[h->n].uds;
 
         if (len == 0)
             return refuse("VSOCKCOMPAT_HYBRID_UDS has an empty path in ", uds);
         if (h->n == MAX_VMMS)
             return refuse("VSOCKCOMPAT_HYBRID_UDS names too many sockets for libvmci.so.0: ", uds);
-        if (len >= sizeof part || (memcpy(part, p, len), part[len] = '\0',
-                                   vsc_abspath(part, h->vmm[h->n].uds, sizeof h->vmm[h->n].uds) != 0)
-            || strlen(h->vmm[h->n].uds) + strlen(LONGEST_SUFFIX) > VSC_SUN_PATH_MAX)
+        if (len < sizeof part) {
+            memcpy(part, p, len);
+            part[len] = '\0';
+        }
+        if (len >= sizeof part || vsc_abspath(part, out, sizeof h->vmm[h->n].uds) != 0
+            || strlen(out) + strlen(LONGEST_SUFFIX) > VSC_SUN_PATH_MAX)
             return refuse("the VMM socket path is too long for Unix socket paths with a port suffix: ", uds);
         h->n++;
         if (colon == NULL)

@@ -3,7 +3,7 @@
  * of Firecracker, Cloud Hypervisor and vhost-user-vsock, whose guests' vsock devices end in the
  * VMM's Unix sockets. AF_UNIX only: no AF_VSOCK socket is ever created here.
  *
- * Settings: VSOCKCOMPAT_HYBRID_UDS (the VMM sockets, ':'-separated, made absolute) and
+ * Settings: VSOCKCOMPAT_HYBRID_UDS (the VMM sockets, ':'-separated, made absolute; 32 at most) and
  * VSOCKCOMPAT_HYBRID_CID (the guest CID behind each, ':'-separated; unset with one socket: 3).
  * Our context is 2 (the host) or, with VSOCKCOMPAT_CID=1, 1 (the discovery daemon's).
  *
