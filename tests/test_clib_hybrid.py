@@ -16,7 +16,7 @@ import time
 import pytest
 
 from vsockcompat import constants as C
-from vsockcompat import ds_client
+from vsockcompat import ds_client, errors
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.ds_protocol import encode_request
 from vsockcompat.handles import VMCI_INVALID_HANDLE, VMCIHandle
@@ -343,3 +343,25 @@ def test_a_hybrid_session_under_valgrind(vmm, probe_on):
         sock.close()
     a.close()
     b.close()
+
+
+def test_resource_ids_are_shared_with_python_and_dead_ones_reclaimed(core, rundir, vmm, probe_on, guarded, shim_log):
+    """One id space for every host program of the VMM sockets: a live endpoint holds its id (the
+    SDK's invalid handle for a second one), the socket files of a killed program are reclaimed."""
+    first = probe_on(vmm.path, rid=40000)
+    host = Runtime(hybrid_settings(rundir, vmm.path), core=core)
+    with pytest.raises(errors.DuplicateEntry):
+        DatagramEndpoint(40000, runtime=host)
+    with DatagramEndpoint(40001, runtime=host):
+        assert first.ask("create 40001") == [str(C.VMCI_INVALID_ID)] * 2
+    first.proc.kill()
+    first.proc.wait()
+    assert os.path.exists("%s_40000.host" % vmm.path)  # left behind by the killed program
+    second = probe_on(vmm.path, rid=40000)
+    assert second.handle == (2, 40000)
+    with DatagramEndpoint(runtime=host) as ep:
+        assert ep.send(second.handle, b"reclaimed") == 9
+        assert second.ask("recvtext", 3) == ["9", "2", str(ep.handle.resource), "reclaimed"]
+    first.proc.stdin.close()
+    first.proc.stdout.close()
+    first.proc.stderr.close()
