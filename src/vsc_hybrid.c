@@ -13,6 +13,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "vsc_policy.h"
 #include "vsc_vsock.h"
 
 #define MAX_VMMS 32
@@ -549,7 +550,7 @@ int vsc_hybrid_identify(const vsc_local *t, int fd, vsc_handle *src, int *rx_fd,
     struct sockaddr_un self;
     socklen_t len = sizeof self;
     char name[sizeof self.sun_path + 1];
-    uint32_t context = VMCI_INVALID_ID, rid;
+    uint32_t context = VMCI_INVALID_ID, rid, owner;
     int well_known;
 
     *in = NULL;
@@ -580,6 +581,10 @@ int vsc_hybrid_identify(const vsc_local *t, int fd, vsc_handle *src, int *rx_fd,
             goto refuse; /* a guest cannot be context 1 */
         context = VMCI_WELL_KNOWN_CONTEXT_ID;
     }
+    /* A host peer runs as this user: refused if the policy gives its context to another
+     * (datagram.py _identity_allowed; guests have no uid here). */
+    if (is_host_context(context) && vsc_policy_uid(t->policy, context, &owner) && owner != getuid())
+        goto refuse;
     src->context = context;
     src->resource = rid;
     return vsc_stream_in_start(fd, rx_fd, in);

@@ -365,3 +365,19 @@ def test_resource_ids_are_shared_with_python_and_dead_ones_reclaimed(core, rundi
     first.proc.stdin.close()
     first.proc.stdout.close()
     first.proc.stderr.close()
+
+
+def test_a_host_context_the_policy_gives_another_user_is_refused(rundir, vmm, probe_on):
+    with open(os.path.join(rundir, "policy.toml"), "w") as f:
+        f.write("[contexts.1]\nuid = %d\n" % (os.getuid() + 1))
+    probe = probe_on(vmm.path)
+    me = tuple(probe.handle)
+    hello = vsock_module.encode_hello
+    socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    for sock, (rid, well_known, text) in zip(socks, [(1, True, b"as context 1"), (7, False, b"as context 2")]):
+        sock.connect("%s_%d.host" % (vmm.path, me[1]))
+        sock.sendall(hello(rid, well_known) + frame(me, (1 if well_known else 2, rid), text))
+    assert probe.ask("recvtext", 3) == ["12", "2", "7", "as context 2"]
+    assert closed_by_peer(socks[0])
+    for sock in socks:
+        sock.close()
