@@ -158,13 +158,15 @@ def test_guest_input_is_judged_by_the_path_it_arrived_on(vmm, probe_on):
     probe = probe_on(vmm.path)
     me = tuple(probe.handle)
     hello = vsock_module.encode_hello
+    probe.proc.stdin.write("recvtext\n")  # receiving (so accepting and reading) from now on
+    probe.proc.stdin.flush()
     claims_ds = connect_as_guest(vmm, me[1], hello(1, well_known=True) + frame(me, (1, 1), b"I am the DS"))
     forged = connect_as_guest(vmm, me[1], hello(5007) + frame(me, (4, 5007), b"I am guest 4"))
-    honest = connect_as_guest(vmm, me[1], hello(5008) + frame(me, (GUEST, 5008), b"honest"))
-    assert probe.ask("recvtext", 3) == ["6", str(GUEST), "5008", "honest"]
     for sock in (claims_ds, forged):
         assert closed_by_peer(sock)  # refused, or dropped: closed
         sock.close()
+    honest = connect_as_guest(vmm, me[1], hello(5008) + frame(me, (GUEST, 5008), b"honest"))
+    assert probe.proc.stdout.readline() == "recvtext=6 %d 5008 honest\n" % GUEST
     host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     host.connect("%s_%d.host" % (vmm.path, me[1]))
     host.sendall(hello(1, well_known=True) + frame(me, (1, 1), b"the DS"))
