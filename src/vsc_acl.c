@@ -472,7 +472,7 @@ int vsc_acl_load(const vsc_local *t, vsc_handle resource, vsc_acl *acl)
     size_t len;
     int rc;
 
-    if (t->transport == VSC_TRANSPORT_VSOCK)
+    if (vsc_links_streamed(t))
         return vsc_acl_memory_load(resource, acl);
     memset(acl, 0, sizeof *acl);
     resource_path(t, resource, ".acl", path, sizeof path);
@@ -755,7 +755,7 @@ int vsc_acl_add(const vsc_local *t, vsc_handle resource, vsc_handle client, int 
 {
     vsc_handle self = {t->cid, 0};
     vsc_acl acl;
-    int vsock = t->transport == VSC_TRANSPORT_VSOCK, lock_fd = -1, rc;
+    int vsock = vsc_links_streamed(t), lock_fd = -1, rc;
     int kind = vsock ? vsc_acl_memory_kind(resource) : vsc_acl_kind_of(t, resource);
 
     if (kind == VSC_KIND_NONE)

@@ -130,7 +130,7 @@ int vsc_acl_add(const vsc_local *t, vsc_handle resource, vsc_handle client, int 
                 int ndeny, const int *deny);
 
 /*
- * Over vsock (t->transport == VSC_TRANSPORT_VSOCK) the storage is this process's memory
+ * Over vsock and hybrid (vsc_links_streamed) the storage is this process's memory
  * (src/vsc_acl_memory.c): only its own datagram endpoints have privileges, registered while
  * they live (with their account page, whose epoch a change bumps); the functions above use it.
  */

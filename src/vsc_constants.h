@@ -176,6 +176,8 @@
 #define VSC_VERDICT_DENIED                    1
 #define VSC_UNBOUNDED_ACCOUNT_LIMIT           0x4000000000000000ull
 #define VSC_SIBLING_PIECE                     2048
+#define VSC_HYBRID_HANDSHAKE_TIMEOUT_MS       5000
+#define VSC_HYBRID_MAX_REPLY                  32
 
 /* Field offsets of the byte layouts (vmci-sdk.md section 3) */
 #define VSC_DG_OFF_DST_CONTEXT                0

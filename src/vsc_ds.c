@@ -82,6 +82,16 @@ static char *package_parent(void)
     return strdup(real);
 }
 
+/* Whether environ entry e is one daemon_env sets itself. */
+static int replaced(const vsc_local *t, const char *e, const char *parent)
+{
+    if (strncmp(e, "VSOCKCOMPAT_RUNDIR=", 19) == 0 || strncmp(e, "LD_PRELOAD=", 11) == 0
+        || (parent != NULL && strncmp(e, "PYTHONPATH=", 11) == 0))
+        return 1;
+    return t->transport == VSC_TRANSPORT_HYBRID
+           && (strncmp(e, "VSOCKCOMPAT_HYBRID_UDS=", 23) == 0 || strncmp(e, "VSOCKCOMPAT_HYBRID_CID=", 23) == 0);
+}
+
 static char **daemon_env(const vsc_local *t)
 {
     char *parent = package_parent(), **env;
@@ -90,14 +100,13 @@ static char **daemon_env(const vsc_local *t)
 
     while (environ[n] != NULL)
         n++;
-    env = calloc(n + 3, sizeof *env);
+    env = calloc(n + 5, sizeof *env);
     if (env == NULL) {
         free(parent);
         return NULL;
     }
     for (i = 0; i < n; i++) {
-        if (strncmp(environ[i], "VSOCKCOMPAT_RUNDIR=", 19) == 0 || strncmp(environ[i], "LD_PRELOAD=", 11) == 0
-            || (parent != NULL && strncmp(environ[i], "PYTHONPATH=", 11) == 0))
+        if (replaced(t, environ[i], parent))
             continue;
         env[j] = strdup(environ[i]);
         if (env[j] != NULL)
@@ -109,6 +118,12 @@ static char **daemon_env(const vsc_local *t)
     if (parent != NULL) {
         env[j] = env_entry("PYTHONPATH", parent, pypath && pypath[0] ? pypath : NULL);
         if (env[j] != NULL)
+            j++;
+    }
+    if (t->transport == VSC_TRANSPORT_HYBRID) { /* the daemon runs in /: absolute paths */
+        if ((env[j] = vsc_hybrid_env_uds(t)) != NULL)
+            j++;
+        if ((env[j] = vsc_hybrid_env_cids(t)) != NULL)
             j++;
     }
     env[j] = NULL;
@@ -171,6 +186,14 @@ static int spawn_daemon(const vsc_local *t)
     return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
 }
 
+/* Whether (1, 1) is alive, by the transport's rule (no traffic). */
+static int ds_alive(const vsc_local *t)
+{
+    if (t->transport == VSC_TRANSPORT_HYBRID)
+        return vsc_hybrid_host_alive(t, DS_HANDLE);
+    return vsc_local_endpoint_alive(t, DS_HANDLE);
+}
+
 /* Start a daemon unless one serves (1, 1) already; 1 once (1, 1) is alive. */
 static int start_daemon(const vsc_local *t)
 {
@@ -186,16 +209,16 @@ static int start_daemon(const vsc_local *t)
         return 0;
     while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         if ((errno != EWOULDBLOCK && errno != EINTR) || now_ms() >= deadline) {
-            alive = vsc_local_endpoint_alive(t, DS_HANDLE);
+            alive = ds_alive(t);
             goto out;
         }
         sleep_ms(20);
     }
-    if ((alive = vsc_local_endpoint_alive(t, DS_HANDLE)) != 0)
+    if ((alive = ds_alive(t)) != 0)
         goto out;
     if (spawn_daemon(t) != 0)
         goto out;
-    while (!(alive = vsc_local_endpoint_alive(t, DS_HANDLE)) && now_ms() < deadline)
+    while (!(alive = ds_alive(t)) && now_ms() < deadline)
         sleep_ms(20);
 out:
     close(fd);
@@ -278,9 +301,10 @@ int vsc_ds_call(const vsc_local *t, int action, const char *name, vsc_handle han
         return rc;
     }
     rc = vsc_endpoint_send(ep, DS_HANDLE, request, (uint32_t)(VMCI_DS_REQUEST_HEADER_SIZE + name_len));
-    /* Over vsock the daemon lives on the host (or is started by the bed's admin): never spawned. */
+    /* Over vsock the daemon lives on the host (or is started by the bed's admin): never spawned;
+     * on local and hybrid (the host side) it is. */
     if ((rc == VMCI_ERROR_INVALID_RESOURCE || rc == VMCI_ERROR_DST_UNREACHABLE) && t->ds_autostart
-        && t->transport == VSC_TRANSPORT_LOCAL && start_daemon(t))
+        && t->transport != VSC_TRANSPORT_VSOCK && start_daemon(t))
         rc = vsc_endpoint_send(ep, DS_HANDLE, request, (uint32_t)(VMCI_DS_REQUEST_HEADER_SIZE + name_len));
     if (rc >= 0)
         rc = await_reply(ep, msgid, buf, &result);

@@ -10,12 +10,15 @@
  * over 300 bytes: VMCI_ERROR_PAYLOAD_TOO_LARGE; another malformed reply:
  * VMCI_ERROR_GENERIC.
  *
- * If (1, 1) is unreachable and autostart is on, the daemon is started once
+ * If (1, 1) is unreachable and autostart is on (on the local and hybrid
+ * transports; over vsock never), the daemon is started once
  * (serialised on <rundir>/ds.spawn.lock): $VSOCKCOMPAT_PYTHON (default
  * python3) -m vsockcompat ds --idle-exit 60 --quiet, in a new session, stdin
  * and stdout on /dev/null, stderr appended to <rundir>/ds.log, cwd /, without
  * LD_PRELOAD, and with the package's parent directory on PYTHONPATH when this
- * library lives at <parent>/vsockcompat/lib/. It is started through an
+ * library lives at <parent>/vsockcompat/lib/; on hybrid with our VMM sockets
+ * (VSOCKCOMPAT_HYBRID_UDS as absolute paths, VSOCKCOMPAT_HYBRID_CID), and
+ * alive once a socket listens at one of <uds>_1.host. It is started through an
  * intermediate child, so it is never the program's child (no zombie, no
  * surprise status for the program's wait()). The call then waits up to
  * VSC_DS_SPAWN_TIMEOUT_MS for (1, 1) to be alive and sends once more.

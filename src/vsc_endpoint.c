@@ -15,50 +15,62 @@
 
 #define SPILL_SIZE (VMCI_MAX_DG_PAYLOAD_SIZE + 1)
 
-/* The transport operations that differ between local and vsock. */
-
-static int on_vsock(const vsc_local *t)
-{
-    return t->transport == VSC_TRANSPORT_VSOCK;
-}
+/* The transport operations that differ between local, vsock and hybrid. */
 
 int vsc_transport_open(vsc_local *t)
 {
     if (vsc_local_open(t) != 0)
         return -1;
-    return on_vsock(t) ? vsc_vsock_open(t) : 0;
+    if (t->transport == VSC_TRANSPORT_HYBRID)
+        return vsc_hybrid_open(t);
+    return t->transport == VSC_TRANSPORT_VSOCK ? vsc_vsock_open(t) : 0;
 }
 
-/* Over vsock an endpoint's privileges live in this process while it lives (vsc_acl.h). */
+static void transport_unbind(const vsc_local *t, const vsc_bound *b)
+{
+    if (vsc_links_streamed(t))
+        vsc_acl_memory_unregister(b->handle);
+    if (t->transport == VSC_TRANSPORT_HYBRID)
+        vsc_hybrid_unbind(t, b);
+    else if (t->transport == VSC_TRANSPORT_VSOCK)
+        vsc_vsock_unbind(b);
+    else
+        vsc_local_unbind(t, b);
+}
+
+/* Close an endpoint's listener (on hybrid, an epoll set and its sockets). */
+static void close_listener(vsc_bound *b)
+{
+    if (b->set != NULL)
+        vsc_hybrid_close_listener(b);
+    else
+        close(b->listener);
+}
+
+/* Over vsock and hybrid an endpoint's privileges live in this process while it lives (vsc_acl.h). */
 static int transport_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
 {
     int rc;
 
-    if (!on_vsock(t))
+    if (!vsc_links_streamed(t))
         return vsc_local_bind(t, resource, out);
-    if ((rc = vsc_vsock_bind(t, resource, out)) == VMCI_SUCCESS
-        && vsc_acl_memory_register(out->handle, out->acct) != 0) {
-        close(out->listener);
+    rc = t->transport == VSC_TRANSPORT_HYBRID ? vsc_hybrid_bind(t, resource, out) : vsc_vsock_bind(t, resource, out);
+    if (rc == VMCI_SUCCESS && vsc_acl_memory_register(out->handle, out->acct) != 0) {
+        if (t->transport == VSC_TRANSPORT_HYBRID)
+            vsc_hybrid_unbind(t, out);
+        close_listener(out);
         vsc_local_unmap(out->acct);
         rc = VMCI_ERROR_NO_MEM;
     }
     return rc;
 }
 
-static void transport_unbind(const vsc_local *t, const vsc_bound *b)
-{
-    if (on_vsock(t)) {
-        vsc_acl_memory_unregister(b->handle);
-        vsc_vsock_unbind(b);
-    } else {
-        vsc_local_unbind(t, b);
-    }
-}
-
 static int transport_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_conn *out)
 {
     memset(out, 0, sizeof *out);
-    return on_vsock(t) ? vsc_vsock_connect(t, src, dst, out) : vsc_local_connect(t, src, dst, out);
+    if (t->transport == VSC_TRANSPORT_HYBRID)
+        return vsc_hybrid_connect(t, src, dst, out);
+    return vsc_links_streamed(t) ? vsc_vsock_connect(t, src, dst, out) : vsc_local_connect(t, src, dst, out);
 }
 
 /* Close a link's connection; in a forked child (abandon), only our copies of it. */
@@ -101,11 +113,11 @@ int vsc_endpoint_create(const vsc_local *t, uint32_t resource, vsc_endpoint **ou
         goto fail;
     ep->handle = ep->bound.handle;
     ep->transport = t;
-    ep->dgram = on_vsock(t) && t->vsock_mode == VSC_VSOCK_DGRAM;
+    ep->dgram = t->transport == VSC_TRANSPORT_VSOCK && t->vsock_mode == VSC_VSOCK_DGRAM;
     ep->acl_epoch = vsc_acl_epoch(ep->bound.acct);
     if (vsc_rx_init(&ep->rx, ep->bound.listener, ep->wake_r, ep->bound.acct, ep->handle) != 0) {
         transport_unbind(t, &ep->bound);
-        close(ep->bound.listener);
+        close_listener(&ep->bound);
         vsc_local_unmap(ep->bound.acct);
         rc = VMCI_ERROR_NO_RESOURCES;
         goto fail;
@@ -187,7 +199,7 @@ static void close_fds(vsc_endpoint *ep, int unlink_links)
         transport_disconnect(&ep->links[i].conn, !unlink_links);
     free(ep->links);
     free(ep->ins);
-    close(ep->bound.listener);
+    close_listener(&ep->bound);
     vsc_local_unmap(ep->bound.acct);
     close(ep->wake_r);
     close(ep->wake_w);
@@ -280,7 +292,7 @@ static int open_link(vsc_endpoint *ep, vsc_handle dst)
     /* The epoch first, then the privileges: a change after this read shows in the epoch.
      * (Over vsock the receiver's privileges come as verdicts: vsc_link_pump_denied.) */
     l->acl_epoch = vsc_acl_epoch(l->conn.acct);
-    if (!on_vsock(ep->transport) && !vsc_acl_may_send(ep->transport, ep->handle, dst)) {
+    if (!vsc_links_streamed(ep->transport) && !vsc_acl_may_send(ep->transport, ep->handle, dst)) {
         transport_disconnect(&l->conn, 0);
         return VMCI_ERROR_NO_ACCESS;
     }
@@ -384,7 +396,7 @@ static void decide(vsc_endpoint *ep, int fd, int denied)
         drop_conn(ep, fd); /* cannot remember the denial: refuse the connection */
         return;
     }
-    if (on_vsock(ep->transport) && was != (denied != 0))
+    if (vsc_links_streamed(ep->transport) && was != (denied != 0))
         vsc_vsock_tell(fd, fd < ep->ins_cap ? ep->ins[fd] : NULL, denied);
 }
 
@@ -415,7 +427,7 @@ static int identity_allowed(vsc_endpoint *ep, int fd, vsc_handle src)
     socklen_t len = sizeof cred;
     uint32_t uid;
 
-    if (on_vsock(ep->transport) || !vsc_policy_uid(ep->transport->policy, src.context, &uid))
+    if (vsc_links_streamed(ep->transport) || !vsc_policy_uid(ep->transport->policy, src.context, &uid))
         return 1; /* across kernels no uid is known (Python's vsock Peer has none either) */
     return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.uid == uid;
 }
@@ -425,7 +437,8 @@ static void accept_all(vsc_endpoint *ep)
     for (;;) {
         vsc_handle src;
         /* Blocking, so that the receiver may read it hot (vsc_rx_add). */
-        int fd = accept4(ep->bound.listener, NULL, NULL, SOCK_CLOEXEC);
+        int fd = ep->bound.set != NULL ? vsc_hybrid_accept(&ep->bound)
+                                       : accept4(ep->bound.listener, NULL, NULL, SOCK_CLOEXEC);
 
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
@@ -434,7 +447,10 @@ static void accept_all(vsc_endpoint *ep)
         }
         vsc_vsock_in *in = NULL;
 
-        if (on_vsock(ep->transport)) {
+        if (ep->transport->transport == VSC_TRANSPORT_HYBRID) {
+            if (vsc_hybrid_identify(ep->transport, fd, &src, &fd, &in) != 0)
+                continue; /* refused, and closed */
+        } else if (vsc_links_streamed(ep->transport)) {
             if (vsc_vsock_accept(ep->transport, fd, ep->handle, &src, &fd, &in) != 0)
                 continue; /* refused, and closed */
         } else if (vsc_local_identify(ep->transport, fd, ep->handle, &src) != 0 || !identity_allowed(ep, fd, src)) {

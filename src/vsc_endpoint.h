@@ -1,7 +1,7 @@
 /*
  * vsockcompat C core: datagram endpoints with the SDK's semantics
- * (vsockcompat/datagram.py, in C) over the local transport or the vsock one
- * (t->transport; src/vsc_vsock.h), which differ only in how endpoints bind,
+ * (vsockcompat/datagram.py, in C) over the local transport, the vsock one or the hybrid one
+ * (t->transport; src/vsc_vsock.h, src/vsc_hybrid.h), which differ only in how endpoints bind,
  * links open and close, and accepted connections are identified.
  */
 #ifndef VSC_ENDPOINT_H
@@ -9,6 +9,7 @@
 
 #include <pthread.h>
 
+#include "vsc_hybrid.h"
 #include "vsc_local.h"
 #include "vsc_vsock.h"
 
@@ -49,8 +50,9 @@ typedef struct vsc_endpoint {
     int nlinks, caplinks;
 } vsc_endpoint;
 
-/* The one place the C library opens its transport: the settings (vsc_local_open), then, for
- * vsock, vsc_vsock_open. 0, or -1 if it cannot run here (for vsock, why is on stderr). */
+/* The one place the C library opens its transport: the settings (vsc_local_open), then
+ * vsc_vsock_open or vsc_hybrid_open. 0, or -1 if it cannot run here (for vsock and hybrid, why
+ * is on stderr). */
 int vsc_transport_open(vsc_local *t);
 
 /* A VMCI code; *out owns the endpoint (refs = 1). resource VMCI_INVALID_ID: auto-assign. */

@@ -326,14 +326,14 @@ VSC_EXPORT int VMCIDatagram_RecvFrom(VMCIHandle handle, VMCIHandle *srcOut, void
 /* 4.3 Shared memory (src/vsc_shm.c; README "Where the SDK is silent" for the codes)
  *
  * Over vsock there is no memory shared between kernels and the C library does not mirror
- * regions (Python does, VSOCKCOMPAT_SHM_MODE): the calls give the codes of Python's vsock
+ * regions (Python does, VSOCKCOMPAT_SHM_MODE; on hybrid too, where Python mirrors): the calls give the codes of Python's vsock
  * transport without shared memory (VSOCKCOMPAT_SHM_MODE=shared): Create VMCI_INVALID_HANDLE,
  * Query and Attach VMCI_ERROR_UNAVAILABLE (Attach after the policy's check), Detach
  * VMCI_ERROR_NOT_FOUND (nothing is ever mapped). */
 
 static int shm_on_vsock(void)
 {
-    return g_transport.transport == VSC_TRANSPORT_VSOCK;
+    return vsc_links_streamed(&g_transport); /* vsock, and hybrid likewise */
 }
 
 static int region_find(vsc_handle h)
@@ -470,7 +470,7 @@ VSC_EXPORT int VMCIResource_AddClientPrivileges(VMCIHandle resourceHandle, VMCIH
     rc = vsc_acl_add(&g_transport, to_vsc(resourceHandle), to_vsc(clientHandle), numAllowPrivs, allowPrivs,
                      numDenyPrivs, denyPrivs);
     /* Over vsock senders learn it from our verdicts (on local they read the privileges). */
-    if (rc == VMCI_SUCCESS && g_transport.transport == VSC_TRANSPORT_VSOCK
+    if (rc == VMCI_SUCCESS && vsc_links_streamed(&g_transport)
         && (ep = endpoint_get(resourceHandle, &init)) != NULL) {
         vsc_endpoint_privileges_changed(ep);
         endpoint_put(ep);

@@ -36,7 +36,7 @@ static void decode_words(const uint8_t in[8], uint32_t *first, uint32_t *second)
     *second = le32toh(words[1]);
 }
 
-static int64_t now_ms(void)
+int64_t vsc_now_ms(void)
 {
     struct timespec ts;
 
@@ -131,12 +131,11 @@ int vsc_verdict_decode(const uint8_t *buf, size_t n)
     return word == VSC_VERDICT_DENIED;
 }
 
-/* Wait until fd is readable or deadline (CLOCK_MONOTONIC ms) passes; 1 readable, 0 not. */
-static int readable_by(int fd, int64_t deadline)
+int vsc_readable_by(int fd, int64_t deadline)
 {
     for (;;) {
         struct pollfd p = {.fd = fd, .events = POLLIN};
-        int64_t left = deadline - now_ms();
+        int64_t left = deadline - vsc_now_ms();
         int rc = poll(&p, 1, left > 0 ? (int)left : 0);
 
         if (rc > 0)
@@ -148,7 +147,7 @@ static int readable_by(int fd, int64_t deadline)
 
 int vsc_hello_read(int fd, int stream, int timeout_ms, int *well_known, uint32_t *rid)
 {
-    int64_t deadline = now_ms() + timeout_ms;
+    int64_t deadline = vsc_now_ms() + timeout_ms;
     uint8_t buf[VSC_HELLO_SIZE + 1];
     size_t got = 0;
 
@@ -157,7 +156,7 @@ int vsc_hello_read(int fd, int stream, int timeout_ms, int *well_known, uint32_t
         struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
         ssize_t n;
 
-        if (!readable_by(fd, deadline))
+        if (!vsc_readable_by(fd, deadline))
             return -1;
         do {
             n = recvmsg(fd, &msg, MSG_DONTWAIT);
@@ -169,7 +168,7 @@ int vsc_hello_read(int fd, int stream, int timeout_ms, int *well_known, uint32_t
     while (got < VSC_HELLO_SIZE) {
         ssize_t n;
 
-        if (!readable_by(fd, deadline))
+        if (!vsc_readable_by(fd, deadline))
             return -1;
         n = recv(fd, buf + got, VSC_HELLO_SIZE - got, MSG_DONTWAIT);
         if (n == 0)

@@ -24,6 +24,10 @@ typedef struct vsc_vsock_in vsc_vsock_in;
 
 /* A private account page with the limit VSC_UNBOUNDED_ACCOUNT_LIMIT; NULL if out of memory. */
 uint8_t *vsc_private_account(void);
+/* CLOCK_MONOTONIC in milliseconds. */
+int64_t vsc_now_ms(void);
+/* Wait until fd is readable or deadline (vsc_now_ms) passes; 1 readable, 0 not. */
+int vsc_readable_by(int fd, int64_t deadline);
 /* Send all of buf on a blocking socket; 0, or -1 (errno). */
 int vsc_send_all(int fd, const uint8_t *buf, size_t len);
 /* vsc_send_all in send() calls of at most piece bytes (0: no bound). */

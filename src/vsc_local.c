@@ -67,7 +67,7 @@ static int parse_cid(const char *value, uint32_t *out)
 }
 
 /* os.path.abspath: make absolute against the cwd, then drop "", "." and resolve "..". */
-static int abspath(const char *in, char *out, size_t size)
+int vsc_abspath(const char *in, char *out, size_t size)
 {
     char buf[PATH_BUF], *save = NULL, *part;
     size_t len = 0;
@@ -198,13 +198,8 @@ int vsc_local_open(vsc_local *t)
     t->vsock_mode = parse_choice(getenv("VSOCKCOMPAT_VSOCK_MODE"), VSOCK_MODES, 4);
     if (transport < 0 || t->vsock_mode < 0)
         return -1;
-    if (transport == 3) {
-        fprintf(stderr, "vsockcompat: VSOCKCOMPAT_TRANSPORT=hybrid is not available in libvmci.so.0 "
-                        "(its transports are local and vsock); run the program with the vsock transport "
-                        "in the guest, or use the Python library on the host\n");
-        return -1;
-    }
-    t->transport = transport == 2 ? VSC_TRANSPORT_VSOCK : VSC_TRANSPORT_LOCAL;
+    t->transport = transport == 3 ? VSC_TRANSPORT_HYBRID : transport == 2 ? VSC_TRANSPORT_VSOCK
+                                                                            : VSC_TRANSPORT_LOCAL;
     if (parse_cid(getenv("VSOCKCOMPAT_CID"), &t->cid) != 0
         || parse_flag(getenv("VSOCKCOMPAT_DS_AUTOSTART"), 1, &t->ds_autostart) != 0
         || parse_flag(getenv("VSOCKCOMPAT_NO_EXTENSIONS"), 0, &no_ext) != 0)
@@ -219,7 +214,7 @@ int vsc_local_open(vsc_local *t)
         }
         rundir = dflt;
     }
-    if (abspath(rundir, t->rundir, sizeof t->rundir) != 0)
+    if (vsc_abspath(rundir, t->rundir, sizeof t->rundir) != 0)
         return -1;
     if (strlen(t->rundir) + VSC_LONGEST_NAME_LEN > VSC_SUN_PATH_MAX)
         return -1;

@@ -23,10 +23,13 @@
 #define VSC_RUNDIR_MAX (VSC_SUN_PATH_MAX - VSC_LONGEST_NAME_LEN + 1)
 
 struct vsc_policy;
+struct vsc_hybrid;
+struct vsc_hybrid_set;
 
-/* The transports of the C library (VSOCKCOMPAT_TRANSPORT; hybrid is Python-only). */
-#define VSC_TRANSPORT_LOCAL 0 /* "local" and "auto": never opens AF_VSOCK */
-#define VSC_TRANSPORT_VSOCK 1 /* "vsock": src/vsc_vsock.h */
+/* The transports of the C library (VSOCKCOMPAT_TRANSPORT). */
+#define VSC_TRANSPORT_LOCAL  0 /* "local" and "auto": never opens AF_VSOCK */
+#define VSC_TRANSPORT_VSOCK  1 /* "vsock": src/vsc_vsock.h */
+#define VSC_TRANSPORT_HYBRID 2 /* "hybrid": src/vsc_hybrid.h (AF_UNIX only) */
 
 /* VSOCKCOMPAT_VSOCK_MODE as asked for; vsc_vsock_open decides "auto". */
 #define VSC_VSOCK_AUTO      0
@@ -37,11 +40,13 @@ struct vsc_policy;
 /* The process's transport: its settings, then what opening it found. Fixed once opened. */
 typedef struct {
     char rundir[VSC_RUNDIR_MAX]; /* absolute, normalised as os.path.abspath does */
-    uint32_t cid;       /* our context: VSOCKCOMPAT_CID on local; on vsock the kernel's CID, or 1 */
+    uint32_t cid;       /* our context: VSOCKCOMPAT_CID on local; on vsock the kernel's CID, or 1; on
+                         * hybrid 2, or 1 */
     int transport;      /* VSC_TRANSPORT_* */
     int vsock_mode;     /* VSC_VSOCK_*: asked for, then (once open) DGRAM, SEQPACKET or STREAM */
     uint32_t kcid;      /* vsock: the kernel's CID (IOCTL_VM_SOCKETS_GET_LOCAL_CID) */
-    int well_known;     /* vsock: we speak for context 1 (the discovery daemon's context) */
+    int well_known;     /* vsock, hybrid: we speak for context 1 (the discovery daemon's context) */
+    const struct vsc_hybrid *hybrid; /* hybrid: the VMM sockets (vsc_hybrid_open) */
     int ds_autostart;
     int sndbuf;
     pid_t pid;          /* the process these settings were read in */
@@ -53,6 +58,7 @@ typedef struct {
     vsc_handle handle;
     int listener;       /* non-blocking, close-on-exec */
     uint8_t *acct;      /* mapped account page, VSC_ACCT_SIZE bytes */
+    struct vsc_hybrid_set *set; /* hybrid: the listening sockets behind listener (an epoll fd) */
 } vsc_bound;
 
 struct vsc_vsock_pump;
@@ -64,14 +70,22 @@ typedef struct {
     struct vsc_vsock_pump *pump; /* vsock: the thread forwarding fd's messages; NULL on local */
 } vsc_conn;
 
+/* Whether links cross kernels as on vsock (vsock and hybrid): streams with hellos and verdicts
+ * (src/vsc_link.h), privileges in the owning process (vsc_acl.h), no shared memory. */
+static inline int vsc_links_streamed(const vsc_local *t)
+{
+    return t->transport != VSC_TRANSPORT_LOCAL;
+}
+
 /*
  * Read the VSOCKCOMPAT_* settings (vsockcompat/_settings.py, strictly) and pick the transport
  * VSOCKCOMPAT_TRANSPORT names: "auto" and "local" are the local transport (ready: it never
- * touches AF_VSOCK); "vsock" is still to be opened (vsc_transport_open, src/vsc_endpoint.h);
- * "hybrid" is refused, with why on stderr (the C library has no hybrid transport). 0, or -1 if
- * the settings are bad.
+ * touches AF_VSOCK); "vsock" and "hybrid" are still to be opened (vsc_transport_open,
+ * src/vsc_endpoint.h). 0, or -1 if the settings are bad.
  */
 int vsc_local_open(vsc_local *t);
+/* os.path.abspath of in into out (size bytes); 0, or -1 if it does not fit. */
+int vsc_abspath(const char *in, char *out, size_t size);
 /* Start time of pid in clock ticks; 0 if there is no such process. */
 uint64_t vsc_local_start_ticks(pid_t pid);
 

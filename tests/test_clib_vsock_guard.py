@@ -6,7 +6,7 @@ recorded, ``/dev/vsock`` is refused (or faked with /dev/null and a CID the test 
 AF_VSOCK socket is ever created whatever the library does. The records prove the order of the
 C library's checks: ``auto`` and ``local`` never touch AF_VSOCK; ``vsock`` reads the local CID
 first and makes no socket when it is unknown, then only probes ``socket()`` (no connect), as
-Python's ``choose_mode`` does; ``hybrid`` is refused with a message. The vsock transport's real
+Python's ``choose_mode`` does; ``hybrid`` never touches it either. The vsock transport's real
 behaviour is tested in the guest bed (tests/real_vsock/test_clib_vsock.py); its socket-agnostic
 parts (src/vsc_link.c: hellos, verdicts, pumps, stream readers) run here over AF_UNIX
 (tests/c/vsock_wire.c), and the whole transport C to C over AF_VSOCK emulated on AF_UNIX.
@@ -104,17 +104,26 @@ def test_context_1_is_refused_on_a_guest_kernel(guarded, rundir, tmp_path, cid):
     assert records == [("open", 0), ("ioctl", 1977)]
 
 
-def test_hybrid_fails_closed_with_a_message(guarded, rundir, tmp_path):
+def test_hybrid_never_touches_af_vsock(guarded, rundir, tmp_path):
+    """The hybrid transport (src/vsc_hybrid.c) is AF_UNIX only; its traffic is tested in
+    tests/test_clib_hybrid.py."""
+    result, records = run_guarded(guarded, rundir, tmp_path, [guarded.probe], stdin="init\ncreate 0\nsend 2 1024 5\n"
+                                  "recv\nsend 3 5000 1\nquit\n", VSOCKCOMPAT_TRANSPORT="hybrid",
+                                  VSOCKCOMPAT_HYBRID_UDS=str(tmp_path / "vm.sock"), NO_VSOCK_CID="3")
+    assert result.stdout.splitlines() == ["init=0", "create=2 1024", "send=29", "recv=5 2 1024 1", "send=-10"]
+    assert records == []
+
+
+def test_hybrid_without_a_vmm_socket_fails_closed_with_a_message(guarded, rundir, tmp_path):
     result, records = run_guarded(guarded, rundir, tmp_path, [guarded.datagramApp, "-c"],
-                                  VSOCKCOMPAT_TRANSPORT="hybrid", VSOCKCOMPAT_HYBRID_UDS=str(tmp_path / "vm.sock"))
+                                  VSOCKCOMPAT_TRANSPORT="hybrid", VSOCKCOMPAT_HYBRID_UDS=None)
     assert result.returncode == 254
-    assert result.stderr == ("vsockcompat: VSOCKCOMPAT_TRANSPORT=hybrid is not available in libvmci.so.0 (its "
-                             "transports are local and vsock); run the program with the vsock transport in the "
-                             "guest, or use the Python library on the host\n" + INIT_FAILED)
+    assert result.stderr == ("vsockcompat: the hybrid transport needs VSOCKCOMPAT_HYBRID_UDS, the path of the "
+                             "VMM's hybrid-vsock Unix socket\n" + INIT_FAILED)
     assert records == []
     # VMCI_InitApp's code, through every call: the documented init error
     probe, _ = run_guarded(guarded, rundir, tmp_path, [guarded.probe], stdin="init\nquit\n",
-                           VSOCKCOMPAT_TRANSPORT="hybrid")
+                           VSOCKCOMPAT_TRANSPORT="hybrid", VSOCKCOMPAT_HYBRID_UDS=None)
     assert probe.stdout == "init=-39\n"
 
 

@@ -260,6 +260,12 @@ UNBOUNDED_ACCOUNT_LIMIT = 1 << 62
 #: vhost-device-vsock drops a packet bigger than one ~4 KiB guest receive buffer
 #: (transport/pieces.py says why; src/vsc_link.c cuts the C library's writes the same way).
 SIBLING_PIECE = 2048
+# The hybrid transport's handshake with a VMM (transport/hybrid.py; src/vsc_hybrid.c): the host
+# sends "CONNECT <port>\n" on the VMM's Unix socket and reads one line, "OK <hostport>\n".
+#: Milliseconds the VMM has to accept and answer ``CONNECT <port>``.
+HYBRID_HANDSHAKE_TIMEOUT_MS = 5000
+#: The longest answer read: "OK 4294967295\n" is 14 bytes.
+HYBRID_MAX_REPLY = 32
 
 
 def _is_int_constant(name, value):

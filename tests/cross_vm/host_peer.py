@@ -18,8 +18,10 @@ core, at ``HOST_RIDS[core]`` in context 2 (reached by every guest), each on its 
 * ``b"lookup <name>"``: looks ``name`` up in the discovery service from here and answers
   ``b"<code> <context>:<resource>"``;
 * ``b"start <app> <core>"`` (``app`` one of ``APPS``): starts the SDK sample's server here
-  (``vsockcompat <app> -s`` on that core, regions mirrored) and answers its first line of output once it printed
-  it (``b"started: <line>"``), or ``b"failed: <reason>"``;
+  (``vsockcompat <app> -s`` on that core, regions mirrored; ``c-datagram-app``: the SDK's
+  datagramApp in C, tests/c/datagramApp.c, built here against libvmci.so.0 at its first start,
+  on the C library's hybrid transport, ``core`` ignored) and answers its first line of output
+  once it printed it (``b"started: <line>"``), or ``b"failed: <reason>"``;
 * ``b"result"``: waits for that server to exit and answers ``b"<status>\\n<stdout>\\0<stderr>"``;
 * ``b"share"``: creates a mirrored region of ``SHARE_SIZE`` bytes here (context 2), writes
   ``b"creator"`` at 0, and runs another host program (``SHARER``) that attaches to it at its
@@ -47,7 +49,7 @@ if importlib.util.find_spec("vsockcompat") is None:     # not installed: run fro
     sys.path.insert(0, REPO)
 
 import vsockcompat  # noqa: E402
-from vsockcompat import ds_client  # noqa: E402
+from vsockcompat import clib, ds_client  # noqa: E402
 from vsockcompat._backend import load_core  # noqa: E402
 from vsockcompat._settings import Settings  # noqa: E402
 from vsockcompat.constants import VMCI_PRIV_DG_SEND, VMCI_PUBLIC_GROUP_NAME, VMCI_SUCCESS  # noqa: E402
@@ -60,7 +62,7 @@ from vsockcompat.sharedmem import SharedRegion  # noqa: E402
 #: The host endpoints' resource ids, one per core (the guest tests send to these).
 HOST_RIDS = {"cython": 5001, "pure": 5002}
 #: The SDK samples whose server ``start`` runs here.
-APPS = ("datagram-app", "sharedmem-app")
+APPS = ("datagram-app", "sharedmem-app", "c-datagram-app")
 #: Seconds for the daemon, or a sample's server, to come up; and for a server to finish.
 START_WAIT = 30.0
 #: The most of a server's output ``result`` returns.
@@ -117,6 +119,20 @@ def start_daemon(settings, log):
     raise RuntimeError("the discovery daemon did not answer (status %s)" % proc.returncode)
 
 
+def build_c_datagram_app(build_dir):
+    """libvmci.so.0 and the SDK's datagramApp (tests/c/datagramApp.c) built into ``build_dir``:
+    ``(argv, environment additions)`` to run it with its output line-buffered. Raises
+    ``clib.BuildError``, ``OSError`` or ``subprocess.SubprocessError``."""
+    src_dir = os.path.join(REPO, "src")
+    lib_dir = os.path.join(build_dir, "lib")
+    clib.build_libvmci(lib_dir, src_dir=src_dir)
+    cc = clib.find_compiler()
+    exe = os.path.join(build_dir, "datagramApp")
+    subprocess.run(cc + ["-I", src_dir, os.path.join(REPO, "tests", "c", "datagramApp.c"), "-o", exe,
+                         "-L", lib_dir, "-lvmci", "-pthread"], check=True, capture_output=True, timeout=300)
+    return ["stdbuf", "-oL", exe], {"LD_LIBRARY_PATH": lib_dir}
+
+
 class Samples:
     """The one SDK sample server at a time that the guest's ``start`` runs here, and the regions
     of ``share``."""
@@ -126,6 +142,7 @@ class Samples:
         self.proc = None
         self.first = b""
         self.regions = {}
+        self.c_app = None  # build_c_datagram_app's answer, once built
 
     def share(self, runtime, core):
         region = SharedRegion.create(SHARE_SIZE, runtime=runtime)
@@ -148,9 +165,18 @@ class Samples:
         with self.lock:
             if self.proc is not None:
                 return b"failed: a server runs already"
-            self.proc = subprocess.Popen([sys.executable, "-m", "vsockcompat", app, "-s"],
-                                         env=child_env(core, VSOCKCOMPAT_SHM_MODE="mirrored"),
-                                         stdin=subprocess.DEVNULL,
+            if app == "c-datagram-app":
+                try:
+                    if self.c_app is None:
+                        self.c_app = build_c_datagram_app(os.path.join(os.environ["VSOCKCOMPAT_RUNDIR"], "c"))
+                except (clib.BuildError, OSError, subprocess.SubprocessError) as exc:
+                    return b"failed: cannot build datagramApp: %r" % exc
+                cmd, env = self.c_app[0] + ["-s"], child_env(**self.c_app[1])
+                env.pop("LD_PRELOAD", None)
+            else:
+                cmd = [sys.executable, "-m", "vsockcompat", app, "-s"]
+                env = child_env(core, VSOCKCOMPAT_SHM_MODE="mirrored")
+            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             line = self.first = self.proc.stdout.readline()  # blocks until the server is up (or gone)
         return (b"started: " if line else b"failed: no output: ") + line.rstrip(b"\n")

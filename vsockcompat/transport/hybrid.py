@@ -89,7 +89,8 @@ import threading
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..constants import VMCI_HOST_CONTEXT_ID, VMCI_WELL_KNOWN_CONTEXT_ID
+from ..constants import (HYBRID_HANDSHAKE_TIMEOUT_MS, HYBRID_MAX_REPLY, VMCI_HOST_CONTEXT_ID,
+                         VMCI_WELL_KNOWN_CONTEXT_ID)
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoResources, Timeout
 from ..handles import VMCIHandle
 from .base import Bound, Link, Peer, Transport, TransportUnavailable
@@ -97,11 +98,11 @@ from .streams import StreamLinks, StreamListener, encode_hello
 from .vsock import FIRST_AUTO_RID, _link_error
 
 #: Seconds the VMM has to answer ``CONNECT <port>``.
-HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = HYBRID_HANDSHAKE_TIMEOUT_MS / 1000
 #: Seconds a liveness probe of a guest endpoint waits for the VMM's answer.
 PROBE_TIMEOUT = 1.0
 #: The longest answer read: "OK 4294967295\n" is 14 bytes.
-MAX_REPLY = 32
+MAX_REPLY = HYBRID_MAX_REPLY
 #: What ``host_path`` appends to a port's path: never a path the VMM connects to.
 HOST_SUFFIX = ".host"
 #: Seconds a claim of a port waits for the claim lock (held for microseconds by each claimer).
