@@ -178,6 +178,7 @@
 #define VSC_SIBLING_PIECE                     2048
 #define VSC_HYBRID_HANDSHAKE_TIMEOUT_MS       5000
 #define VSC_HYBRID_MAX_REPLY                  32
+#define VSC_HYBRID_CLAIM_TIMEOUT_MS           10000
 
 /* Field offsets of the byte layouts (vmci-sdk.md section 3) */
 #define VSC_DG_OFF_DST_CONTEXT                0

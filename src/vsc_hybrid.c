@@ -3,11 +3,14 @@
 #include "vsc_hybrid.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/epoll.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -200,15 +203,110 @@ static void set_path(const struct vsc_hybrid *h, int i, uint32_t rid, struct soc
 
 /* Endpoints */
 
+static int open_error(int e);
+
+/* Whether something listens at addr. Never blocks (it runs under the claim lock): a listener
+ * whose backlog is full (EAGAIN) is alive. */
 static int listening(const struct sockaddr_un *addr)
 {
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), rc;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), rc;
 
     if (fd < 0)
         return 1; /* cannot tell: leave the file alone */
-    rc = connect(fd, (const struct sockaddr *)addr, sizeof *addr) == 0;
+    rc = connect(fd, (const struct sockaddr *)addr, sizeof *addr) == 0 || errno == EAGAIN;
     close(fd);
     return rc;
+}
+
+/* The claim lock of transport/hybrid.py ("Claiming a port"): flock on every directory of the VMM
+ * sockets, in (device, inode) order, so that a claim in progress (bound, not yet listening) is
+ * never taken for a dead one by another process. */
+struct claim_lock {
+    int n;
+    struct {
+        dev_t dev;
+        ino_t ino;
+        int fd;
+    } dirs[MAX_VMMS];
+};
+
+static void claim_release(struct claim_lock *lock)
+{
+    int i;
+
+    for (i = 0; i < lock->n; i++)
+        close(lock->dirs[i].fd); /* releases its flock */
+    lock->n = 0;
+}
+
+static int dir_before(const struct claim_lock *lock, int a, int b)
+{
+    return lock->dirs[a].dev != lock->dirs[b].dev ? lock->dirs[a].dev < lock->dirs[b].dev
+                                                  : lock->dirs[a].ino < lock->dirs[b].ino;
+}
+
+/* VMCI_SUCCESS with every lock held, VMCI_ERROR_TIMEOUT after VSC_HYBRID_CLAIM_TIMEOUT_MS, or
+ * another VMCI code (nothing held). */
+static int claim_acquire(const struct vsc_hybrid *h, struct claim_lock *lock)
+{
+    char dir[VSC_SUN_PATH_MAX + 1];
+    struct timespec pause;
+    int64_t deadline = vsc_now_ms() + VSC_HYBRID_CLAIM_TIMEOUT_MS;
+    long pause_us;
+    int i, j;
+
+    lock->n = 0;
+    for (i = 0; i < h->n; i++) {
+        struct stat st;
+        char *slash;
+        int fd;
+
+        memcpy(dir, h->vmm[i].uds, sizeof dir);
+        slash = strrchr(dir, '/'); /* the paths are absolute */
+        if (slash == dir)
+            slash[1] = '\0';
+        else if (slash != NULL)
+            *slash = '\0';
+        if ((fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 || fstat(fd, &st) != 0) {
+            int e = errno;
+
+            if (fd >= 0)
+                close(fd);
+            claim_release(lock);
+            return open_error(e);
+        }
+        for (j = 0; j < lock->n && !(lock->dirs[j].dev == st.st_dev && lock->dirs[j].ino == st.st_ino); j++)
+            ;
+        if (j < lock->n) { /* one directory by two names: one lock */
+            close(fd);
+            continue;
+        }
+        lock->dirs[lock->n].dev = st.st_dev;
+        lock->dirs[lock->n].ino = st.st_ino;
+        lock->dirs[lock->n].fd = fd;
+        for (j = lock->n++; j > 0 && dir_before(lock, j, j - 1); j--) { /* insertion sort */
+            __typeof__(lock->dirs[0]) tmp = lock->dirs[j];
+
+            lock->dirs[j] = lock->dirs[j - 1];
+            lock->dirs[j - 1] = tmp;
+        }
+    }
+    for (i = 0; i < lock->n; i++) {
+        pause_us = 1000;
+        while (flock(lock->dirs[i].fd, LOCK_EX | LOCK_NB) != 0) {
+            if ((errno != EWOULDBLOCK && errno != EINTR) || vsc_now_ms() >= deadline) {
+                int timed_out = errno == EWOULDBLOCK || errno == EINTR;
+
+                claim_release(lock);
+                return timed_out ? VMCI_ERROR_TIMEOUT : VMCI_ERROR_GENERIC;
+            }
+            pause.tv_sec = 0;
+            pause.tv_nsec = pause_us * 1000;
+            nanosleep(&pause, NULL);
+            pause_us = pause_us * 2 < 50000 ? pause_us * 2 : 50000;
+        }
+    }
+    return VMCI_SUCCESS;
 }
 
 /* Bind fd at addr, reclaiming the file of a dead listener: 0, 1 (a live listener holds it), or -1 (errno). */
@@ -284,8 +382,8 @@ static uint32_t next_rid(uint32_t rid)
     return rid < MAX_PORT ? rid + 1 : FIRST_AUTO_RID;
 }
 
-/* Bind set at resource, or at the next free id from the last one given; a VMCI code. */
-static int bind_rid(const struct vsc_hybrid *h, uint32_t resource, struct vsc_hybrid_set *set, uint32_t *rid)
+static int bind_rid_locked(const struct vsc_hybrid *h, uint32_t resource, struct vsc_hybrid_set *set,
+                           uint32_t *rid)
 {
     int tries, rc;
 
@@ -309,6 +407,20 @@ static int bind_rid(const struct vsc_hybrid *h, uint32_t resource, struct vsc_hy
         return rc;
     }
     return VMCI_ERROR_NO_RESOURCES;
+}
+
+/* Bind set at resource, or at the next free id from the last one given, under the claim lock;
+ * a VMCI code. */
+static int bind_rid(const struct vsc_hybrid *h, uint32_t resource, struct vsc_hybrid_set *set, uint32_t *rid)
+{
+    struct claim_lock lock;
+    int rc = claim_acquire(h, &lock);
+
+    if (rc != VMCI_SUCCESS)
+        return rc;
+    rc = bind_rid_locked(h, resource, set, rid);
+    claim_release(&lock);
+    return rc;
 }
 
 static void unlink_paths(const struct vsc_hybrid *h, uint32_t rid)

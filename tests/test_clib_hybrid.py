@@ -7,7 +7,9 @@ and against the hybrid discovery daemon they start themselves. AF_UNIX only: eve
 under tests/c/no_vsock_shim.c, whose records must stay empty (no AF_VSOCK socket, no /dev/vsock),
 and this process refuses AF_VSOCK (test_hybrid.no_af_vsock).
 """
+import fcntl
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -367,6 +369,24 @@ def test_resource_ids_are_shared_with_python_and_dead_ones_reclaimed(core, rundi
     first.proc.stdin.close()
     first.proc.stdout.close()
     first.proc.stderr.close()
+
+
+def test_c_claims_a_port_under_the_same_lock_as_python(vmm, probe_on):
+    """A C program claims a port under the claim lock of transport/hybrid.py (flock on the VMM
+    sockets' directory): while another process holds it, an endpoint's creation waits, and it
+    completes, on a port of its own, once the lock is let go."""
+    probe = probe_on(vmm.path)
+    fd = os.open(os.path.dirname(vmm.path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        probe.proc.stdin.write("create 0\n")
+        probe.proc.stdin.flush()
+        assert select.select([probe.proc.stdout], [], [], 0.5)[0] == []  # waiting for the lock
+    finally:
+        os.close(fd)
+    assert select.select([probe.proc.stdout], [], [], WAIT)[0], "the claim did not go on after the lock was let go"
+    cid, rid = (int(v) for v in probe.proc.stdout.readline().split("=")[1].split())
+    assert cid == 2 and rid not in (probe.handle.resource, C.VMCI_INVALID_ID)
 
 
 def test_a_host_context_the_policy_gives_another_user_is_refused(rundir, vmm, probe_on):

@@ -266,6 +266,9 @@ SIBLING_PIECE = 2048
 HYBRID_HANDSHAKE_TIMEOUT_MS = 5000
 #: The longest answer read: "OK 4294967295\n" is 14 bytes.
 HYBRID_MAX_REPLY = 32
+#: Milliseconds a process waits to claim a port (``flock`` on the VMM sockets' directories, held
+#: for microseconds by each claimer) before endpoint creation gives VMCI_ERROR_TIMEOUT.
+HYBRID_CLAIM_TIMEOUT_MS = 10000
 
 
 def _is_int_constant(name, value):

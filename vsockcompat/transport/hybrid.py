@@ -89,8 +89,8 @@ import threading
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..constants import (HYBRID_HANDSHAKE_TIMEOUT_MS, HYBRID_MAX_REPLY, VMCI_HOST_CONTEXT_ID,
-                         VMCI_WELL_KNOWN_CONTEXT_ID)
+from ..constants import (HYBRID_CLAIM_TIMEOUT_MS, HYBRID_HANDSHAKE_TIMEOUT_MS, HYBRID_MAX_REPLY,
+                         VMCI_HOST_CONTEXT_ID, VMCI_WELL_KNOWN_CONTEXT_ID)
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoResources, Timeout
 from ..handles import VMCIHandle
 from .base import Bound, Link, Peer, Transport, TransportUnavailable
@@ -106,7 +106,7 @@ MAX_REPLY = HYBRID_MAX_REPLY
 #: What ``host_path`` appends to a port's path: never a path the VMM connects to.
 HOST_SUFFIX = ".host"
 #: Seconds a claim of a port waits for the claim lock (held for microseconds by each claimer).
-CLAIM_TIMEOUT = 10.0
+CLAIM_TIMEOUT = HYBRID_CLAIM_TIMEOUT_MS / 1000
 _OK = re.compile(rb"OK ([0-9]{1,10})\n")
 _SUN_PATH_MAX = 107
 _MAX_PORT = 0xFFFFFFFE
