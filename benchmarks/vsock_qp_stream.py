@@ -18,8 +18,13 @@ into the same 64 KiB buffer (``wait_for_data_status`` on NODATA). They take turn
 times each per write size; a round moves ``--mib`` MiB, timed by the consumer from its request to
 the last byte. Before the timed rounds, one round of each checks the bytes (crc32 of the whole
 stream on both sides). It prints the median MB/s of each, the queue pair's share of raw (target
->= 90% with the Cython core) and both processes' CPU time per MiB. A benchmark reports, it never
-fails on timing: status 0 when every round completed and the checks agreed, 1 otherwise.
+>= 90% with the Cython core) and both processes' CPU time per MiB, then the queue pair's counts
+per MiB over its timed rounds (``StreamQueuePair.stream_counts``; not noisy): the producer's
+``sendmsg`` calls, DATA and WANT frames, the consumer's ``recvmsg`` calls and CREDIT frames.
+Raw sends one vsock packet per 64 KiB ``send`` (16 per MiB): a DATA frame's header makes a
+64 KiB write two (the kernel cuts each ``sendmsg`` into packets of at most 64 KiB). A benchmark
+reports, it never fails on timing: status 0 when every round completed and the checks agreed,
+1 otherwise.
 """
 import argparse
 import os
@@ -37,6 +42,7 @@ import zlib
 from vsock_pingpong import AF_VSOCK, VMADDR_CID_ANY, VMADDR_CID_LOCAL, VMADDR_PORT_ANY, base_parser, refusal, runtime
 
 SIZES = (65536, 4096)
+COUNTED = ("sendmsg", "recvmsg", "DATA", "CREDIT", "WANT")
 TARGET = 0.9
 TIMEOUT = 120.0
 RECV = 1 << 16
@@ -45,6 +51,12 @@ RECV = 1 << 16
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def counts_since(qp, before):
+    """The queue pair's ``stream_counts`` minus ``before`` (a tuple in ``COUNTED`` order)."""
+    now = qp.stream_counts()
+    return tuple(now[k] - b for k, b in zip(COUNTED, before))
 
 
 def pattern(size: int) -> bytes:
@@ -72,6 +84,7 @@ def produce(core, mode, rundir, raw_port, qp_rid, queue):
         what = what[len("check-"):] if check else what
         crc = 0
         cpu = cpu_seconds()
+        before = counts_since(qp, (0,) * len(COUNTED))
         for i in range(count):
             payload = memoryview(data)[i % 251:i % 251 + size]
             if what == "raw":
@@ -91,7 +104,8 @@ def produce(core, mode, rundir, raw_port, qp_rid, queue):
                     payload = payload[n:]
             if check:
                 crc = zlib.crc32(data[i % 251:i % 251 + size], crc)
-        print("done %d %.6f" % (crc, cpu_seconds() - cpu), flush=True)
+        print("done %d %.6f %s" % (crc, cpu_seconds() - cpu, " ".join(map(str, counts_since(qp, before)))),
+              flush=True)
     qp.detach()
     raw.close()
     return 0
@@ -126,9 +140,11 @@ def measure(args):
             return [], False, args.core, args.mode
 
         def run(what, size, count, check=False):
-            """(seconds, consumer CPU s, producer CPU s), or None when the round failed."""
+            """(seconds, consumer CPU s, producer CPU s, the consumer's and the producer's counts),
+            or None when the round failed."""
             total, got, crc = size * count, 0, 0
             cpu = cpu_seconds()
+            before = counts_since(qp, (0,) * len(COUNTED))
             child.stdin.write("%s%s %d %d\n" % ("check-" if check else "", what, size, count))
             start = time.perf_counter()
             while got < total:
@@ -150,12 +166,12 @@ def measure(args):
             elapsed = time.perf_counter() - start
             mine = cpu_seconds() - cpu
             done = child.stdout.readline().split()
-            if len(done) != 3 or done[0] != "done" or got != total or (check and int(done[1]) != crc):
+            if len(done) != 3 + len(COUNTED) or done[0] != "done" or got != total or (check and int(done[1]) != crc):
                 return None
-            return elapsed, mine, float(done[2])
+            return elapsed, mine, float(done[2]), counts_since(qp, before), tuple(map(int, done[3:]))
 
         results, ok = [], True
-        for size in SIZES:
+        for size in args.sizes:
             count = args.mib * (1 << 20) // size
             ok = all(run(what, size, count, check=True) for what in ("raw", "qp"))
             if not ok:
@@ -177,7 +193,11 @@ def measure(args):
                 return (rate, min(count * size / r[0] / 1e6 for r in rs), max(count * size / r[0] / 1e6 for r in rs),
                         statistics.median(r[1] / mib for r in rs), statistics.median(r[2] / mib for r in rs))
             raw_s, qp_s = summary(runs["raw"]), summary(runs["qp"])
-            results.append((size, raw_s, qp_s, qp_s[0] / raw_s[0]))
+            per_mib = {}
+            for side, index in (("consumer", 3), ("producer", 4)):
+                sums = [sum(r[index][k] for r in runs["qp"]) for k in range(len(COUNTED))]
+                per_mib[side] = dict(zip(COUNTED, (x / (mib * len(runs["qp"])) for x in sums)))
+            results.append((size, raw_s, qp_s, qp_s[0] / raw_s[0], per_mib))
         child.stdin.close()
         ok = child.wait(TIMEOUT) == 0 and ok
     finally:
@@ -198,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--mib", type=int, default=4, help="MiB per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per implementation and write size")
     parser.add_argument("--quick", action="store_true", help="--mib 2 --rounds 3")
+    parser.add_argument("--sizes", type=lambda v: tuple(int(x) for x in v.split(",")), default=SIZES,
+                        help="write sizes, comma-separated (default %s)" % ",".join(map(str, SIZES)))
     parser.add_argument("--produce", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rundir", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -217,11 +239,17 @@ def main(argv=None):
              core, args.queue, args.rounds, args.mib, " ".join("%.2f" % x for x in os.getloadavg())))
     print("%-7s %-22s %-22s %7s  %s" % ("write", "raw MB/s", "queue pair MB/s", "qp/raw",
                                       "CPU s/MiB raw, qp (consumer+producer)"))
-    for size, raw_s, qp_s, ratio in results:
+    for size, raw_s, qp_s, ratio, _ in results:
         verdict = ("PASS" if ratio >= TARGET else "MISS") if core == "cython" else ""
         print("%-7s %-22s %-22s %6.0f%% %s  %.3f+%.3f, %.3f+%.3f"
               % ("%d B" % size, "%.1f (%.1f..%.1f)" % raw_s[:3], "%.1f (%.1f..%.1f)" % qp_s[:3],
                  100 * ratio, verdict, raw_s[3], raw_s[4], qp_s[3], qp_s[4]))
+    for size, _, _, _, per_mib in results:
+        prod, cons = per_mib["producer"], per_mib["consumer"]
+        print("%-7s queue pair per MiB: producer %.1f sendmsg, %.1f DATA, %.1f WANT (writes: %.1f); "
+              "consumer %.1f recvmsg, %.1f CREDIT"
+              % ("%d B" % size, prod["sendmsg"], prod["DATA"], prod["WANT"], (1 << 20) / size,
+                 cons["recvmsg"], cons["CREDIT"]))
     if not ok:
         print("a round did not complete or a check failed", file=sys.stderr)
     return 0 if ok else 1

@@ -85,6 +85,20 @@ def test_mirrored_mode_gives_stream_pairs(two):
     assert a.detach_status() == b.detach_status() == VMCI_ERROR_NOT_FOUND
 
 
+def test_stream_counts_are_the_data_paths(make_mirrored, fd_guard):
+    a = QueuePair.alloc(None, 100, 100, runtime=make_mirrored(2))
+    assert a.stream_counts() == {"sendmsg": 0, "recvmsg": 0, "DATA": 0, "CREDIT": 0, "WANT": 0}
+    assert a.enqueue(b"early") == 5                        # kept until the peer is there
+    b = QueuePair.alloc(a.handle, 100, 100, runtime=make_mirrored(3))
+    assert b.wait_for_data_status(WAIT) == 5 and b.dequeue(5) == b"early"
+    assert a.enqueue(b"late") == 4
+    assert b.wait_for_data_status(WAIT) == 4 and b.dequeue(4) == b"late"
+    assert a.stream_counts()["DATA"] == 2 and a.stream_counts()["sendmsg"] >= 2
+    assert b.stream_counts()["DATA"] == 0 and b.stream_counts()["recvmsg"] >= 2
+    b.detach()
+    a.detach()
+
+
 def test_alloc_status_codes(two):
     rc, a = QueuePair.alloc_status(None, 10, 10, runtime=two[0])
     assert rc == VMCI_SUCCESS_QUEUEPAIR_CREATE

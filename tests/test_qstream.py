@@ -508,3 +508,24 @@ def _read_all(qs, out, total):
         n = qs.read_into(buf)
         if n > 0:
             out.extend(buf[:n])
+
+
+def test_counts_report_the_system_calls_and_the_frames_sent(bed, core):
+    qs, peer = raw_end(bed, core, produce=10, consume=8)
+    assert qs.counts == {"sendmsg": 0, "recvmsg": 0, "DATA": 0, "CREDIT": 0, "WANT": 0}
+    assert qs.write(b"0123") == 4                          # one frame, one sendmsg, no read
+    assert qs.counts == {"sendmsg": 1, "recvmsg": 0, "DATA": 1, "CREDIT": 0, "WANT": 0}
+    assert qs.write_many([b"ab", b"cd", b"e"]) == 3        # one frame of three buffers
+    assert qs.write(b"xyz") == VMCI_ERROR_QUEUEPAIR_NOSPACE  # the credit read first (empty), then WANT
+    after = qs.counts
+    assert (after["sendmsg"], after["DATA"], after["WANT"], after["CREDIT"]) == (3, 2, 1, 0)
+    assert after["recvmsg"] >= 1
+    assert frames(recv_exactly(peer, 3 * W.HEADER.size + 9)) == [
+        (W.DATA, 0, b"0123"), (W.DATA, 0, b"abcde"), (W.WANT, 0, b"")]
+    peer.sendall(W.encode(W.DATA, 0, b"12") + W.encode(W.DATA, 0, b"345"))
+    buf = bytearray(8)
+    assert qs.read_into(buf) == 5                          # 5 of 8: a quarter is owed, CREDIT
+    assert qs.counts["CREDIT"] == 1 and qs.counts["recvmsg"] > after["recvmsg"]
+    assert frames(recv_exactly(peer, W.HEADER.size)) == [(W.CREDIT, 5, b"")]
+    qs.counts["DATA"] = 99                                 # a copy: the counts are not changed
+    assert qs.counts["DATA"] == 2

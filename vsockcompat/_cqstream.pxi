@@ -126,6 +126,9 @@ cdef class QueueStream:
     cdef uint8_t *_out
     cdef size_t _ocap, _ostart, _oend
     cdef public uint64_t max_send
+    # what ``counts`` reports: system calls made and frames sent (the DATA, CREDIT, WANT order)
+    cdef uint64_t _n_sendmsg, _n_recvmsg
+    cdef uint64_t _n_frames[3]
 
     def __cinit__(self, sock, int wake_fd, uint64_t produce_size, uint64_t consume_size,
                   double send_timeout=30.0):
@@ -248,6 +251,7 @@ cdef class QueueStream:
             msg.msg_iov = part
             msg.msg_iovlen = m
             r = c_sendmsg(self._fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+            self._n_sendmsg += 1
             if r < 0:
                 if errno == EINTR:
                     continue
@@ -285,12 +289,17 @@ cdef class QueueStream:
         one.iov_base, one.iov_len = h, _HDR
         return self._emit(&one, 1)
 
+    cdef int _want(self) except -1:
+        self._n_frames[2] += 1
+        return self._control(_F_WANT, 0)
+
     cdef int _credit(self) except -1:
         # CREDIT when a quarter of the consume queue is owed, or the peer asked (WANT).
         cdef uint64_t owed = self._consumed - self._credited
         if owed and (self._peer_wants or owed * 4 >= self._csize) and not self._state & _QS_GONE:
             self._credited = self._consumed
             self._peer_wants = False
+            self._n_frames[1] += 1
             self._control(_F_CREDIT, self._consumed)
         return 0
 
@@ -304,6 +313,7 @@ cdef class QueueStream:
         while total:
             k = min(total, _F_MAX)
             _put_header(h, _F_DATA, 0, <uint32_t>k)
+            self._n_frames[0] += 1
             frame[0].iov_base, frame[0].iov_len = h, _HDR
             m, left = 1, k
             while left:
@@ -352,7 +362,7 @@ cdef class QueueStream:
             if free == 0:
                 if not self._asked:
                     self._asked = True
-                    self._control(_F_WANT, 0)
+                    self._want()
                 n = 0
             else:
                 n = min(<uint64_t>view.len, free)
@@ -402,7 +412,7 @@ cdef class QueueStream:
             if taken == 0:
                 if not self._asked:
                     self._asked = True
-                    self._control(_F_WANT, 0)
+                    self._want()
             else:
                 self._sent += total
                 i = 0
@@ -427,7 +437,7 @@ cdef class QueueStream:
         """Send WANT (once until a CREDIT comes): the peer then returns what it owes."""
         if not self._asked and not self._state & (_QS_GONE | _QS_DETACHED):
             self._asked = True
-            self._control(_F_WANT, 0)
+            self._want()
             self._send_out()
 
     cdef int _flush(self, double timeout) except? -9999:
@@ -575,6 +585,7 @@ cdef class QueueStream:
             msg.msg_iov = iov
             msg.msg_iovlen = n
             rc = c_recvmsg(self._fd, &msg, MSG_DONTWAIT)
+            self._n_recvmsg += 1
             if rc < 0:
                 if errno == EINTR:
                     continue
@@ -752,7 +763,7 @@ cdef class QueueStream:
                     return free
                 if not self._asked:
                     self._asked = True
-                    self._control(_F_WANT, 0)
+                    self._want()
                 self._rx(NULL, _ALL, False)
                 if self._pcap - (self._sent - self._peer_consumed) >= space:
                     continue
@@ -842,3 +853,9 @@ cdef class QueueStream:
     @property
     def peer_consumed(self):
         return self._peer_consumed
+
+    @property
+    def counts(self):
+        """System calls made and frames sent so far, by name (see ``_core.pyi``)."""
+        return dict(zip(_W.QS_COUNTS, (self._n_sendmsg, self._n_recvmsg, self._n_frames[0],
+                                        self._n_frames[1], self._n_frames[2])))

@@ -29,6 +29,7 @@ _HDR = W.HEADER.size
 _ALL = 1 << 64
 _WAKE = -2006  # the core's WAKE (_pure.WAKE)
 _SOFT = (BlockingIOError, InterruptedError)
+_COUNTED = {W.CREDIT: "CREDIT", W.WANT: "WANT"}  # control frames that ``counts`` reports
 
 
 def _view(buf, writable=False) -> memoryview:
@@ -69,6 +70,7 @@ class QueueStream:
         self._rpos = 0
         self._out = bytearray()     # bytes of the stream the socket has not taken yet
         self.max_send = 0
+        self._counts = dict.fromkeys(W.QS_COUNTS, 0)
 
     # -- sending (lock held)
 
@@ -90,6 +92,7 @@ class QueueStream:
                 if not limit:
                     break
             try:
+                self._counts["sendmsg"] += 1
                 n = self._sock.sendmsg(chunk)
             except InterruptedError:
                 continue
@@ -121,6 +124,8 @@ class QueueStream:
             del self._out[:self._sendv([memoryview(self._out)])]
 
     def _control(self, ftype, arg=0) -> None:
+        if ftype in _COUNTED:
+            self._counts[_COUNTED[ftype]] += 1
         self._emit([W.HEADER.pack(W.MAGIC, ftype, 0, 0, arg, 0)])
 
     def _credit(self) -> None:
@@ -147,6 +152,7 @@ class QueueStream:
                     views.pop(0)
                 else:
                     views[0] = views[0][len(piece):]
+            self._counts["DATA"] += 1
             self._emit([W.HEADER.pack(W.MAGIC, W.DATA, 0, 0, 0, W.MAX_PAYLOAD - left), *parts])
 
     def _free(self) -> int:
@@ -352,6 +358,7 @@ class QueueStream:
                     break
                 bufs.append(memoryview(self._hdr)[self._hdr_have:])
                 asked = _HDR - self._hdr_have
+            self._counts["recvmsg"] += 1
             try:
                 r = self._sock.recvmsg_into(bufs)[0]
             except _SOFT as exc:
@@ -615,3 +622,8 @@ class QueueStream:
     @property
     def peer_consumed(self):
         return self._peer_consumed
+
+    @property
+    def counts(self):
+        """System calls made and frames sent so far, by name (see ``_core.pyi``)."""
+        return dict(self._counts)

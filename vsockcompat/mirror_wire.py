@@ -38,6 +38,8 @@ QS_BAD = 8        # ... for a frame that is not one of this protocol
 QS_BUSY = 16      # pull: a thread waiting in the core reads the stream itself
 QS_EOF = 32       # nothing more is read from the stream
 QS_DETACHED = 64  # this end detached
+#: The names of a ``QueueStream``'s ``counts``: system calls made, frames sent.
+QS_COUNTS = ("sendmsg", "recvmsg", "DATA", "CREDIT", "WANT")
 
 
 class ProtocolError(Exception):

@@ -562,6 +562,14 @@ class StreamQueuePair(PairEnd):
         if qs.pull() & self._runtime.core.QS_GONE or qs.state:
             self._sync()
 
+    def stream_counts(self) -> dict:
+        """The data path's counts (``QueueStream.counts``: sendmsg and recvmsg calls, DATA,
+        CREDIT and WANT frames sent), all 0 before the peer attached. For benchmarks."""
+        qs = self._qs
+        if qs is None:
+            return dict.fromkeys(W.QS_COUNTS, 0)
+        return qs.counts
+
     def produce_free_space(self) -> int:
         """Bytes ``enqueue`` can write now (``produce_size - 1`` minus what the peer has not read)."""
         return self._query(lambda: max(_capacity(self.produce_size) - len(self._outbox), 0),
