@@ -411,3 +411,61 @@ def test_sdk_buffers_that_are_not_contiguous_bytes_are_invalid_args(lib):
                                                                        VMCI_INVALID_HANDLE)
     into = memoryview(bytearray(8)).cast("I")
     assert lib.VMCIDatagram_RecvFrom(b, into) == (8, a) and into.tobytes() == bytes(8)
+
+
+def test_a_wake_up_during_a_stream_is_seen_while_the_connection_stays_hot(core, bed):
+    """One sender keeps its connection hot; the receiver still looks at everything else
+    (the pure core polls every VSC_RX_SKIPS receives and reads hot on if nothing else is
+    ready; the C core also serves what its batch read took ahead): the wake-up goes to the
+    slow path before the stream ends, FIFO meanwhile."""
+    from vsockcompat import _pure
+
+    skips = _pure._SKIP_MAX
+    for i in range(3 * skips):
+        assert bed.fast.send_status(DST, bytes([i]), 1) == 25
+    got = [bed.fast.recv_status(bed.buf) for _ in range(skips + 1)]  # polled once meanwhile
+    assert got == [(1, SENDER.handle)] * (skips + 1) and bed.recv_calls == []
+    os.write(bed.wake_w, b"\0")
+    for delivered in range(2 * skips):
+        if bed.fast.recv_status(bed.buf) == (-888, None):
+            break
+        assert bed.buf[0] == skips + 1 + delivered
+    assert bed.recv_calls == [(bed.buf, None, core.WAKE, None, True)], "the wake-up was not seen"
+    assert bed.fast.received == skips + 1 + delivered
+    if core.NAME == "pure":
+        assert delivered < skips
+
+
+def test_a_view_that_is_not_contiguous_raises_with_nothing_counted(bed):
+    """As the Cython core's buffer request: BufferError, the queue account untouched, and
+    the link goes on (joined frames and sendmsg alike)."""
+    for length, view in [(4, memoryview(bytearray(16))[::2]), (6000, memoryview(bytearray(12000))[::2])]:
+        with pytest.raises(BufferError):
+            bed.fast.send_status(DST, view, length)
+        with pytest.raises(BufferError):
+            bed.link.send(view, length)
+        assert bed.account.queued() == 0 and bed.fast.sent == 0 and bed.send_calls == []
+    assert bed.fast.send_status(DST, b"ok", 2) == 26
+    assert bed.fast.recv_status(bed.buf) == (2, SENDER.handle) and bytes(bed.buf[:2]) == b"ok"
+
+
+def test_the_receive_lock_excludes_contending_threads(bed):
+    """Four threads take the lock in turns, each yielding inside it so the others contend
+    (and wait): never two inside, nothing lost, and it ends free."""
+    lock, inside, counts = bed.fast.recv_lock, [], [0] * 4
+
+    def worker(i):
+        for _ in range(300):
+            with lock:
+                assert not inside, "two threads inside the receive lock"
+                inside.append(i)
+                os.sched_yield()
+                time_slice = inside.pop()
+                counts[i] += time_slice == i
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert counts == [300] * 4 and not lock.locked()
