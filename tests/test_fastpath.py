@@ -36,6 +36,7 @@ class Bed(Rx):
         self.send_answer, self.recv_answer = -777, (-888, None)
         self.fast = core.Fastpath(self.rx, self.spill, self.send_slow, self.recv_slow)
         if sender_core is None:
+            self.link.watch_acl()  # as an endpoint's links do (datagram._OpenLink)
             self.fast.add_link(DST, self.link)
 
     def send_slow(self, *args):
@@ -83,6 +84,17 @@ def test_lengths_and_buffer_kinds_may_change_from_send_to_send(bed):
     for buf, length in sends:
         assert bed.fast.recv_status(bed.buf) == (length, SENDER.handle)
         assert bytes(bed.buf[:length]) == bytes(memoryview(buf).cast("B"))[:length]
+
+
+def test_a_link_that_does_not_watch_the_acl_epoch_sends_all_the_same(core, page, tmp_path):
+    bed = Bed(core, page, tmp_path, sender_core=core)  # its link unwatched
+    try:
+        bed.fast.add_link(DST, bed.link)
+        assert [bed.fast.send_status(DST, b"abc", 3) for _ in range(3)] == [27] * 3
+        assert [bed.fast.recv_status(bed.buf) for _ in range(3)] == [(3, SENDER.handle)] * 3
+        assert bed.send_calls == [] and bed.fast.sent == 3 and bed.account.queued() == 0
+    finally:
+        bed.close()
 
 
 def test_a_destination_without_a_link_goes_to_the_slow_path(bed):
@@ -199,6 +211,8 @@ def test_the_acl_epoch_moving_after_a_delivery_rechecks_before_the_next(core, be
     bed.rx.watch_acl(recheck)
     _deliver_one(bed)
     bed.words[7] += 1  # the receiver's ACL epoch word
+    assert bed.fast.send_status(DST, b"b", 1) == -777  # STALE: the sender's slow path
+    bed.link.watch_acl()  # as the fresh link it opens would
     assert bed.fast.send_status(DST, b"b", 1) == 25
     if deny:
         assert bed.fast.recv_status(bed.buf) == (-888, None)

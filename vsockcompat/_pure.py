@@ -456,6 +456,9 @@ class Receiver:
         self._epoll.register(wake_fd, select.EPOLLIN)
         self._account = account
         self._words = account._words
+        # The CONSUMED word as this receiver last wrote it: its only writer (vsc_dgram.h), under
+        # the receive lock; read once, then written through (senders read the word).
+        self._consumed = self._words[_W_CONSUMED]
         self._self_context, self._self_resource = self_context, self_resource
         self._conns = {}
         self._tags = {}
@@ -563,10 +566,10 @@ class Receiver:
         if n == 0:
             return PEER_GONE, None
         words = self._words
-        consumed = words[_W_CONSUMED] + n  # the frame leaves the queue (see Account._release_frame)
+        consumed = self._consumed + n  # the frame leaves the queue (see Account._release_frame)
         if consumed > words[_W_PRODUCED]:
             consumed = max(words[_W_PRODUCED], consumed - n)
-        words[_W_CONSUMED] = consumed
+        words[_W_CONSUMED] = self._consumed = consumed
         return self._admit(buf, conn, n, flags, hot, deliver)
 
     def _admit(self, buf, conn, n, flags, hot, deliver):

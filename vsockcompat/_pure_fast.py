@@ -12,7 +12,7 @@ class Fastpath:
     """One endpoint's ``send_status`` and ``recv_status``, each one call (see _core.pyi)."""
 
     __slots__ = ("_rx", "_spill", "_hot_reads", "recv_lock", "_free", "_links", "_last", "_send_slow", "_recv_slow",
-                 "_last_tag", "_last_src", "_closing", "_held", "_plain", "last_peer", "sent", "received")
+                 "_iov", "_last_tag", "_last_src", "_closing", "_held", "_plain", "sent", "received")
 
     def __init__(self, receiver, spill, send_slow, recv_slow):
         self._rx = receiver
@@ -24,14 +24,23 @@ class Fastpath:
         self._last = (_NOBODY, None)  # (dst, link) of the last send: one tuple, replaced whole
         self._send_slow = send_slow
         self._recv_slow = recv_slow
-        self._last_tag = _NOBODY
-        self._last_src = None
+        self._iov = [receiver._header, None, spill]  # readv's buffers: the caller's between header and spill
+        self._last_tag = None  # last_peer; never a tag
+        self._last_src = None  # its handle
         self._closing = False
         self._held = None
         self._plain = self._hot_reads  # not closing, nothing held, hot reads possible: one check
-        self.last_peer = None
         self.sent = 0
         self.received = 0
+
+    @property
+    def last_peer(self):
+        return self._last_tag
+
+    @last_peer.setter
+    def last_peer(self, tag):
+        self._last_tag = tag
+        self._last_src = None if tag is None else tag.handle
 
     @property
     def closing(self):
@@ -78,7 +87,8 @@ class Fastpath:
         # about 1,000 instructions, callgrind): a byte string or 1-D byte view, a length the
         # link's header cache holds (it holds only lengths link.send accepted, and those up to
         # _SMALL that the checks here let through), the lock free, the link open and unsealed,
-        # the receiver's ACL epoch unchanged and its queue not full. Anything else is
+        # the link watching the receiver's ACL epoch (an endpoint's links all do, see
+        # datagram._OpenLink), the epoch unchanged and the queue not full. Anything else is
         # link.send's, which takes it from the start: the frame is joined before the lock is
         # taken (a view that cannot be joined raises there, with nothing counted), and nothing
         # is written before the checks pass. The queue's bound is checked against the CONSUMED
@@ -97,27 +107,28 @@ class Fastpath:
                 except TypeError:  # a view that is not contiguous: link.send raises as the Cython core
                     return self._send_done(dst, buf, length, link, None)
                 lock = link._lock
-                rc = None
-                if not _mutex_trylock_gil(lock):
-                    try:
-                        words = link._words
-                        produced = words[_W_PRODUCED]
-                        if produced - link._consumed >= room:  # room: what a frame this size leaves
-                            link._consumed = words[_W_CONSUMED]
-                            if produced - link._consumed >= room:
-                                room = 0  # full: link.send says so
-                        if not (room <= 0 or link._shut or words[_W_CLOSED]
-                                or link._epoch is not None and words[_W_ACL_EPOCH] != link._epoch):
-                            words[_W_PRODUCED] = produced + total
-                            try:
-                                link._sock.send(frame, _SEND_FLAGS)
-                            except OSError as exc:
-                                rc = link._failed(exc, produced)
-                            else:
-                                self.sent += 1
-                                return total
-                    finally:
-                        _mutex_unlock_gil(lock)
+                if _mutex_trylock_gil(lock):  # busy, or its holder died: link.send waits for it
+                    return self._send_done(dst, buf, length, link, None)
+                try:
+                    words = link._words
+                    produced = words[_W_PRODUCED]
+                    if produced - link._consumed >= room:  # room: what a frame this size leaves
+                        link._consumed = words[_W_CONSUMED]
+                        if produced - link._consumed >= room:
+                            room = 0  # full: link.send says so
+                    if room <= 0 or link._shut or words[_W_CLOSED] or words[_W_ACL_EPOCH] != link._epoch:
+                        rc = None  # (an unwatched link's epoch is None: link.send's)
+                    else:
+                        words[_W_PRODUCED] = produced + total
+                        try:
+                            link._sock.send(frame, _SEND_FLAGS)
+                        except OSError as exc:
+                            rc = link._failed(exc, produced)
+                        else:
+                            self.sent += 1
+                            return total
+                finally:
+                    _mutex_unlock_gil(lock)
                 return self._send_done(dst, buf, length, link, rc)
         return self._send_done(dst, buf, length, link, None)
 
@@ -136,6 +147,7 @@ class Fastpath:
     def recv_status(self, buf, timeout=None):
         """One datagram into ``buf``: ``(payload_length, src)`` or ``(VMCI code, None)``."""
         free = self._free
+        iov = self._iov
         try:
             free.pop()  # the receive lock, see RecvLock
         except IndexError:
@@ -156,38 +168,35 @@ class Fastpath:
                 # a frame alike the last good one (Receiver._admit) from a connection that may
                 # deliver, and the receiver's ACL epoch did not move.
                 rx._skips += 1
+                iov[1] = buf
                 try:
-                    n = _readv(conn[4], (rx._header, buf, self._spill))
+                    n = _readv(conn[4], iov)
                 except OSError as exc:
                     rx.last_fd = conn[4]  # set only where recv_slow may read it
                     n, tag = rx._hot_failed(exc, buf, self._spill)
                 else:
-                    if n == 0:
+                    words = rx._words  # the frame leaves the queue, as in Receiver._receive
+                    consumed = rx._consumed + n  # (n == 0, the end: nothing moves)
+                    if consumed > words[_W_PRODUCED]:
+                        consumed = max(words[_W_PRODUCED], consumed - n)
+                    words[_W_CONSUMED] = rx._consumed = consumed
+                    tag = rx._good_tag  # None unless _good holds a frame (whose size is not 0)
+                    good = rx._good  # compared item by item: no tuple to build
+                    if tag is None or good[1] != n or good[0] is not conn or rx._header != good[2] \
+                            or words[_W_ACL_EPOCH] != rx._epoch:
                         rx.last_fd = conn[4]
-                        n, tag = PEER_GONE, None
+                        n, tag = rx._admit(buf, conn, n, 0, True, True) if n else (PEER_GONE, None)
                     else:
-                        words = rx._words  # the frame leaves the queue, as in Receiver._receive
-                        consumed = words[_W_CONSUMED] + n
-                        if consumed > words[_W_PRODUCED]:
-                            consumed = max(words[_W_PRODUCED], consumed - n)
-                        words[_W_CONSUMED] = consumed
-                        tag = rx._good_tag  # None unless _good holds a frame
-                        good = rx._good  # compared item by item: no tuple to build
-                        if tag is None or good[1] != n or good[0] is not conn or rx._header != good[2] \
-                                or words[_W_ACL_EPOCH] != rx._epoch:
-                            rx.last_fd = conn[4]
-                            n, tag = rx._admit(buf, conn, n, 0, True, True)
-                        else:
-                            n -= VMCI_DG_HEADERSIZE
+                        n -= VMCI_DG_HEADERSIZE
             if n < 0 or n > len(buf):
                 return self._recv_slow(buf, None, n, tag)
-            if tag is not self._last_tag:
+            if tag is not self._last_tag:  # last_peer, inline
                 self._last_src = tag.handle
                 self._last_tag = tag
-            self.last_peer = tag
             self.received += 1
             return n, self._last_src
         finally:
+            iov[1] = None  # the caller's buffer is not kept
             free.append(True)
             if self.recv_lock.waiters:
                 self.recv_lock.wake()
