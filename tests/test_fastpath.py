@@ -411,6 +411,10 @@ def test_sdk_handles_that_only_look_like_ours_are_checked(lib):
     assert lib.VMCIDatagram_SendTo((b.context, b.resource), VMCIHandle(Id(a.context), a.resource), 2, b"yz") == 26
     assert lib.VMCIDatagram_RecvFrom((b.context, Id(b.resource)), memoryview(buf)) == (1, a)
     assert lib.VMCIDatagram_RecvFrom(b, buf) == (2, a) and bytes(buf[:2]) == b"yz"
+    # Equal handles of exact ints that are not the very objects CreateHnd returned: ours.
+    same_a, same_b = VMCIHandle(a.context, a.resource), VMCIHandle(b.context, b.resource)
+    assert same_a is not a and lib.VMCIDatagram_SendTo(same_b, same_a, 1, b"q") == 25
+    assert lib.VMCIDatagram_RecvFrom(same_b, buf) == (1, a) and buf[0] == ord("q")
 
 
 def test_sdk_buffers_that_are_not_contiguous_bytes_are_invalid_args(lib):
