@@ -184,6 +184,20 @@ def test_too_small_buffer_keeps_the_datagram(pair):
     assert bytes(big[:10]) == b"0123456789"
 
 
+def test_buffers_that_are_not_contiguous_are_invalid_args(pair):
+    a, b = pair
+    strided = memoryview(bytearray(16))[::2]
+    with pytest.raises(errors.InvalidArgs, match="not contiguous"):
+        a.send(b.handle, strided)
+    with pytest.raises(errors.InvalidArgs, match="not contiguous"):
+        a.send(b.handle, strided, 4)
+    assert b.queued_bytes == 0
+    a.send(b.handle, b"next")
+    with pytest.raises(errors.InvalidArgs, match="not contiguous"):
+        b.recv_into(strided, timeout=5)
+    assert b.recv(timeout=5) == Datagram(a.handle, b"next")
+
+
 def test_read_only_receive_buffer(pair):
     with pytest.raises(errors.InvalidArgs, match="read-only"):
         pair[1].recv_into(b"immutable", timeout=0)

@@ -36,6 +36,7 @@ class Bed(Rx):
         self.send_answer, self.recv_answer = -777, (-888, None)
         self.fast = core.Fastpath(self.rx, self.spill, self.send_slow, self.recv_slow)
         if sender_core is None:
+            self.link.watch_acl()  # as an endpoint's links do (datagram._OpenLink)
             self.fast.add_link(DST, self.link)
 
     def send_slow(self, *args):
@@ -83,6 +84,17 @@ def test_lengths_and_buffer_kinds_may_change_from_send_to_send(bed):
     for buf, length in sends:
         assert bed.fast.recv_status(bed.buf) == (length, SENDER.handle)
         assert bytes(bed.buf[:length]) == bytes(memoryview(buf).cast("B"))[:length]
+
+
+def test_a_link_that_does_not_watch_the_acl_epoch_sends_all_the_same(core, page, tmp_path):
+    bed = Bed(core, page, tmp_path, sender_core=core)  # its link unwatched
+    try:
+        bed.fast.add_link(DST, bed.link)
+        assert [bed.fast.send_status(DST, b"abc", 3) for _ in range(3)] == [27] * 3
+        assert [bed.fast.recv_status(bed.buf) for _ in range(3)] == [(3, SENDER.handle)] * 3
+        assert bed.send_calls == [] and bed.fast.sent == 3 and bed.account.queued() == 0
+    finally:
+        bed.close()
 
 
 def test_a_destination_without_a_link_goes_to_the_slow_path(bed):
@@ -199,6 +211,8 @@ def test_the_acl_epoch_moving_after_a_delivery_rechecks_before_the_next(core, be
     bed.rx.watch_acl(recheck)
     _deliver_one(bed)
     bed.words[7] += 1  # the receiver's ACL epoch word
+    assert bed.fast.send_status(DST, b"b", 1) == -777  # STALE: the sender's slow path
+    bed.link.watch_acl()  # as the fresh link it opens would
     assert bed.fast.send_status(DST, b"b", 1) == 25
     if deny:
         assert bed.fast.recv_status(bed.buf) == (-888, None)
@@ -397,6 +411,10 @@ def test_sdk_handles_that_only_look_like_ours_are_checked(lib):
     assert lib.VMCIDatagram_SendTo((b.context, b.resource), VMCIHandle(Id(a.context), a.resource), 2, b"yz") == 26
     assert lib.VMCIDatagram_RecvFrom((b.context, Id(b.resource)), memoryview(buf)) == (1, a)
     assert lib.VMCIDatagram_RecvFrom(b, buf) == (2, a) and bytes(buf[:2]) == b"yz"
+    # Equal handles of exact ints that are not the very objects CreateHnd returned: ours.
+    same_a, same_b = VMCIHandle(a.context, a.resource), VMCIHandle(b.context, b.resource)
+    assert same_a is not a and lib.VMCIDatagram_SendTo(same_b, same_a, 1, b"q") == 25
+    assert lib.VMCIDatagram_RecvFrom(same_b, buf) == (1, a) and buf[0] == ord("q")
 
 
 def test_sdk_buffers_that_are_not_contiguous_bytes_are_invalid_args(lib):
@@ -411,3 +429,61 @@ def test_sdk_buffers_that_are_not_contiguous_bytes_are_invalid_args(lib):
                                                                        VMCI_INVALID_HANDLE)
     into = memoryview(bytearray(8)).cast("I")
     assert lib.VMCIDatagram_RecvFrom(b, into) == (8, a) and into.tobytes() == bytes(8)
+
+
+def test_a_wake_up_during_a_stream_is_seen_while_the_connection_stays_hot(core, bed):
+    """One sender keeps its connection hot; the receiver still looks at everything else
+    (the pure core polls every VSC_RX_SKIPS receives and reads hot on if nothing else is
+    ready; the C core also serves what its batch read took ahead): the wake-up goes to the
+    slow path before the stream ends, FIFO meanwhile."""
+    from vsockcompat import _pure
+
+    skips = _pure._SKIP_MAX
+    for i in range(3 * skips):
+        assert bed.fast.send_status(DST, bytes([i]), 1) == 25
+    got = [bed.fast.recv_status(bed.buf) for _ in range(skips + 1)]  # polled once meanwhile
+    assert got == [(1, SENDER.handle)] * (skips + 1) and bed.recv_calls == []
+    os.write(bed.wake_w, b"\0")
+    for delivered in range(2 * skips):
+        if bed.fast.recv_status(bed.buf) == (-888, None):
+            break
+        assert bed.buf[0] == skips + 1 + delivered
+    assert bed.recv_calls == [(bed.buf, None, core.WAKE, None, True)], "the wake-up was not seen"
+    assert bed.fast.received == skips + 1 + delivered
+    if core.NAME == "pure":
+        assert delivered < skips
+
+
+def test_a_view_that_is_not_contiguous_raises_with_nothing_counted(bed):
+    """As the Cython core's buffer request: BufferError, the queue account untouched, and
+    the link goes on (joined frames and sendmsg alike)."""
+    for length, view in [(4, memoryview(bytearray(16))[::2]), (6000, memoryview(bytearray(12000))[::2])]:
+        with pytest.raises(BufferError):
+            bed.fast.send_status(DST, view, length)
+        with pytest.raises(BufferError):
+            bed.link.send(view, length)
+        assert bed.account.queued() == 0 and bed.fast.sent == 0 and bed.send_calls == []
+    assert bed.fast.send_status(DST, b"ok", 2) == 26
+    assert bed.fast.recv_status(bed.buf) == (2, SENDER.handle) and bytes(bed.buf[:2]) == b"ok"
+
+
+def test_the_receive_lock_excludes_contending_threads(bed):
+    """Four threads take the lock in turns, each yielding inside it so the others contend
+    (and wait): never two inside, nothing lost, and it ends free."""
+    lock, inside, counts = bed.fast.recv_lock, [], [0] * 4
+
+    def worker(i):
+        for _ in range(300):
+            with lock:
+                assert not inside, "two threads inside the receive lock"
+                inside.append(i)
+                os.sched_yield()
+                time_slice = inside.pop()
+                counts[i] += time_slice == i
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert counts == [300] * 4 and not lock.locked()

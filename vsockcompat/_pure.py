@@ -65,15 +65,23 @@ _mutexattr_setpshared = _pthread("pthread_mutexattr_setpshared")
 _mutexattr_setrobust = _pthread("pthread_mutexattr_setrobust")
 for _f in (_mutex_lock, _mutex_unlock, _mutex_consistent):
     _f.argtypes = (ctypes.c_void_p,)
-# A Link's calls per send, in their cheapest form (callgrind: trylock + unlock 3,150
-# instructions, 3,400 with a ctypes pointer, lock + unlock as above 5,100): no argtypes, the
-# mutex passed by a prebuilt ``byref`` (ctypes passes its address as it is; a pointer object
-# makes a new argument object each call, a plain int would be cut to a C int), through PyDLL,
-# which keeps the GIL: so only for the calls that never block.
+# A Link's calls per send, in their cheapest form (callgrind: trylock + unlock 2,930
+# instructions, 3,140 with ``restype = c_int``, 3,400 with a ctypes pointer, lock + unlock as
+# above 5,100): no argtypes, the mutex passed by a prebuilt ``byref`` (ctypes passes its address
+# as it is; a pointer object makes a new argument object each call, a plain int would be cut to
+# a C int), through PyDLL's flags, which keep the GIL: so only for the calls that never block.
+
+
+class _IntResultGil(ctypes._CFuncPtr):
+    """PyDLL's function type without a ``_restype_``: ctypes then returns the C int result as a
+    Python int at once, where ``restype = c_int`` looks its converter up on every call."""
+
+    _flags_ = ctypes._FUNCFLAG_CDECL | ctypes._FUNCFLAG_PYTHONAPI
+
+
 _held_gil = ctypes.PyDLL(None)
-_mutex_trylock_gil = _held_gil.pthread_mutex_trylock
+_mutex_trylock_gil = _IntResultGil(("pthread_mutex_trylock", _held_gil))
 _mutex_unlock_gil = _held_gil.pthread_mutex_unlock
-_mutex_trylock_gil.restype = ctypes.c_int
 _mutex_unlock_gil.restype = None  # it cannot fail for the holder; no result to convert
 
 
@@ -279,7 +287,8 @@ class Link:
         self._epoch = None
         self._words = account._words
         self._lock = _mutex_ref(account.lock)  # made once: ctypes calls are the cost here
-        self._header = (-1, None)  # (length, header) of the last send: a stream repeats its length
+        # (length, header, frame size, room) of the last send, see ``header``: a stream repeats its length
+        self._header = (-1, None, 0, 0)
         self._seal = False
         self.sealed = False
         # For the Fastpath's inline send: closed or sealed; the account's LIMIT word (set
@@ -313,14 +322,18 @@ class Link:
             data = payload if length == len(payload) else payload[:length]
         else:
             view = payload if kind is memoryview else memoryview(payload)
+            if not view.c_contiguous:  # as the Cython core's buffer request, before anything is counted
+                raise BufferError("memoryview: underlying buffer is not C-contiguous")
             if view.itemsize != 1 or view.ndim != 1:
                 view = view.cast("B")
             if length < 0 or length > len(view) or length > VMCI_MAX_DG_PAYLOAD_SIZE:
                 return VMCI_ERROR_INVALID_ARGS
             data = view[:length]
-        size, header = self._header  # one tuple: a thread sending another length replaces it whole
+        size, header, _, _ = self._header  # one tuple: a thread sending another length replaces it whole
         if size != length:
-            header = self.header(length)
+            header = self.header(length)[0]
+        if length <= _SMALL:  # one buffer: cheaper than sendmsg; joined before the lock (it may raise)
+            data = header + data
         lock = self._lock
         rc = _mutex_trylock_gil(lock)
         if rc and self._wait_lock(rc):
@@ -339,7 +352,7 @@ class Link:
             words[_W_PRODUCED] = produced + total
             try:
                 if length <= _SMALL:
-                    self._sock.send(header + data, _SEND_FLAGS)  # one buffer: cheaper than sendmsg
+                    self._sock.send(data, _SEND_FLAGS)
                 else:
                     self._sock.sendmsg((header, data), (), _SEND_FLAGS)
             except OSError as exc:
@@ -358,10 +371,13 @@ class Link:
         return _SEND_ERRNO_STATUS.get(exc.errno, VMCI_ERROR_GENERIC)
 
     def header(self, length):
-        """The frame header for a payload of ``length`` bytes, kept for the next send."""
+        """``(header, frame size, room)`` for a payload of ``length`` bytes, kept for the next
+        send: the frame header, its size with the header, and what such a frame leaves of the
+        queue's LIMIT (the queue is full for it at PRODUCED - CONSUMED >= room)."""
         header = _HEADER.pack(*self._handles, length)
-        self._header = (length, header)
-        return header
+        total = VMCI_DG_HEADERSIZE + length
+        self._header = (length, header, total, self._limit - total)
+        return header, total, self._limit - total
 
     def _wait_lock(self, rc):
         """The account lock after a ``trylock`` that returned ``rc``: 0 once held, else an error.
@@ -440,6 +456,9 @@ class Receiver:
         self._epoll.register(wake_fd, select.EPOLLIN)
         self._account = account
         self._words = account._words
+        # The CONSUMED word as this receiver last wrote it: its only writer (vsc_dgram.h), under
+        # the receive lock; read once, then written through (senders read the word).
+        self._consumed = self._words[_W_CONSUMED]
         self._self_context, self._self_resource = self_context, self_resource
         self._conns = {}
         self._tags = {}
@@ -547,10 +566,10 @@ class Receiver:
         if n == 0:
             return PEER_GONE, None
         words = self._words
-        consumed = words[_W_CONSUMED] + n  # the frame leaves the queue (see Account._release_frame)
+        consumed = self._consumed + n  # the frame leaves the queue (see Account._release_frame)
         if consumed > words[_W_PRODUCED]:
             consumed = max(words[_W_PRODUCED], consumed - n)
-        words[_W_CONSUMED] = consumed
+        words[_W_CONSUMED] = self._consumed = consumed
         return self._admit(buf, conn, n, flags, hot, deliver)
 
     def _admit(self, buf, conn, n, flags, hot, deliver):
@@ -578,6 +597,17 @@ class Receiver:
                 buf[: min(length, len(buf))] = bytes(min(length, len(buf)))
                 return DENIED, None
         return n - VMCI_DG_HEADERSIZE, tag
+
+    def _poll_hot(self):
+        """After _SKIP_MAX receives without epoll (see ``_read``): poll without waiting; True if
+        nothing but the hot connection is ready, which may then be read hot again (the count
+        starts again): what ``_read`` does after a wait, without its calls. False: anything else
+        is ready, for ``_read`` (which polls again)."""
+        events = self._epoll.poll(0)
+        if events and (len(events) > 1 or events[0][0] != self._hot[4]):
+            return False
+        self._skips = 0
+        return True
 
     def _hot_failed(self, exc, buf, spill):
         """``take``'s result after a hot read (see ``_read``) raised ``exc``."""

@@ -122,6 +122,8 @@ def _byte_view(buf, writable: bool) -> memoryview:
     view = memoryview(buf)
     if writable and view.readonly:
         raise error_for(VMCI_ERROR_INVALID_ARGS, "the receive buffer is read-only")
+    if not view.c_contiguous:
+        raise error_for(VMCI_ERROR_INVALID_ARGS, "the buffer is not contiguous")
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     return view

@@ -159,15 +159,19 @@ class VMCILibrary(QueuePairCalls):
         Returns the datagram's size including its 24-byte header, as the driver did.
         """
         # The common case, one core call: handles as the SDK calls return them (exact ints
-        # in range: ``src`` found among ours is), an int length, a bytes-like buffer.
+        # in range: ``src`` found among ours is; the very handle CreateHnd returned, at once),
+        # an int length, a bytes-like buffer.
         if (type(dst) is VMCIHandle and type(src) is VMCIHandle and type(length) is int
-                and (type(buf) is bytes or type(buf) is bytearray)
-                and type(src[0]) is int and type(src[1]) is int):
+                and (type(buf) is bytes or type(buf) is bytearray)):
             context, resource = dst
             if type(context) is int and type(resource) is int and 0 <= context <= VMCI_INVALID_ID \
                     and 0 <= resource <= VMCI_INVALID_ID:  # ids are 32-bit
-                endpoint = self._endpoints.get(src)  # none unless initialised
-                if endpoint is not None:
+                try:
+                    endpoint = self._endpoints.get(src)  # none unless initialised
+                except TypeError:  # a field that cannot be hashed: checked below
+                    endpoint = None
+                if endpoint is not None and (src is endpoint.handle or type(src[0]) is int
+                                             and type(src[1]) is int):
                     return endpoint.send_status(dst, buf, length)
         return self._send_to_checked(dst, src, length, buf)
 
@@ -192,9 +196,14 @@ class VMCILibrary(QueuePairCalls):
         Returns ``(payload_length, src)``, or ``(negative code, VMCI_INVALID_HANDLE)``;
         VMCI_ERROR_NO_MEM if ``buf`` is too small (the datagram stays queued).
         """
-        if type(handle) is VMCIHandle and type(buf) is bytearray and type(handle[0]) is int \
-                and type(handle[1]) is int:  # the common case, one core call
-            endpoint = self._endpoints.get(handle)  # none unless initialised
+        if type(handle) is VMCIHandle and type(buf) is bytearray:  # the common case, one core call
+            try:
+                endpoint = self._endpoints.get(handle)  # none unless initialised
+            except TypeError:  # a field that cannot be hashed: checked below
+                endpoint = None
+            if endpoint is not None and handle is not endpoint.handle \
+                    and not (type(handle[0]) is int and type(handle[1]) is int):
+                endpoint = None  # equal to one of ours, but not exact ints: checked below
         else:
             endpoint = None
         if endpoint is None:
@@ -205,8 +214,8 @@ class VMCILibrary(QueuePairCalls):
             buf = _byte_view_or_none(buf, writable=True)
             if endpoint is None or buf is None:
                 return _NO_HANDLE
-        rv, src = endpoint.recv_status(buf)
-        return (rv, src) if rv >= 0 else (rv, VMCI_INVALID_HANDLE)
+        result = endpoint.recv_status(buf)  # (rv, src): returned as it is when rv >= 0
+        return result if result[0] >= 0 else (result[0], VMCI_INVALID_HANDLE)
 
     # 4.5 Discovery service
 
