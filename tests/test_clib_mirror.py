@@ -11,11 +11,12 @@ import time
 import pytest
 
 from conftest import PYTHON, child_env, make_settings
-from test_clib_shm import PY_APP, Probe, c_app, markers, objects, serve
+from test_clib_shm import PY_APP, Probe, build, c_app, markers, objects, serve
 from test_clib_shm import cbuild, probe as shm_probe  # noqa: F401 (fixtures)
-from test_clib import CC, SRC_DIR, _cc, env_for
+from test_clib import CC, SANITIZE, SANITIZER_ENV, SANITIZER_MARKS, SRC_DIR, _cc, _sanitizers_work, env_for
 from test_mirror import CREATOR
-from vsockcompat.constants import (SIBLING_PIECE, VMCI_ERROR_ALREADY_EXISTS, VMCI_ERROR_INVALID_SIZE, VMCI_ERROR_NOT_FOUND,
+from vsockcompat.constants import (SIBLING_PIECE, VMCI_ERROR_ALREADY_EXISTS, VMCI_ERROR_DEVICE_NOT_FOUND,
+                                   VMCI_ERROR_INVALID_SIZE, VMCI_ERROR_NOT_FOUND,
                                    VMCI_SUCCESS)
 from vsockcompat.mirror import MirroredRegion
 from vsockcompat.runtime import Runtime
@@ -116,6 +117,42 @@ def test_python_attaches_to_a_c_creator(clean, probe, pylib, rundir):
     assert pylib.VMCISharedMem_Detach(handle) == VMCI_SUCCESS
     eventually(lambda: pylib.VMCISharedMem_Query(handle) == (VMCI_ERROR_NOT_FOUND, 0),
                "the C creator kept serving after the last attacher left")
+
+
+@pytest.fixture
+def mirrored_rt(core, rundir):
+    return Runtime(make_settings(rundir, cid=3)._replace(shm_mode="mirrored"), core=core)
+
+
+def test_sync_is_a_flush_point_with_a_c_attacher(clean, probe, mirrored_rt):
+    """No waiting: once the Python creator's sync() returns, the writes of both sides crossed."""
+    with MirroredRegion.create(4096, runtime=mirrored_rt) as region:
+        h = tuple(region.handle)
+        c = probe(cid=2)
+        assert c("init") == "0"
+        assert c.ints("attach %d %d 4096" % h) == [VMCI_SUCCESS, 4096, 0]
+        for i in range(5):
+            assert c("write %d %d 0 c%d" % (h + (i,))) == "ok"
+            region.buffer[64:67] = b"p%d\0" % i
+            region.sync()
+            assert bytes(region.buffer[:2]) == b"c%d" % i
+            assert c("read %d %d 64 3" % h) == "[p%d]" % i
+        assert c("detach %d %d" % h) == "0"
+
+
+def test_sync_is_a_flush_point_with_a_c_creator(clean, probe, mirrored_rt):
+    c = probe(cid=2)
+    assert c("init") == "0"
+    h = tuple(c.ints("create 4096"))
+    with MirroredRegion.attach(h, 4096, runtime=mirrored_rt) as region:
+        for i in range(5):
+            assert c("write %d %d 0 c%d" % (h + (i,))) == "ok"
+            region.buffer[64:67] = b"p%d\0" % i
+            region.sync()
+            assert bytes(region.buffer[:2]) == b"c%d" % i
+            # Our write reached the creator before its answer to our FLUSH was sent.
+            assert c("read %d %d 64 3" % h) == "[p%d]" % i
+    assert c("detach %d %d" % h) == "0"
 
 
 def test_two_c_attachers_see_each_others_writes_through_a_python_creator(clean, probe, pylib):
@@ -220,16 +257,21 @@ def emulated_probe(cbuild):
     return exe
 
 
-class EmulatedProbe(Probe):
-    """The probe in a kernel of CID kcid on the emulated vsock, regions mirrored (auto)."""
+class DirectProbe(Probe):
+    """The probe executed directly with env (no ``vsockcompat run``, whose Python checks settings first)."""
 
-    def __init__(self, exe, rundir, library, emu_dir, kcid):
-        env = env_for(rundir, "pure", library)
-        env.update(LD_LIBRARY_PATH=os.path.dirname(library), VSOCKCOMPAT_TRANSPORT="vsock",
-                   VSOCK_EMU_DIR=emu_dir, VSOCK_EMU_CID=str(kcid), VSOCKCOMPAT_DS_AUTOSTART="0",
-                   VSOCK_EMU_SENDS=os.path.join(emu_dir, "sends"))
+    def __init__(self, exe, env):
         self.proc = subprocess.Popen([exe], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
+
+
+def EmulatedProbe(exe, rundir, library, emu_dir, kcid):
+    """The probe in a kernel of CID kcid on the emulated vsock, regions mirrored (auto)."""
+    env = env_for(rundir, "pure", library)
+    env.update(LD_LIBRARY_PATH=os.path.dirname(library), VSOCKCOMPAT_TRANSPORT="vsock",
+               VSOCK_EMU_DIR=emu_dir, VSOCK_EMU_CID=str(kcid), VSOCKCOMPAT_DS_AUTOSTART="0",
+               VSOCK_EMU_SENDS=os.path.join(emu_dir, "sends"))
+    return DirectProbe(exe, env)
 
 
 @pytest.mark.parametrize("kcids", [(1, 1), (3, 4)], ids=["loopback", "sibling-guests"])
@@ -266,3 +308,45 @@ def test_c_creator_and_c_attacher_over_emulated_vsock(cbuild, emulated_probe, ru
         assert max(sends) == SIBLING_PIECE                      # the 200000-byte welcome, cut
     else:
         assert max(sends) > 200000                              # written whole
+
+
+def test_a_bad_shm_mode_refuses_init(cbuild, rundir):
+    env = env_for(rundir, "pure", cbuild.library, VSOCKCOMPAT_SHM_MODE="mirror")
+    c = DirectProbe(cbuild.shm_probe, dict(env, LD_LIBRARY_PATH=cbuild.lib_dir))
+    assert c("init") == str(VMCI_ERROR_DEVICE_NOT_FOUND)   # as for any bad setting
+    assert c.close() == ""
+
+
+@pytest.mark.parametrize("sanitized", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["plain", "sanitizers"])
+def test_threads_fork_and_teardown(clean, tmp_path, shm_probe, pylib, sanitized):
+    """Both sides' threads, a forked child, CleanupApp; also under ASan/UBSan (leaks included)."""
+    extra = {}
+    if sanitized:
+        reason = _sanitizers_work(str(tmp_path))
+        if reason:
+            pytest.skip(reason)
+        extra = dict(build=build(str(tmp_path), SANITIZE), **SANITIZER_ENV)
+    c = shm_probe(**extra, **MIRRORED)
+    assert c("init") == "0"
+    assert c("create 0") == "invalid 1"
+    mine = "%d %d" % tuple(c.ints("create 300"))
+    assert c("write %s 0 parent" % mine) == "ok"
+    handle, view = pylib.VMCISharedMem_Create(100000)
+    theirs = "%d %d" % tuple(handle)
+    assert c.ints("attach %s 7" % theirs) == [VMCI_ERROR_INVALID_SIZE, 7, 1]
+    assert c.ints("attach %s 0" % theirs) == [0, 100000, 0]
+    assert c("write %s 99990 12345678" % theirs) == "ok"
+    eventually(lambda: bytes(view[99990:99998]) == b"12345678", "the write never came")
+    assert c("detach %s" % theirs) == "0"
+    # A forked child forgets the parent's regions, then attaches to the parent's own as a peer.
+    assert c("fork " + mine) == "0"
+    eventually(lambda: c("read %s 0 300" % mine) == "[child!]", "the child's write never came")
+    assert c("threads " + theirs) == "0"
+    assert c.ints("detach 2 5000") == [VMCI_ERROR_NOT_FOUND]
+    assert c("cleanup") == "ok"
+    view.release()
+    assert pylib.VMCISharedMem_Detach(handle) == VMCI_SUCCESS
+    err = c.close()
+    assert not [m for m in SANITIZER_MARKS if m in err], err
+    assert err == ""
