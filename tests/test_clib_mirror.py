@@ -131,12 +131,7 @@ def test_sync_is_a_flush_point_with_a_c_attacher(clean, probe, mirrored_rt):
         c = probe(cid=2)
         assert c("init") == "0"
         assert c.ints("attach %d %d 4096" % h) == [VMCI_SUCCESS, 4096, 0]
-        for i in range(5):
-            assert c("write %d %d 0 c%d" % (h + (i,))) == "ok"
-            region.buffer[64:67] = b"p%d\0" % i
-            region.sync()
-            assert bytes(region.buffer[:2]) == b"c%d" % i
-            assert c("read %d %d 64 3" % h) == "[p%d]" % i
+        writes_cross_at_sync(c, h, region)
         assert c("detach %d %d" % h) == "0"
 
 
@@ -145,14 +140,18 @@ def test_sync_is_a_flush_point_with_a_c_creator(clean, probe, mirrored_rt):
     assert c("init") == "0"
     h = tuple(c.ints("create 4096"))
     with MirroredRegion.attach(h, 4096, runtime=mirrored_rt) as region:
-        for i in range(5):
-            assert c("write %d %d 0 c%d" % (h + (i,))) == "ok"
-            region.buffer[64:67] = b"p%d\0" % i
-            region.sync()
-            assert bytes(region.buffer[:2]) == b"c%d" % i
-            # Our write reached the creator before its answer to our FLUSH was sent.
-            assert c("read %d %d 64 3" % h) == "[p%d]" % i
+        writes_cross_at_sync(c, h, region)
     assert c("detach %d %d" % h) == "0"
+
+
+def writes_cross_at_sync(c, h, region):
+    """The C side writes line 0, Python line 1, then Python syncs: each sees the other's, at once."""
+    for i in range(5):
+        assert c("write %d %d 0 c%d" % (h + (i,))) == "ok"
+        region.buffer[64:67] = b"p%d\0" % i
+        region.sync()
+        assert bytes(region.buffer[:2]) == b"c%d" % i
+        assert c("read %d %d 64 3" % h) == "[p%d]" % i
 
 
 def test_two_c_attachers_see_each_others_writes_through_a_python_creator(clean, probe, pylib):
