@@ -522,20 +522,21 @@ static int handle(attacher *a, const vsc_frame *f, int *scanned)
     }
 }
 
-static void receive(attacher *a)
+/* Handle the frames received, first reading what the socket has if fill (0: what the handshake
+ * left in the reader). The end of the stream or a frame that is not one loses the creator. */
+static void receive(attacher *a, int fill)
 {
     vsc_frame f;
-    int rc = vsc_reader_fill(&a->reader, a->sock, MSG_DONTWAIT), scanned = 0;
+    int rc = fill ? vsc_reader_fill(&a->reader, a->sock, MSG_DONTWAIT) : 1, scanned = 0;
+    int ended = rc == VSC_READ_EOF || rc < 0;
 
     if (rc == VSC_READ_AGAIN)
         return;
-    if (rc == VSC_READ_EOF || rc < 0) {
-        __atomic_store_n(&a->lost, 1, __ATOMIC_RELEASE);
-        return;
-    }
     while (!__atomic_load_n(&a->lost, __ATOMIC_ACQUIRE) && (rc = vsc_reader_next(&a->reader, &f)) != 0)
         if (rc < 0 || handle(a, &f, &scanned) != 0)
             __atomic_store_n(&a->lost, 1, __ATOMIC_RELEASE);
+    if (ended)
+        __atomic_store_n(&a->lost, 1, __ATOMIC_RELEASE);
 }
 
 static void *attacher_main(void *arg)
@@ -543,6 +544,7 @@ static void *attacher_main(void *arg)
     attacher *a = arg;
     char drain[64];
 
+    receive(a, 0);
     while (!__atomic_load_n(&a->lost, __ATOMIC_ACQUIRE)) {
         struct pollfd p[2] = {{a->sock, POLLIN, 0}, {a->wake[0], POLLIN, 0}};
 
@@ -558,7 +560,7 @@ static void *attacher_main(void *arg)
             while (read(a->wake[0], drain, sizeof drain) > 0)
                 ;
         if (p[0].revents)
-            receive(a);
+            receive(a, 1);
         if (!__atomic_load_n(&a->lost, __ATOMIC_ACQUIRE) && vsc_copy_due(&a->copy))
             flush_changes(a);
     }

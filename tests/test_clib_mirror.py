@@ -5,7 +5,10 @@ transport (the vsock run is tests/real_vsock/test_clib_mirror_vsock.py). The C p
 test_clib_shm's line-driven probe."""
 import os
 import signal
+import socket
+import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -18,6 +21,8 @@ from test_mirror import CREATOR
 from vsockcompat.constants import (SIBLING_PIECE, VMCI_ERROR_ALREADY_EXISTS, VMCI_ERROR_DEVICE_NOT_FOUND,
                                    VMCI_ERROR_INVALID_SIZE, VMCI_ERROR_NOT_FOUND,
                                    VMCI_SUCCESS)
+from vsockcompat import constants as C, mirror_link, mirror_wire as W
+from vsockcompat.handles import VMCIHandle
 from vsockcompat.mirror import MirroredRegion
 from vsockcompat.runtime import Runtime
 from vsockcompat.sdk import VMCILibrary
@@ -349,3 +354,120 @@ def test_threads_fork_and_teardown(clean, tmp_path, shm_probe, pylib, sanitized)
     err = c.close()
     assert not [m for m in SANITIZER_MARKS if m in err], err
     assert err == ""
+
+
+# Bad peers: whatever a peer sends, the C side answers with a clean code or drops it, never
+# crashes or hangs, and keeps serving the others.
+
+
+def read_to_end(sock):
+    sock.settimeout(WAIT)
+    data = b""
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def frames(data):
+    return [(f.type, f.arg, bytes(f.payload)) for f in W.FrameReader().feed(data)]
+
+
+def test_a_c_creator_drops_bad_peers_and_keeps_serving(clean, probe, mirrored_rt):
+    c = probe(cid=2)
+    assert c("init") == "0"
+    h = VMCIHandle(*c.ints("create 4096"))
+    assert c("write %d %d 0 keep" % tuple(h)) == "ok"
+
+    def session(data):
+        with mirror_link.connect(mirrored_rt, mirror_link.REGION, h) as sock:
+            sock.sendall(data)
+            return frames(read_to_end(sock))
+    me = struct.pack("<I", 3)
+    assert session(b"\0" * W.HEADER.size) == []                                 # not a frame
+    assert session(W.HEADER.pack(W.MAGIC, 99, 0, 0, 0, 0)) == []                # unknown type
+    assert session(W.HEADER.pack(W.MAGIC, W.HELLO, 1, 0, 0, 4) + me) == []     # reserved bits
+    assert session(W.encode(W.HELLO, 0, b"xx")) == []                           # short HELLO
+    assert session(W.encode(W.UPDATE, 0, b"x")) == []                           # out of turn
+    assert session(W.encode(W.QUERY, 0, b"x")) == []
+    assert session(W.encode(W.HELLO, 0, struct.pack("<I", 7))) == [(W.REFUSE, C.VMCI_ERROR_NO_ACCESS & (2 ** 64 - 1),
+                                                                  b"")]        # not our context
+    assert session(W.encode(W.HELLO, 5, me)) == [(W.REFUSE, C.VMCI_ERROR_INVALID_SIZE & (2 ** 64 - 1), b"")]
+    # Attached, then an update beyond the region: the welcome, then dropped.
+    got = session(W.encode(W.HELLO, 4096, me) + W.encode(W.UPDATE, 4090, b"12345678"))
+    assert [t for t, _, _ in got] == [W.SIZE, W.UPDATE, W.FLUSHED]
+    assert got[1][2][:4] == b"keep"
+    got = session(W.encode(W.HELLO, 0, me) + W.encode(W.BYE, 0, b"x"))        # a BYE with a payload
+    assert [t for t, _, _ in got] == [W.SIZE, W.UPDATE, W.FLUSHED]
+    # A connection that says nothing is dropped after the hello timeout; meanwhile others are served.
+    with mirror_link.connect(mirrored_rt, mirror_link.REGION, h) as silent:
+        assert session(W.encode(W.QUERY)) == [(W.SIZE, 4096, b"")]
+        with MirroredRegion.attach(h, 4096, runtime=mirrored_rt) as region:
+            assert bytes(region.buffer[:4]) == b"keep"
+        assert read_to_end(silent) == b""
+    assert c("detach %d %d" % tuple(h)) == "0"
+
+
+@pytest.fixture
+def fake_creator(rundir):
+    """A listener where a region (3, 5000) of the local transport would be: ``serve(reply)`` answers
+    the next connection's first bytes with reply (bytes, or a function of the received frame) and
+    closes it, on a thread."""
+    os.makedirs(os.path.join(rundir, "c3"), exist_ok=True)
+    path = os.path.join(rundir, "c3", "5000.mir.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    threads = []
+
+    def serve(reply, hold=0.0):
+        def run():
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(WAIT)
+                data = conn.recv(64)
+                conn.sendall(reply(W.FrameReader().feed(data)[0]) if callable(reply) else reply)
+                time.sleep(hold)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        threads.append(t)
+    yield serve
+    for t in threads:
+        t.join(WAIT)
+    listener.close()
+    os.unlink(path)
+
+
+def test_a_c_attacher_gets_clean_codes_from_a_bad_creator(clean, probe, fake_creator):
+    c = probe(cid=2)
+    assert c("init") == "0"
+    welcome = W.encode(W.SIZE, 4096) + W.encode(W.FLUSHED, 0)
+    for reply, code in ((b"garbage that is not a frame", C.VMCI_ERROR_GENERIC),
+                        (W.encode(W.SIZE, 0) + W.encode(W.FLUSHED, 0), C.VMCI_ERROR_GENERIC),
+                        (W.encode(W.FLUSHED, 0), C.VMCI_ERROR_GENERIC),                    # out of turn
+                        (W.encode(W.SIZE, 1 << 33) + W.encode(W.FLUSHED, 0), VMCI_ERROR_INVALID_SIZE),
+                        (W.encode(W.SIZE, 4096) + W.encode(W.UPDATE, 4095, b"xx"), C.VMCI_ERROR_GENERIC),
+                        (W.encode_code(W.REFUSE, C.VMCI_ERROR_NO_ACCESS), C.VMCI_ERROR_NO_ACCESS),
+                        (W.encode(W.REFUSE, 5), C.VMCI_ERROR_GENERIC),                     # not a code
+                        (W.encode(W.SIZE, 4096), VMCI_ERROR_NOT_FOUND),                    # closed early
+                        (welcome[:30], VMCI_ERROR_NOT_FOUND)):                             # cut in a frame
+        fake_creator(reply)
+        assert c.ints("attach 3 5000 0") == [code, 0, 1], reply
+    for reply, code in ((b"junk" * 10, C.VMCI_ERROR_GENERIC), (W.encode(W.UPDATE, 0, b"x"), C.VMCI_ERROR_GENERIC),
+                        (W.encode(W.SIZE, 1 << 33), VMCI_ERROR_INVALID_SIZE), (b"", VMCI_ERROR_NOT_FOUND)):
+        fake_creator(reply)
+        assert c.ints("query 3 5000") == [code, 0], reply
+    # Attached, then garbage: the attacher's copy stays, its calls still answer.
+    fake_creator(lambda hello: W.encode(W.SIZE, 4096) + W.encode(W.UPDATE, 0, b"seen")
+                 + W.encode(W.FLUSHED, 0) + b"\xff" * 40, hold=0.5)
+    assert c.ints("attach 3 5000 4096") == [VMCI_SUCCESS, 4096, 0]
+    assert c("read 3 5000 0 4") == "[seen]"
+    assert c("write 3 5000 0 more") == "ok"
+    assert c("detach 3 5000") == "0"
+    # The HELLO a C attacher sends: its asked size and its context.
+    fake_creator(lambda hello: W.encode(W.SIZE, hello.arg) + W.encode(W.FLUSHED, 0)
+                 + W.encode(W.UPDATE, 0, bytes(hello.payload)) if hello.type == W.HELLO else b"")
+    assert c.ints("attach 3 5000 100") == [VMCI_SUCCESS, 100, 0]
+    eventually(lambda: c("read 3 5000 0 1") == "[\x02]", "the HELLO did not carry context 2")
+    assert c("detach 3 5000") == "0"
