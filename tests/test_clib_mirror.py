@@ -17,7 +17,7 @@ from conftest import PYTHON, child_env, make_settings
 from test_clib_shm import PY_APP, Probe, build, c_app, markers, objects, serve
 from test_clib_shm import cbuild, probe as shm_probe  # noqa: F401 (fixtures)
 from test_clib import CC, SANITIZE, SANITIZER_ENV, SANITIZER_MARKS, SRC_DIR, _cc, _sanitizers_work, env_for
-from test_mirror import CREATOR
+from test_mirror import CREATOR, closed_by_peer
 from vsockcompat.constants import (SIBLING_PIECE, VMCI_ERROR_ALREADY_EXISTS, VMCI_ERROR_DEVICE_NOT_FOUND,
                                    VMCI_ERROR_INVALID_SIZE, VMCI_ERROR_NOT_FOUND,
                                    VMCI_SUCCESS)
@@ -362,12 +362,7 @@ def test_threads_fork_and_teardown(clean, tmp_path, shm_probe, pylib, sanitized)
 
 def read_to_end(sock):
     sock.settimeout(WAIT)
-    data = b""
-    while True:
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            return data
-        data += chunk
+    return closed_by_peer(sock)
 
 
 def frames(data):
