@@ -404,17 +404,19 @@ static void server_free(server *s)
         free(s->conns[i]);
     }
     free(s->conns);
-    if (s->listener >= 0) {
+    if (s->marker_fd >= 0) {
+        /* mirror_link.Listener.close: the files go first, so that nobody finds them once the
+         * region stops answering. */
         char path[PATH_BUF + 8];
 
-        close(s->listener);
-        if (s->marker_fd >= 0) {
-            snprintf(path, sizeof path, "%s.sock", s->marker);
-            unlink(path);
-            unlink(s->marker);
-            close(s->marker_fd);
-        }
+        snprintf(path, sizeof path, "%s.sock", s->marker);
+        unlink(path);
+        unlink(s->marker);
     }
+    if (s->listener >= 0)
+        close(s->listener);
+    if (s->marker_fd >= 0)
+        close(s->marker_fd);
     if (s->wake[0] >= 0) {
         close(s->wake[0]);
         close(s->wake[1]);

@@ -91,7 +91,7 @@ def test_c_attaches_to_a_python_creator(clean, probe, pylib, rundir):
     assert c("detach %d %d" % handle) == str(VMCI_ERROR_NOT_FOUND)
     view.release()
     assert pylib.VMCISharedMem_Detach(handle) == VMCI_SUCCESS
-    assert c.ints("query %d %d" % handle) == [VMCI_ERROR_NOT_FOUND, 0]
+    gone(c, handle)
     assert c.ints("attach %d %d 0" % handle) == [VMCI_ERROR_NOT_FOUND, 0, 1]
 
 
@@ -138,6 +138,7 @@ def test_sync_is_a_flush_point_with_a_c_attacher(clean, probe, mirrored_rt):
         assert c.ints("attach %d %d 4096" % h) == [VMCI_SUCCESS, 4096, 0]
         writes_cross_at_sync(c, h, region)
         assert c("detach %d %d" % h) == "0"
+    gone(c, h)
 
 
 def test_sync_is_a_flush_point_with_a_c_creator(clean, probe, mirrored_rt):
@@ -147,6 +148,17 @@ def test_sync_is_a_flush_point_with_a_c_creator(clean, probe, mirrored_rt):
     with MirroredRegion.attach(h, 4096, runtime=mirrored_rt) as region:
         writes_cross_at_sync(c, h, region)
     assert c("detach %d %d" % h) == "0"
+    gone(c, h)
+
+
+def py_gone(pylib, h):
+    eventually(lambda: pylib.VMCISharedMem_Query(h) == (VMCI_ERROR_NOT_FOUND, 0), "the region outlived its users")
+
+
+def gone(c, h):
+    """Wait until the region h, whose users all detached, stops answering (its creator may still
+    have been serving an attacher whose goodbye was on its way); its files go first."""
+    eventually(lambda: c.ints("query %d %d" % tuple(h)) == [VMCI_ERROR_NOT_FOUND, 0], "the region outlived its users")
 
 
 def writes_cross_at_sync(c, h, region):
@@ -157,6 +169,25 @@ def writes_cross_at_sync(c, h, region):
         region.sync()
         assert bytes(region.buffer[:2]) == b"c%d" % i
         assert c("read %d %d 64 3" % h) == "[p%d]" % i
+
+
+def test_privileges_bind_both_ways(clean, probe, pylib):
+    """SM_ATTACH denied: a C creator refuses a Python attacher (at HELLO), a C attacher is refused
+    a Python creator's region; the privileges are the runtime directory's, as on shared memory."""
+    c = probe(cid=2)
+    assert c("init") == "0"
+    mine = VMCIHandle(*c.ints("create 64"))
+    assert c("deny %d %d 3" % tuple(mine)) == "0"          # the C library knows its mirrored region
+    assert pylib.VMCISharedMem_Attach(mine, 64)[0] == C.VMCI_ERROR_NO_ACCESS
+    with mirror_link.connect(pylib._runtime, mirror_link.REGION, mine) as sock:   # past any check of ours
+        sock.sendall(W.encode(W.HELLO, 0, struct.pack("<I", 3)))
+        assert frames(read_to_end(sock)) == [(W.REFUSE, C.VMCI_ERROR_NO_ACCESS & (2 ** 64 - 1), b"")]
+    theirs, view = pylib.VMCISharedMem_Create(64)
+    assert pylib.VMCIResource_AddClientPrivileges(theirs, (2, 0), [], [C.VMCI_PRIV_SM_ATTACH]) == VMCI_SUCCESS
+    assert c.ints("attach %d %d 0" % tuple(theirs)) == [C.VMCI_ERROR_NO_ACCESS, 0, 1]
+    view.release()
+    assert pylib.VMCISharedMem_Detach(theirs) == VMCI_SUCCESS
+    assert c("detach %d %d" % tuple(mine)) == "0"
 
 
 def test_two_c_attachers_see_each_others_writes_through_a_python_creator(clean, probe, pylib):
@@ -174,6 +205,7 @@ def test_two_c_attachers_see_each_others_writes_through_a_python_creator(clean, 
         assert c("cleanup") == "ok"                     # CleanupApp detaches (flushes) all
     view.release()
     assert pylib.VMCISharedMem_Detach(handle) == VMCI_SUCCESS
+    py_gone(pylib, handle)
 
 
 def test_unknown_handles_and_codes(clean, probe, pylib):
@@ -351,6 +383,7 @@ def test_threads_fork_and_teardown(clean, tmp_path, shm_probe, pylib, sanitized)
     assert c("cleanup") == "ok"
     view.release()
     assert pylib.VMCISharedMem_Detach(handle) == VMCI_SUCCESS
+    py_gone(pylib, handle)
     err = c.close()
     assert not [m for m in SANITIZER_MARKS if m in err], err
     assert err == ""
