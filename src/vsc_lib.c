@@ -18,7 +18,8 @@
  * and the child stays initialised, so it can create endpoints of its own.
  *
  * Shared memory (VMCISharedMem_*, src/vsc_shm.c) speaks vsockcompat/sharedmem.py's
- * protocol, so C and Python processes share regions both ways. A second table,
+ * protocol, so C and Python processes share regions both ways; mirrored regions
+ * (src/vsc_mirror.h, VSOCKCOMPAT_SHM_MODE) speak vsockcompat/mirror.py's. A second table,
  * g_regions (also under g_lock), holds this process's mappings; the region calls
  * do their file work outside g_lock. CleanupApp detaches them all; a forked
  * child drops the parent's entries (closing only its copy of each lock file, the

@@ -707,8 +707,3 @@ void vsc_mirror_abandon(vsc_region *r)
     close(a->wake[1]);
     free(r);
 }
-
-int vsc_mirror_lost(const vsc_region *r)
-{
-    return r->created ? 0 : __atomic_load_n(&((attacher *)r->mirror)->lost, __ATOMIC_ACQUIRE);
-}

@@ -58,7 +58,5 @@ int vsc_mirror_attach(const vsc_local *t, vsc_handle h, uint32_t size, vsc_regio
 int vsc_mirror_detach(vsc_region *r);
 /* In a forked child: forget r (close our copies of its descriptors, free r); the mapping stays. */
 void vsc_mirror_abandon(vsc_region *r);
-/* For tests: whether the peer of attacher r is gone (1), or 0. */
-int vsc_mirror_lost(const vsc_region *r);
 
 #endif
