@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 SOURCES = ["vsc_dgram.c", "vsc_ring.c", "vsc_ds.c", "vsc_endpoint.c", "vsc_local.c", "vsc_vsock.c", "vsc_vsock_dgram.c",
            "vsc_link.c", "vsc_acl.c", "vsc_acl_memory.c", "vsc_policy.c", "vsc_shm.c", "vsc_mirror.c",
-           "vsc_mirror_serve.c"]
+           "vsc_mirror_core.c", "vsc_mirror_serve.c"]
 FLAGS = ["-g", "-O1", "-std=gnu11", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
          "-pthread"]
 

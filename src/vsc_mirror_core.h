@@ -1,7 +1,7 @@
 /*
  * vsockcompat C core: what the two sides of a mirrored region (src/vsc_mirror.c, the attacher;
- * src/vsc_mirror_serve.c, the creator) share: frames (mirror_wire.py), a private copy with its
- * change detection (mirror_diff.py), threads. Internal to those two files.
+ * src/vsc_mirror_serve.c, the creator) share, in src/vsc_mirror_core.c: frames (mirror_wire.py),
+ * a private copy with its change detection (mirror_diff.py), threads. Internal to those files.
  */
 #ifndef VSC_MIRROR_CORE_H
 #define VSC_MIRROR_CORE_H
@@ -15,6 +15,10 @@
 
 /* The kind of a region's stream endpoint in the local id space (mirror_link.REGION). */
 #define VSC_MIRROR_SUFFIX ".mir"
+
+/* Little-endian u32, as the frames' fields are. */
+void vsc_put_u32(uint8_t *p, uint32_t v);
+uint32_t vsc_get_u32(const uint8_t *p);
 
 /* Frames to send, appended back to back. */
 typedef struct {

@@ -287,8 +287,7 @@ static void greet(server *s, conn *c, const vsc_frame *f)
         close_conn(s, c);
         return;
     }
-    cid = peer_context(s, c->fd, (uint32_t)f->payload[0] | (uint32_t)f->payload[1] << 8
-                                     | (uint32_t)f->payload[2] << 16 | (uint32_t)f->payload[3] << 24);
+    cid = peer_context(s, c->fd, vsc_get_u32(f->payload));
     if (cid == VMCI_INVALID_ID || !vsc_acl_may_attach(s->t, cid, s->handle)) {
         send_frame(s, c, VSC_MIRROR_REFUSE, (uint64_t)(int64_t)VMCI_ERROR_NO_ACCESS);
         close_conn(s, c);
