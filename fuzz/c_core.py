@@ -16,7 +16,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 SOURCES = ["vsc_dgram.c", "vsc_ring.c", "vsc_ds.c", "vsc_endpoint.c", "vsc_local.c", "vsc_vsock.c", "vsc_vsock_dgram.c",
-           "vsc_hybrid.c", "vsc_link.c", "vsc_acl.c", "vsc_acl_memory.c", "vsc_policy.c"]
+           "vsc_hybrid.c", "vsc_link.c", "vsc_acl.c", "vsc_acl_memory.c", "vsc_policy.c", "vsc_shm.c",
+           "vsc_mirror.c", "vsc_mirror_core.c", "vsc_mirror_serve.c"]
 FLAGS = ["-g", "-O1", "-std=gnu11", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
          "-pthread"]
 
@@ -67,8 +68,17 @@ def run_target(name, sources, seeds=None, argv=None):
     return run.returncode
 
 
+def mirror_seeds():
+    """Frames of a mirror stream (vsockcompat.mirror_wire): a welcome with updates in and out of range."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from vsockcompat import mirror_wire as W
+    return {"mirror-welcome": W.encode(W.SIZE, 300) + W.encode(W.UPDATE, 0, b"x" * 64)
+            + W.encode(W.UPDATE, 290, b"0123456789") + W.encode(W.FLUSHED, 0) + W.encode(W.ACK, 1),
+            "mirror-outside": W.encode(W.UPDATE, 299, b"ab") + W.encode(W.UPDATE, 1 << 63, b"c")}
+
+
 def main(argv=None):
-    return run_target("fuzz_c_core", SOURCES, argv=argv)
+    return run_target("fuzz_c_core", SOURCES, seeds=mirror_seeds(), argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())

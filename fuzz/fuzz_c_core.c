@@ -1,7 +1,7 @@
 /*
  * libFuzzer target for the C core's decoders of peer bytes: datagram frames
- * received on a socket, queue-pair rings with arbitrary header indexes, and
- * discovery-service replies. Built with -fsanitize=fuzzer,address,undefined
+ * received on a socket, queue-pair rings with arbitrary header indexes,
+ * discovery-service replies, and mirror-stream frames applied to a region's copy. Built with -fsanitize=fuzzer,address,undefined
  * by fuzz/c_core.py; a crash or a sanitizer report is a finding.
  */
 #include <stdint.h>
@@ -12,11 +12,13 @@
 
 #include "vsc_dgram.h"
 #include "vsc_ds.h"
+#include "vsc_mirror_core.h"
 #include "vsc_ring.h"
 
 #define QSIZE 256 /* data bytes per queue: small, so indexes go out of range often */
 
-static int pair[2] = {-1, -1};
+static int pair[2] = {-1, -1}, stream[2] = {-1, -1};
+static vsc_copy region; /* 300 bytes: updates land out of range often */
 static uint8_t *acct;
 static uint8_t buf[64], spill[VMCI_MAX_DG_PAYLOAD_SIZE + 1];
 
@@ -24,7 +26,8 @@ static void setup(void)
 {
     int size = 1 << 20;
 
-    if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, pair) != 0)
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, pair) != 0 || socketpair(AF_UNIX, SOCK_STREAM, 0, stream) != 0
+        || vsc_copy_init(&region, 300) != VMCI_SUCCESS)
         abort();
     setsockopt(pair[0], SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
     acct = mmap(NULL, VSC_ACCT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -93,6 +96,29 @@ static void fuzz_ds_reply(const uint8_t *data, size_t size)
     vsc_ds_parse_reply(data, size, msgid, &out);
 }
 
+/* What an attacher does with a creator's bytes (src/vsc_mirror.c): cut frames, apply valid
+ * updates to its copy, scan the copy for changes to send back. */
+static void fuzz_mirror(const uint8_t *data, size_t size)
+{
+    vsc_reader r = {0};
+    vsc_out o = {0};
+    vsc_frame f;
+    int rc;
+
+    if (size > 1 << 16 || send(stream[0], data, size, MSG_DONTWAIT) < 0)
+        return;
+    do {
+        rc = vsc_reader_fill(&r, stream[1], MSG_DONTWAIT);
+        while (rc == 1 && (rc = vsc_reader_next(&r, &f)) == 1)
+            if (f.type == VSC_MIRROR_UPDATE && vsc_valid_update(&f, region.size))
+                vsc_copy_apply(&region, f.arg, f.payload, f.len);
+    } while (rc == 0);
+    region.map[size % region.size] ^= 1;
+    vsc_copy_scan(&region, &o, NULL, NULL);
+    vsc_out_free(&o);
+    vsc_reader_free(&r);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (pair[0] < 0)
@@ -100,5 +126,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fuzz_frame(data, size);
     fuzz_ring(data, size);
     fuzz_ds_reply(data, size);
+    fuzz_mirror(data, size);
     return 0;
 }

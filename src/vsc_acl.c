@@ -611,6 +611,9 @@ int vsc_acl_kind_of(const vsc_local *t, vsc_handle resource)
     resource_path(t, resource, ".shm", path, sizeof path);
     if (lexists(path) && vsc_local_marker_alive(t, path))
         return VSC_KIND_SHAREDMEM;
+    resource_path(t, resource, ".mir", path, sizeof path); /* a mirrored region (vsc_mirror.h) */
+    if (lexists(path) && vsc_local_marker_alive(t, path))
+        return VSC_KIND_SHAREDMEM;
     resource_path(t, resource, ".qp", path, sizeof path);
     if (lexists(path) && queue_pair_alive(path))
         return VSC_KIND_QUEUEPAIR;

@@ -179,6 +179,25 @@
 #define VSC_HYBRID_HANDSHAKE_TIMEOUT_MS       5000
 #define VSC_HYBRID_MAX_REPLY                  32
 #define VSC_HYBRID_CLAIM_TIMEOUT_MS           10000
+#define VSC_MIRROR_HEADER_SIZE                20
+#define VSC_MIRROR_MAGIC                      1296257878
+#define VSC_MIRROR_MAX_PAYLOAD                1048576
+#define VSC_MIRROR_HELLO                      1
+#define VSC_MIRROR_SIZE                       2
+#define VSC_MIRROR_REFUSE                     3
+#define VSC_MIRROR_BYE                        4
+#define VSC_MIRROR_QUERY                      5
+#define VSC_MIRROR_UPDATE                     6
+#define VSC_MIRROR_FLUSH                      7
+#define VSC_MIRROR_FLUSHED                    8
+#define VSC_MIRROR_ACK                        12
+#define VSC_MIRROR_WELCOME                    9
+#define VSC_MIRROR_DATA                       10
+#define VSC_MIRROR_CREDIT                     11
+#define VSC_MIRROR_WANT                       13
+#define VSC_MIRROR_LINE                       64
+#define VSC_MIRROR_BLOCK                      65536
+#define VSC_MIRROR_INTERVAL_MS                10
 
 /* Field offsets of the byte layouts (vmci-sdk.md section 3) */
 #define VSC_DG_OFF_DST_CONTEXT                0
@@ -203,5 +222,12 @@
 #define VSC_QH_OFF_HANDLE_RESOURCE            4
 #define VSC_QH_OFF_PRODUCER_TAIL              8
 #define VSC_QH_OFF_CONSUMER_HEAD              16
+#define VSC_MIRROR_OFF_MAGIC                  0
+#define VSC_MIRROR_OFF_TYPE                   4
+#define VSC_MIRROR_OFF_FLAGS                  5
+#define VSC_MIRROR_OFF_RESERVED               6
+#define VSC_MIRROR_OFF_ARG                    8
+#define VSC_MIRROR_OFF_LENGTH                 16
+#define VSC_MIRROR_OFF_PAYLOAD                20
 
 #endif /* VSC_CONSTANTS_H */

@@ -18,7 +18,8 @@
  * and the child stays initialised, so it can create endpoints of its own.
  *
  * Shared memory (VMCISharedMem_*, src/vsc_shm.c) speaks vsockcompat/sharedmem.py's
- * protocol, so C and Python processes share regions both ways. A second table,
+ * protocol, so C and Python processes share regions both ways; mirrored regions
+ * (src/vsc_mirror.h, VSOCKCOMPAT_SHM_MODE) speak vsockcompat/mirror.py's. A second table,
  * g_regions (also under g_lock), holds this process's mappings; the region calls
  * do their file work outside g_lock. CleanupApp detaches them all; a forked
  * child drops the parent's entries (closing only its copy of each lock file, the
@@ -46,6 +47,7 @@
 #include "vsc_ds.h"
 #include "vsc_endpoint.h"
 #include "vsc_local.h"
+#include "vsc_mirror.h"
 #include "vsc_shm.h"
 
 #define VSC_EXPORT __attribute__((visibility("default")))
@@ -65,6 +67,8 @@ static vsc_region **g_regions;     /* under g_lock; this process's mapped region
 static int g_nregions, g_regions_cap;
 
 static const VMCIHandle INVALID_HANDLE = {VMCI_INVALID_ID, VMCI_INVALID_ID};
+
+static int region_detach(vsc_region *r);
 
 static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
 static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
@@ -104,7 +108,10 @@ static void table_lock(void)
             vsc_endpoint_abandon(g_table[i]);
         g_count = 0;
         for (i = 0; i < g_nregions; i++)
-            vsc_shm_abandon(g_regions[i]);
+            if (g_regions[i]->mirror != NULL)
+                vsc_mirror_abandon(g_regions[i]);
+            else
+                vsc_shm_abandon(g_regions[i]);
         g_nregions = 0;
         vsc_acl_memory_forget_all();
         if (g_settings_read) {
@@ -227,7 +234,7 @@ VSC_EXPORT void VMCI_CleanupApp(void)
     }
     free(table);
     for (i = 0; i < nregions; i++)
-        vsc_shm_detach(&g_transport, regions[i]);
+        region_detach(regions[i]);
     free(regions);
 }
 
@@ -325,15 +332,22 @@ VSC_EXPORT int VMCIDatagram_RecvFrom(VMCIHandle handle, VMCIHandle *srcOut, void
 
 /* 4.3 Shared memory (src/vsc_shm.c; README "Where the SDK is silent" for the codes)
  *
- * Over vsock there is no memory shared between kernels and the C library does not mirror
- * regions (Python does, VSOCKCOMPAT_SHM_MODE; on hybrid too, where Python mirrors): the calls give the codes of Python's vsock
- * transport without shared memory (VSOCKCOMPAT_SHM_MODE=shared): Create VMCI_INVALID_HANDLE,
- * Query and Attach VMCI_ERROR_UNAVAILABLE (Attach after the policy's check), Detach
- * VMCI_ERROR_NOT_FOUND (nothing is ever mapped). */
+ * Where regions are mirrored (VSOCKCOMPAT_SHM_MODE=mirrored, or auto on vsock) the calls go to
+ * src/vsc_mirror.c, which speaks vsockcompat/mirror.py's protocol. Over vsock with
+ * VSOCKCOMPAT_SHM_MODE=shared, and on hybrid (where Python mirrors and the C library does not),
+ * there is no memory shared between kernels: the calls give the codes of Python's vsock
+ * transport without shared memory: Create VMCI_INVALID_HANDLE, Query and Attach
+ * VMCI_ERROR_UNAVAILABLE (Attach after the policy's check), Detach VMCI_ERROR_NOT_FOUND
+ * (nothing is ever mapped). */
 
 static int shm_on_vsock(void)
 {
-    return vsc_links_streamed(&g_transport); /* vsock, and hybrid likewise */
+    return vsc_links_streamed(&g_transport) && !vsc_mirror_enabled(&g_transport); /* vsock, hybrid */
+}
+
+static int region_detach(vsc_region *r)
+{
+    return r->mirror != NULL ? vsc_mirror_detach(r) : vsc_shm_detach(&g_transport, r);
 }
 
 static int region_find(vsc_handle h)
@@ -383,10 +397,11 @@ VSC_EXPORT VMCIHandle VMCISharedMem_Create(uint32 size, void **addrOut)
         *addrOut = NULL;
     if (!is_initialised() || addrOut == NULL || shm_on_vsock())
         return INVALID_HANDLE;
-    if (vsc_shm_create(&g_transport, size, &r) != VMCI_SUCCESS)
+    if ((vsc_mirror_enabled(&g_transport) ? vsc_mirror_create(&g_transport, size, &r)
+                                          : vsc_shm_create(&g_transport, size, &r)) != VMCI_SUCCESS)
         return INVALID_HANDLE;
     if (region_add(r) != VMCI_SUCCESS) {
-        vsc_shm_detach(&g_transport, r);
+        region_detach(r);
         return INVALID_HANDLE;
     }
     *addrOut = r->addr;
@@ -401,6 +416,8 @@ VSC_EXPORT int VMCISharedMem_Query(VMCIHandle handle, uint32 *sizeOut)
         return VMCI_ERROR_INVALID_ARGS;
     if (shm_on_vsock())
         return VMCI_ERROR_UNAVAILABLE;
+    if (vsc_mirror_enabled(&g_transport))
+        return vsc_mirror_query(&g_transport, to_vsc(handle), sizeOut);
     return vsc_shm_query(&g_transport, to_vsc(handle), sizeOut);
 }
 
@@ -425,11 +442,12 @@ VSC_EXPORT int VMCISharedMem_Attach(VMCIHandle handle, void **addrOut, uint32 *s
         return VMCI_ERROR_NO_ACCESS;
     if (shm_on_vsock())
         return VMCI_ERROR_UNAVAILABLE;
-    rc = vsc_shm_attach(&g_transport, to_vsc(handle), *sizeInOut, &r);
+    rc = vsc_mirror_enabled(&g_transport) ? vsc_mirror_attach(&g_transport, to_vsc(handle), *sizeInOut, &r)
+                                          : vsc_shm_attach(&g_transport, to_vsc(handle), *sizeInOut, &r);
     if (rc != VMCI_SUCCESS)
         return rc;
     if ((rc = region_add(r)) != VMCI_SUCCESS) {
-        vsc_shm_detach(&g_transport, r);
+        region_detach(r);
         return rc;
     }
     *addrOut = r->addr;
@@ -451,7 +469,7 @@ VSC_EXPORT int VMCISharedMem_Detach(VMCIHandle handle)
     pthread_mutex_unlock(&g_lock);
     if (r == NULL)
         return init ? VMCI_ERROR_NOT_FOUND : VMCI_ERROR_UNAVAILABLE;
-    return vsc_shm_detach(&g_transport, r);
+    return region_detach(r);
 }
 
 /* 4.4 Access control (src/vsc_acl.h) */

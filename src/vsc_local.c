@@ -186,6 +186,8 @@ static int parse_choice(const char *value, const char *const *names, int n)
 static const char *const TRANSPORTS[] = {"auto", "local", "vsock", "hybrid"}; /* _settings.TRANSPORTS */
 /* _settings.VSOCK_MODES; the index is the VSC_VSOCK_* value */
 static const char *const VSOCK_MODES[] = {"auto", "seqpacket", "stream", "dgram"};
+/* _settings.SHM_MODES; the index is the VSC_SHM_* value */
+static const char *const SHM_MODES[] = {"auto", "shared", "mirrored"};
 
 int vsc_local_open(vsc_local *t)
 {
@@ -196,7 +198,8 @@ int vsc_local_open(vsc_local *t)
     memset(t, 0, sizeof *t);
     transport = parse_choice(getenv("VSOCKCOMPAT_TRANSPORT"), TRANSPORTS, 4);
     t->vsock_mode = parse_choice(getenv("VSOCKCOMPAT_VSOCK_MODE"), VSOCK_MODES, 4);
-    if (transport < 0 || t->vsock_mode < 0)
+    t->shm_mode = parse_choice(getenv("VSOCKCOMPAT_SHM_MODE"), SHM_MODES, 3);
+    if (transport < 0 || t->vsock_mode < 0 || t->shm_mode < 0)
         return -1;
     t->transport = transport == 3 ? VSC_TRANSPORT_HYBRID : transport == 2 ? VSC_TRANSPORT_VSOCK
                                                                             : VSC_TRANSPORT_LOCAL;

@@ -37,6 +37,11 @@ struct vsc_hybrid_set;
 #define VSC_VSOCK_STREAM    2
 #define VSC_VSOCK_DGRAM     3 /* one AF_VSOCK SOCK_DGRAM socket per endpoint: src/vsc_vsock_dgram.c */
 
+/* VSOCKCOMPAT_SHM_MODE (_settings.SHM_MODES): where shared memory regions live. */
+#define VSC_SHM_AUTO     0 /* shared on the local transport, mirrored on vsock */
+#define VSC_SHM_SHARED   1 /* POSIX shared memory (src/vsc_shm.h) */
+#define VSC_SHM_MIRRORED 2 /* mirrored over streams (src/vsc_mirror.h) */
+
 /* The process's transport: its settings, then what opening it found. Fixed once opened. */
 typedef struct {
     char rundir[VSC_RUNDIR_MAX]; /* absolute, normalised as os.path.abspath does */
@@ -44,6 +49,7 @@ typedef struct {
                          * hybrid 2, or 1 */
     int transport;      /* VSC_TRANSPORT_* */
     int vsock_mode;     /* VSC_VSOCK_*: asked for, then (once open) DGRAM, SEQPACKET or STREAM */
+    int shm_mode;       /* VSC_SHM_* */
     uint32_t kcid;      /* vsock: the kernel's CID (IOCTL_VM_SOCKETS_GET_LOCAL_CID) */
     int well_known;     /* vsock, hybrid: we speak for context 1 (the discovery daemon's context) */
     const struct vsc_hybrid *hybrid; /* hybrid: the VMM sockets (vsc_hybrid_open) */

@@ -311,32 +311,37 @@ static int map_object(const char *path, size_t length, void **addr)
     return *addr == MAP_FAILED ? errno_code(e) : VMCI_SUCCESS;
 }
 
+uint64_t vsc_mem_available(void)
+{
+    char text[4096], *p;
+    unsigned long long kib;
+    ssize_t n;
+    int fd = open("/proc/meminfo", O_RDONLY | O_CLOEXEC);
+
+    if (fd < 0)
+        return UINT64_MAX;
+    n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return UINT64_MAX;
+    text[n] = '\0';
+    p = strstr(text, "MemAvailable:");
+    if (p == NULL || sscanf(p + strlen("MemAvailable:"), "%llu", &kib) != 1 || kib >= UINT64_MAX / 1024)
+        return UINT64_MAX;
+    return (uint64_t)kib * 1024;
+}
+
 /* sharedmem._memory_available: min(free space of /dev/shm, MemAvailable). A VMCI code. */
 static int memory_available(uint64_t *out)
 {
     struct statvfs st;
-    char text[4096], *p;
-    ssize_t n;
-    int fd;
+    uint64_t ram = vsc_mem_available();
 
     if (statvfs(VSC_SHM_DIR, &st) != 0)
         return errno_code(errno);
     *out = (uint64_t)st.f_bavail * (uint64_t)st.f_frsize;
-    fd = open("/proc/meminfo", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return VMCI_SUCCESS;
-    n = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (n <= 0)
-        return VMCI_SUCCESS;
-    text[n] = '\0';
-    p = strstr(text, "MemAvailable:");
-    if (p != NULL) {
-        unsigned long long kib;
-        if (sscanf(p + strlen("MemAvailable:"), "%llu", &kib) == 1 && kib < UINT64_MAX / 1024
-            && kib * 1024 < *out)
-            *out = kib * 1024;
-    }
+    if (ram < *out)
+        *out = ram;
     return VMCI_SUCCESS;
 }
 
@@ -438,7 +443,7 @@ static int create_at(const vsc_local *t, const char *cdir, uint32_t rid, void *a
         goto fail;
     }
     close(mfd);
-    a->region = malloc(sizeof *a->region);
+    a->region = calloc(1, sizeof *a->region);
     if (a->region == NULL) {
         rc = VMCI_ERROR_NO_MEM;
         unlink(marker);
@@ -553,7 +558,7 @@ int vsc_shm_attach(const vsc_local *t, vsc_handle h, uint32_t size, vsc_region *
     backing = (size_t)page_round(actual);
     if ((rc = map_object(path, backing, &addr)) != VMCI_SUCCESS)
         goto out;
-    *out = malloc(sizeof **out);
+    *out = calloc(1, sizeof **out);
     if (*out == NULL) {
         munmap(addr, backing);
         rc = VMCI_ERROR_NO_MEM;

@@ -29,7 +29,9 @@ typedef struct {
     uint32_t size;      /* the requested size: Query's, and the length the caller may use */
     size_t backing;     /* size rounded up to whole pages: the mapping's length */
     int lock_fd;        /* our open file of the shm object, holding LOCK_SH; close-on-exec */
-    void *addr;         /* MAP_SHARED, read/write, backing bytes */
+    void *addr;         /* MAP_SHARED, read/write, backing bytes (mirrored: the private copy) */
+    void *mirror;       /* NULL here; a mirrored region's side (src/vsc_mirror.h), which owns it */
+    int created;        /* mirrored: whether this process created it */
 } vsc_region;
 
 /* Create a region of size bytes (> 0, else VMCI_ERROR_INVALID_SIZE) in t's context and attach
@@ -45,6 +47,9 @@ int vsc_shm_detach(const vsc_local *t, vsc_region *r);
 /* In a forked child: forget r (close our copy of the lock file, free r) without touching the
  * shared state; the mapping stays, as the parent's pointers into it may still be in use. */
 void vsc_shm_abandon(vsc_region *r);
+
+/* MemAvailable of /proc/meminfo in bytes; UINT64_MAX when it cannot be read. */
+uint64_t vsc_mem_available(void);
 
 /* "/dev/shm/vsc.<uid>.<8 hex>.<cid>.<rid>" into out (at least VSC_SHM_PATH_MAX bytes). */
 #define VSC_SHM_PATH_MAX 96

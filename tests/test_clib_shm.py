@@ -190,6 +190,11 @@ main(void)
             char *end = memchr(p + offset, '\0', len);
             printf("[%.*s]\n", (int)(end != NULL ? end - (p + offset) : (long)len), p + offset);
          }
+      } else if (sscanf(line, "deny %u %u %u", &cid, &rid, &size) == 3) {
+         /* Deny context size SM_ATTACH on (cid, rid). */
+         VMCIResourcePrivilegeType priv = VMCI_PRIV_SM_ATTACH;
+         printf("%d\n", VMCIResource_AddClientPrivileges(VMCI_MAKE_HANDLE(cid, rid), VMCI_MAKE_HANDLE(size, 0),
+                                                         0, NULL, 1, &priv));
       } else if (sscanf(line, "nulls %u %u", &cid, &rid) == 2) {
          h = VMCI_MAKE_HANDLE(cid, rid);
          sz = 0;

@@ -236,7 +236,13 @@ def emulated_session(guarded, exe, rundir, tmp_path, mode, wrap=()):
         assert a.ask("send 1 4242 1") == ["-1"]
         assert a.ask("send 0 5 1") == a.ask("send 3 5 1") == ["-10"]
         assert a.ask("send 1 1025 69609") == ["-2"]
-        assert a.ask("shm") == ["1", "-20", "-20", "-21"]
+        # Regions are mirrored over vsock streams (VSOCKCOMPAT_SHM_MODE=auto): Create works, nobody
+        # serves 4242; with VSOCKCOMPAT_SHM_MODE=shared there is no shared memory across kernels.
+        assert a.ask("shm") == ["0", "-21", "-21", "-21"]
+        shared = EmulatedProbe(guarded, exe, rundir, emu, mode, wrap, VSOCKCOMPAT_SHM_MODE="shared")
+        assert shared.ask("init") == ["0"] and shared.ask("create 0")[0] == "1"
+        assert shared.ask("shm") == ["1", "-20", "-20", "-21"]
+        assert shared.close()[0] == 0
         assert a.ask("lookup anything") == ["-1", "4294967295", "4294967295"]  # no daemon, none started
         assert not os.path.exists(os.path.join(rundir, "ds.log"))
     finally:

@@ -13,7 +13,7 @@ a ``VSC_`` prefix (``AF_VSOCK`` -> ``VSC_AF_VSOCK``, ``DG_HEADER_SIZE`` ->
 ``VSC_DG_HEADER_SIZE``) so the header never redefines what ``<sys/socket.h>``
 or ``<linux/vm_sockets.h>`` define. Then the field offsets of each layout
 (``VSC_DG_OFF_DST_CONTEXT``, ``VSC_DS_REQ_OFF_NAME``, ``VSC_DS_REP_OFF_MSG``,
-``VSC_QH_OFF_PRODUCER_TAIL``, ...).
+``VSC_QH_OFF_PRODUCER_TAIL``, ``VSC_MIRROR_OFF_ARG``, ...).
 """
 
 import argparse
@@ -33,6 +33,7 @@ _LAYOUTS = (
     ("DS_REQ", _c.DS_REQUEST_HEADER_FORMAT, _c.DS_REQUEST_HEADER_FIELDS, "name"),
     ("DS_REP", _c.DS_REPLY_HEADER_FORMAT, _c.DS_REPLY_HEADER_FIELDS, "msg"),
     ("QH", _c.QUEUE_HEADER_FORMAT, _c.QUEUE_HEADER_FIELDS, None),
+    ("MIRROR", _c.MIRROR_HEADER_FORMAT, _c.MIRROR_HEADER_FIELDS, "payload"),
 )
 
 

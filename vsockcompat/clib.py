@@ -17,8 +17,9 @@ from typing import List, Mapping, Optional, Sequence
 
 SONAME = "libvmci.so.0"
 LINK_NAME = "libvmci.so"
-SOURCES = ("vsc_lib.c", "vsc_endpoint.c", "vsc_local.c", "vsc_vsock.c", "vsc_vsock_dgram.c", "vsc_hybrid.c", "vsc_link.c", "vsc_ds.c",
-           "vsc_dgram.c", "vsc_shm.c", "vsc_acl.c", "vsc_acl_memory.c", "vsc_policy.c")
+SOURCES = ("vsc_lib.c", "vsc_endpoint.c", "vsc_local.c", "vsc_vsock.c", "vsc_vsock_dgram.c", "vsc_hybrid.c", "vsc_link.c",
+           "vsc_ds.c", "vsc_dgram.c", "vsc_shm.c", "vsc_mirror.c", "vsc_mirror_core.c", "vsc_mirror_serve.c",
+           "vsc_acl.c", "vsc_acl_memory.c", "vsc_policy.c")
 HEADERS = ("vmcilib.h", "vmci_sockets.h", "vsc_constants.h")
 VERSION_SCRIPT = "libvmci.map"
 #: The names the library exports: the SDK's user-level calls (vmci-sdk.md section 4).

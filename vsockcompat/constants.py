@@ -270,6 +270,22 @@ HYBRID_MAX_REPLY = 32
 #: for microseconds by each claimer) before endpoint creation gives VMCI_ERROR_TIMEOUT.
 HYBRID_CLAIM_TIMEOUT_MS = 10000
 
+# The frames of the mirror streams (mirrored regions, streamed queue pairs; mirror_wire.py):
+# u32 magic, u8 type, u8 0, u16 0, u64 arg, u32 payload length (little-endian), then the payload.
+MIRROR_HEADER_FORMAT = "<IBBHQI"
+MIRROR_HEADER_FIELDS = ("magic", "type", "flags", "reserved", "arg", "length")
+MIRROR_HEADER_SIZE = _struct.calcsize(MIRROR_HEADER_FORMAT)
+MIRROR_MAGIC = 0x4D435356  # b"VSCM" read as a little-endian u32
+MIRROR_MAX_PAYLOAD = 1 << 20
+MIRROR_HELLO, MIRROR_SIZE, MIRROR_REFUSE, MIRROR_BYE = 1, 2, 3, 4
+MIRROR_QUERY, MIRROR_UPDATE, MIRROR_FLUSH, MIRROR_FLUSHED, MIRROR_ACK = 5, 6, 7, 8, 12
+MIRROR_WELCOME, MIRROR_DATA, MIRROR_CREDIT, MIRROR_WANT = 9, 10, 11, 13
+#: Change detection of a mirrored region (mirror_diff.py): 64-byte lines in 64 KiB blocks,
+#: scanned every MIRROR_INTERVAL_MS milliseconds.
+MIRROR_LINE = 64
+MIRROR_BLOCK = 65536
+MIRROR_INTERVAL_MS = 10
+
 
 def _is_int_constant(name, value):
     return (name.isupper() and not name.startswith("_")

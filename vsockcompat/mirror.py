@@ -63,7 +63,7 @@ import psutil
 
 from . import mirror_link, mirror_wire as W
 from .mirror_diff import LINE, PAGE, Shadow, outside
-from .constants import VMCI_ERROR_INVALID_SIZE
+from .constants import MIRROR_INTERVAL_MS, VMCI_ERROR_INVALID_SIZE
 from .errors import Generic, NoAccess, NoMem, NotFound, Timeout, VMCIError, error_for
 from .handles import VMCIHandle, as_handle
 from .runtime import Runtime, default_runtime
@@ -72,7 +72,7 @@ from .transport.pieces import send_all
 __all__ = ["MirroredRegion", "MirrorStats", "query", "INTERVAL", "LINE"]
 
 #: Seconds between two scans for changed pages.
-INTERVAL = 0.01
+INTERVAL = MIRROR_INTERVAL_MS / 1000
 #: Seconds a new connection has to say HELLO or QUERY.
 HELLO_TIMEOUT = 5.0
 #: Seconds a send may block before the connection is given up.

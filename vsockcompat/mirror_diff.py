@@ -8,13 +8,14 @@ about 10 us per MiB of unchanged region plus the changed blocks.
 from typing import List, Tuple
 
 from . import mirror_wire as W
+from .constants import MIRROR_BLOCK, MIRROR_LINE
 
 __all__ = ["Shadow", "outside", "LINE", "PAGE", "BLOCK"]
 
 PAGE = 4096
 #: The unit of change detection: a write is mirrored as the lines it changed.
-LINE = 64
-BLOCK = 16 * PAGE
+LINE = MIRROR_LINE
+BLOCK = MIRROR_BLOCK
 
 
 class Shadow:

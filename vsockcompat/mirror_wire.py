@@ -17,16 +17,19 @@ the business of the protocol using it (``mirror``, ``qp_stream``).
 import struct
 from typing import List, NamedTuple, Optional, Tuple
 
-HEADER = struct.Struct("<IBBHQI")
-MAGIC = 0x4D435356
-MAX_PAYLOAD = 1 << 20
+from . import constants as _c
+
+HEADER = struct.Struct(_c.MIRROR_HEADER_FORMAT)
+MAGIC = _c.MIRROR_MAGIC
+MAX_PAYLOAD = _c.MIRROR_MAX_PAYLOAD
 
 # Both protocols
-HELLO, SIZE, REFUSE, BYE = 1, 2, 3, 4
+HELLO, SIZE, REFUSE, BYE = _c.MIRROR_HELLO, _c.MIRROR_SIZE, _c.MIRROR_REFUSE, _c.MIRROR_BYE
 # Mirrored regions
-QUERY, UPDATE, FLUSH, FLUSHED, ACK = 5, 6, 7, 8, 12
+QUERY, UPDATE, FLUSH, FLUSHED, ACK = (_c.MIRROR_QUERY, _c.MIRROR_UPDATE, _c.MIRROR_FLUSH,
+                                      _c.MIRROR_FLUSHED, _c.MIRROR_ACK)
 # Streamed queue pairs
-WELCOME, DATA, CREDIT, WANT = 9, 10, 11, 13
+WELCOME, DATA, CREDIT, WANT = _c.MIRROR_WELCOME, _c.MIRROR_DATA, _c.MIRROR_CREDIT, _c.MIRROR_WANT
 TYPES = frozenset(range(1, 14))
 
 # What a core's ``QueueStream`` (the data path of a streamed queue pair) reports: ``pull``'s
