@@ -371,6 +371,15 @@ def test_resource_ids_are_shared_with_python_and_dead_ones_reclaimed(core, rundi
     first.proc.stderr.close()
 
 
+@pytest.mark.parametrize("shm_mode", ["auto", "mirrored", "shared"])
+def test_shared_memory_on_hybrid_gives_the_codes_of_no_shared_memory(vmm, probe_on, shm_mode):
+    """libvmci.so.0 mirrors regions on vsock and local, not on hybrid (Python does, over the VMM's
+    paths): whatever VSOCKCOMPAT_SHM_MODE says, the calls give the codes of no shared memory."""
+    probe = probe_on(vmm.path, VSOCKCOMPAT_SHM_MODE=shm_mode)
+    assert probe.ask("shm") == ["1", str(C.VMCI_ERROR_UNAVAILABLE), str(C.VMCI_ERROR_UNAVAILABLE),
+                                str(C.VMCI_ERROR_NOT_FOUND)]
+
+
 def test_c_claims_a_port_under_the_same_lock_as_python(vmm, probe_on):
     """A C program claims a port under the claim lock of transport/hybrid.py (flock on the VMM
     sockets' directory): while another process holds it, an endpoint's creation waits, and it
