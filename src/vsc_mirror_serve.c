@@ -24,7 +24,6 @@
 #include "vsc_vsock.h"
 
 #define PATH_BUF 4096
-#define FIRST_AUTO_RID 1024
 
 typedef struct {
     int fd;               /* -1 once closed */
@@ -112,30 +111,17 @@ static int listen_at(const vsc_local *t, const char *cdir, uint32_t rid, void *a
     return VMCI_SUCCESS;
 }
 
-/* mirror_link._listen_vsock: the first free port from FIRST_AUTO_RID up. */
+/* mirror_link._listen_vsock: a free port, as the vsock transport's endpoints take them. */
 static int listen_vsock(const vsc_local *t, server *s)
 {
-    struct sockaddr_vm addr;
     uint32_t rid;
-    int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), rc;
 
     if (fd < 0)
         return VMCI_ERROR_NO_RESOURCES;
-    memset(&addr, 0, sizeof addr);
-    addr.svm_family = AF_VSOCK;
-    addr.svm_cid = VMADDR_CID_ANY;
-    for (rid = FIRST_AUTO_RID; rid < FIRST_AUTO_RID + VSC_VSOCK_AUTO_RID_TRIES; rid++) {
-        addr.svm_port = rid;
-        if (bind(fd, (struct sockaddr *)&addr, sizeof addr) == 0)
-            break;
-        if (errno != EADDRINUSE) {
-            close(fd);
-            return errno == EACCES || errno == EPERM ? VMCI_ERROR_NO_ACCESS : VMCI_ERROR_GENERIC;
-        }
-    }
-    if (rid == FIRST_AUTO_RID + VSC_VSOCK_AUTO_RID_TRIES || listen(fd, SOMAXCONN) != 0) {
+    if ((rc = vsc_vsock_bind_rid(fd, VMCI_INVALID_ID, &rid)) != VMCI_SUCCESS || listen(fd, SOMAXCONN) != 0) {
         close(fd);
-        return VMCI_ERROR_NO_RESOURCES;
+        return rc != VMCI_SUCCESS ? rc : VMCI_ERROR_NO_RESOURCES;
     }
     s->handle.context = t->cid;
     s->handle.resource = rid;

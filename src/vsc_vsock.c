@@ -132,8 +132,7 @@ static uint32_t next_rid(uint32_t rid)
     return rid + 1 < VMADDR_PORT_ANY ? rid + 1 : FIRST_AUTO_RID;
 }
 
-/* Bind fd to resource, or to the next free port from the last one given; a VMCI code. */
-static int bind_rid(int fd, uint32_t resource, uint32_t *rid)
+int vsc_vsock_bind_rid(int fd, uint32_t resource, uint32_t *rid)
 {
     int tries;
 
@@ -177,7 +176,7 @@ int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
     if ((fd = vsock_socket(t, SOCK_NONBLOCK)) < 0)
         return errno == EMFILE || errno == ENFILE || errno == ENOMEM ? VMCI_ERROR_NO_RESOURCES
                                                                      : VMCI_ERROR_GENERIC;
-    if ((rc = bind_rid(fd, resource, &rid)) != VMCI_SUCCESS) {
+    if ((rc = vsc_vsock_bind_rid(fd, resource, &rid)) != VMCI_SUCCESS) {
         close(fd);
         return rc;
     }

@@ -61,6 +61,10 @@ size_t vsc_vsock_piece_between(uint32_t kcid, uint32_t peer_cid);
  * in dgram mode for VMCI_DS_RESOURCE_ID unless we speak for context 1). The endpoint's socket is
  * out->listener: listening, or in dgram mode the bound SOCK_DGRAM socket itself. */
 int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out);
+/* Bind the AF_VSOCK socket fd to port resource, or (VMCI_INVALID_ID) to the next free port from
+ * the last one given, into *rid; a VMCI code (DUPLICATE_ENTRY, NO_ACCESS for a privileged port,
+ * NO_RESOURCES when none is free). */
+int vsc_vsock_bind_rid(int fd, uint32_t resource, uint32_t *rid);
 /* Senders see the endpoint gone; the caller still closes listener and unmaps acct. */
 void vsc_vsock_unbind(const vsc_bound *b);
 

@@ -95,8 +95,17 @@ def test_datagram_app_server_on_the_host_client_in_the_guest(core, host_core, ru
     clients = [lambda: client_in_process(guest_runtime, capsys)] * QUERIES
     if core.NAME == host_core:
         clients[0] = lambda: run_client(env)
+    serve_datagram_app_on_the_host(b"start datagram-app %s" % host_core.encode(), clients, guest_runtime, capsys)
+
+
+def serve_datagram_app_on_the_host(start, clients, guest_runtime, capsys):
+    """Have ``host_peer.py`` run a datagramApp server (its command ``start``), check the host's
+    name from here (found, in the host context, not removable by a guest), run ``clients`` (one
+    per query, each giving ``(status, out, err)``), then check the server's own exit and texts,
+    and that it unregistered its name on the way out."""
+    assert len(clients) == QUERIES
     with DatagramEndpoint(runtime=guest_runtime) as control:
-        started = ask(control, HOST, b"start datagram-app %s" % host_core.encode())
+        started = ask(control, HOST, start)
         assert started.payload == b"started: Running datagram server --- will respond to 3 queries."
         try:
             rc, server = ds_client.lookup_status("HOST INFO", guest_runtime)
@@ -111,7 +120,6 @@ def test_datagram_app_server_on_the_host_client_in_the_guest(core, host_core, ru
         status, _, output = result.partition(b"\n")
         out, _, err = output.partition(b"\0")
         assert (int(status), out.decode(), err.decode()) == (0, SERVER_TEXT, "")
-    # The server unregistered its name on the way out.
     assert client_in_process(guest_runtime, capsys) == (
         0, "", "Failed to lookup in discovery service.\n")
 
