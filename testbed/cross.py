@@ -20,6 +20,11 @@ sending ``CONNECT P`` (the ``hybrid`` transport). No AF_VSOCK socket is used on 
   the local CID is the one given to the daemon; only then does it export ``VSOCKCOMPAT_CROSS=1``
   and ``VSOCKCOMPAT_CROSS_NONCE``, which the gate of ``tests/cross_vm/conftest.py`` requires.
 
+Before the command runs, the guest accepts two connections the host makes through the VMM socket
+(``vmm_warmup.py``: vhost-device-vsock 0.3.0 refuses host-initiated connections while its next
+host port number is one a guest is connected to, 1, the discovery daemon's, first). On a failed
+run the bed prints the end of the daemon's log (``--vmm-log PATH`` keeps all of it).
+
 ``--host-cmd`` runs on this machine, started before the guest boots and stopped after it ends, with
 ``VSOCKCOMPAT_TRANSPORT=hybrid``, ``VSOCKCOMPAT_HYBRID_UDS`` and ``VSOCKCOMPAT_HYBRID_CID`` set.
 The run fails when either command fails. Status 77 from ``setup``: the bed cannot be built here.
@@ -50,11 +55,14 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import guest  # noqa: E402  (the single-guest bed: kernel, virtme-ng, the boot loop)
+import vmm_warmup  # noqa: E402  (past vhost-device-vsock 0.3.0's port-counter bug)
 
 GUEST_CID = 3
 #: The second guest of ``--guests 2``: a sibling of CID 3 in the daemon's one (default) group.
 SIBLING_CID = 4
 DAEMON_PACKAGE = "vhost-device-vsock"
+#: Sets the daemon's RUST_LOG (default "warn"); the bed prints the end of its log when a run fails.
+DAEMON_LOG_ENV = "VSOCKCOMPAT_TESTBED_VMM_LOG"
 DAEMON_SUITE = "unstable"               # not in Debian 12; its binary runs there (glibc >= 2.34)
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
@@ -321,12 +329,15 @@ def _run_cross(args, command, cache, kernel, daemon, jobdir):
     paths = {cid: _paths(jobdir, cid) for cid in cids}
     vhost_socket, uds_path = paths[GUEST_CID]
     start = time.monotonic()
-    log = open(os.path.join(jobdir, "daemon.log"), "w")
+    log = open(args.vmm_log or os.path.join(jobdir, "daemon.log"), "w")
     proc_daemon = subprocess.Popen(daemon_command(daemon["binary"], vhost_socket, uds_path,
                                                   paths.get(SIBLING_CID)),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env=dict(os.environ, RUST_LOG="warn"))
+                                   start_new_session=True,
+                                   env=dict(os.environ, RUST_LOG=os.environ.get(DAEMON_LOG_ENV, "warn")))
     hosts = []
+    warmups = []
+    status = guest.BED_ERROR
     try:
         for cid in cids:
             if not _wait_for_socket(paths[cid][0], proc_daemon, SOCKET_WAIT):
@@ -338,6 +349,7 @@ def _run_cross(args, command, cache, kernel, daemon, jobdir):
                 return guest.BED_ERROR
             say("%s %s serves CID %d: vhost socket %s, hybrid socket %s"
                 % (DAEMON_PACKAGE, daemon["version"], cid, paths[cid][0], paths[cid][1]))
+            warmups.append((cid, vmm_warmup.start_host_side(paths[cid][1], start + args.timeout)))
         if args.host_cmd:
             # One host command for every VMM socket: the hybrid transport routes by guest CID.
             env = dict(os.environ, **hybrid_env([(paths[cid][1], cid) for cid in cids]))
@@ -346,9 +358,17 @@ def _run_cross(args, command, cache, kernel, daemon, jobdir):
                                           start_new_session=True, env=env))
         status = _boot_all(args, command, cache, kernel, jobdir, paths, start)
     finally:
+        for cid, finish in warmups:
+            say("CID %d's warm-up: %d of %d host connections answered"
+                % (cid, finish(), vmm_warmup.CONNECTS))
         host_statuses = [_stop(host, "the host command") for host in hosts]
         _stop(proc_daemon, DAEMON_PACKAGE)
         log.close()
+        if status != 0:
+            with open(log.name, errors="replace") as f:
+                say("%s's log (RUST_LOG=%s), its end: %s"
+                    % (DAEMON_PACKAGE, os.environ.get(DAEMON_LOG_ENV, "warn"),
+                       guest._tail(f.read(), lines=20)))
     for host_status in host_statuses:
         # Stopped by our SIGTERM counts as success; a host command that failed on its own does not.
         say("host command status %s" % host_status)
@@ -505,6 +525,12 @@ def cmd_inside(args):
         return _refuse("cannot read the local CID: %s" % exc)
     if cid != job["cid"]:
         return _refuse("the local CID is %d, not %d" % (cid, job["cid"]))
+    started = time.monotonic()
+    accepted = vmm_warmup.guest_side()
+    if accepted < vmm_warmup.CONNECTS:
+        print("testbed[guest]: warning: %d of %d warm-up connections came from the host in %.1f s;"
+              " host-initiated connections may be refused (vmm_warmup.py says why)"
+              % (accepted, vmm_warmup.CONNECTS, time.monotonic() - started), flush=True)
     env = dict(os.environ)
     env.update(job["env"])
     env.update(VSOCKCOMPAT_CROSS="1", VSOCKCOMPAT_CROSS_NONCE=job["nonce"],
@@ -542,6 +568,9 @@ def main(argv=None):
                      help="a command line (split like a shell's words, no shell) run on this "
                     "machine with the hybrid transport, from before the boot to its end")
     run.add_argument("--verbose", action="store_true", help="show the guest's boot console")
+    run.add_argument("--vmm-log", metavar="PATH",
+                     help="write %s's log to PATH, kept after the run (its level: $%s)"
+                     % (DAEMON_PACKAGE, DAEMON_LOG_ENV))
     run.add_argument("--guests", type=int, choices=(1, 2), default=1,
                      help="2: also boot CID %d, a sibling of CID %d behind the same daemon, "
                      "running --peer-cmd" % (SIBLING_CID, GUEST_CID))

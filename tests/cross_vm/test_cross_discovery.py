@@ -42,28 +42,6 @@ def host_core(request):
     return request.param
 
 
-_PAST_PORT_1 = []
-
-
-@pytest.fixture(autouse=True)
-def vmm_ports_past_the_daemons(guest_runtime):
-    """Two host-initiated connections before any discovery traffic, once.
-
-    ``vhost-device-vsock`` 0.3.0 gives each host-initiated connection the next host port
-    counting from 0, and fails it (closes: ``InvalidResource``) when a guest connection holds
-    that port, without moving on. The daemon's replies are host-initiated while the asking
-    guest endpoint holds its connection to host port 1: if such a reply were the VMM's second
-    host-initiated connection, every later one would fail too. (Firecracker and Cloud
-    Hypervisor count from 2**30.)"""
-    if not _PAST_PORT_1:
-        with DatagramEndpoint(runtime=guest_runtime) as control, \
-                DatagramEndpoint(runtime=guest_runtime) as callee:
-            ask(control, HOST, b"hello")                           # the echo: one
-            control.send(HOST, b"call %d" % callee.handle.resource)  # and a call: two
-            assert callee.recv(timeout=WAIT).payload == b"host calls %d" % callee.handle.resource
-        _PAST_PORT_1.append(True)
-
-
 def guest_env(core, rundir):
     """What a program in this guest needs to find the host's daemon: vsock, stream mode."""
     env = dict(os.environ, VSOCKCOMPAT_TRANSPORT="vsock", VSOCKCOMPAT_VSOCK_MODE="stream",

@@ -29,7 +29,6 @@ from .conftest import BED_CID, SIBLING_CID
 from .guest_peer import SIBLING_RIDS, sibling_name
 from .test_cross_datagram import WAIT, ask, guest_runtime  # noqa: F401  (a fixture)
 from .test_cross_discovery import CLIENT_TEXT, SERVER_TEXT
-from .test_cross_discovery import vmm_ports_past_the_daemons  # noqa: F401  (autouse)
 from .test_cross_guests import SIBLING_WAIT, sibling_core  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.cross_vm
