@@ -131,13 +131,16 @@ int vsc_acl_add(const vsc_local *t, vsc_handle resource, vsc_handle client, int 
 
 /*
  * Over vsock and hybrid (vsc_links_streamed) the storage is this process's memory
- * (src/vsc_acl_memory.c): only its own datagram endpoints have privileges, registered while
- * they live (with their account page, whose epoch a change bumps); the functions above use it.
+ * (src/vsc_acl_memory.c): only its own resources have privileges, registered while they live:
+ * datagram endpoints (with their account page, whose epoch a change bumps) and the mirrored
+ * regions it serves (src/vsc_mirror_serve.c); the functions above use it.
  */
-int vsc_acl_memory_register(vsc_handle endpoint, uint8_t *acct); /* 0, or -1 out of memory */
-void vsc_acl_memory_unregister(vsc_handle endpoint);
+/* resource, of kind, lives in this process (acct: a datagram endpoint's page, NULL for a mirrored
+ * region); 0, or -1 out of memory. Its privileges die with it (unregister). */
+int vsc_acl_memory_register(vsc_handle resource, int kind, uint8_t *acct);
+void vsc_acl_memory_unregister(vsc_handle resource);
 void vsc_acl_memory_forget_all(void); /* in a forked child */
-int vsc_acl_memory_kind(vsc_handle resource); /* VSC_KIND_DATAGRAM or VSC_KIND_NONE */
+int vsc_acl_memory_kind(vsc_handle resource); /* its registered VSC_KIND_*, or VSC_KIND_NONE */
 void vsc_acl_memory_lock(void);   /* held across a load, edit and store */
 void vsc_acl_memory_unlock(void);
 int vsc_acl_memory_load(vsc_handle resource, vsc_acl *acl); /* as vsc_acl_load */

@@ -1,8 +1,9 @@
 /*
  * vsockcompat C core: where privileges live over vsock. No runtime directory is shared across
  * kernels, so, as Python's AccessControl without files, this process keeps the privileges of its
- * own datagram endpoints in memory; their receive path enforces them and tells senders verdicts.
- * A change bumps the ACL epoch word of the endpoint's (private) account page.
+ * own resources in memory: its datagram endpoints (their receive path enforces them and tells
+ * senders verdicts; a change bumps the ACL epoch word of the endpoint's private account page)
+ * and the mirrored regions it serves (their server checks SM_ATTACH at each HELLO).
  */
 #define _GNU_SOURCE
 #include "vsc_acl.h"
@@ -13,7 +14,7 @@
 
 typedef struct {
     vsc_handle endpoint;
-    uint8_t *acct;
+    uint8_t *acct;        /* a datagram endpoint's account page; NULL for a region */
     vsc_acl acl; /* n == 0: nothing set */
 } mem_entry;
 
@@ -46,7 +47,7 @@ static int copy_acl(const vsc_acl *from, vsc_acl *to)
     return 0;
 }
 
-int vsc_acl_memory_register(vsc_handle endpoint, uint8_t *acct)
+int vsc_acl_memory_register(vsc_handle endpoint, int kind, uint8_t *acct)
 {
     int rc = 0;
 
@@ -65,7 +66,7 @@ int vsc_acl_memory_register(vsc_handle endpoint, uint8_t *acct)
             memset(&g_mem[g_nmem], 0, sizeof g_mem[g_nmem]);
             g_mem[g_nmem].endpoint = endpoint;
             g_mem[g_nmem].acct = acct;
-            g_mem[g_nmem].acl.kind = VSC_KIND_DATAGRAM;
+            g_mem[g_nmem].acl.kind = kind;
             g_nmem++;
         } else {
             rc = -1;
@@ -100,10 +101,10 @@ void vsc_acl_memory_forget_all(void)
 
 int vsc_acl_memory_kind(vsc_handle resource)
 {
-    int kind;
+    int i, kind;
 
     pthread_mutex_lock(&g_mem_lock);
-    kind = find(resource) >= 0 ? VSC_KIND_DATAGRAM : VSC_KIND_NONE;
+    kind = (i = find(resource)) >= 0 ? g_mem[i].acl.kind : VSC_KIND_NONE;
     pthread_mutex_unlock(&g_mem_lock);
     return kind;
 }
@@ -141,8 +142,10 @@ int vsc_acl_memory_store(vsc_handle resource, const vsc_acl *acl)
         if (copy_acl(acl, &copy) == 0) {
             vsc_acl_free(&g_mem[i].acl);
             g_mem[i].acl = copy;
-            /* Tell the endpoint's receiver (it compares the word before each delivery). */
-            __atomic_fetch_add((uint64_t *)(g_mem[i].acct + VSC_ACCT_OFF_ACL_EPOCH), 1, __ATOMIC_ACQ_REL);
+            /* Tell an endpoint's receiver (it compares the word before each delivery); a region's
+             * server reads the privileges at each HELLO. */
+            if (g_mem[i].acct != NULL)
+                __atomic_fetch_add((uint64_t *)(g_mem[i].acct + VSC_ACCT_OFF_ACL_EPOCH), 1, __ATOMIC_ACQ_REL);
             rc = VMCI_SUCCESS;
         }
     }

@@ -55,7 +55,7 @@ static int transport_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
     if (!vsc_links_streamed(t))
         return vsc_local_bind(t, resource, out);
     rc = t->transport == VSC_TRANSPORT_HYBRID ? vsc_hybrid_bind(t, resource, out) : vsc_vsock_bind(t, resource, out);
-    if (rc == VMCI_SUCCESS && vsc_acl_memory_register(out->handle, out->acct) != 0) {
+    if (rc == VMCI_SUCCESS && vsc_acl_memory_register(out->handle, VSC_KIND_DATAGRAM, out->acct) != 0) {
         if (t->transport == VSC_TRANSPORT_HYBRID)
             vsc_hybrid_unbind(t, out);
         close_listener(out);

@@ -39,6 +39,7 @@ typedef struct {
     const vsc_local *t;   /* the library's transport: fixed once opened */
     vsc_handle handle;
     int listener;         /* non-blocking */
+    int registered;       /* vsock: in the in-memory access control (vsc_acl.h) */
     int marker_fd;        /* local: holds LOCK_SH on <rid>.mir for the region's life; else -1 */
     char marker[PATH_BUF];
     int wake[2];
@@ -126,6 +127,10 @@ static int listen_vsock(const vsc_local *t, server *s)
     s->handle.context = t->cid;
     s->handle.resource = rid;
     s->listener = fd;
+    /* No runtime directory to find it by: access control learns of it from us (mirror_link). */
+    if (vsc_acl_memory_register(s->handle, VSC_KIND_SHAREDMEM, NULL) != 0)
+        return VMCI_ERROR_NO_MEM; /* server_free closes fd */
+    s->registered = 1;
     return VMCI_SUCCESS;
 }
 
@@ -398,6 +403,8 @@ static void server_free(server *s)
         unlink(path);
         unlink(s->marker);
     }
+    if (s->registered)
+        vsc_acl_memory_unregister(s->handle); /* its privileges die with it */
     if (s->listener >= 0)
         close(s->listener);
     if (s->marker_fd >= 0)

@@ -190,6 +190,72 @@ def test_privileges_bind_both_ways(clean, probe, pylib):
     assert c("detach %d %d" % tuple(mine)) == "0"
 
 
+#: VMCIResource_AddClientPrivileges by a region's creator on its own mirrored region, in order:
+#: (allow, deny, code), the same from C and from Python (vsockcompat/privileges.py's codes).
+OWN_REGION_PRIVILEGES = (
+    ((), (C.VMCI_PRIV_SM_ATTACH,), VMCI_SUCCESS),
+    ((C.VMCI_PRIV_DG_SEND,), (), C.VMCI_ERROR_INVALID_PRIV),   # not a region's privilege
+    ((), (C.VMCI_PRIV_ASSIGN_CLIENT,), C.VMCI_ERROR_INVALID_PRIV),
+    ((99,), (), C.VMCI_ERROR_INVALID_PRIV),                   # names no privilege
+    ((), (-1,), C.VMCI_ERROR_INVALID_PRIV),
+    ((), (), C.VMCI_ERROR_INVALID_ARGS),                      # nothing to set
+    ((C.VMCI_PRIV_CH_PRIV,) * 2, (), VMCI_SUCCESS),           # an owner's privilege, twice
+)
+
+
+def own_region_privileges_match(c, mine, pylib, theirs, client_of_c, client_of_py):
+    """Each call of OWN_REGION_PRIVILEGES from the C creator of ``mine`` and the Python creator of
+    ``theirs`` (each granting the other's context) gives the expected code; then the bad handles
+    and counts. Leaves ``client_of_c`` denied SM_ATTACH on ``mine`` and the reverse."""
+    for allow, deny, code in OWN_REGION_PRIVILEGES:
+        assert c.priv(mine, client_of_c, allow, deny) == code, (allow, deny)
+        assert pylib.VMCIResource_AddClientPrivileges(theirs, client_of_py, allow, deny) == code, (allow, deny)
+    deny = (C.VMCI_PRIV_SM_ATTACH,)
+    for bad in ((mine[0], mine[1] + 5000), (C.VMCI_INVALID_ID, C.VMCI_INVALID_ID)):
+        assert c.priv(bad, client_of_c, (), deny) == C.VMCI_ERROR_INVALID_ARGS
+        assert pylib.VMCIResource_AddClientPrivileges(bad, client_of_py, (), deny) == C.VMCI_ERROR_INVALID_ARGS
+    invalid = (C.VMCI_INVALID_ID, C.VMCI_INVALID_ID)
+    assert c.priv(mine, invalid, (), deny) == C.VMCI_ERROR_INVALID_ARGS
+    assert pylib.VMCIResource_AddClientPrivileges(theirs, invalid, (), deny) == C.VMCI_ERROR_INVALID_ARGS
+    for counts in ((-1, 1), (0, -1), (-5, 0)):                 # only C has counts
+        assert c.priv(mine, client_of_c, (), deny, counts=counts) == C.VMCI_ERROR_INVALID_ARGS, counts
+
+
+def denied_then_allowed(c, mine, pylib, theirs, view, client_of_c, client_of_py):
+    """After own_region_privileges_match: each creator refuses the other's attach (NO_ACCESS at
+    HELLO), then allows it again and the attach succeeds; both attachers detach (``view``, the
+    Python creator's, is released; the creators stay)."""
+    assert pylib.VMCISharedMem_Attach(mine, 64)[0] == C.VMCI_ERROR_NO_ACCESS
+    assert c.ints("attach %d %d 0" % theirs) == [C.VMCI_ERROR_NO_ACCESS, 0, 1]
+    assert c.priv(mine, client_of_c, (C.VMCI_PRIV_SM_ATTACH,)) == VMCI_SUCCESS
+    assert pylib.VMCIResource_AddClientPrivileges(theirs, client_of_py, [C.VMCI_PRIV_SM_ATTACH]) == VMCI_SUCCESS
+    rc, mapped = pylib.VMCISharedMem_Attach(mine, 64)
+    assert rc == VMCI_SUCCESS and len(mapped) == 64
+    assert c.ints("attach %d %d 0" % theirs) == [VMCI_SUCCESS, 64, 0]
+    mapped.release()
+    view.release()
+    assert c("detach %d %d" % theirs) == "0"
+    assert pylib.VMCISharedMem_Detach(mine) == VMCI_SUCCESS
+
+
+def test_a_c_creator_sets_privileges_on_its_region_with_the_python_codes(clean, probe, pylib):
+    """The C library's AddClientPrivileges on its own mirrored region answers what Python's does
+    on its own, call for call, and both creators enforce the result at HELLO; allowing again
+    lets the attacher in. Another context's region may not be changed (NO_ACCESS, as files tell)
+    until its creator grants CH_PRIV."""
+    c = probe(cid=2)
+    assert c("init") == "0"
+    mine = tuple(c.ints("create 64"))
+    theirs, view = pylib.VMCISharedMem_Create(64)
+    assert c.priv(theirs, (2, 0), (C.VMCI_PRIV_SM_ATTACH,)) == C.VMCI_ERROR_NO_ACCESS   # not its own
+    assert pylib.VMCIResource_AddClientPrivileges(mine, (3, 0), [C.VMCI_PRIV_SM_ATTACH]) == C.VMCI_ERROR_NO_ACCESS
+    own_region_privileges_match(c, mine, pylib, tuple(theirs), (3, 0), (2, 0))
+    denied_then_allowed(c, mine, pylib, tuple(theirs), view, (3, 0), (2, 0))
+    assert c.priv(theirs, (4, 0), (), (C.VMCI_PRIV_SM_ATTACH,)) == VMCI_SUCCESS   # CH_PRIV was granted
+    assert pylib.VMCISharedMem_Detach(theirs) == VMCI_SUCCESS
+    assert c("detach %d %d" % mine) == "0"
+
+
 def test_two_c_attachers_see_each_others_writes_through_a_python_creator(clean, probe, pylib):
     handle, view = pylib.VMCISharedMem_Create(4096)
     a, b = probe(cid=2), probe(cid=4)

@@ -133,7 +133,8 @@ int
 main(void)
 {
    char line[4096], text[4096];
-   unsigned cid, rid, size, offset, len;
+   unsigned cid, rid, size, offset, len, ccid, crid;
+   int nallow, allow, ndeny, deny;
    VMCIHandle h;
    void *addr;
    uint32 sz;
@@ -195,6 +196,12 @@ main(void)
          VMCIResourcePrivilegeType priv = VMCI_PRIV_SM_ATTACH;
          printf("%d\n", VMCIResource_AddClientPrivileges(VMCI_MAKE_HANDLE(cid, rid), VMCI_MAKE_HANDLE(size, 0),
                                                          0, NULL, 1, &priv));
+      } else if (sscanf(line, "priv %u %u %u %u %d %d %d %d", &cid, &rid, &ccid, &crid, &nallow, &allow,
+                        &ndeny, &deny) == 8 && nallow <= 4 && ndeny <= 4) {
+         /* VMCIResource_AddClientPrivileges(resource, client, nallow x allow, ndeny x deny). */
+         VMCIResourcePrivilegeType allows[4] = {allow, allow, allow, allow}, denies[4] = {deny, deny, deny, deny};
+         printf("%d\n", VMCIResource_AddClientPrivileges(VMCI_MAKE_HANDLE(cid, rid), VMCI_MAKE_HANDLE(ccid, crid),
+                                                         nallow, allows, ndeny, denies));
       } else if (sscanf(line, "nulls %u %u", &cid, &rid) == 2) {
          h = VMCI_MAKE_HANDLE(cid, rid);
          sz = 0;
@@ -365,6 +372,15 @@ class Probe:
 
     def ints(self, command):
         return [int(v) for v in self(command).split()]
+
+    def priv(self, resource, client, allow=(), deny=(), counts=None):
+        """VMCIResource_AddClientPrivileges's code. Each list holds one privilege, repeated at
+        most 4 times (the probe's arrays); ``counts``, if given, are the counts passed instead."""
+        for privs in (allow, deny):
+            assert len(set(privs)) <= 1 and len(privs) <= 4, privs
+        nallow, ndeny = counts or (len(allow), len(deny))
+        words = tuple(resource) + tuple(client) + (nallow, allow[0] if allow else 0, ndeny, deny[0] if deny else 0)
+        return int(self("priv %d %d %d %d %d %d %d %d" % words))
 
     def close(self):
         """Quit without VMCI_CleanupApp; returns stderr."""

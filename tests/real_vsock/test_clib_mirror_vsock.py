@@ -14,11 +14,14 @@ import time
 import pytest
 
 from vsockcompat import clib
+from vsockcompat import constants as C
 from vsockcompat.constants import (VMCI_ERROR_INVALID_SIZE, VMCI_ERROR_NOT_FOUND, VMCI_SUCCESS)
 from vsockcompat.errors import InvalidSize
 from vsockcompat.mirror import MirroredRegion
+from vsockcompat.sdk import VMCILibrary
 from vsockcompat.sharedmem import SharedRegion, query
 
+from test_clib_mirror import denied_then_allowed, own_region_privileges_match
 from test_clib_shm import Probe, build
 
 from .conftest import VMADDR_CID_LOCAL
@@ -101,3 +104,27 @@ def test_a_python_attacher_mirrors_a_c_region_over_vsock(rt, probe):
         assert probe("detach %d %d" % h) == "0"          # its process serves us until we leave
         region.sync()
     eventually(lambda: probe.ints("query %d %d" % h) == [VMCI_ERROR_NOT_FOUND, 0], "the C creator kept serving")
+
+
+def test_a_c_creator_sets_privileges_on_its_region_over_vsock(rt, probe):
+    """Over vsock the privileges of a C creator's region live in its process (src/vsc_acl_memory.c),
+    as a Python creator's do (access.AccessControl without files): the same codes call for call,
+    SM_ATTACH enforced at HELLO both ways (an attacher in this kernel is context 1), allowed again
+    after. Another process's region is unknown to this one: VMCI_ERROR_INVALID_ARGS from both."""
+    lib = VMCILibrary(rt)
+    assert lib.VMCI_InitApp(None) == VMCI_SUCCESS
+    try:
+        mine = tuple(probe.ints("create 64"))
+        theirs, view = lib.VMCISharedMem_Create(64)
+        here = (VMADDR_CID_LOCAL, 0)
+        assert probe.priv(theirs, here, (C.VMCI_PRIV_SM_ATTACH,)) == C.VMCI_ERROR_INVALID_ARGS
+        assert lib.VMCIResource_AddClientPrivileges(mine, here, [C.VMCI_PRIV_SM_ATTACH]) == C.VMCI_ERROR_INVALID_ARGS
+        own_region_privileges_match(probe, mine, lib, tuple(theirs), here, here)
+        denied_then_allowed(probe, mine, lib, tuple(theirs), view, here, here)
+        assert lib.VMCISharedMem_Detach(theirs) == VMCI_SUCCESS
+        assert probe("detach %d %d" % mine) == "0"
+        # Its privileges died with it: the id is unknown again.
+        eventually(lambda: probe.ints("query %d %d" % mine) == [VMCI_ERROR_NOT_FOUND, 0], "the C creator kept serving")
+        assert probe.priv(mine, here, (), (C.VMCI_PRIV_SM_ATTACH,)) == C.VMCI_ERROR_INVALID_ARGS
+    finally:
+        lib.VMCI_CleanupApp()
