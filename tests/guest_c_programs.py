@@ -23,14 +23,16 @@ def fnv1a(data):
     return h
 
 
-def build_programs(cc, out, names):
+def build_programs(cc, out, names, sources=None):
     """libvmci.so.0 (the package's when built, else built into ``out``) and the programs ``names``
-    of tests/c built into ``out`` with the compiler ``cc``: ``{"library": path, name: path...}``."""
+    of tests/c (or at ``sources[name]``) built into ``out`` with the compiler ``cc``:
+    ``{"library": path, name: path...}``."""
     library = clib.library_path() or clib.build_libvmci(os.path.join(out, "lib"), src_dir=SRC_DIR)
     built = {"library": library}
     for name in names:
         exe = os.path.join(out, name)
-        proc = subprocess.run(cc + ["-Wall", "-Wextra", "-Werror", "-I", SRC_DIR, os.path.join(C_DIR, name + ".c"),
+        source = (sources or {}).get(name) or os.path.join(C_DIR, name + ".c")
+        proc = subprocess.run(cc + ["-Wall", "-Wextra", "-Werror", "-I", SRC_DIR, source,
                                     "-o", exe, "-L", os.path.dirname(library), "-l:libvmci.so.0", "-pthread"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout

@@ -223,11 +223,12 @@ from vsockcompat.sdk import VMCILibrary  # noqa: E402
 _SAMPLE_OUTPUT = threading.Lock()    # the client writes to sys.stdout/stderr: one at a time
 
 
-def run_datagram_app_client(runtime):
-    """``datagramApp -c`` on ``runtime``, its output captured: ``(status, stdout, stderr)``."""
+def run_app_client(runtime, app=datagram_app):
+    """The SDK sample ``app``'s client (``-c``) on ``runtime``, its output captured:
+    ``(status, stdout, stderr)``."""
     out, err = io.TextIOWrapper(io.BytesIO(), encoding="latin-1"), io.StringIO()
     with _SAMPLE_OUTPUT, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = datagram_app.main(["-c"], lib=VMCILibrary(runtime))
+        status = app.main(["-c"], lib=VMCILibrary(runtime))
         out.flush()
     return status, out.buffer.getvalue(), err.getvalue().encode()
 
@@ -237,12 +238,87 @@ def _multivmm_answer(base):
         if dg.payload.startswith(b"unregister "):
             return b"%d" % ds_client.unregister_status(dg.payload[len(b"unregister "):], runtime)
         if dg.payload == b"datagram-app client":
-            return b"%d\n%s\0%s" % run_datagram_app_client(runtime)
+            return b"%d\n%s\0%s" % run_app_client(runtime)
         return base(dg, runtime)
     return multivmm_answer
 
 
 answer = _multivmm_answer(answer)   # serve() reads the name at each datagram
+
+
+# ---------------------------------------------------------------- sharedMemApp
+# Commands of test_cross_guests_c.py (the SDK's sharedMemApp server in C in CID 3, its region
+# mirrored over vsock streams between the guests), answered before those above; each answers
+# ``b"<status>\\n<stdout>\\0<stderr>"`` of the client it ran, or ``b"failed: <reason>"``:
+# * ``b"sharedmem-app client"``: the Python client here, in this process on the endpoint's core;
+# * ``b"c-sharedmem-app build"``: builds the sample in C (tests/c/sharedMemApp.c) against
+#   libvmci.so.0 with this guest's compiler, once; answers ``b"built"``;
+# * ``b"c-sharedmem-app client"``: runs that C client, on the C library's vsock transport in
+#   stream mode, context 4, regions mirrored (``VSOCKCOMPAT_SHM_MODE=mirrored``); the gate is
+#   checked again right before it starts.
+
+import subprocess  # noqa: E402
+
+from vsockcompat import clib  # noqa: E402
+from vsockcompat.apps import sharedmem_app  # noqa: E402
+from vsockcompat.run import command as run_command  # noqa: E402
+
+_C_APP = {}        # "argv", "env": the built C sharedMemApp client, as ``vsockcompat run`` runs it
+_C_APP_LOCK = threading.Lock()
+
+
+def build_c_shared_mem_app():
+    """Build the C sharedMemApp once (under ``_C_APP_LOCK``): None, or why it failed."""
+    from guest_c_programs import build_programs
+    if _C_APP:
+        return None
+    cc = clib.find_compiler()
+    if cc is None:
+        return "no C compiler in the guest"
+    out = tempfile.mkdtemp(prefix="vsc-sib-c-")
+    try:
+        built = build_programs(cc, out, ["sharedMemApp"])
+    except (AssertionError, OSError, subprocess.SubprocessError) as exc:
+        return "cannot build sharedMemApp: %r" % (exc,)
+    env = dict(os.environ, VSOCKCOMPAT_LIBVMCI=built["library"], VSOCKCOMPAT_TRANSPORT="vsock",
+               VSOCKCOMPAT_VSOCK_MODE="stream", VSOCKCOMPAT_DS_AUTOSTART="0",
+               VSOCKCOMPAT_RUNDIR=tempfile.mkdtemp(prefix="vsc-sib-run-"), VSOCKCOMPAT_CID=str(SIBLING_CID),
+               VSOCKCOMPAT_SHM_MODE="mirrored")
+    _C_APP["argv"], _C_APP["env"] = run_command([built["sharedMemApp"], "-c"], env)
+    return None
+
+
+def run_c_shared_mem_app_client():
+    """The C sharedMemApp client: ``b"<status>\\n<stdout>\\0<stderr>"`` or ``b"failed: ..."``."""
+    with _C_APP_LOCK:
+        if not _C_APP:
+            return b"failed: not built (send c-sharedmem-app build first)"
+        argv, env = _C_APP["argv"], _C_APP["env"]
+    reason = gate(cid=SIBLING_CID)
+    if reason is not None:
+        return b"failed: the gate closed (%s): refusing to run an AF_VSOCK program" % reason.encode()
+    try:
+        proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=READY_WAIT)
+    except subprocess.TimeoutExpired:
+        return b"failed: the C client ran over %d s" % READY_WAIT
+    return b"%d\n%s\0%s" % (proc.returncode, proc.stdout, proc.stderr)
+
+
+def _shared_mem_app_answer(base):
+    def shared_mem_app_answer(dg, runtime):
+        if dg.payload == b"sharedmem-app client":
+            return b"%d\n%s\0%s" % run_app_client(runtime, sharedmem_app)
+        if dg.payload == b"c-sharedmem-app build":
+            with _C_APP_LOCK:
+                failure = build_c_shared_mem_app()
+            return b"built" if failure is None else b"failed: " + failure.encode()
+        if dg.payload == b"c-sharedmem-app client":
+            return run_c_shared_mem_app_client()
+        return base(dg, runtime)
+    return shared_mem_app_answer
+
+
+answer = _shared_mem_app_answer(answer)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """libvmci.so.0 between two sibling guests: a C program (tests/c/vsock_probe.c) in this guest
 (CID 3) and ``guest_peer.py``'s Python endpoints in the second (CID 4), behind one
 ``vhost-device-vsock``, exchange the largest datagram (69,608 bytes) both ways in stream mode.
+Then shared memory mirrored across the guests (``VSOCKCOMPAT_SHM_MODE=mirrored``, over vsock
+streams): the SDK's sharedMemApp server in C here (the region's creator), its client in CID 4,
+in C and in Python on both cores, with the SDK's texts, exit statuses and three readings; and a
+C creator's 70,000-byte region attached, read whole and rewritten whole by CID 4 (its welcome
+and the attacher's updates cross only in pieces).
 ``vhost-device-vsock`` 0.3.0 drops a packet between siblings bigger than one receive buffer of the
 other guest, so this passes only if both sides write in pieces (``SIBLING_PIECE``: the C library
 in src/vsc_link.c, Python in ``vsockcompat/transport/pieces.py``). Only with the second guest:
@@ -14,18 +19,24 @@ The C program runs directly with the environment ``vsockcompat run`` would give 
 """
 import hashlib
 import os
+import subprocess
 import time
 
 import pytest
 
 from vsockcompat import clib
 from vsockcompat.constants import VMCI_MAX_DG_PAYLOAD_SIZE as MAX
+from vsockcompat.apps import sharedmem_app
+from vsockcompat.datagram import DatagramEndpoint
+from vsockcompat.handles import VMCIHandle
 from vsockcompat.run import command
 
 from guest_c_programs import ProbeProcess, build_programs, fnv1a, probe_pattern
+from test_clib_shm import PROBE_SOURCE, Probe
 
 from .conftest import BED_CID, SIBLING_CID, gate
-from .guest_peer import SIBLING_RIDS, pattern
+from .guest_peer import SIBLING_RIDS, digest, pattern
+from .test_cross_datagram import ask, guest_runtime  # noqa: F401  (a fixture)
 from .test_cross_guests import SIBLING_WAIT, sibling_core  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.cross_vm, pytest.mark.timeout(900)]
@@ -34,16 +45,28 @@ WAIT = 120.0
 
 
 @pytest.fixture(scope="module")
-def probe_cmd(tmp_path_factory):
-    """vsock_probe built with this guest's cc, and what ``vsockcompat run`` would exec it with."""
+def c_programs(tmp_path_factory):
+    """vsock_probe, sharedMemApp and test_clib_shm's probe built with this guest's cc, and the
+    environment ``vsockcompat run`` gives them here (stream mode, context 3, regions mirrored)."""
     cc = clib.find_compiler()
     if cc is None:
         pytest.fail("no C compiler in the guest", pytrace=False)
-    built = build_programs(cc, str(tmp_path_factory.mktemp("cguest")), ["vsock_probe"])
-    rundir = str(tmp_path_factory.mktemp("rundir"))
+    out = str(tmp_path_factory.mktemp("cguest"))
+    shm_probe = os.path.join(out, "shm_probe.c")
+    with open(shm_probe, "w") as f:
+        f.write(PROBE_SOURCE)
+    built = build_programs(cc, out, ["vsock_probe", "sharedMemApp", "shm_probe"], sources={"shm_probe": shm_probe})
     env = dict(os.environ, VSOCKCOMPAT_LIBVMCI=built["library"], VSOCKCOMPAT_TRANSPORT="vsock",
-               VSOCKCOMPAT_VSOCK_MODE="stream", VSOCKCOMPAT_DS_AUTOSTART="0", VSOCKCOMPAT_RUNDIR=rundir,
-               VSOCKCOMPAT_CID=str(BED_CID))
+               VSOCKCOMPAT_VSOCK_MODE="stream", VSOCKCOMPAT_DS_AUTOSTART="0",
+               VSOCKCOMPAT_RUNDIR=str(tmp_path_factory.mktemp("rundir")), VSOCKCOMPAT_CID=str(BED_CID),
+               VSOCKCOMPAT_SHM_MODE="mirrored")
+    return built, env
+
+
+@pytest.fixture(scope="module")
+def probe_cmd(c_programs):
+    """What ``vsockcompat run`` would exec vsock_probe with."""
+    built, env = c_programs
     return command([built["vsock_probe"]], env)
 
 
@@ -74,3 +97,116 @@ def test_c_library_and_python_sibling_exchange_the_largest_datagram(sibling_core
         assert probe.ask("recvsum") == [str(MAX), str(SIBLING_CID), str(peer), str(fnv1a(pattern(MAX, 5)))]
     finally:
         probe.close()
+
+
+# Shared memory mirrored between the guests: a C creator here, attachers in CID 4.
+
+#: Seconds for CID 4 to build the C sharedMemApp with its compiler (under TCG).
+BUILD_WAIT = 600.0
+
+
+def gate_or_fail():
+    reason = gate()  # checked again right before a program that makes AF_VSOCK sockets starts
+    if reason is not None:
+        pytest.fail("the cross-VM gate is closed (%s): refusing to run an AF_VSOCK program" % reason,
+                    pytrace=False)
+
+
+def sibling_result(reply):
+    """``(status, stdout, stderr)`` of a client CID 4 ran (``guest_peer.py``'s answer)."""
+    assert not reply.payload.startswith(b"failed: "), reply.payload
+    status, _, output = reply.payload.partition(b"\n")
+    out, _, err = output.partition(b"\0")
+    return int(status), out.decode(), err.decode()
+
+
+def serve_shared_mem_app_here(c_programs, ep, greeter, client_command):
+    """Run the C sharedMemApp server here while CID 4 (``greeter``) runs the client
+    ``client_command``; check the server's texts and status, and the client's: status 0, nothing
+    on stderr, three readings of the time, in order (the region crossed both guests)."""
+    built, env = c_programs
+    gate_or_fail()
+    argv, env = command([built["sharedMemApp"], "-s"], env)
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = server.stdout.readline()       # printed once "HOST TIME" is registered
+        assert first == "Running shared memory server for 10 seconds.\n", (first, server.poll())
+        ep.send(greeter, client_command)
+        status, out, err = sibling_result(ep.recv(timeout=WAIT))
+        rest, server_err = server.communicate(timeout=WAIT)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert (server.returncode, rest, server_err) == (0, "", "0.1.2.3.4.5.6.7.8.9.\n")
+    assert (status, err) == (0, ""), out
+    readings = out.splitlines()
+    assert len(readings) == sharedmem_app.READINGS, out
+    times = [time.strptime(line, sharedmem_app.TIME_FORMAT) for line in readings]
+    assert times == sorted(times)
+
+
+@pytest.fixture
+def sibling(guest_runtime):
+    """A datagram endpoint here and CID 4's endpoint (on its pure core) once it answers."""
+    if os.environ.get("VSOCKCOMPAT_CROSS_SIBLING") != str(SIBLING_CID):
+        pytest.skip("no second guest: run testbed/cross.py run --guests 2 ...")
+    greeter = VMCIHandle(SIBLING_CID, SIBLING_RIDS["pure"])
+    with DatagramEndpoint(runtime=guest_runtime) as ep:
+        ask(ep, greeter, b"ping", ready_wait=SIBLING_WAIT)
+        yield ep, greeter
+
+
+def test_c_shared_mem_app_server_here_c_client_in_the_sibling(c_programs, sibling):
+    ep, greeter = sibling
+    ep.send(greeter, b"c-sharedmem-app build")
+    assert ep.recv(timeout=BUILD_WAIT).payload == b"built"
+    serve_shared_mem_app_here(c_programs, ep, greeter, b"c-sharedmem-app client")
+
+
+def test_c_shared_mem_app_server_here_python_client_in_the_sibling(c_programs, sibling_core, guest_runtime):
+    greeter = VMCIHandle(SIBLING_CID, SIBLING_RIDS[sibling_core])
+    with DatagramEndpoint(runtime=guest_runtime) as ep:
+        ask(ep, greeter, b"ping", ready_wait=SIBLING_WAIT)
+        serve_shared_mem_app_here(c_programs, ep, greeter, b"sharedmem-app client")
+
+
+class ShmProbe(Probe):
+    """test_clib_shm's probe, executed here directly as ``vsockcompat run`` would."""
+
+    def __init__(self, argv, env):
+        gate_or_fail()
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+
+#: Bytes of the region CID 4 reads and rewrites whole: beyond one piece, one block (64 KiB)
+#: and the largest datagram.
+REGION = 70000
+
+
+def test_a_c_creators_region_crosses_to_the_sibling_whole_both_ways(c_programs, sibling_core, guest_runtime):
+    """CID 4 attaches to a C region here (its whole contents come as UPDATE frames from the C
+    server: in pieces, or the link stalls), hashes it, writes all of it and syncs (the C creator
+    applied it all), detaches."""
+    built, env = c_programs
+    greeter = VMCIHandle(SIBLING_CID, SIBLING_RIDS[sibling_core])
+    probe = ShmProbe(*command([built["shm_probe"]], env))
+    try:
+        assert probe("init") == "0"
+        h = tuple(probe.ints("create %d" % REGION))
+        assert h[0] == BED_CID
+        assert probe("write %d %d 0 fromC" % h) == "ok"
+        assert probe("write %d %d %d tail" % (h + (REGION - 10,))) == "ok"
+        expected = bytearray(REGION)
+        expected[:5], expected[REGION - 10:REGION - 6] = b"fromC", b"tail"
+        with DatagramEndpoint(runtime=guest_runtime) as ep:
+            ask(ep, greeter, b"ping", ready_wait=SIBLING_WAIT)
+            ep.send(greeter, b"mirror-echo %d %d 1" % (h[1], REGION))
+            assert ep.recv(timeout=WAIT).payload == digest(bytes(expected))
+        written = pattern(REGION, 1)                  # byte i is (i + 1) % 256
+        for offset in (64, 65856, 69952):             # where the pattern reads "ABCDE"
+            assert probe("read %d %d %d 5" % (h + (offset,))) == "[%s]" % written[offset:offset + 5].decode()
+        assert probe("detach %d %d" % h) == "0"
+    finally:
+        assert probe.close() == ""
