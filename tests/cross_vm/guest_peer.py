@@ -199,11 +199,49 @@ def mirror_echo(dg, args, runtime):
         region.detach()
 
 
+_OFFERED = {}    # rid: a region of ``mirror-offer``, until ``mirror-drop``
+_OFFERED_LOCK = threading.Lock()
+
+
+def mirror_offer(dg, args, runtime):
+    """``mirror-offer <size> <seed>``: create a region of ``size`` bytes here holding
+    ``pattern(size, seed)`` (attachers get it whole as UPDATE frames); answers ``b"<rid>"``."""
+    size, seed = (int(word) for word in args.split())
+    try:
+        region = SharedRegion.create(size, runtime=runtime)
+    except VMCIError as exc:
+        return b"error %r" % exc
+    region.buffer[:] = pattern(size, seed)
+    with _OFFERED_LOCK:
+        _OFFERED[region.handle.resource] = region
+    return b"%d" % region.handle.resource
+
+
+def mirror_digest(dg, args, runtime):
+    """``mirror-digest <rid>``: ``digest`` of that offered region's contents here (its
+    attachers' writes applied so far); ``mirror-drop <rid>``: detach it, answers ``b"dropped"``."""
+    with _OFFERED_LOCK:
+        region = _OFFERED.get(int(args))
+    return b"error no region %s" % args if region is None else digest(bytes(region.buffer))
+
+
+def mirror_drop(dg, args, runtime):
+    with _OFFERED_LOCK:
+        region = _OFFERED.pop(int(args), None)
+    if region is None:
+        return b"error no region %s" % args
+    region.detach()
+    return b"dropped"
+
+
 LARGE_COMMANDS = {
     b"digest ": lambda dg, rest, runtime: digest(rest),   # ``digest <bytes>``: count and hash
     b"bulk ": bulk,
     b"qp-echo ": qp_echo,
     b"mirror-echo ": mirror_echo,
+    b"mirror-offer ": mirror_offer,
+    b"mirror-digest ": mirror_digest,
+    b"mirror-drop ": mirror_drop,
 }
 
 

@@ -4,8 +4,9 @@
 Then shared memory mirrored across the guests (``VSOCKCOMPAT_SHM_MODE=mirrored``, over vsock
 streams): the SDK's sharedMemApp server in C here (the region's creator), its client in CID 4,
 in C and in Python on both cores, with the SDK's texts, exit statuses and three readings; and a
-C creator's 70,000-byte region attached, read whole and rewritten whole by CID 4 (its welcome
-and the attacher's updates cross only in pieces).
+C creator's 70,000-byte region attached, read whole and rewritten whole by CID 4, and a C
+attacher to CID 4's region of that size writing 4,000 bytes at once (welcomes and updates cross
+only in pieces).
 ``vhost-device-vsock`` 0.3.0 drops a packet between siblings bigger than one receive buffer of the
 other guest, so this passes only if both sides write in pieces (``SIBLING_PIECE``: the C library
 in src/vsc_link.c, Python in ``vsockcompat/transport/pieces.py``). Only with the second guest:
@@ -210,3 +211,41 @@ def test_a_c_creators_region_crosses_to_the_sibling_whole_both_ways(c_programs, 
         assert probe("detach %d %d" % h) == "0"
     finally:
         assert probe.close() == ""
+
+
+#: A C attacher's one write: more than a piece (SIBLING_PIECE), within the probe's line.
+C_WRITE = 4000
+
+
+def test_a_c_attacher_to_a_sibling_region_reads_it_whole_and_writes_in_pieces(c_programs, sibling_core,
+                                                                              guest_runtime):
+    """The C attacher here gets CID 4's whole region (its welcome in pieces from Python), then
+    writes 4,000 bytes at once: the C attacher's UPDATE frames cross only in pieces."""
+    built, env = c_programs
+    greeter = VMCIHandle(SIBLING_CID, SIBLING_RIDS[sibling_core])
+    with DatagramEndpoint(runtime=guest_runtime) as ep:
+        rid = int(ask(ep, greeter, b"mirror-offer %d 1" % REGION, ready_wait=SIBLING_WAIT).payload)
+        h = (SIBLING_CID, rid)
+        probe = ShmProbe(*command([built["shm_probe"]], env))
+        try:
+            assert probe("init") == "0"
+            assert probe.ints("attach %d %d %d" % (h + (REGION,))) == [0, REGION, 0]
+            offered = pattern(REGION, 1)
+            for offset in (64, 65856, 69952):
+                assert probe("read %d %d %d 5" % (h + (offset,))) == "[%s]" % offered[offset:offset + 5].decode()
+            text = bytes(ord("0") + i % 10 for i in range(C_WRITE))
+            assert probe("write %d %d 1000 %s" % (h + (text.decode(),))) == "ok"
+            assert probe("detach %d %d" % h) == "0"           # flushes its writes first
+        finally:
+            assert probe.close() == ""
+        expected = digest(offered[:1000] + text + offered[1000 + C_WRITE:])
+        deadline = time.monotonic() + WAIT
+        while True:
+            ep.send(greeter, b"mirror-digest %d" % rid)
+            got = ep.recv(timeout=WAIT).payload
+            if got == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        ep.send(greeter, b"mirror-drop %d" % rid)
+        assert ep.recv(timeout=WAIT).payload == b"dropped"
+        assert got == expected, "the C attacher's write never reached CID 4 whole"
