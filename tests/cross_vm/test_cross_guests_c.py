@@ -131,7 +131,10 @@ def serve_shared_mem_app_here(c_programs, ep, greeter, client_command):
     server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = server.stdout.readline()       # printed once "HOST TIME" is registered
-        assert first == "Running shared memory server for 10 seconds.\n", (first, server.poll())
+        if first != "Running shared memory server for 10 seconds.\n":
+            rest, server_err = server.communicate(timeout=WAIT)
+            pytest.fail("the server did not start: status %s, stdout %r, stderr %r"
+                        % (server.returncode, first + rest, server_err), pytrace=False)
         ep.send(greeter, client_command)
         status, out, err = sibling_result(ep.recv(timeout=WAIT))
         rest, server_err = server.communicate(timeout=WAIT)
