@@ -20,7 +20,8 @@ the last byte. Before the timed rounds, one round of each checks the bytes (crc3
 stream on both sides). It prints the median MB/s of each, the queue pair's share of raw (target
 >= 90% with the Cython core) and both processes' CPU time per MiB, then the queue pair's counts
 per MiB over its timed rounds (``StreamQueuePair.stream_counts``; not noisy): the producer's
-``sendmsg`` calls, DATA and WANT frames, the consumer's ``recvmsg`` calls and CREDIT frames.
+``sendmsg`` and ``recvmsg`` calls, DATA and WANT frames, the consumer's ``recvmsg`` and
+``sendmsg`` calls and CREDIT frames.
 Raw sends one vsock packet per 64 KiB ``send`` (16 per MiB): a DATA frame's header makes a
 64 KiB write two (the kernel cuts each ``sendmsg`` into packets of at most 64 KiB). A benchmark
 reports, it never fails on timing: status 0 when every round completed and the checks agreed,
@@ -246,10 +247,10 @@ def main(argv=None):
                  100 * ratio, verdict, raw_s[3], raw_s[4], qp_s[3], qp_s[4]))
     for size, _, _, _, per_mib in results:
         prod, cons = per_mib["producer"], per_mib["consumer"]
-        print("%-7s queue pair per MiB: producer %.1f sendmsg, %.1f DATA, %.1f WANT (writes: %.1f); "
-              "consumer %.1f recvmsg, %.1f CREDIT"
-              % ("%d B" % size, prod["sendmsg"], prod["DATA"], prod["WANT"], (1 << 20) / size,
-                 cons["recvmsg"], cons["CREDIT"]))
+        print("%-7s queue pair per MiB: producer %.1f sendmsg, %.1f recvmsg, %.1f DATA, %.1f WANT (writes: %.1f); "
+              "consumer %.1f recvmsg, %.1f sendmsg, %.1f CREDIT"
+              % ("%d B" % size, prod["sendmsg"], prod["recvmsg"], prod["DATA"], prod["WANT"], (1 << 20) / size,
+                 cons["recvmsg"], cons["sendmsg"], cons["CREDIT"]))
     if not ok:
         print("a round did not complete or a check failed", file=sys.stderr)
     return 0 if ok else 1

@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vsockcompat import mirror_wire as W
 from vsockcompat._backend import load_core
@@ -216,6 +218,111 @@ def test_a_dequeue_reads_across_frames_and_pieces(bed, core):
         assert n == VMCI_ERROR_QUEUEPAIR_NODATA or n > 0
         got += bytes(buf[:max(n, 0)])
     assert got == b"abcdefgh" and qs.unread == 0
+
+
+def test_one_read_takes_many_small_frames(bed, core):
+    qs, peer = raw_end(bed, core, consume=1 << 16)
+    stream = b"".join(W.encode(W.DATA, 0, bytes([i]) * 10) for i in range(50)) + W.encode(W.CREDIT, 0)
+    peer.sendall(stream)
+    assert qs.wait_data(WAIT) == 500             # one read: the 51 frames (read ahead)
+    assert qs.counts["recvmsg"] == 1 and qs.ready == 500
+    buf = bytearray(1000)
+    assert qs.read_into(buf) == 500 and buf[:500] == b"".join(bytes([i]) * 10 for i in range(50))
+    assert qs.counts["recvmsg"] == 2             # and one that finds the socket empty
+    qs.read_ahead = 0                            # without: a read per header, as the frames come
+    peer.sendall(stream)
+    assert qs.wait_data(WAIT) == 10 and qs.read_into(buf) == 500
+    assert qs.counts["recvmsg"] > 50
+
+
+def test_a_read_takes_the_next_header_and_payload_with_the_rest(bed, core):
+    qs, peer = raw_end(bed, core, consume=1 << 16)
+    peer.sendall(W.encode(W.DATA, 0, b"a" * 3000) + W.encode(W.DATA, 0, b"b" * 3000))
+    buf = bytearray(4000)
+    assert qs.read_into(buf) == 4000 and buf == b"a" * 3000 + b"b" * 1000
+    assert qs.counts["recvmsg"] == 1 and qs.ready == 2000 and qs.unread == 2000
+    assert qs.read_bytes(5000) == b"b" * 2000
+
+
+def test_read_ahead_across_the_end_of_the_ring(bed, core):
+    """Frames parsed where the circular consume queue wraps: the bytes in order, whole."""
+    qs, peer = raw_end(bed, core, consume=1 << 20)
+    qs.read_ahead = 5000
+    rng = random.Random(3)
+    sent, out, buf = bytearray(), bytearray(), bytearray(7000)
+    while len(sent) < 400000:
+        chunk = b""
+        for _ in range(rng.randrange(1, 8)):
+            payload = os.urandom(rng.randrange(0, 3000))
+            sent += payload
+            chunk += W.encode(W.DATA, 0, payload) + (W.encode(W.CREDIT, 0) if rng.random() < 0.2 else b"")
+        peer.sendall(chunk)
+        assert not qs.pull() & core.QS_GONE
+        n = qs.read_into(buf)
+        out += buf[:max(n, 0)]
+        assert qs.ready < 30000
+    peer.shutdown(socket.SHUT_WR)
+    while qs.wait_data(WAIT) > 0:
+        out += buf[:qs.read_into(buf)]
+    assert bytes(out) == bytes(sent) and qs.state == core.QS_GONE
+
+
+_OPS = st.sampled_from(["into", "peek", "pull", "bytes"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=12),
+       controls=st.lists(st.sampled_from([b"", W.encode(W.CREDIT, 0), W.encode(W.WANT)]), min_size=1),
+       cuts=st.lists(st.integers(1, 400), min_size=1, max_size=20),
+       ops=st.lists(_OPS, min_size=1, max_size=20), bufsize=st.integers(1, 700),
+       ahead=st.sampled_from([0, 1, 7, 19, 20, 21, 64, 4096]))
+def test_a_stream_cut_anywhere_parses_the_same(core, sizes, controls, cuts, ops, bufsize, ahead):
+    """DATA and control frames, sent in pieces cut at any byte and read through any mix of
+    dequeue, peek and pull, with any read-ahead: every payload byte once, in order. (No
+    wait: it counts a frame whose header came as on its way, which these cuts make false.)"""
+    a, b = socket.socketpair()
+    r, w = socket.socketpair()
+    try:
+        a.setblocking(False)
+        b.setblocking(False)
+        qs = core.QueueStream(a, r.fileno(), 1000, 1 << 16)
+        qs.read_ahead = ahead
+        payload = b"".join(bytes((i + j) % 251 for j in range(n)) for i, n in enumerate(sizes))
+        stream, pos = b"", 0
+        for i, n in enumerate(sizes):
+            stream += W.encode(W.DATA, 0, payload[pos:pos + n]) + controls[i % len(controls)]
+            pos += n
+        out, buf = bytearray(), bytearray(bufsize)
+        for i in range(0, 1 << 30):
+            start = sum(cuts[k % len(cuts)] for k in range(i))
+            if start >= len(stream):
+                break
+            piece = stream[start:start + cuts[i % len(cuts)]]
+            while piece:
+                try:
+                    piece = piece[b.send(piece):]
+                except BlockingIOError:      # the socket holds many small pieces: read some
+                    big = bytearray(1 << 16)
+                    out += big[:max(qs.read_into(big), 0)]
+            op = ops[i % len(ops)]
+            if op == "into":
+                n = qs.read_into(buf)
+                out += buf[:max(n, 0)]
+            elif op == "peek":
+                n = qs.read_into(buf, False)
+                assert n < 0 or payload[len(out):len(out) + n] == buf[:n]
+            elif op == "pull":
+                assert not qs.pull() & core.QS_GONE
+            else:
+                got = qs.read_bytes(bufsize)
+                out += got if isinstance(got, bytes) else b""
+        b.shutdown(socket.SHUT_WR)
+        while qs.wait_data(WAIT) > 0:
+            out += buf[:max(qs.read_into(buf), 0)]
+        assert bytes(out) == payload and qs.state == core.QS_GONE
+    finally:
+        for sock in (a, b, r, w):
+            sock.close()
 
 
 def test_a_short_buffer_leaves_the_rest(bed, core):
@@ -431,7 +538,8 @@ def test_a_bad_frame_cuts_the_peer_off(bed, core, bad, cut):
     qs, peer = raw_end(bed, core, consume=12)
     peer.sendall(W.encode(W.DATA, 0, b"ok") + bad)
     peer.shutdown(socket.SHUT_WR)
-    assert qs.wait_data(WAIT) == 2
+    # one read takes it all (read ahead); a cut frame's announced rest counts until the end shows
+    assert qs.wait_data(WAIT) == (5 if cut else 2)
     assert qs.read_bytes(5) == b"ok" + cut
     assert qs.read_into(bytearray(4)) == VMCI_ERROR_QUEUEPAIR_NOTATTACHED
     assert qs.state == core.QS_GONE | core.QS_BAD

@@ -242,7 +242,10 @@ class QueueStream:
     bytes the peer has not credited back; credit goes back per quarter of ``consume_size``
     dequeued, or when the peer asks (WANT). One sendmsg per write (header and payload
     gathered, pieces of at most ``max_send`` bytes if set); a dequeue that finds the ring
-    empty reads the socket straight into the caller's buffer. DATA beyond the consume
+    empty reads the socket straight into the caller's buffer. Each read also takes the next
+    header and up to ``read_ahead`` bytes after it into the ring, where the frames among
+    them are parsed at once (one read: a header with its payload, or many small frames).
+    DATA beyond the consume
     queue's room, a CREDIT above what was sent or going backwards, a bad header, any other
     frame, or the stream cut inside a frame sets QS_GONE | QS_BAD and stops the reading.
     Blocking calls sleep in poll(2) on the socket and ``wake_fd`` (readable: return WAKE).
@@ -250,6 +253,7 @@ class QueueStream:
     """
 
     max_send: int  # bytes per send call at most (0: unbounded)
+    read_ahead: int  # stream bytes a read takes beyond the next header (mirror_wire.QS_READ_AHEAD)
     def __init__(self, sock: socket.socket, wake_fd: int, produce_size: int, consume_size: int,
                  send_timeout: float = 30.0) -> None: ...
     def write(self, buf: Buffer) -> int:

@@ -7,6 +7,7 @@
 # under one. Bytes go out in stream order: a send that does not fit the socket leaves its rest
 # in ``_out``, and nothing is sent directly while ``_out`` holds bytes.
 from libc.stdlib cimport realloc as _realloc
+from libc.string cimport memmove
 from libc.errno cimport errno, EINTR, EAGAIN
 
 cdef extern from "<errno.h>":
@@ -126,6 +127,7 @@ cdef class QueueStream:
     cdef uint8_t *_out
     cdef size_t _ocap, _ostart, _oend
     cdef public uint64_t max_send
+    cdef public uint64_t read_ahead   # stream bytes a read takes beyond the next header
     # what ``counts`` reports: system calls made and frames sent (the DATA, CREDIT, WANT order)
     cdef uint64_t _n_sendmsg, _n_recvmsg
     cdef uint64_t _n_frames[3]
@@ -142,6 +144,7 @@ cdef class QueueStream:
         self._csize = consume_size
         self._send_timeout = send_timeout
         self.max_send = 0
+        self.read_ahead = _W.QS_READ_AHEAD
 
     def __dealloc__(self):
         _free(self._ring)
@@ -538,50 +541,101 @@ cdef class QueueStream:
         self._ring, self._rcap, self._rhead = p, cap, 0
         return 0
 
+    cdef void _ring_out(self, uint8_t *to, uint64_t pos, uint64_t k) noexcept:
+        # Copy ``k`` ring bytes from ``pos`` (an offset from the head, may wrap) to ``to``.
+        cdef uint64_t at, a
+        while k:
+            at = (self._rhead + pos) % self._rcap
+            a = min(k, self._rcap - at)
+            memcpy(to, self._ring + at, a)
+            to += a
+            pos += a
+            k -= a
+
+    cdef void _ring_move(self, uint64_t to, uint64_t frm, uint64_t k) noexcept:
+        # Move ``k`` ring bytes down from offset ``frm`` to ``to`` (< frm; offsets from the
+        # head, either may wrap): in pieces that wrap nowhere, first to last.
+        cdef uint64_t t, f, a
+        while k:
+            t = (self._rhead + to) % self._rcap
+            f = (self._rhead + frm) % self._rcap
+            a = min(k, self._rcap - t, self._rcap - f)
+            memmove(self._ring + t, self._ring + f, a)
+            to += a
+            frm += a
+            k -= a
+
+    cdef uint64_t _parse(self, uint64_t r) except? 0:
+        # The ``r`` stream bytes just read into the ring after its payload: act on the frames
+        # among them, moving each payload down to follow the ring's payload (headers go
+        # through _hdr). Returns the payload bytes kept.
+        cdef uint64_t src = 0, kept = 0, k, base = self._rlen
+        while src < r and not self._state & _QS_EOF:
+            if self._data_left:
+                k = min(self._data_left, r - src)
+                if src != kept:
+                    self._ring_move(base + kept, base + src, k)
+                kept += k
+                src += k
+                self._data_left -= k
+            else:
+                k = min(<uint64_t>(_HDR - self._hdr_have), r - src)
+                self._ring_out(self._hdr + self._hdr_have, base + src, k)
+                self._hdr_have += <int>k
+                src += k
+                if self._hdr_have == _HDR:
+                    self._frame()
+        self._rlen += kept
+        return kept
+
     cdef int64_t _rx(self, uint8_t *dst, uint64_t room, bint heads) except -1:
-        # Read the stream without blocking; payload bytes go to ``dst`` (delivered: consumed at
-        # once) or, with dst NULL, into the ring; at most ``room`` of them (``heads``: and the
-        # frames up to the next payload when room is used up). Each read takes the rest of the
-        # current DATA payload (or what room allows) plus exactly the next header, so payload
-        # lands where it belongs with no copy in between. Returns the payload count.
-        cdef iovec iov[3]
+        # Read the stream without blocking. Each read takes, in order: the rest of the current
+        # DATA payload straight into ``dst`` (only while the ring is empty: stream order), then
+        # the next header, then up to ``read_ahead`` bytes more (with dst NULL, also the
+        # payload still wanted) into the ring's free space, where the frames among them are
+        # parsed at once (``_parse``): so one read takes a header with its payload, and many
+        # small frames at a time. ``room``: the payload bytes wanted, in ``dst`` (or with dst
+        # NULL, in the ring); ``heads``: and the frames up to the next payload. Stops at the
+        # first read that finds the socket short (``_dry``), and with ``dst`` once the ring
+        # holds bytes (they come first: the caller takes them). Returns the payload count
+        # delivered to ``dst`` (consumed at once), or with dst NULL put in the ring.
+        cdef iovec iov[4]
         cdef msghdr msg
-        cdef uint64_t got = 0, want, tail, first
-        cdef size_t asked, r
+        cdef uint64_t got = 0, total = 0, want, tail, first, ahead, kept
+        cdef size_t asked, r, hdr_part
         cdef ssize_t rc
         cdef int n, news = self._news
         cdef char one = 0
         memset(&msg, 0, sizeof(msg))
         while not self._state & (_QS_EOF | _QS_DETACHED):
-            n = 0
-            want = 0
-            if self._data_left:
+            if got >= room and (got or self._data_left or not heads):
+                break
+            if dst != NULL and total and self._rlen:
+                break
+            n, want, hdr_part = 0, 0, 0
+            if dst != NULL and self._data_left and not self._rlen:
                 want = min(self._data_left, room - got)
-                if want == 0:
-                    break
-                if dst != NULL:
-                    iov[0].iov_base, iov[0].iov_len = dst + got, want
-                    n = 1
-                else:
-                    self._grow(want)
-                    tail = (self._rhead + self._rlen) % self._rcap
-                    first = min(want, self._rcap - tail)
-                    iov[0].iov_base, iov[0].iov_len = self._ring + tail, first
-                    n = 1
-                    if first < want:
-                        iov[1].iov_base, iov[1].iov_len = self._ring, want - first
-                        n = 2
-                if want < self._data_left:
-                    asked = want
-                else:
-                    iov[n].iov_base, iov[n].iov_len = self._hdr, _HDR
+                iov[0].iov_base, iov[0].iov_len = dst + got, want
+                n = 1
+            if want == self._data_left:
+                hdr_part = _HDR - self._hdr_have
+                iov[n].iov_base, iov[n].iov_len = self._hdr + self._hdr_have, hdr_part
+                n += 1
+            ahead = self.read_ahead
+            if dst == NULL:
+                ahead += min(room - got, self._data_left)
+            if ahead:
+                if self._rlen == 0:
+                    self._rhead = 0
+                self._grow(ahead)
+                tail = (self._rhead + self._rlen) % self._rcap
+                first = min(ahead, self._rcap - tail)
+                iov[n].iov_base, iov[n].iov_len = self._ring + tail, first
+                n += 1
+                if first < ahead:
+                    iov[n].iov_base, iov[n].iov_len = self._ring, ahead - first
                     n += 1
-                    asked = want + _HDR
-            else:
-                if got == room and not heads:
-                    break
-                iov[0].iov_base, iov[0].iov_len = self._hdr + self._hdr_have, _HDR - self._hdr_have
-                n, asked = 1, _HDR - self._hdr_have
+            asked = want + hdr_part + ahead
             msg.msg_iov = iov
             msg.msg_iovlen = n
             rc = c_recvmsg(self._fd, &msg, MSG_DONTWAIT)
@@ -601,22 +655,27 @@ cdef class QueueStream:
                 first = min(<uint64_t>r, want)
                 self._data_left -= first
                 got += first
-                if dst != NULL:
-                    self._consumed += first
-                else:
-                    self._rlen += first
+                total += first
+                self._consumed += first
                 r -= first
-            if r:
-                self._hdr_have += r
+            if hdr_part and r:
+                first = min(r, hdr_part)
+                self._hdr_have += <int>first
+                r -= first
                 if self._hdr_have == _HDR:
                     self._frame()
+            if r:
+                kept = self._parse(r)
+                total += kept
+                if dst == NULL:
+                    got += kept
             self._dry = <size_t>rc < asked
             if self._dry:
                 break
-        if got:
+        if total:
             self._news |= _QS_DATA
-            self._promised -= min(self._promised, got)
-        if self._sleepers and ((got and dst == NULL) or (self._news & ~news)):
+            self._promised -= min(self._promised, total)
+        if self._sleepers and ((total > got or (total and dst == NULL)) or (self._news & ~news)):
             c_write(self._kick[1], &one, 1)    # what a sleeper waits for came to this thread
         return got
 
@@ -682,7 +741,11 @@ cdef class QueueStream:
             if consume:
                 n = self._take(<uint8_t *>view.buf, size, True)
                 if n < size and self._rlen == 0:
-                    n += self._rx(<uint8_t *>view.buf + n, size - n, False)
+                    while True:      # what a read puts in the ring (read ahead) comes next
+                        n += self._rx(<uint8_t *>view.buf + n, size - n, False)
+                        n += self._take(<uint8_t *>view.buf + n, size - n, True)
+                        if n == size or self._dry or self._state & (_QS_EOF | _QS_DETACHED):
+                            break
                     if n < size and self._promised:
                         n += self._await(<uint8_t *>view.buf + n, min(size - n, self._promised))
                         n += self._take(<uint8_t *>view.buf + n, size - n, True)

@@ -70,6 +70,7 @@ class QueueStream:
         self._rpos = 0
         self._out = bytearray()     # bytes of the stream the socket has not taken yet
         self.max_send = 0
+        self.read_ahead = W.QS_READ_AHEAD   # stream bytes a read takes beyond the next header
         self._counts = dict.fromkeys(W.QS_COUNTS, 0)
 
     # -- sending (lock held)
@@ -330,34 +331,59 @@ class QueueStream:
         else:
             self._gone(QS_BAD | _EOF)
 
-    def _rx(self, dst, room, heads) -> int:
-        """Read the stream without blocking: payload into ``dst`` (a writable view; delivered,
-        so consumed) or, with None, onto the ring; at most ``room`` payload bytes (``heads``:
-        and the frames up to the next payload when room is used up). Each read takes the rest
-        of the current payload plus exactly the next header."""
-        got, news = 0, self._news
-        while not self._state & (_EOF | _DETACHED):
-            want = 0
-            bufs = []
+    def _parse(self, start, r) -> int:
+        """The ``r`` stream bytes just read onto the ring at ``start`` (after its payload): act
+        on the frames among them, moving each payload down to follow the ring's payload
+        (headers go through ``_hdr``); the ring is cut after it. The payload bytes kept."""
+        ring, src, kept, end = self._ring, start, start, start + r
+        while src < end and not self._state & _EOF:
             if self._data_left:
-                want = min(self._data_left, room - got)
-                if not want:
-                    break
-                if dst is not None:
-                    bufs.append(dst[got:got + want])
-                else:
-                    tail = len(self._ring)
-                    self._ring += bytes(want)   # room, filled by the read below (cut back after)
-                    bufs.append(memoryview(self._ring)[tail:])
-                asked = want
-                if want == self._data_left:
-                    bufs.append(memoryview(self._hdr))
-                    asked += _HDR
+                k = min(self._data_left, end - src)
+                if src != kept:
+                    ring[kept:kept + k] = ring[src:src + k]
+                kept += k
+                src += k
+                self._data_left -= k
             else:
-                if got == room and not heads:
-                    break
+                k = min(_HDR - self._hdr_have, end - src)
+                self._hdr[self._hdr_have:self._hdr_have + k] = ring[src:src + k]
+                self._hdr_have += k
+                src += k
+                if self._hdr_have == _HDR:
+                    self._frame()
+        del ring[kept:]
+        return kept - start
+
+    def _rx(self, dst, room, heads) -> int:
+        """Read the stream without blocking, as the Cython core's ``_rx``: each read takes the
+        rest of the current payload into ``dst`` (a writable view; delivered, so consumed; only
+        while the ring is empty), the next header, then up to ``read_ahead`` bytes more (with
+        None, also the payload still wanted) onto the ring, where ``_parse`` acts on the frames
+        among them. ``room``: payload bytes wanted in ``dst`` (with None, on the ring);
+        ``heads``: and the frames up to the next payload. Stops at the first read that finds
+        the socket short, and with ``dst`` once the ring holds bytes. Returns the payload
+        count delivered to ``dst`` or, with None, put on the ring."""
+        got = total = 0
+        news = self._news
+        while not self._state & (_EOF | _DETACHED):
+            if got >= room and (got or self._data_left or not heads):
+                break
+            if dst is not None and total and self._ready():
+                break
+            want = hdr_part = 0
+            bufs = []
+            if dst is not None and self._data_left and not self._ready():
+                want = min(self._data_left, room - got)
+                bufs.append(dst[got:got + want])
+            if want == self._data_left:
+                hdr_part = _HDR - self._hdr_have
                 bufs.append(memoryview(self._hdr)[self._hdr_have:])
-                asked = _HDR - self._hdr_have
+            ahead = self.read_ahead + (min(room - got, self._data_left) if dst is None else 0)
+            start = len(self._ring)
+            if ahead:
+                self._ring += bytes(ahead)      # room, filled by the read below (cut back after)
+                bufs.append(memoryview(self._ring)[start:])
+            asked = want + hdr_part + ahead
             self._counts["recvmsg"] += 1
             try:
                 r = self._sock.recvmsg_into(bufs)[0]
@@ -369,8 +395,8 @@ class QueueStream:
             finally:
                 for b in bufs:
                     b.release()
-            if dst is None and want:
-                del self._ring[len(self._ring) - want + max(min(r, want), 0):]
+            if r <= 0:
+                del self._ring[start:]
             if r == -2:
                 continue
             self._dry = r < asked
@@ -383,18 +409,26 @@ class QueueStream:
             if k:
                 self._data_left -= k
                 got += k
-                if dst is not None:
-                    self._consumed += k
-            if r > k:
-                self._hdr_have += r - k
+                total += k
+                self._consumed += k
+                r -= k
+            if hdr_part and r:
+                k = min(r, hdr_part)
+                self._hdr_have += k
+                r -= k
                 if self._hdr_have == _HDR:
                     self._frame()
-            if r < asked:
+            if ahead:
+                kept = self._parse(start, r)
+                total += kept
+                if dst is None:
+                    got += kept
+            if self._dry:
                 break
-        if got:
+        if total:
             self._news |= QS_DATA
-            self._promised -= min(self._promised, got)
-        if self._sleepers and ((got and dst is None) or self._news & ~news):
+            self._promised -= min(self._promised, total)
+        if self._sleepers and (total > got or (total and dst is None) or self._news & ~news):
             with contextlib.suppress(OSError):
                 os.write(self._kick_w, b"\0")   # what a sleeper waits for came to this thread
         if self._rpos > 65536 and self._rpos * 2 > len(self._ring):
@@ -459,7 +493,11 @@ class QueueStream:
             if consume:
                 n = self._take(view, size, True)
                 if n < size and not self._ready():
-                    n += self._rx(view[n:], size - n, False)
+                    while True:      # what a read puts on the ring (read ahead) comes next
+                        n += self._rx(view[n:], size - n, False)
+                        n += self._take(view[n:], size - n, True)
+                        if n == size or self._dry or self._state & (_EOF | _DETACHED):
+                            break
                     if n < size and self._promised:
                         n += self._await(view[n:], min(size - n, self._promised))
                         n += self._take(view[n:], size - n, True)

@@ -43,6 +43,9 @@ QS_EOF = 32       # nothing more is read from the stream
 QS_DETACHED = 64  # this end detached
 #: The names of a ``QueueStream``'s ``counts``: system calls made, frames sent.
 QS_COUNTS = ("sendmsg", "recvmsg", "DATA", "CREDIT", "WANT")
+#: Stream bytes a ``QueueStream`` read takes beyond the next frame's header (its default
+#: ``read_ahead``): the start of the next payload, or many small frames, in the same read.
+QS_READ_AHEAD = 16384
 
 
 class ProtocolError(Exception):

@@ -24,7 +24,8 @@ memory until it does.
 The data path is the core's ``QueueStream`` (``_cqstream.pxi`` / ``_pure_qstream.py``): the
 frame parse and gather, the copies and the credit accounting, one ``sendmsg`` per write, and
 a dequeue that reads the socket straight into the caller's buffer when its consume queue is
-empty. This module does the handshake, events and threads around it. Who reads the stream: a
+empty (each read taking the next header and what follows it, up to ``read_ahead`` bytes, so
+small frames come many to a read). This module does the handshake, events and threads around it. Who reads the stream: a
 caller that dequeues or waits (waits sleep in the core's poll); otherwise each end's reader
 thread does, taking it back after ``READER_TICK`` seconds in which no caller read it (it wakes
 every tick until detach), so frames (credit, WANT, BYE, and data into the consume queue) keep
