@@ -66,8 +66,8 @@ class QueueStream:
         self._data_left = 0
         self._promised = 0          # payload bytes counted ready by wait_data, not received yet
         self._dry = False           # the last read found the socket empty (EAGAIN, or short)
-        self._ring = bytearray()    # the consume queue, from _rpos on
-        self._rpos = 0
+        self._ring = bytearray()    # the consume queue is [_rpos, _rend); the rest is spare room
+        self._rpos = self._rend = 0
         self._out = bytearray()     # bytes of the stream the socket has not taken yet
         self.max_send = 0
         self.read_ahead = W.QS_READ_AHEAD   # stream bytes a read takes beyond the next header
@@ -351,7 +351,7 @@ class QueueStream:
                 src += k
                 if self._hdr_have == _HDR:
                     self._frame()
-        del ring[kept:]
+        self._rend = kept
         return kept - start
 
     def _rx(self, dst, room, heads) -> int:
@@ -379,10 +379,10 @@ class QueueStream:
                 hdr_part = _HDR - self._hdr_have
                 bufs.append(memoryview(self._hdr)[self._hdr_have:])
             ahead = self.read_ahead + (min(room - got, self._data_left) if dst is None else 0)
-            start = len(self._ring)
             if ahead:
-                self._ring += bytes(ahead)      # room, filled by the read below (cut back after)
-                bufs.append(memoryview(self._ring)[start:])
+                self._room(ahead)
+                bufs.append(memoryview(self._ring)[self._rend:self._rend + ahead])
+            start = self._rend
             asked = want + hdr_part + ahead
             self._counts["recvmsg"] += 1
             try:
@@ -395,8 +395,6 @@ class QueueStream:
             finally:
                 for b in bufs:
                     b.release()
-            if r <= 0:
-                del self._ring[start:]
             if r == -2:
                 continue
             self._dry = r < asked
@@ -431,10 +429,20 @@ class QueueStream:
         if self._sleepers and (total > got or (total and dst is None) or self._news & ~news):
             with contextlib.suppress(OSError):
                 os.write(self._kick_w, b"\0")   # what a sleeper waits for came to this thread
-        if self._rpos > 65536 and self._rpos * 2 > len(self._ring):
-            del self._ring[:self._rpos]
-            self._rpos = 0
         return got
+
+    def _room(self, n) -> None:
+        """Spare room for ``n`` bytes after the ring's end, so that a read allocates nothing:
+        the unread bytes move to the buffer's start when they are no more than the bytes that
+        frees, else (or if still short) the buffer grows, at least doubling."""
+        ring, have = self._ring, self._rend - self._rpos
+        if self._rend + n <= len(ring):
+            return
+        if have <= self._rpos:
+            ring[:have] = ring[self._rpos:self._rend]
+            self._rpos, self._rend = 0, have
+        if self._rend + n > len(ring):
+            ring.extend(bytes(max(self._rend + n - len(ring), len(ring))))
 
     def _await(self, dst, want) -> int:
         """Wait (lock released) for up to ``want`` promised bytes (``_promised``: counted ready
@@ -459,7 +467,7 @@ class QueueStream:
                 self._await(None, min(size - self._ready(), self._promised))
 
     def _ready(self) -> int:
-        return len(self._ring) - self._rpos
+        return self._rend - self._rpos
 
     def _take(self, dst, n, consume) -> int:
         k = min(n, self._ready())
@@ -472,9 +480,8 @@ class QueueStream:
     def _drop(self, k) -> None:
         self._rpos += k
         self._consumed += k
-        if self._rpos == len(self._ring):
-            self._ring.clear()
-            self._rpos = 0
+        if self._rpos == self._rend:
+            self._rpos = self._rend = 0
 
     def _read_status(self) -> int:
         if self._state & _DETACHED or (self._state & QS_GONE and not self._ready()):
@@ -620,7 +627,7 @@ class QueueStream:
             if self._busy:
                 return False
             self._state |= _DETACHED | _EOF
-            self._ring, self._out, self._rpos = bytearray(), bytearray(), 0
+            self._ring, self._out, self._rpos, self._rend = bytearray(), bytearray(), 0, 0
             self._close_kick()
             return True
 
