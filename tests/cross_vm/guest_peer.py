@@ -74,22 +74,20 @@ def serve(ep, runtime, core):
             print("guest-peer: %s: reply to %s failed: %r" % (core, dg.src, exc), flush=True)
 
 
-def past_the_host_ports(runtime):
-    """An echo and a host-initiated call through the host peer of this VMM socket."""
+def wait_for_host_peer(runtime):
+    """Until the host peer of this VMM socket answers an echo (it starts with the bed)."""
     host = VMCIHandle(VMCI_HOST_CONTEXT_ID, HOST_RIDS["cython"])
-    with DatagramEndpoint(runtime=runtime) as control, DatagramEndpoint(runtime=runtime) as callee:
+    with DatagramEndpoint(runtime=runtime) as control:
         deadline = time.monotonic() + READY_WAIT
         while True:
             try:
                 control.send(host, b"hello")
                 control.recv(timeout=WAIT)
-                break
+                return
             except VMCIError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
-        control.send(host, b"call %d" % callee.handle.resource)
-        callee.recv(timeout=WAIT)
 
 
 def main():
@@ -109,7 +107,7 @@ def main():
         print("guest-peer: %s endpoint %d:%d ready" % (core, SIBLING_CID, SIBLING_RIDS[core]),
               flush=True)
     try:
-        past_the_host_ports(Runtime(settings))
+        wait_for_host_peer(Runtime(settings))
         for core, (ep, runtime) in endpoints.items():
             rc = ds_client.register_status(sibling_name(core), ep.handle, runtime)
             print("guest-peer: registered %r: %d" % (sibling_name(core), rc), flush=True)
