@@ -81,9 +81,9 @@ def rundir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def make_settings(rundir, cid=2, no_extensions=False, ds_autostart=True):
+def make_settings(rundir, cid=2, no_extensions=False, ds_autostart=True, **more):
     return Settings(no_extensions=no_extensions, rundir=rundir, cid=cid, transport="local",
-                    ds_autostart=ds_autostart)
+                    ds_autostart=ds_autostart, **more)
 
 
 @pytest.fixture

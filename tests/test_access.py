@@ -40,8 +40,8 @@ def libs(make_runtime):
     """``libs(cid)``: an initialised VMCILibrary of context ``cid`` (cleaned up after the test)."""
     made = []
 
-    def make(cid):
-        lib = VMCILibrary(make_runtime(cid=cid, ds_autostart=False))
+    def make(cid, **settings):
+        lib = VMCILibrary(make_runtime(cid=cid, ds_autostart=False, **settings))
         assert lib.VMCI_InitApp() == C.VMCI_SUCCESS
         made.append(lib)
         return lib
@@ -264,6 +264,23 @@ def test_shared_memory_attach_follows_flags_and_sm_attach(libs, rundir):
     assert rv == C.VMCI_SUCCESS
     view[:4] = b"seen"
     assert bytes(seen[:4]) == b"seen"
+
+
+@pytest.mark.parametrize("mode", ["shared", "mirrored"])
+def test_sm_attach_denied_after_attach_binds_the_next_attach(libs, mode):
+    host, plain = libs(2, shm_mode=mode), libs(5, shm_mode=mode)
+    handle, view = host.VMCISharedMem_Create(128)
+    rv, seen = plain.VMCISharedMem_Attach(handle, 128)
+    assert rv == C.VMCI_SUCCESS
+    assert host.VMCIResource_AddClientPrivileges(handle, (5, 0), [], [SM_ATTACH]) == C.VMCI_SUCCESS
+    view[:5] = b"still"                       # the attached client keeps its view, and its updates
+    deadline = time.monotonic() + 20
+    while bytes(seen[:5]) != b"still" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert bytes(seen[:5]) == b"still"
+    seen.release()
+    assert plain.VMCISharedMem_Detach(handle) == C.VMCI_SUCCESS
+    assert plain.VMCISharedMem_Attach(handle, 128) == (C.VMCI_ERROR_NO_ACCESS, None)
 
 
 # Discovery
