@@ -1,0 +1,125 @@
+"""The host half of the cross bed (testbed/cross.py, testbed/vmm_stop.py), without a guest: the
+daemons' command lines, logs and the host command's environment with one daemon for both guests
+and with ``--vmm-per-guest``; and that ``stop_vmm`` ends only the process the bed started for
+that guest. No socket is opened here; the "daemons" are sleeping Python processes named like it."""
+import os
+import signal
+import subprocess
+import sys
+import types
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testbed"))
+import cross  # noqa: E402
+import vmm_stop  # noqa: E402
+
+BINARY = "/cache/vhost-device-vsock/root/usr/bin/vhost-device-vsock"
+SLEEPER = ("import signal, sys, time\n"
+           "if sys.argv[1:2] == ['deaf']: signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+           "print('ready', flush=True)\ntime.sleep(60)")
+
+
+def test_one_daemon_for_both_guests_or_one_each(tmp_path):
+    job = str(tmp_path)
+    spec = {cid: "guest-cid=%d,socket=%s/vhost%d.sock,uds-path=%s/vm%d.vsock" % (cid, job, cid, job, cid)
+            for cid in (3, 4)}
+    assert cross.daemon_groups((3,), False) == [(3,)]
+    assert cross.daemon_groups((3, 4), False) == [(3, 4)]
+    assert cross.daemon_groups((3, 4), True) == [(3,), (4,)]
+    assert cross.daemon_command(BINARY, job, (3, 4)) == [BINARY, "--vm", spec[3], "--vm", spec[4]]
+    per_guest = [cross.daemon_command(BINARY, job, group) for group in cross.daemon_groups((3, 4), True)]
+    assert per_guest == [[BINARY, "--vm", spec[3]], [BINARY, "--vm", spec[4]]]
+    assert not any("forward" in word for cmd in per_guest for word in cmd)
+    with pytest.raises(SystemExit, match="forwards to AF_VSOCK"):
+        cross.daemon_command(BINARY, "/tmp/--forward-cid=1", (3,))
+
+
+def test_the_daemons_logs(tmp_path):
+    job = str(tmp_path)
+    assert cross.daemon_log_path("/logs/vmm", job, (3, 4), False) == "/logs/vmm"
+    assert [cross.daemon_log_path("/logs/vmm", job, (cid,), True) for cid in (3, 4)] == [
+        "/logs/vmm.cid3", "/logs/vmm.cid4"]
+    assert cross.daemon_log_path(None, job, (3,), True) != cross.daemon_log_path(None, job, (4,), True)
+    assert os.path.dirname(cross.daemon_log_path(None, job, (3, 4), False)) == job
+
+
+def fake_daemons(groups, pids):
+    return [(group, types.SimpleNamespace(pid=pid), None) for group, pid in zip(groups, pids)]
+
+
+def test_the_host_command_reaches_each_guest_through_its_own_socket(tmp_path, monkeypatch):
+    job = str(tmp_path)
+    for name in (vmm_stop.VMMS_ENV, vmm_stop.JOB_ENV):
+        monkeypatch.delenv(name, raising=False)
+    sockets = "%s/vm3.vsock:%s/vm4.vsock" % (job, job)
+    env = cross.host_command_env(job, fake_daemons([(3,), (4,)], [1001, 1002]), True)
+    assert (env["VSOCKCOMPAT_TRANSPORT"], env["VSOCKCOMPAT_HYBRID_UDS"], env["VSOCKCOMPAT_HYBRID_CID"]) == (
+        "hybrid", sockets, "3:4")
+    assert (env[vmm_stop.VMMS_ENV], env[vmm_stop.JOB_ENV]) == ("3=1001,4=1002", job)
+    shared = cross.host_command_env(job, fake_daemons([(3, 4)], [1001]), False)
+    assert (shared["VSOCKCOMPAT_HYBRID_UDS"], shared["VSOCKCOMPAT_HYBRID_CID"]) == (sockets, "3:4")
+    assert vmm_stop.VMMS_ENV not in shared and vmm_stop.JOB_ENV not in shared
+    assert cross.second_guest_env(False) == {"VSOCKCOMPAT_CROSS_SIBLING": "4"}
+    assert cross.second_guest_env(True) == {"VSOCKCOMPAT_CROSS_OWN_VMM": "4"}
+
+
+def test_a_daemon_per_guest_needs_two_guests(capsys):
+    with pytest.raises(SystemExit) as info:
+        cross.main(["run", "--vmm-per-guest", "--", "true"])
+    assert info.value.code == 2 and "--vmm-per-guest needs --guests 2" in capsys.readouterr().err
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """Starts a sleeping process whose argv[0] is ``name`` in tmp_path (``deaf``: it ignores
+    SIGTERM) and ``--vm spec``; all are killed at teardown."""
+    procs = []
+
+    def start(name, spec, deaf=False):
+        argv = [str(tmp_path / name), "-c", SLEEPER] + (["deaf"] if deaf else []) + ["--vm", spec]
+        procs.append(subprocess.Popen(argv, executable=sys.executable, stdout=subprocess.PIPE))
+        assert procs[-1].stdout.readline() == b"ready\n"
+        return procs[-1]
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_stop_vmm_ends_only_the_beds_daemon_of_that_guest(tmp_path, spawn):
+    job = str(tmp_path / "job")
+    os.mkdir(job)
+    daemon3 = spawn(vmm_stop.DAEMON_NAME, vmm_stop.vm_spec(job, 3))
+    daemon4 = spawn(vmm_stop.DAEMON_NAME, vmm_stop.vm_spec(job, 4))
+    other_job = spawn(vmm_stop.DAEMON_NAME, vmm_stop.vm_spec(str(tmp_path / "other"), 4))
+    other_name = spawn("python3", vmm_stop.vm_spec(job, 4))
+    refusals = [
+        ({}, 4, "runs no VMM per guest"),
+        ({vmm_stop.VMMS_ENV: "4=x", vmm_stop.JOB_ENV: job}, 4, "malformed"),
+        (vmm_stop.host_env(job, {3: daemon3.pid, 4: daemon4.pid}), 7, "no VMM for CID 7"),
+        (vmm_stop.host_env(job, {3: daemon3.pid, 4: other_job.pid}), 4, "not the bed's"),
+        (vmm_stop.host_env(job, {3: daemon3.pid, 4: other_name.pid}), 4, "not the bed's"),
+        (vmm_stop.host_env(job, {3: daemon4.pid, 4: daemon3.pid}), 4, "not the bed's"),   # CID 3's daemon
+    ]
+    for environ, cid, reason in refusals:
+        with pytest.raises(vmm_stop.Refused, match=reason):
+            vmm_stop.stop_vmm(cid, environ)
+    assert all(p.poll() is None for p in (daemon3, daemon4, other_job, other_name))
+    assert not vmm_stop.stopped_on_request(job, 4)
+
+    done = vmm_stop.stop_vmm(4, vmm_stop.host_env(job, {3: daemon3.pid, 4: daemon4.pid}))
+    assert done == "stopped CID 4's VMM (pid %d, signal %d)" % (daemon4.pid, signal.SIGTERM)
+    assert daemon4.wait(5) == -signal.SIGTERM
+    assert vmm_stop.stopped_on_request(job, 4) and not vmm_stop.stopped_on_request(job, 3)
+    assert all(p.poll() is None for p in (daemon3, other_job, other_name))
+    with pytest.raises(vmm_stop.Refused, match="cannot be read"):      # reaped: gone
+        vmm_stop.stop_vmm(4, vmm_stop.host_env(job, {3: daemon3.pid, 4: daemon4.pid}))
+
+
+def test_stop_vmm_kills_a_daemon_that_ignores_sigterm(tmp_path, spawn, monkeypatch):
+    monkeypatch.setattr(vmm_stop, "GRACE", 0.5)
+    deaf = spawn(vmm_stop.DAEMON_NAME, vmm_stop.vm_spec(str(tmp_path), 4), deaf=True)
+    done = vmm_stop.stop_vmm(4, vmm_stop.host_env(str(tmp_path), {4: deaf.pid}))
+    assert done.endswith("signal %d)" % signal.SIGKILL) and deaf.wait(5) == -signal.SIGKILL
