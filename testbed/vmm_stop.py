@@ -101,12 +101,10 @@ def stop_vmm(cid, environ=None):
         try:
             proc.send_signal(sig)
         except psutil.NoSuchProcess:
-            break
+            return "CID %d's VMM (pid %d) ended before signal %d" % (cid, pid, sig)
         deadline = time.monotonic() + GRACE
         while not _gone(proc) and time.monotonic() < deadline:
             time.sleep(0.05)
         if _gone(proc):
             return "stopped CID %d's VMM (pid %d, signal %d)" % (cid, pid, sig)
-    if _gone(proc):
-        return "stopped CID %d's VMM (pid %d)" % (cid, pid)
     raise Refused("CID %d's VMM (pid %d) did not end after SIGKILL" % (cid, pid))

@@ -123,3 +123,24 @@ def test_stop_vmm_kills_a_daemon_that_ignores_sigterm(tmp_path, spawn, monkeypat
     deaf = spawn(vmm_stop.DAEMON_NAME, vmm_stop.vm_spec(str(tmp_path), 4), deaf=True)
     done = vmm_stop.stop_vmm(4, vmm_stop.host_env(str(tmp_path), {4: deaf.pid}))
     assert done.endswith("signal %d)" % signal.SIGKILL) and deaf.wait(5) == -signal.SIGKILL
+
+
+def test_the_host_peers_stop_vmm_refuses_bad_requests(tmp_path, spawn, monkeypatch):
+    """``host_peer.py``'s ``stop-vmm``: never the asking guest's own VMM (however spelled), never
+    a CID that is not a number, never outside ``--vmm-per-guest``; else ``stop_vmm``'s answer."""
+    from cross_vm import host_peer
+    daemon = spawn(vmm_stop.DAEMON_NAME, vmm_stop.vm_spec(str(tmp_path), 3))
+    monkeypatch.setenv(vmm_stop.VMMS_ENV, "3=%d" % daemon.pid)
+    monkeypatch.setenv(vmm_stop.JOB_ENV, str(tmp_path))
+
+    def ask(payload, guest_cid=3):
+        return host_peer.answer(None, types.SimpleNamespace(payload=payload), None, None, guest_cid)
+    for payload in (b"stop-vmm 3", b"stop-vmm 03", b"stop-vmm +4", b"stop-vmm -1", b"stop-vmm x"):
+        assert ask(payload).startswith(b"refused: "), payload
+    assert ask(b"stop-vmm 4").startswith(b"refused: the bed started no VMM for CID 4")
+    assert daemon.poll() is None
+    monkeypatch.delenv(vmm_stop.VMMS_ENV)
+    assert ask(b"stop-vmm 3", guest_cid=4).startswith(b"refused: the bed runs no VMM per guest")
+    monkeypatch.setenv(vmm_stop.VMMS_ENV, "3=%d" % daemon.pid)
+    assert ask(b"stop-vmm 3", guest_cid=4) == b"stopped: stopped CID 3's VMM (pid %d, signal %d)" % (
+        daemon.pid, signal.SIGTERM)

@@ -317,12 +317,12 @@ def _vmm_answer(base):
     def vmm_answer(ep, dg, runtime, samples, guest_cid):
         words = dg.payload.split(b" ")
         if words[0] == b"stop-vmm" and len(words) == 2:
-            if words[1] == b"%d" % guest_cid:
+            if not words[1].isdigit():
+                return b"refused: not a CID: %r" % words[1]
+            if int(words[1]) == guest_cid:
                 return b"refused: a guest may not stop its own VMM (no answer could reach it)"
             try:
                 return b"stopped: " + vmm_stop.stop_vmm(int(words[1])).encode()
-            except ValueError:
-                return b"refused: not a CID: %r" % words[1]
             except vmm_stop.Refused as exc:
                 return b"refused: " + str(exc).encode()
         if words[0] == b"relay" and len(words) >= 4:

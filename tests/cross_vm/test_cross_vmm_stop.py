@@ -79,7 +79,7 @@ def test_a_guests_names_die_with_its_vmm(rundir):
                 relayed = ask(control, HOST, b"relay %d %d ping" % tuple(handle)).payload
                 assert relayed.startswith(b"reply ping from %d:" % C.VMCI_HOST_CONTEXT_ID)
             # Bad input: the asking guest's own VMM, a CID the bed gave no VMM, not a CID.
-            for cid in (b"%d" % BED_CID, b"7", b"x"):
+            for cid in (b"%d" % BED_CID, b"0%d" % BED_CID, b"7", b"x"):
                 control.send(HOST, b"stop-vmm " + cid)
                 assert control.recv(timeout=WAIT).payload.startswith(b"refused: ")
             control.send(HOST, b"stop-vmm %d" % SIBLING_CID)
