@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The cross-VM test bed: a guest (CID 3), whose vsock device is served by ``vhost-device-vsock``,
-and optionally a second one (CID 4) behind the same daemon.
+and optionally a second one (CID 4) behind the same daemon or, ``--vmm-per-guest``, its own.
 
     python testbed/cross.py setup                              # guest.py's setup + the daemon
     python testbed/cross.py run [--host-cmd CMD] -- COMMAND... # boot, run COMMAND in the guest
