@@ -2,12 +2,15 @@
 daemons' command lines, logs and the host command's environment with one daemon for both guests
 and with ``--vmm-per-guest``; and that ``stop_vmm`` ends only the process the bed started for
 that guest. No socket is opened here; the "daemons" are sleeping Python processes named like it."""
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import types
 
+import psutil
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testbed"))
@@ -144,3 +147,50 @@ def test_the_host_peers_stop_vmm_refuses_bad_requests(tmp_path, spawn, monkeypat
     monkeypatch.setenv(vmm_stop.VMMS_ENV, "3=%d" % daemon.pid)
     assert ask(b"stop-vmm 3", guest_cid=4) == b"stopped: stopped CID 3's VMM (pid %d, signal %d)" % (
         daemon.pid, signal.SIGTERM)
+
+
+FAKE_DAEMON = """#!%s
+import sys, time
+for i, word in enumerate(sys.argv[:-1]):
+    if word == "--vm":    # the bed waits for the vhost socket's path: a plain file will do
+        spec = dict(item.split("=", 1) for item in sys.argv[i + 1].split(","))
+        open(spec["socket"], "w").close()
+        print("serving CID", spec["guest-cid"], flush=True)
+time.sleep(60)
+"""
+HOST_CMD = "%s -c 'import json, os, sys, time; json.dump(dict(os.environ), open(sys.argv[1], \"w\")); time.sleep(60)' %s"
+
+
+def test_a_run_with_a_daemon_per_guest_starts_and_stops_both(tmp_path, monkeypatch):
+    """``_run_cross`` with ``--vmm-per-guest``, the boot replaced: two daemons (fakes that serve
+    nothing), each logging to its own file, the host command given both VMM sockets and both
+    daemons' pids, and everything stopped at the end."""
+    binary = tmp_path / vmm_stop.DAEMON_NAME
+    binary.write_text(FAKE_DAEMON % sys.executable)
+    binary.chmod(0o755)
+    job, env_file = tmp_path / "job", tmp_path / "host-env.json"
+    job.mkdir()
+    seen = {}
+
+    def boot_all(args, command, cache, kernel, jobdir, paths, start):
+        while not env_file.exists() or not env_file.read_text().endswith("}"):
+            assert time.monotonic() < start + 30, "the host command never started"
+            time.sleep(0.05)
+        seen["env"] = json.loads(env_file.read_text())
+        pids = dict(item.split("=") for item in seen["env"][vmm_stop.VMMS_ENV].split(","))
+        seen["daemons"] = {int(cid): psutil.Process(int(pid)).cmdline() for cid, pid in pids.items()}
+        return 0
+    monkeypatch.setattr(cross, "_boot_all", boot_all)
+    monkeypatch.setattr(cross.vmm_warmup, "RETRY", 0.01)    # no VMM socket here: it retries
+    args = cross.argparse.Namespace(guests=2, vmm_per_guest=True, vmm_log=str(tmp_path / "vmm.log"),
+                                    host_cmd=HOST_CMD % (sys.executable, env_file), timeout=60)
+    assert cross._run_cross(args, ["true"], None, None, {"binary": str(binary), "version": "fake"},
+                            str(job)) == 0
+    assert seen["daemons"] == {cid: [sys.executable, str(binary), "--vm", vmm_stop.vm_spec(str(job), cid)]
+                               for cid in (3, 4)}
+    assert seen["env"]["VSOCKCOMPAT_HYBRID_UDS"] == "%s/vm3.vsock:%s/vm4.vsock" % (job, job)
+    assert (seen["env"]["VSOCKCOMPAT_HYBRID_CID"], seen["env"][vmm_stop.JOB_ENV]) == ("3:4", str(job))
+    for cid in (3, 4):
+        assert (tmp_path / ("vmm.log.cid%d" % cid)).read_text() == "serving CID %d\n" % cid
+    pids = [int(item.split("=")[1]) for item in seen["env"][vmm_stop.VMMS_ENV].split(",")]
+    assert not any(psutil.pid_exists(pid) for pid in pids)
