@@ -1,7 +1,8 @@
 """The host half of the cross bed (testbed/cross.py, testbed/vmm_stop.py), without a guest: the
 daemons' command lines, logs and the host command's environment with one daemon for both guests
 and with ``--vmm-per-guest``; and that ``stop_vmm`` ends only the process the bed started for
-that guest. No socket is opened here; the "daemons" are sleeping Python processes named like it."""
+that guest. AF_UNIX only (the warm-up's connects, which find no VMM socket); the "daemons" are
+sleeping Python processes named like it."""
 import json
 import os
 import signal
