@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The cross-VM test bed: a guest (CID 3), whose vsock device is served by ``vhost-device-vsock``,
-and optionally a second one (CID 4) behind the same daemon.
+and optionally a second one (CID 4) behind the same daemon or, ``--vmm-per-guest``, its own.
 
     python testbed/cross.py setup                              # guest.py's setup + the daemon
     python testbed/cross.py run [--host-cmd CMD] -- COMMAND... # boot, run COMMAND in the guest
@@ -36,6 +36,13 @@ booted beside CID 3 with its own guard, nonce and job, running CMD until CID 3's
 ``VSOCKCOMPAT_HYBRID_CID=3:4``: one hybrid transport, and one discovery daemon, serve both
 guests), and CID 3's command gets ``VSOCKCOMPAT_CROSS_SIBLING=4``. A sibling that ends first
 fails the run.
+
+``--vmm-per-guest`` (with ``--guests 2``) gives each guest a daemon of its own instead (one
+``--vm`` each; ``--vmm-log PATH`` keeps ``PATH.cid3`` and ``PATH.cid4``): the guests then have
+no link to each other, the host command still gets both VMM sockets, plus the daemons' pids
+(``vmm_stop.py``), so a test can stop CID 4's daemon mid-run while CID 3 keeps its own. CID 3's
+command gets ``VSOCKCOMPAT_CROSS_OWN_VMM=4`` instead of ``VSOCKCOMPAT_CROSS_SIBLING``; CID 4's
+guest ending first fails the run unless its daemon was stopped that way.
 """
 import argparse
 import fcntl
@@ -55,12 +62,16 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import guest  # noqa: E402  (the single-guest bed: kernel, virtme-ng, the boot loop)
+import vmm_stop  # noqa: E402  (a daemon per guest: stopping one mid-run)
 import vmm_warmup  # noqa: E402  (past vhost-device-vsock 0.3.0's port-counter bug)
 
 GUEST_CID = 3
 #: The second guest of ``--guests 2``: a sibling of CID 3 in the daemon's one (default) group.
 SIBLING_CID = 4
-DAEMON_PACKAGE = "vhost-device-vsock"
+#: CID 3's command gets one of these, naming CID 4: ``--guests 2``, ``--vmm-per-guest`` added.
+SIBLING_ENV = "VSOCKCOMPAT_CROSS_SIBLING"
+OWN_VMM_ENV = "VSOCKCOMPAT_CROSS_OWN_VMM"
+DAEMON_PACKAGE = vmm_stop.DAEMON_NAME
 #: Sets the daemon's RUST_LOG (default "warn"); the bed prints the end of its log when a run fails.
 DAEMON_LOG_ENV = "VSOCKCOMPAT_TESTBED_VMM_LOG"
 DAEMON_SUITE = "unstable"               # not in Debian 12; its binary runs there (glibc >= 2.34)
@@ -188,18 +199,31 @@ def cmd_setup(args):
 
 # ---------------------------------------------------------------- run (host side)
 
-def daemon_command(binary, vhost_socket, uds_path, sibling=None):
-    """The daemon's one command line: Unix sockets only (checked, fail closed). ``sibling``, a
-    (vhost socket, uds path) pair, adds CID 4 as a second ``--vm``: both in the default group,
-    so the daemon carries the two guests' connections to each other."""
-    cmd = [binary, "--vm", "guest-cid=%d,socket=%s,uds-path=%s"
-           % (GUEST_CID, vhost_socket, uds_path)]
-    if sibling is not None:
-        cmd += ["--vm", "guest-cid=%d,socket=%s,uds-path=%s" % ((SIBLING_CID,) + tuple(sibling))]
+def daemon_command(binary, jobdir, cids):
+    """A daemon's one command line, serving the guests ``cids`` (their sockets in ``jobdir``):
+    Unix sockets only (checked, fail closed). Guests of one daemon are in its default group, so
+    it carries their connections to each other; guests of different daemons cannot reach each
+    other."""
+    cmd = [binary]
+    for cid in cids:
+        cmd += ["--vm", vmm_stop.vm_spec(jobdir, cid)]
     if any(word.startswith(FORBIDDEN_DAEMON_OPTIONS) or "forward" in word for word in cmd):
         raise SystemExit("testbed: refusing a %s command line that forwards to AF_VSOCK: %s"
                          % (DAEMON_PACKAGE, cmd))
     return cmd
+
+
+def daemon_groups(cids, per_guest):
+    """The guests of each daemon: one daemon for all, or with ``per_guest`` one each."""
+    return [(cid,) for cid in cids] if per_guest else [tuple(cids)]
+
+
+def daemon_log_path(vmm_log, jobdir, group, per_guest):
+    """Where the daemon of ``group`` logs: ``--vmm-log PATH`` (``PATH.cid<N>`` with a daemon per
+    guest), else the job directory (removed after the run)."""
+    if vmm_log is None:
+        return os.path.join(jobdir, "daemon%s.log" % "-".join(map(str, group)))
+    return "%s.cid%d" % (vmm_log, group[0]) if per_guest else vmm_log
 
 
 def qemu_options(vhost_socket, memory):
@@ -319,40 +343,54 @@ def cmd_run(args):
         shutil.rmtree(jobdir, ignore_errors=True)
 
 
-def _paths(jobdir, cid):
-    """(vhost socket, hybrid uds path) of guest ``cid``."""
-    return (os.path.join(jobdir, "vhost%d.sock" % cid), os.path.join(jobdir, "vm%d.vsock" % cid))
+def _start_daemons(args, daemon, jobdir, cids, daemons):
+    """Starts the daemons of this run (``daemon_groups``), each added to ``daemons`` as
+    ``(guest CIDs, process, log file)`` once started."""
+    for group in daemon_groups(cids, args.vmm_per_guest):
+        log = open(daemon_log_path(args.vmm_log, jobdir, group, args.vmm_per_guest), "w")
+        daemons.append((group, subprocess.Popen(
+            daemon_command(daemon["binary"], jobdir, group), stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, RUST_LOG=os.environ.get(DAEMON_LOG_ENV, "warn"))), log))
+
+
+def host_command_env(jobdir, daemons, per_guest):
+    """The host command's environment: the hybrid settings for every guest's VMM socket and,
+    with a daemon per guest, their pids for ``vmm_stop.stop_vmm``."""
+    cids = [cid for group, _, _ in daemons for cid in group]
+    env = dict(os.environ, **hybrid_env([(vmm_stop.paths(jobdir, cid)[1], cid) for cid in cids]))
+    if per_guest:
+        env.update(vmm_stop.host_env(jobdir, {group[0]: proc.pid for group, proc, _ in daemons}))
+    return env
 
 
 def _run_cross(args, command, cache, kernel, daemon, jobdir):
     cids = (GUEST_CID, SIBLING_CID)[:args.guests]
-    paths = {cid: _paths(jobdir, cid) for cid in cids}
-    vhost_socket, uds_path = paths[GUEST_CID]
+    paths = {cid: vmm_stop.paths(jobdir, cid) for cid in cids}
     start = time.monotonic()
-    log = open(args.vmm_log or os.path.join(jobdir, "daemon.log"), "w")
-    proc_daemon = subprocess.Popen(daemon_command(daemon["binary"], vhost_socket, uds_path,
-                                                  paths.get(SIBLING_CID)),
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True,
-                                   env=dict(os.environ, RUST_LOG=os.environ.get(DAEMON_LOG_ENV, "warn")))
+    daemons = []
     hosts = []
     warmups = []
     status = guest.BED_ERROR
     try:
-        for cid in cids:
-            if not _wait_for_socket(paths[cid][0], proc_daemon, SOCKET_WAIT):
-                log.flush()
-                with open(log.name) as f:
-                    out = guest._tail(f.read())
-                say("%s did not create %s (status %s): %s"
-                    % (DAEMON_PACKAGE, paths[cid][0], proc_daemon.poll(), out))
-                return guest.BED_ERROR
-            say("%s %s serves CID %d: vhost socket %s, hybrid socket %s"
-                % (DAEMON_PACKAGE, daemon["version"], cid, paths[cid][0], paths[cid][1]))
-            warmups.append((cid, vmm_warmup.start_host_side(paths[cid][1], start + args.timeout)))
+        _start_daemons(args, daemon, jobdir, cids, daemons)
+        for group, proc_daemon, log in daemons:
+            for cid in group:
+                if not _wait_for_socket(paths[cid][0], proc_daemon, SOCKET_WAIT):
+                    log.flush()
+                    with open(log.name) as f:
+                        out = guest._tail(f.read())
+                    say("%s did not create %s (status %s): %s"
+                        % (DAEMON_PACKAGE, paths[cid][0], proc_daemon.poll(), out))
+                    return guest.BED_ERROR
+                say("%s %s (pid %d) serves CID %d: vhost socket %s, hybrid socket %s"
+                    % (DAEMON_PACKAGE, daemon["version"], proc_daemon.pid, cid, paths[cid][0],
+                       paths[cid][1]))
+                warmups.append((cid, vmm_warmup.start_host_side(paths[cid][1],
+                                                                start + args.timeout)))
         if args.host_cmd:
             # One host command for every VMM socket: the hybrid transport routes by guest CID.
-            env = dict(os.environ, **hybrid_env([(paths[cid][1], cid) for cid in cids]))
+            env = host_command_env(jobdir, daemons, args.vmm_per_guest)
             say("host command for CIDs %s: %s" % (env["VSOCKCOMPAT_HYBRID_CID"], args.host_cmd))
             hosts.append(subprocess.Popen(shlex.split(args.host_cmd), stdin=subprocess.DEVNULL,
                                           start_new_session=True, env=env))
@@ -362,13 +400,14 @@ def _run_cross(args, command, cache, kernel, daemon, jobdir):
             say("CID %d's warm-up: %d of %d host connections answered"
                 % (cid, finish(), vmm_warmup.CONNECTS))
         host_statuses = [_stop(host, "the host command") for host in hosts]
-        _stop(proc_daemon, DAEMON_PACKAGE)
-        log.close()
-        if status != 0:
-            with open(log.name, errors="replace") as f:
-                say("%s's log (RUST_LOG=%s), its end: %s"
-                    % (DAEMON_PACKAGE, os.environ.get(DAEMON_LOG_ENV, "warn"),
-                       guest._tail(f.read(), lines=20)))
+        for group, proc_daemon, log in daemons:
+            _stop(proc_daemon, DAEMON_PACKAGE)
+            log.close()
+            if status != 0:
+                with open(log.name, errors="replace") as f:
+                    say("%s's log for CIDs %s (RUST_LOG=%s), its end: %s"
+                        % (DAEMON_PACKAGE, group, os.environ.get(DAEMON_LOG_ENV, "warn"),
+                           guest._tail(f.read(), lines=20)))
     for host_status in host_statuses:
         # Stopped by our SIGTERM counts as success; a host command that failed on its own does not.
         say("host command status %s" % host_status)
@@ -425,6 +464,12 @@ def _prepare(args, kernel, jobdir, vhost_socket, cid, command, extra_env):
     return vm, "%s %s inside %s" % (sys.executable, os.path.abspath(__file__), job), nonce
 
 
+def second_guest_env(per_guest):
+    """What CID 3's command is told of CID 4: a sibling behind the same daemon, or a guest
+    behind a VMM of its own (no link between the guests; the host command may stop that VMM)."""
+    return {OWN_VMM_ENV if per_guest else SIBLING_ENV: str(SIBLING_CID)}
+
+
 def _boot_all(args, command, cache, kernel, jobdir, paths, start):
     """Boots CID 3 (COMMAND) and, with ``--guests 2``, CID 4 (``--peer-cmd``) beside it; CID 4
     is stopped once CID 3's command ended. Returns CID 3's status, or a failure when CID 4's
@@ -445,7 +490,7 @@ def _boot_all(args, command, cache, kernel, jobdir, paths, start):
                                               timeout=args.timeout - (time.monotonic() - start)))),
             daemon=True)
         sibling.start()
-        extra = {"VSOCKCOMPAT_CROSS_SIBLING": str(SIBLING_CID)}
+        extra = second_guest_env(args.vmm_per_guest)
     vm, inner, nonce = _prepare(args, kernel, jobdir, paths[GUEST_CID][0], GUEST_CID, command,
                                 extra)
     remaining = args.timeout - (time.monotonic() - start)
@@ -458,7 +503,10 @@ def _boot_all(args, command, cache, kernel, jobdir, paths, start):
         ended_first = not sibling.is_alive()
         vm4.stop()
         sibling.join(30)
-        if ended_first:
+        if ended_first and vmm_stop.stopped_on_request(jobdir, SIBLING_CID):
+            say("CID %d ended before CID %d's command after its VMM was stopped on request "
+                "(status %s)" % (SIBLING_CID, GUEST_CID, result.get("status")))
+        elif ended_first:
             say("the sibling CID %d ended before CID %d's command (status %s, marks %s): failing"
                 % (SIBLING_CID, GUEST_CID, result.get("status"), result.get("marks")))
             status = status or guest.BED_ERROR
@@ -572,11 +620,17 @@ def main(argv=None):
                      help="write %s's log to PATH, kept after the run (its level: $%s)"
                      % (DAEMON_PACKAGE, DAEMON_LOG_ENV))
     run.add_argument("--guests", type=int, choices=(1, 2), default=1,
-                     help="2: also boot CID %d, a sibling of CID %d behind the same daemon, "
-                     "running --peer-cmd" % (SIBLING_CID, GUEST_CID))
+                     help="2: also boot CID %d, a sibling of CID %d behind the same daemon "
+                     "(unless --vmm-per-guest), running --peer-cmd" % (SIBLING_CID, GUEST_CID))
     run.add_argument("--peer-cmd", metavar="SHELL_CMD",
                      help="with --guests 2: the command (split like a shell's words) run in "
                      "CID %d from its boot until CID %d's command ended" % (SIBLING_CID, GUEST_CID))
+    run.add_argument("--vmm-per-guest", action="store_true",
+                     help="with --guests 2: a %s of its own for each guest (own vhost and "
+                     "hybrid sockets; --vmm-log PATH gives PATH.cid3 and PATH.cid4). The guests "
+                     "then have no link to each other (no sibling), and the host command may "
+                     "stop CID %d's daemon mid-run (testbed/vmm_stop.py)"
+                     % (DAEMON_PACKAGE, SIBLING_CID))
     run.add_argument("command", nargs=argparse.REMAINDER)
     inside = sub.add_parser("inside", help=argparse.SUPPRESS)
     inside.add_argument("job")
@@ -586,6 +640,8 @@ def main(argv=None):
     if args.action == "run":
         if args.guests == 2 and not args.peer_cmd:
             parser.error("--guests 2 needs --peer-cmd")
+        if args.vmm_per_guest and args.guests != 2:
+            parser.error("--vmm-per-guest needs --guests 2")
         return cmd_run(args)
     return cmd_inside(args)
 

@@ -28,6 +28,8 @@ core, at ``HOST_RIDS[core]`` in context 2 (reached by every guest), each on its 
   ``.host`` path, checks that, writes ``b"attacher"`` at 64 and detaches; answers
   ``b"shared <rid> <its status> <its stderr>"``. The region lives until this process ends;
 * ``b"peek <rid> <offset> <n>"``: answers ``n`` bytes of that region's copy here at ``offset``;
+* ``b"stop-vmm <cid>"``, ``b"relay <cid> <rid> <payload>"``: with ``cross.py run
+  --vmm-per-guest``, see the end of this file;
 * anything else: echoed to its sender as ``payload + b" from <context>:<resource>"`` (the
   sender's handle as this side saw it).
 
@@ -285,6 +287,51 @@ def main():
         sys.stdout.write(f.read().decode("utf-8", "replace"))
     shutil.rmtree(rundir, ignore_errors=True)
     return 1 if died or failures or not threads or daemon_status not in (0, -signal.SIGTERM) else 0
+
+
+# ---------------------------------------------------------------- a VMM per guest
+# Commands of test_cross_vmm_stop.py (``cross.py run --guests 2 --vmm-per-guest``), answered
+# before those above:
+# * ``b"stop-vmm <cid>"``: ends the bed's daemon of guest ``cid`` (testbed/vmm_stop.py: only
+#   the process the bed started for that guest, checked; never the asking guest's own); answers
+#   ``b"stopped: <what>"`` or ``b"refused: <why>"``;
+# * ``b"relay <cid> <rid> <payload>"``: sends ``payload`` from a fresh endpoint here to
+#   ``(cid, rid)`` and waits ``START_WAIT`` seconds for one reply there; answers ``b"reply "``
+#   and that reply's payload, or ``b"failed: <VMCIError subclass>"``.
+
+sys.path.insert(0, os.path.join(REPO, "testbed"))
+import vmm_stop  # noqa: E402
+
+
+def relay(runtime, words):
+    cid, rid, payload = int(words[1]), int(words[2]), b" ".join(words[3:])
+    try:
+        with DatagramEndpoint(runtime=runtime) as ep:
+            ep.send(VMCIHandle(cid, rid), payload)
+            return b"reply " + ep.recv(timeout=START_WAIT).payload
+    except VMCIError as exc:
+        return b"failed: %s" % type(exc).__name__.encode()
+
+
+def _vmm_answer(base):
+    def vmm_answer(ep, dg, runtime, samples, guest_cid):
+        words = dg.payload.split(b" ")
+        if words[0] == b"stop-vmm" and len(words) == 2:
+            if not words[1].isdigit():
+                return b"refused: not a CID: %r" % words[1]
+            if int(words[1]) == guest_cid:
+                return b"refused: a guest may not stop its own VMM (no answer could reach it)"
+            try:
+                return b"stopped: " + vmm_stop.stop_vmm(int(words[1])).encode()
+            except vmm_stop.Refused as exc:
+                return b"refused: " + str(exc).encode()
+        if words[0] == b"relay" and len(words) >= 4:
+            return relay(runtime, words)
+        return base(ep, dg, runtime, samples, guest_cid)
+    return vmm_answer
+
+
+answer = _vmm_answer(answer)    # serve() reads the name at each datagram
 
 
 if __name__ == "__main__":

@@ -36,12 +36,17 @@ def host(request):
     return VMCIHandle(VMCI_HOST_CONTEXT_ID, HOST_RIDS[request.param])
 
 
-@pytest.fixture
-def guest_runtime(core, rundir):
+def open_guest_runtime(core, rundir):
+    """A runtime of this guest on ``core``: the vsock transport in stream mode, context 3."""
     rt = Runtime(Settings(no_extensions=False, rundir=rundir, cid=BED_CID, transport="vsock",
                           vsock_mode="stream", ds_autostart=False), core=core)
     assert rt.transport.name == "vsock" and rt.transport.local_cid == BED_CID
     return rt
+
+
+@pytest.fixture
+def guest_runtime(core, rundir):
+    return open_guest_runtime(core, rundir)
 
 
 def ask(ep, dst, payload, ready_wait=READY_WAIT):

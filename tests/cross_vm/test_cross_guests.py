@@ -39,8 +39,9 @@ SIBLING_WAIT = 300.0
 @pytest.fixture(params=sorted(SIBLING_RIDS), ids=["sibling-c", "sibling-py"])
 def sibling_core(request):
     if os.environ.get("VSOCKCOMPAT_CROSS_SIBLING") != str(SIBLING_CID):
-        pytest.skip("no second guest: run testbed/cross.py run --guests 2 --peer-cmd "
-                    "\"python tests/cross_vm/guest_peer.py\" ...")
+        pytest.skip("no sibling guest (with --vmm-per-guest CID 4 has a VMM of its own, which "
+                    "does not carry its packets to CID 3): run testbed/cross.py run --guests 2 "
+                    "--peer-cmd \"python tests/cross_vm/guest_peer.py\" ...")
     return request.param
 
 

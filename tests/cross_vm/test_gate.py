@@ -87,22 +87,22 @@ def test_the_second_guests_gate_wants_its_own_cid(fake):
 
 
 def test_daemon_command_of_two_guests_has_unix_sockets_only(cross):
-    cmd = cross.daemon_command("/bin/vhost-device-vsock", "/r/vhost3.sock", "/r/vm3.vsock",
-                               ("/r/vhost4.sock", "/r/vm4.vsock"))
+    cmd = cross.daemon_command("/bin/vhost-device-vsock", "/r", (3, 4))
     assert cmd == ["/bin/vhost-device-vsock",
                    "--vm", "guest-cid=3,socket=/r/vhost3.sock,uds-path=/r/vm3.vsock",
                    "--vm", "guest-cid=4,socket=/r/vhost4.sock,uds-path=/r/vm4.vsock"]
     with pytest.raises(SystemExit):
-        cross.daemon_command("/bin/vhost-device-vsock", "/r/vhost3.sock", "/r/vm3.vsock",
-                             ("/r/vhost4.sock", "/r/x,forward-listen=9001"))
+        cross.daemon_command("/bin/vhost-device-vsock", "/r/x,forward-listen=9001", (3, 4))
 
 
 def test_daemon_command_has_unix_sockets_only(cross):
-    cmd = cross.daemon_command("/bin/vhost-device-vsock", "/r/vhost3.sock", "/r/vm3.vsock")
+    cmd = cross.daemon_command("/bin/vhost-device-vsock", "/r", (3,))
     assert cmd == ["/bin/vhost-device-vsock", "--vm",
                    "guest-cid=3,socket=/r/vhost3.sock,uds-path=/r/vm3.vsock"]
     with pytest.raises(SystemExit):
-        cross.daemon_command("/bin/vhost-device-vsock", "/r/v.sock", "/r/x,forward-cid=1")
+        cross.daemon_command("/bin/vhost-device-vsock", "/r/x,forward-cid=1", (3,))
+    with pytest.raises(SystemExit):
+        cross.daemon_command("/bin/vhost-device-vsock", "/tmp/--forward-cid=1", (4,))
 
 
 @pytest.mark.parametrize("extra", [
