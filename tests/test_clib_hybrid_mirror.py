@@ -9,6 +9,7 @@ guest would, and the creator sees it as the guest. C programs run under tests/c/
 whose records must stay empty; the C peer is test_clib_shm's line-driven probe.
 """
 import os
+import shutil
 import time
 import types
 
@@ -51,14 +52,15 @@ def c_on(cbuild, built, rundir, shim_log):
     quits with a quiet stderr at teardown."""
     started = []
 
-    def start(uds, **extra):
-        probe = DirectProbe(cbuild.shm_probe, c_env(built, rundir, uds, shim_log, **extra))
+    def start(uds, wrap=(), **extra):
+        probe = DirectProbe(list(wrap) + [cbuild.shm_probe], c_env(built, rundir, uds, shim_log, **extra))
         started.append(probe)
         assert probe("init") == "0"
         return probe
     yield start
     for probe in started:
         assert probe.close() == ""
+        assert probe.proc.returncode == 0  # valgrind's 99: a memory error or a definite leak
 
 
 @pytest.fixture
@@ -228,3 +230,32 @@ def test_shared_mem_app_between_c_and_python_on_hybrid(cbuild, built, core, rund
         py_environ["VSOCKCOMPAT_DS_AUTOSTART"] = "1"
     serve(server_cmd + ["-s"], server_env, [(client_cmd + ["-c"], client_env)], rundir, core,
           registered=lambda: wait_registered(rundir, looped.path, core, "HOST TIME"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_a_hybrid_mirror_session_under_valgrind(looped, c_on, pylib):
+    """A C creator with a Python guest attacher, a C guest attacher of a Python region, a refused
+    handshake: no memory error and no definite leak (valgrind's exit status 99, checked at teardown)."""
+    # A creator's thread serves until its attacher's BYE arrives: a thread the quitting probe may
+    # leave is no leak (its stack is "possibly lost"), so only definite leaks are shown and count.
+    wrap = ["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite",
+            "--show-possibly-lost=no", "--quiet"]
+    c = c_on(looped.path, wrap=wrap)
+    rid = c.ints("create 4096")[1]
+    rv, view = pylib.VMCISharedMem_Attach((GUEST, rid), 4096)
+    assert rv == VMCI_SUCCESS
+    view[10:14] = b"pyth"
+    eventually(lambda: c("read 2 %d 10 4" % rid) == "[pyth]", "the guest's write never came")
+    theirs, region = pylib.VMCISharedMem_Create(4096)
+    assert c.ints("attach %d %d 4096" % (GUEST, theirs[1])) == [VMCI_SUCCESS, 4096, 0]
+    assert c("write %d %d 0 fromC" % (GUEST, theirs[1])) == "ok"
+    eventually(lambda: bytes(region[:5]) == b"fromC", "the C attacher's write never came")
+    looped.answer = lambda port: "close"
+    assert c.ints("attach %d 5000 64" % GUEST) == [VMCI_ERROR_NOT_FOUND, 64, 1]
+    assert c("detach %d %d" % (GUEST, theirs[1])) == "0"
+    view.release()
+    region.release()
+    assert pylib.VMCISharedMem_Detach((GUEST, rid)) == VMCI_SUCCESS
+    assert pylib.VMCISharedMem_Detach(theirs) == VMCI_SUCCESS
+    assert c("detach 2 %d" % rid) == "0"
