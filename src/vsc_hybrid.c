@@ -434,7 +434,7 @@ static void unlink_paths(const struct vsc_hybrid *h, uint32_t rid)
     }
 }
 
-int vsc_hybrid_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
+int vsc_hybrid_listen(const vsc_local *t, uint32_t resource, vsc_bound *out)
 {
     struct vsc_hybrid_set *set = calloc(1, sizeof *set);
     uint32_t rid = 0;
@@ -454,11 +454,10 @@ int vsc_hybrid_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
         if (epoll_ctl(ep, EPOLL_CTL_ADD, set->fds[i], &ev) != 0)
             goto fail;
     }
-    if ((out->acct = vsc_private_account()) == NULL)
-        goto fail;
     out->handle.context = t->cid;
     out->handle.resource = rid;
     out->listener = ep;
+    out->acct = NULL;
     out->set = set;
     return VMCI_SUCCESS;
 fail:
@@ -470,10 +469,29 @@ fail:
     return VMCI_ERROR_NO_RESOURCES;
 }
 
+int vsc_hybrid_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
+{
+    int rc = vsc_hybrid_listen(t, resource, out);
+
+    if (rc != VMCI_SUCCESS)
+        return rc;
+    if ((out->acct = vsc_private_account()) == NULL) {
+        vsc_hybrid_unlisten(t, out);
+        vsc_hybrid_close_listener(out);
+        return VMCI_ERROR_NO_RESOURCES;
+    }
+    return VMCI_SUCCESS;
+}
+
+void vsc_hybrid_unlisten(const vsc_local *t, const vsc_bound *b)
+{
+    unlink_paths(t->hybrid, b->handle.resource);
+}
+
 void vsc_hybrid_unbind(const vsc_local *t, const vsc_bound *b)
 {
     vsc_acct_close(b->acct);
-    unlink_paths(t->hybrid, b->handle.resource);
+    vsc_hybrid_unlisten(t, b);
 }
 
 void vsc_hybrid_close_listener(vsc_bound *b)
@@ -602,14 +620,12 @@ static int handshake(const struct vsc_hybrid *h, int i, int fd, uint32_t port, i
     return reply_ok(reply, n) ? VMCI_SUCCESS : VMCI_ERROR_DST_UNREACHABLE;
 }
 
-int vsc_hybrid_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_conn *out)
+int vsc_hybrid_connect_stream(const vsc_local *t, vsc_handle dst, int64_t deadline, int *out)
 {
     const struct vsc_hybrid *h = t->hybrid;
-    int64_t deadline = vsc_now_ms() + VSC_HYBRID_HANDSHAKE_TIMEOUT_MS;
-    struct timeval none = {0, 0};
-    uint8_t hello[VSC_HELLO_SIZE];
     int host = is_host_context(dst.context), vmm = host ? -1 : find_vmm(h, dst.context), fd, rc;
 
+    *out = -1;
     if (!host && vmm < 0)
         return VMCI_ERROR_DST_UNREACHABLE; /* behind none of our VMM sockets */
     if (dst.resource > MAX_PORT)
@@ -617,13 +633,25 @@ int vsc_hybrid_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_c
     if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
         return open_error(errno);
     rc = host ? connect_host(h, fd, dst.resource, deadline) : handshake(h, vmm, fd, dst.resource, deadline);
-    if (rc == VMCI_SUCCESS) {
-        vsc_hello_encode(hello, src.resource, t->well_known);
-        if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none) != 0
-            || vsc_send_all(fd, hello, sizeof hello) != 0)
-            rc = vsc_vsock_error(errno);
-    }
     if (rc != VMCI_SUCCESS) {
+        close(fd);
+        return rc;
+    }
+    *out = fd;
+    return VMCI_SUCCESS;
+}
+
+int vsc_hybrid_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_conn *out)
+{
+    struct timeval none = {0, 0};
+    uint8_t hello[VSC_HELLO_SIZE];
+    int fd, rc = vsc_hybrid_connect_stream(t, dst, vsc_now_ms() + VSC_HYBRID_HANDSHAKE_TIMEOUT_MS, &fd);
+
+    if (rc != VMCI_SUCCESS)
+        return rc;
+    vsc_hello_encode(hello, src.resource, t->well_known);
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none) != 0 || vsc_send_all(fd, hello, sizeof hello) != 0) {
+        rc = vsc_vsock_error(errno);
         close(fd);
         return rc;
     }
@@ -657,19 +685,20 @@ static int ends_with(const char *s, const char *suffix)
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
-int vsc_hybrid_identify(const vsc_local *t, int fd, vsc_handle *src, int *rx_fd, vsc_vsock_in **in)
+/* The context the kernel gives the other end of the accepted fd, before any hello: the guest of
+ * the VMM socket whose <uds>_<port> it arrived at, VMCI_HOST_CONTEXT_ID at a .host path for a
+ * process of this user (SO_PEERCRED); VMCI_INVALID_ID otherwise. */
+static uint32_t arrival_context(const vsc_local *t, int fd)
 {
     struct sockaddr_un self;
     socklen_t len = sizeof self;
     char name[sizeof self.sun_path + 1];
-    uint32_t context = VMCI_INVALID_ID, rid, owner;
-    int well_known;
+    int vmm;
 
-    *in = NULL;
     memset(&self, 0, sizeof self);
     if (getsockname(fd, (struct sockaddr *)&self, &len) != 0 || self.sun_family != AF_UNIX
         || len <= offsetof(struct sockaddr_un, sun_path))
-        goto refuse;
+        return VMCI_INVALID_ID;
     memcpy(name, self.sun_path, len - offsetof(struct sockaddr_un, sun_path));
     name[len - offsetof(struct sockaddr_un, sun_path)] = '\0';
     if (ends_with(name, VSC_HYBRID_HOST_SUFFIX)) { /* a host process, of this user only */
@@ -677,15 +706,21 @@ int vsc_hybrid_identify(const vsc_local *t, int fd, vsc_handle *src, int *rx_fd,
         socklen_t clen = sizeof cred;
 
         if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 || cred.uid != getuid())
-            goto refuse;
-        context = VMCI_HOST_CONTEXT_ID;
-    } else { /* where a VMM delivers: its guest, whatever the hello claims */
-        int vmm = arrival_vmm(t->hybrid, name);
-
-        if (vmm < 0)
-            goto refuse;
-        context = t->hybrid->vmm[vmm].cid;
+            return VMCI_INVALID_ID;
+        return VMCI_HOST_CONTEXT_ID;
     }
+    vmm = arrival_vmm(t->hybrid, name); /* where a VMM delivers: its guest, whatever is claimed */
+    return vmm < 0 ? VMCI_INVALID_ID : t->hybrid->vmm[vmm].cid;
+}
+
+int vsc_hybrid_identify(const vsc_local *t, int fd, vsc_handle *src, int *rx_fd, vsc_vsock_in **in)
+{
+    uint32_t context = arrival_context(t, fd), rid, owner;
+    int well_known;
+
+    *in = NULL;
+    if (context == VMCI_INVALID_ID)
+        goto refuse;
     if (vsc_hello_read(fd, 1, VSC_HELLO_TIMEOUT_MS, &well_known, &rid) != 0)
         goto refuse;
     if (well_known) {
@@ -703,6 +738,15 @@ int vsc_hybrid_identify(const vsc_local *t, int fd, vsc_handle *src, int *rx_fd,
 refuse:
     close(fd);
     return -1;
+}
+
+uint32_t vsc_hybrid_stream_peer(const vsc_local *t, int fd, uint32_t claimed)
+{
+    uint32_t context = arrival_context(t, fd);
+
+    if (context != VMCI_HOST_CONTEXT_ID)
+        return context;
+    return is_host_context(claimed) ? claimed : VMCI_INVALID_ID;
 }
 
 /* Introspection */

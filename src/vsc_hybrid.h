@@ -43,6 +43,13 @@
  */
 int vsc_hybrid_open(vsc_local *t);
 
+/* A listener at every path of resource (VMCI_INVALID_ID: the next free id), in the id space of
+ * the endpoints, without an account (out->acct NULL): a stream endpoint of a mirrored region
+ * (mirror_link.listen on hybrid). A VMCI code as vsc_hybrid_bind's. */
+int vsc_hybrid_listen(const vsc_local *t, uint32_t resource, vsc_bound *out);
+/* Remove b's paths: nobody reaches it any more (the caller still closes the listener). */
+void vsc_hybrid_unlisten(const vsc_local *t, const vsc_bound *b);
+
 /* Endpoints: a VMCI code (DUPLICATE_ENTRY when a live listener holds one of the paths; the
  * files of dead ones are reclaimed). out->listener is an epoll fd over out->set's sockets. */
 int vsc_hybrid_bind(const vsc_local *t, uint32_t resource, vsc_bound *out);
@@ -55,6 +62,11 @@ void vsc_hybrid_close_listener(vsc_bound *b);
  * blocking), or -1 (errno EAGAIN when none waits). */
 int vsc_hybrid_accept(const vsc_bound *b);
 
+/* A blocking AF_UNIX stream to the listener dst (mirror_link.connect on hybrid): a guest's through
+ * its VMM, a host one (context 1 or 2) at its .host path, by deadline (vsc_now_ms); in *out,
+ * with SO_SNDTIMEO set by the connect. The codes of a link's connect (see above). */
+int vsc_hybrid_connect_stream(const vsc_local *t, vsc_handle dst, int64_t deadline, int *out);
+
 /* Links: a VMCI code (see above). */
 int vsc_hybrid_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_conn *out);
 
@@ -62,6 +74,11 @@ int vsc_hybrid_connect(const vsc_local *t, vsc_handle src, vsc_handle dst, vsc_c
  * VSC_HELLO_TIMEOUT_MS): 0 with *src, *rx_fd and *in (src/vsc_link.h vsc_stream_in_start), or
  * -1 if refused (fd is closed). */
 int vsc_hybrid_identify(const vsc_local *t, int fd, vsc_handle *src, int *rx_fd, vsc_vsock_in **in);
+
+/* The context of the peer of a stream fd accepted from a vsc_hybrid_listen listener, whose hello
+ * claims claimed (mirror_link.peer_context): the guest of the VMM it came through; at a .host path
+ * claimed if it is a host context and the peer runs as this user; else VMCI_INVALID_ID. */
+uint32_t vsc_hybrid_stream_peer(const vsc_local *t, int fd, uint32_t claimed);
 
 /* Whether a host endpoint (context 1 or 2) listens at h: a listening Unix socket at one of its
  * .host paths (/proc/net/unix; nothing is connected). Guests' endpoints: 0. */

@@ -332,11 +332,11 @@ VSC_EXPORT int VMCIDatagram_RecvFrom(VMCIHandle handle, VMCIHandle *srcOut, void
 
 /* 4.3 Shared memory (src/vsc_shm.c; README "Where the SDK is silent" for the codes)
  *
- * Where regions are mirrored (VSOCKCOMPAT_SHM_MODE=mirrored, or auto on vsock) the calls go to
- * src/vsc_mirror.c, which speaks vsockcompat/mirror.py's protocol. Over vsock with
- * VSOCKCOMPAT_SHM_MODE=shared, and on hybrid (where Python mirrors and the C library does not),
- * there is no memory shared between kernels: the calls give the codes of Python's vsock
- * transport without shared memory: Create VMCI_INVALID_HANDLE, Query and Attach
+ * Where regions are mirrored (VSOCKCOMPAT_SHM_MODE=mirrored, or auto on vsock and hybrid) the
+ * calls go to src/vsc_mirror.c, which speaks vsockcompat/mirror.py's protocol over the
+ * transport's streams (on hybrid through the VMM sockets, src/vsc_hybrid.h). Over vsock or hybrid
+ * with VSOCKCOMPAT_SHM_MODE=shared there is no memory shared between kernels: the calls give the
+ * codes of Python's vsock and hybrid transports without shared memory: Create VMCI_INVALID_HANDLE, Query and Attach
  * VMCI_ERROR_UNAVAILABLE (Attach after the policy's check), Detach VMCI_ERROR_NOT_FOUND
  * (nothing is ever mapped). */
 

@@ -16,6 +16,7 @@
 
 #include <linux/vm_sockets.h>
 
+#include "vsc_hybrid.h"
 #include "vsc_link.h"
 #include "vsc_vsock.h"
 
@@ -25,9 +26,8 @@
 
 int vsc_mirror_enabled(const vsc_local *t)
 {
-    if (t->transport == VSC_TRANSPORT_HYBRID)
-        return 0; /* Python mirrors there, over the VMM's paths; the C library does not */
-    return t->shm_mode == VSC_SHM_MIRRORED || (t->shm_mode == VSC_SHM_AUTO && t->transport == VSC_TRANSPORT_VSOCK);
+    /* auto: wherever the transport has no shared memory (vsock, hybrid), as mirror_link.mirrored */
+    return t->shm_mode == VSC_SHM_MIRRORED || (t->shm_mode == VSC_SHM_AUTO && t->transport != VSC_TRANSPORT_LOCAL);
 }
 
 static void set_timeout(int fd, int opt, int ms)
@@ -120,12 +120,21 @@ static int connect_vsock(const vsc_local *t, vsc_handle h, int fd, size_t *piece
  * VSC_MIRROR_CONNECT_MS. A VMCI code. */
 static int mirror_connect(const vsc_local *t, vsc_handle h, int *out, size_t *piece)
 {
-    int vsock = t->transport == VSC_TRANSPORT_VSOCK;
-    int fd = socket(vsock ? AF_VSOCK : AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), rc;
+    int vsock = t->transport == VSC_TRANSPORT_VSOCK, fd, rc;
 
     *out = -1;
     *piece = 0;
-    if (fd < 0)
+    if (t->transport == VSC_TRANSPORT_HYBRID) {
+        /* Through the guest's VMM, or at a host process's .host path; nothing there is NOT_FOUND. */
+        rc = vsc_hybrid_connect_stream(t, h, vsc_now_ms() + VSC_MIRROR_CONNECT_MS, &fd);
+        if (rc != VMCI_SUCCESS)
+            return rc == VMCI_ERROR_INVALID_RESOURCE ? VMCI_ERROR_NOT_FOUND : rc;
+        set_timeout(fd, SO_SNDTIMEO, VSC_MIRROR_CONNECT_MS);
+        set_timeout(fd, SO_RCVTIMEO, VSC_MIRROR_CONNECT_MS);
+        *out = fd;
+        return VMCI_SUCCESS;
+    }
+    if ((fd = socket(vsock ? AF_VSOCK : AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
         return connect_error(errno);
     set_timeout(fd, SO_SNDTIMEO, VSC_MIRROR_CONNECT_MS);
     set_timeout(fd, SO_RCVTIMEO, VSC_MIRROR_CONNECT_MS);

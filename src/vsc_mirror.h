@@ -18,7 +18,10 @@
  *          name bound in its own context directory (.stream-<pid>-<n>, unlinked once connected),
  *          which is how the creator learns its context (path and SO_PEERCRED);
  *   vsock: the creator listens on AF_VSOCK SOCK_STREAM at (VMADDR_CID_ANY, rid); an attacher
- *          connects to (cid, rid); the kernel gives the peer's CID.
+ *          connects to (cid, rid); the kernel gives the peer's CID;
+ *   hybrid: the creator listens at <uds>_<rid> and <uds>_<rid>.host of every VMM socket
+ *          (vsc_hybrid_listen); an attacher reaches a guest's region through its VMM (CONNECT),
+ *          a host one at .host; the path it came through names the peer (vsc_hybrid_stream_peer).
  * The attacher sends HELLO (arg: the size it asks for, 0 for any; payload: u32 its context), the
  * creator REFUSE (arg: a VMCI code) or SIZE, the region as UPDATE frames and FLUSHED 0. QUERY is
  * answered by SIZE and a close.
@@ -41,8 +44,8 @@
 /* Milliseconds a new connection has to say HELLO or QUERY (mirror.HELLO_TIMEOUT). */
 #define VSC_MIRROR_HELLO_MS 5000
 
-/* Whether t mirrors regions (VSOCKCOMPAT_SHM_MODE=mirrored, or auto on the vsock transport;
- * never on hybrid, where the C library keeps the refusal codes). */
+/* Whether t mirrors regions (VSOCKCOMPAT_SHM_MODE=mirrored, or auto on the vsock and hybrid
+ * transports, as mirror_link.mirrored). */
 int vsc_mirror_enabled(const vsc_local *t);
 
 /* Create a zeroed region of size bytes (> 0, else VMCI_ERROR_INVALID_SIZE) in t's context and serve

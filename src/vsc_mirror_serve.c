@@ -20,6 +20,7 @@
 #include <linux/vm_sockets.h>
 
 #include "vsc_acl.h"
+#include "vsc_hybrid.h"
 #include "vsc_link.h"
 #include "vsc_vsock.h"
 
@@ -38,7 +39,8 @@ typedef struct {
     vsc_copy copy;
     const vsc_local *t;   /* the library's transport: fixed once opened */
     vsc_handle handle;
-    int listener;         /* non-blocking */
+    int listener;         /* non-blocking (hybrid: bound's epoll fd) */
+    vsc_bound bound;      /* hybrid: the listening sockets (bound.set), else unused */
     int registered;       /* vsock: in the in-memory access control (vsc_acl.h) */
     int marker_fd;        /* local: holds LOCK_SH on <rid>.mir for the region's life; else -1 */
     char marker[PATH_BUF];
@@ -112,6 +114,16 @@ static int listen_at(const vsc_local *t, const char *cdir, uint32_t rid, void *a
     return VMCI_SUCCESS;
 }
 
+/* No runtime directory to find the region by (vsock, hybrid): access control learns of it from
+ * us (mirror_link.listen). A VMCI code; server_free closes the listener. */
+static int own(server *s)
+{
+    if (vsc_acl_memory_register(s->handle, VSC_KIND_SHAREDMEM, NULL) != 0)
+        return VMCI_ERROR_NO_MEM;
+    s->registered = 1;
+    return VMCI_SUCCESS;
+}
+
 /* mirror_link._listen_vsock: a free port, as the vsock transport's endpoints take them. */
 static int listen_vsock(const vsc_local *t, server *s)
 {
@@ -127,11 +139,20 @@ static int listen_vsock(const vsc_local *t, server *s)
     s->handle.context = t->cid;
     s->handle.resource = rid;
     s->listener = fd;
-    /* No runtime directory to find it by: access control learns of it from us (mirror_link). */
-    if (vsc_acl_memory_register(s->handle, VSC_KIND_SHAREDMEM, NULL) != 0)
-        return VMCI_ERROR_NO_MEM; /* server_free closes fd */
-    s->registered = 1;
-    return VMCI_SUCCESS;
+    return own(s);
+}
+
+/* mirror_link.listen on hybrid: where every VMM delivers its guest's connections to port rid,
+ * and the .host paths, in the id space of the endpoints (src/vsc_hybrid.h). */
+static int listen_hybrid(const vsc_local *t, server *s)
+{
+    int rc = vsc_hybrid_listen(t, VMCI_INVALID_ID, &s->bound);
+
+    if (rc != VMCI_SUCCESS)
+        return rc;
+    s->handle = s->bound.handle;
+    s->listener = s->bound.listener;
+    return own(s);
 }
 
 /* The context of an accepted attacher claiming claimed, as the kernel says; VMCI_INVALID_ID if
@@ -147,6 +168,8 @@ static uint32_t peer_context(const server *s, int fd, uint32_t claimed)
         if (getpeername(fd, (struct sockaddr *)&addr, &len) != 0)
             return VMCI_INVALID_ID;
         return addr.svm_cid == VMADDR_CID_LOCAL ? t->kcid : addr.svm_cid;
+    } else if (t->transport == VSC_TRANSPORT_HYBRID) {
+        return vsc_hybrid_stream_peer(t, fd, claimed);
     } else {
         /* Bound in c<claimed>/ by the user who owns that directory (LocalTransport.peer_in_context). */
         struct sockaddr_un addr;
@@ -226,7 +249,7 @@ static void broadcast_changes(server *s)
 static void accept_conn(server *s)
 {
     conn *c;
-    int fd = accept4(s->listener, NULL, NULL, SOCK_CLOEXEC);
+    int fd = s->bound.set != NULL ? vsc_hybrid_accept(&s->bound) : accept4(s->listener, NULL, NULL, SOCK_CLOEXEC);
 
     if (fd < 0)
         return;
@@ -403,6 +426,11 @@ static void server_free(server *s)
         unlink(path);
         unlink(s->marker);
     }
+    if (s->bound.set != NULL) {
+        vsc_hybrid_unlisten(s->t, &s->bound); /* the paths go first too */
+        vsc_hybrid_close_listener(&s->bound); /* and s->listener, its epoll fd */
+        s->listener = -1;
+    }
     if (s->registered)
         vsc_acl_memory_unregister(s->handle); /* its privileges die with it */
     if (s->listener >= 0)
@@ -481,7 +509,9 @@ int vsc_mirror_create(const vsc_local *t, uint32_t size, vsc_region **out)
         free(s);
         return rc;
     }
-    rc = t->transport == VSC_TRANSPORT_VSOCK ? listen_vsock(t, s) : vsc_local_allocate(t, VMCI_INVALID_ID, listen_at, s);
+    rc = t->transport == VSC_TRANSPORT_VSOCK    ? listen_vsock(t, s)
+         : t->transport == VSC_TRANSPORT_HYBRID ? listen_hybrid(t, s)
+                                                : vsc_local_allocate(t, VMCI_INVALID_ID, listen_at, s);
     if (rc == VMCI_SUCCESS && pipe2(s->wake, O_CLOEXEC | O_NONBLOCK) != 0)
         rc = VMCI_ERROR_NO_RESOURCES;
     if (rc == VMCI_SUCCESS && (*out = calloc(1, sizeof **out)) == NULL)
@@ -534,7 +564,10 @@ void vsc_mirror_serve_abandon(vsc_region *r)
     for (i = 0; i < s->nconns; i++)
         if (s->conns[i]->fd >= 0)
             close(s->conns[i]->fd);
-    close(s->listener);
+    if (s->bound.set != NULL)
+        vsc_hybrid_close_listener(&s->bound); /* its sockets and epoll fd; the paths stay the parent's */
+    else
+        close(s->listener);
     if (s->marker_fd >= 0)
         close(s->marker_fd);
     close(s->wake[0]);

@@ -291,8 +291,7 @@ def test_two_vmm_sockets_route_by_cid_and_name_their_guests(tmp_path, probe_on):
         assert probe.ask("recvtext", 3) == ["8", "3", "6000", "eerht ot"]
         assert probe.ask("send 5 6000 1") == [str(C.VMCI_ERROR_DST_UNREACHABLE)]
         assert (vmms[0].connects, vmms[1].connects) == ([6000], [6000])
-        assert probe.ask("shm") == ["1", str(C.VMCI_ERROR_UNAVAILABLE), str(C.VMCI_ERROR_UNAVAILABLE),
-                                    str(C.VMCI_ERROR_NOT_FOUND)]  # as C on vsock: no shared memory
+        assert probe.ask("shm") == ["0"] + [str(C.VMCI_ERROR_NOT_FOUND)] * 3  # mirrored; nobody at (2, 4242)
         probe.close()
     finally:
         for fake, guest in zip(vmms, guests):
@@ -371,13 +370,18 @@ def test_resource_ids_are_shared_with_python_and_dead_ones_reclaimed(core, rundi
     first.proc.stderr.close()
 
 
-@pytest.mark.parametrize("shm_mode", ["auto", "mirrored", "shared"])
-def test_shared_memory_on_hybrid_gives_the_codes_of_no_shared_memory(vmm, probe_on, shm_mode):
-    """libvmci.so.0 mirrors regions on vsock and local, not on hybrid (Python does, over the VMM's
-    paths): whatever VSOCKCOMPAT_SHM_MODE says, the calls give the codes of no shared memory."""
+@pytest.mark.parametrize("shm_mode, codes", [
+    ("auto", ["0"] + [str(C.VMCI_ERROR_NOT_FOUND)] * 3),
+    ("mirrored", ["0"] + [str(C.VMCI_ERROR_NOT_FOUND)] * 3),
+    ("shared", ["1", str(C.VMCI_ERROR_UNAVAILABLE), str(C.VMCI_ERROR_UNAVAILABLE), str(C.VMCI_ERROR_NOT_FOUND)]),
+])
+def test_shared_memory_on_hybrid_is_mirrored_unless_shared_is_asked(vmm, probe_on, shm_mode, codes):
+    """libvmci.so.0 mirrors regions on hybrid as Python does (auto and mirrored; the region
+    tests are test_clib_hybrid_mirror.py); VSOCKCOMPAT_SHM_MODE=shared gives the codes of no
+    shared memory, as on vsock. The probe creates a region and asks for (2, 4242), where nobody is."""
     probe = probe_on(vmm.path, VSOCKCOMPAT_SHM_MODE=shm_mode)
-    assert probe.ask("shm") == ["1", str(C.VMCI_ERROR_UNAVAILABLE), str(C.VMCI_ERROR_UNAVAILABLE),
-                                str(C.VMCI_ERROR_NOT_FOUND)]
+    assert probe.ask("shm") == codes
+    assert vmm.connects == []
 
 
 def test_c_claims_a_port_under_the_same_lock_as_python(vmm, probe_on):

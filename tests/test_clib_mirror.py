@@ -360,10 +360,11 @@ def emulated_probe(cbuild):
 
 
 class DirectProbe(Probe):
-    """The probe executed directly with env (no ``vsockcompat run``, whose Python checks settings first)."""
+    """The probe executed directly with env (no ``vsockcompat run``, whose Python checks settings
+    first); ``exe`` is its path, or a command line ending with it (under valgrind, say)."""
 
     def __init__(self, exe, env):
-        self.proc = subprocess.Popen([exe], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([exe] if isinstance(exe, str) else list(exe), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
 
 

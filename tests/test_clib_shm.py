@@ -648,13 +648,14 @@ def check_client(result):
     assert readings[0] != readings[2]  # the server writes every second
 
 
-def serve(server_cmd, server_env, clients, rundir, core):
-    """A sharedMemApp server and clients [(cmd, env)] one after the other while it runs."""
+def serve(server_cmd, server_env, clients, rundir, core, registered=None):
+    """A sharedMemApp server and clients [(cmd, env)] one after the other while it runs, once
+    ``registered()`` returns (default: the name is found on the local transport)."""
     server = subprocess.Popen(server_cmd, env=server_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
         assert server.stdout.readline() == "Running shared memory server for 10 seconds.\n"
-        wait_registered(rundir, core, "HOST TIME")
+        (registered or (lambda: wait_registered(rundir, core, "HOST TIME")))()
         started = time.monotonic()
         for cmd, env in clients:
             client = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)

@@ -18,9 +18,10 @@ core, at ``HOST_RIDS[core]`` in context 2 (reached by every guest), each on its 
 * ``b"lookup <name>"``: looks ``name`` up in the discovery service from here and answers
   ``b"<code> <context>:<resource>"``;
 * ``b"start <app> <core>"`` (``app`` one of ``APPS``): starts the SDK sample's server here
-  (``vsockcompat <app> -s`` on that core, regions mirrored; ``c-datagram-app``: the SDK's
-  datagramApp in C, tests/c/datagramApp.c, built here against libvmci.so.0 at its first start,
-  on the C library's hybrid transport, ``core`` ignored) and answers its first line of output
+  (``vsockcompat <app> -s`` on that core, regions mirrored; ``c-datagram-app`` and
+  ``c-sharedmem-app``: the SDK's datagramApp and sharedMemApp in C, tests/c/, built here against
+  libvmci.so.0 at their first start, on the C library's hybrid transport (regions mirrored, its
+  default there), ``core`` ignored) and answers its first line of output
   once it printed it (``b"started: <line>"``), or ``b"failed: <reason>"``;
 * ``b"result"``: waits for that server to exit and answers ``b"<status>\\n<stdout>\\0<stderr>"``;
 * ``b"share"``: creates a mirrored region of ``SHARE_SIZE`` bytes here (context 2), writes
@@ -64,7 +65,9 @@ from vsockcompat.sharedmem import SharedRegion  # noqa: E402
 #: The host endpoints' resource ids, one per core (the guest tests send to these).
 HOST_RIDS = {"cython": 5001, "pure": 5002}
 #: The SDK samples whose server ``start`` runs here.
-APPS = ("datagram-app", "sharedmem-app", "c-datagram-app")
+APPS = ("datagram-app", "sharedmem-app", "c-datagram-app", "c-sharedmem-app")
+#: The C programs of the ``c-`` apps (tests/c/<name>.c).
+C_APPS = {"c-datagram-app": "datagramApp", "c-sharedmem-app": "sharedMemApp"}
 #: Seconds for the daemon, or a sample's server, to come up; and for a server to finish.
 START_WAIT = 30.0
 #: The most of a server's output ``result`` returns.
@@ -121,16 +124,16 @@ def start_daemon(settings, log):
     raise RuntimeError("the discovery daemon did not answer (status %s)" % proc.returncode)
 
 
-def build_c_datagram_app(build_dir):
-    """libvmci.so.0 and the SDK's datagramApp (tests/c/datagramApp.c) built into ``build_dir``:
+def build_c_app(build_dir, name):
+    """libvmci.so.0 and the SDK sample ``name`` (tests/c/<name>.c) built into ``build_dir``:
     ``(argv, environment additions)`` to run it with its output line-buffered. Raises
     ``clib.BuildError``, ``OSError`` or ``subprocess.SubprocessError``."""
     src_dir = os.path.join(REPO, "src")
     lib_dir = os.path.join(build_dir, "lib")
     clib.build_libvmci(lib_dir, src_dir=src_dir)
     cc = clib.find_compiler()
-    exe = os.path.join(build_dir, "datagramApp")
-    subprocess.run(cc + ["-I", src_dir, os.path.join(REPO, "tests", "c", "datagramApp.c"), "-o", exe,
+    exe = os.path.join(build_dir, name)
+    subprocess.run(cc + ["-I", src_dir, os.path.join(REPO, "tests", "c", name + ".c"), "-o", exe,
                          "-L", lib_dir, "-lvmci", "-pthread"], check=True, capture_output=True, timeout=300)
     return ["stdbuf", "-oL", exe], {"LD_LIBRARY_PATH": lib_dir}
 
@@ -144,7 +147,7 @@ class Samples:
         self.proc = None
         self.first = b""
         self.regions = {}
-        self.c_app = None  # build_c_datagram_app's answer, once built
+        self.c_apps = {}  # build_c_app's answers, once built
 
     def share(self, runtime, core):
         region = SharedRegion.create(SHARE_SIZE, runtime=runtime)
@@ -167,13 +170,15 @@ class Samples:
         with self.lock:
             if self.proc is not None:
                 return b"failed: a server runs already"
-            if app == "c-datagram-app":
+            if app in C_APPS:
                 try:
-                    if self.c_app is None:
-                        self.c_app = build_c_datagram_app(os.path.join(os.environ["VSOCKCOMPAT_RUNDIR"], "c"))
+                    if app not in self.c_apps:
+                        self.c_apps[app] = build_c_app(os.path.join(os.environ["VSOCKCOMPAT_RUNDIR"], "c"),
+                                                       C_APPS[app])
                 except (clib.BuildError, OSError, subprocess.SubprocessError) as exc:
-                    return b"failed: cannot build datagramApp: %r" % exc
-                cmd, env = self.c_app[0] + ["-s"], child_env(**self.c_app[1])
+                    return b"failed: cannot build %s: %r" % (C_APPS[app].encode(), exc)
+                argv, extra = self.c_apps[app]
+                cmd, env = argv + ["-s"], child_env(**extra)
                 env.pop("LD_PRELOAD", None)
             else:
                 cmd = [sys.executable, "-m", "vsockcompat", app, "-s"]

@@ -124,8 +124,14 @@ def test_public_group_and_a_guest_registration_that_dies_with_its_endpoint(core,
 def test_sharedmem_app_server_on_the_host_client_in_the_guest(core, guest_runtime, capsys):
     """The host's region, mirrored here: three readings of the time the server writes each
     second. The host server runs the guest's core (a server takes 10 s)."""
+    serve_shared_mem_app_on_the_host(b"start sharedmem-app %s" % core.NAME.encode(), guest_runtime, capsys)
+
+
+def serve_shared_mem_app_on_the_host(start, guest_runtime, capsys):
+    """Have ``host_peer.py`` run a sharedMemApp server (its command ``start``), run the Python
+    client in this process, check its three readings and the server's exit and texts."""
     with DatagramEndpoint(runtime=guest_runtime) as control:
-        started = ask(control, HOST, b"start sharedmem-app %s" % core.NAME.encode())
+        started = ask(control, HOST, start)
         assert started.payload == b"started: Running shared memory server for 10 seconds."
         try:
             status, out, err = client_in_process(guest_runtime, capsys, sharedmem_app)
