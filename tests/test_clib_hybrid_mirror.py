@@ -25,19 +25,9 @@ from test_clib_hybrid import c_env, py_env, shim_log, wait_registered  # noqa: F
 from test_clib_mirror import DirectProbe, eventually
 from test_clib_shm import PY_APP, cbuild, serve  # noqa: F401  (fixture: cbuild)
 from test_clib_vsock_guard import guarded  # noqa: F401  (fixture: the shim)
-from test_hybrid import GUEST, WAIT, FakeVMM, LoopbackGuest, hybrid_settings, no_af_vsock, stop_vmm  # noqa: F401
+from test_hybrid import GUEST, hybrid_settings, looped, no_af_vsock  # noqa: F401  (fixtures: looped, no_af_vsock)
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def looped(tmp_path):
-    """A fake VMM whose guest GUEST is this host again (LoopbackGuest)."""
-    uds = str(tmp_path / "vm.vsock")
-    loop = LoopbackGuest(uds)
-    fake = FakeVMM(uds, loop)
-    yield fake
-    stop_vmm(fake, loop)
 
 
 @pytest.fixture

@@ -695,41 +695,46 @@ def mirrors_both_ways(region, other):
     assert bytes(region.buffer[32:37]) == b"world"
 
 
-def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, tmp_path):
+@pytest.fixture
+def looped(tmp_path):
+    """A fake VMM whose guest GUEST is this host again (LoopbackGuest)."""
+    uds = str(tmp_path / "vm.vsock")
+    loop = LoopbackGuest(uds)
+    fake = FakeVMM(uds, loop)
+    yield fake
+    stop_vmm(fake, loop)
+
+
+def test_mirrored_region_reaches_the_guest_through_the_vmm(core, rundir, looped):
     """The creator listens where the VMM delivers the guest's connections; the attacher (here
     the host again, behind a VMM that loops back) reaches it with ``CONNECT``, and the creator
     sees the guest's context."""
-    uds = str(tmp_path / "vm.vsock")
-    guest = LoopbackGuest(uds)
-    fake = FakeVMM(uds, guest)
+    fake, uds = looped, looped.path
+    creator_rt = Runtime(hybrid_settings(rundir, uds), core=core)
+    attacher_rt = Runtime(hybrid_settings(rundir, uds), core=core)
+    assert mirror_link.mirrored(creator_rt)
+    region = SharedRegion.create(128, runtime=creator_rt)
     try:
-        creator_rt = Runtime(hybrid_settings(rundir, uds), core=core)
-        attacher_rt = Runtime(hybrid_settings(rundir, uds), core=core)
-        assert mirror_link.mirrored(creator_rt)
-        region = SharedRegion.create(128, runtime=creator_rt)
-        try:
-            rid = region.handle.resource
-            assert region.handle.context == 2 and os.path.exists("%s_%d" % (uds, rid))
-            with pytest.raises(DuplicateEntry):
-                DatagramEndpoint(rid, runtime=creator_rt)       # one id space with endpoints
-            other = SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
-            assert fake.connects == [rid]
-            mirrors_both_ways(region, other)
-            other.detach()
-            with pytest.raises(DstUnreachable, match="guest"):
-                SharedRegion.attach((GUEST + 4, rid), runtime=attacher_rt)
-            fake.answer = lambda port: "close"
-            with pytest.raises(errors.NotFound):
-                SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
-        finally:
-            region.detach()
-        # The creator serves until its attacher's detach reached its thread; then the path goes.
-        path, deadline = "%s_%d" % (uds, rid), time.monotonic() + WAIT
-        while os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not os.path.exists(path)
+        rid = region.handle.resource
+        assert region.handle.context == 2 and os.path.exists("%s_%d" % (uds, rid))
+        with pytest.raises(DuplicateEntry):
+            DatagramEndpoint(rid, runtime=creator_rt)       # one id space with endpoints
+        other = SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
+        assert fake.connects == [rid]
+        mirrors_both_ways(region, other)
+        other.detach()
+        with pytest.raises(DstUnreachable, match="guest"):
+            SharedRegion.attach((GUEST + 4, rid), runtime=attacher_rt)
+        fake.answer = lambda port: "close"
+        with pytest.raises(errors.NotFound):
+            SharedRegion.attach((GUEST, rid), runtime=attacher_rt)
     finally:
-        stop_vmm(fake, guest)
+        region.detach()
+    # The creator serves until its attacher's detach reached its thread; then the path goes.
+    path, deadline = "%s_%d" % (uds, rid), time.monotonic() + WAIT
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not os.path.exists(path)
 
 
 # Several VMM sockets: one transport (and one discovery daemon) routed by guest CID
