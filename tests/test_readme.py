@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written; the README and docs/performance.rst are valid reStructuredText."""
 import os
 import re
 import subprocess
@@ -8,7 +8,10 @@ import pytest
 
 from conftest import PYTHON, child_env
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.rst")
+#: The documents checked for validity: the README and the performance record it links to.
+DOCUMENTS = ("README.rst", os.path.join("docs", "performance.rst"))
 
 
 def _examples():
@@ -32,9 +35,22 @@ def test_readme_example_runs(rundir, core, index):
     assert result.returncode == 0, result.stderr
 
 
-def test_readme_is_valid_restructuredtext():
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_document_is_valid_restructuredtext(document):
     docutils_core = pytest.importorskip("docutils.core", reason="docutils is not installed")
+    path = os.path.join(ROOT, document)
+    if not os.path.exists(README):
+        pytest.skip("README.rst is not beside the tests")
+    with open(path) as f:  # a document missing from a source tree is an error, not a skip
+        docutils_core.publish_doctree(f.read(), settings_overrides={"halt_level": 2, "report_level": 2})
+
+
+def test_readme_links_to_files_that_exist():
     if not os.path.exists(README):
         pytest.skip("README.rst is not beside the tests")
     with open(README) as f:
-        docutils_core.publish_doctree(f.read(), settings_overrides={"halt_level": 2, "report_level": 2})
+        targets = re.findall(r"`[^`<]*<([^>`]+)>`_", f.read())
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    assert local, "the README links to no file of its tree (docs/performance.rst at least)"
+    missing = [t for t in local if not os.path.exists(os.path.join(ROOT, t))]
+    assert not missing, missing
