@@ -161,6 +161,13 @@ int vsc_vsock_bind_rid(int fd, uint32_t resource, uint32_t *rid)
     return VMCI_ERROR_NO_RESOURCES;
 }
 
+/* The kernel buffer of a SEQPACKET endpoint's connections (constants.py, VSOCK_DG_LINK_BUFFER):
+ * the listener's connections inherit it, with the hello's room until the hello is read. */
+static int set_buffer(int fd, unsigned long long size)
+{
+    return setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, &size, sizeof size);
+}
+
 int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
 {
     uint32_t rid = 0;
@@ -179,6 +186,10 @@ int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
     if ((rc = vsc_vsock_bind_rid(fd, resource, &rid)) != VMCI_SUCCESS) {
         close(fd);
         return rc;
+    }
+    if (t->vsock_mode == VSC_VSOCK_SEQPACKET && set_buffer(fd, VSC_VSOCK_DG_LISTEN_BUFFER) != 0) {
+        close(fd);
+        return VMCI_ERROR_GENERIC;
     }
     if ((!dgram && listen(fd, SOMAXCONN) != 0) || (out->acct = vsc_private_account()) == NULL) {
         close(fd);
@@ -290,6 +301,7 @@ int vsc_vsock_accept(const vsc_local *t, int fd, vsc_handle self, vsc_handle *sr
     src->context = context;
     src->resource = rid;
     if (!stream) {
+        (void)set_buffer(fd, VSC_VSOCK_DG_LINK_BUFFER); /* a sender gone: nothing to bound */
         *rx_fd = fd;
         return 0;
     }

@@ -24,6 +24,10 @@
  * CID is reached as for the other types, and a port nobody holds fails with EHOSTUNREACH
  * (vmci_transport's errno for VMCI_ERROR_INVALID_RESOURCE); recvfrom(), recvmsg() and
  * getsockname() give the (cid, port) behind the paths.
+ *
+ * setsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE) with a 64-bit size on an emulated socket
+ * succeeds and bounds nothing (the AF_UNIX socket keeps its own buffers); any other AF_VSOCK
+ * option fails with ENOPROTOOPT.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -462,6 +466,23 @@ int open(const char *path, int flags, ...)
         return fd;
     OPEN_MODE(flags, mode);
     return real_open(path, flags, mode);
+}
+
+int setsockopt(int fd, int level, int name, const void *value, socklen_t len)
+{
+    REAL(int, setsockopt, int, int, int, const void *, socklen_t);
+
+    if (!is_emulated(fd) || level != AF_VSOCK)
+        return real_setsockopt(fd, level, name, value, len);
+    if (name != SO_VM_SOCKETS_BUFFER_SIZE) {
+        errno = ENOPROTOOPT;
+        return -1;
+    }
+    if (value == NULL || len != sizeof(unsigned long long)) {
+        errno = EINVAL;
+        return -1;
+    }
+    return 0;
 }
 
 int ioctl(int fd, unsigned long request, ...)

@@ -29,7 +29,7 @@ from .test_vsock_transport import vsock_runtime, pair  # noqa: F401  (fixtures)
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(600)]
 
 WAIT = 30.0
-BIG = 60000  # bigger than what is left of a nearly full 256 KiB buffer: the kernel cuts it
+BIG = 60000  # bigger than what is left of a nearly full link buffer (139,263 bytes): the kernel cuts it
 _SEQ = struct.Struct("<II")  # (sender thread, sequence number) at the start of a payload
 
 

@@ -122,13 +122,18 @@ Queue accounting and its bound
 
 There is no shared memory across kernels. Each link and each endpoint gets a private anonymous
 account page, initialised with a limit of 2**62 (no user-space bound): the sender's page only
-counts what it produced, the receiver's only what it consumed. The SDK's exact bound of
-``VMCI_MAX_DATAGRAM_QUEUE_SIZE`` (139,264) bytes queued per endpoint is a property of the local
-transport; over vsock the bound is the kernel's: the receiving connection's buffer (256 KiB by
-default; in stream mode then the link's AF_UNIX pair, ``net.core.wmem_default``); a sender
-that finds it full gets ``EAGAIN`` -> ``VMCI_ERROR_NO_RESOURCES`` at once (sealing a SEQPACKET
-link, above). A credit scheme that bounds each
-sender by the receiver's free space (and so restores the SDK bound) is future work.
+counts what it produced, the receiver's only what it consumed. The bound is the kernel's: a
+sender that finds the receiving connection full gets ``EAGAIN`` -> ``VMCI_ERROR_NO_RESOURCES``
+at once (sealing a SEQPACKET link, above). In SEQPACKET mode an endpoint's listener sets its
+connections' kernel buffer (``SO_VM_SOCKETS_BUFFER_SIZE``, which the kernel also grants the
+sender as credit) to ``VSOCK_DG_LINK_BUFFER`` = ``VMCI_MAX_DATAGRAM_QUEUE_SIZE - 1`` bytes, plus
+the hello's 8 until ``identify`` has read it and takes them back. A message is the SDK's
+datagram, header included, so a sender's datagrams queued for the endpoint stay below the SDK's
+139,264 bytes, counted as the SDK counts them, and the datagram that would reach it is refused
+(``tests/real_vsock/test_vsock_queue_bound.py``). Unlike the SDK's and the local transport's
+bound, it is per sending link, not per endpoint (each of several senders has it), and after a
+refusal the sealed link refuses everything until the receiver has drained it. In stream mode the
+bound is the link's AF_UNIX pair and connection (``net.core.wmem_default`` and 256 KiB).
 
 Peer loss: a receiver that goes away resets its connections; the next send on a direct link
 fails (``EPIPE``/``ECONNRESET``), and in stream mode the link's pump sees the hang-up and closes
@@ -158,6 +163,9 @@ from ..constants import (
     VMCI_HYPERVISOR_CONTEXT_ID,
     VMCI_RESERVED_RESOURCE_ID_MAX,
     VMCI_WELL_KNOWN_CONTEXT_ID,
+    VSOCK_DG_LINK_BUFFER,
+    VSOCK_DG_LISTEN_BUFFER,
+    SO_VM_SOCKETS_BUFFER_SIZE,
 )
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, NoResources
 from ..handles import VMCIHandle
@@ -332,6 +340,8 @@ class VsockTransport(DgramMode, StreamLinks, Transport):
                 rid = self._bind_explicit(sock, resource)
             else:
                 rid = self._bind_auto(sock)
+            if self.mode == "seqpacket":    # accepted connections inherit it
+                sock.setsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, VSOCK_DG_LISTEN_BUFFER)
             sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
             if self.mode == "stream":
@@ -456,6 +466,10 @@ class VsockTransport(DgramMode, StreamLinks, Transport):
         context = self._peer_context(cid, hello[0])
         if context is None:
             return None
+        try:   # the hello's room back: the sender's datagrams now have the SDK's bound
+            conn.setsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, VSOCK_DG_LINK_BUFFER)
+        except OSError:
+            pass   # a sender already gone; else its bound stays HELLO_SIZE bytes looser
         return Peer(VMCIHandle(context, hello[1]), 0, None)  # pid 0, uid None: not known across kernels
 
     def tell(self, conn, denied: bool) -> None:
