@@ -123,11 +123,18 @@ def sibling_result(reply):
 
 def serve_shared_mem_app_here(c_programs, ep, greeter, client_command):
     """Run the C sharedMemApp server here while CID 4 (``greeter``) runs the client
-    ``client_command``; check the server's texts and status, and the client's: status 0, nothing
-    on stderr, three readings of the time, in order (the region crossed both guests)."""
+    ``client_command``; see ``shared_mem_app_server_here``."""
     built, env = c_programs
+    shared_mem_app_server_here(command([built["sharedMemApp"], "-s"], env), ep, greeter, client_command)
+
+
+def shared_mem_app_server_here(server_cmd, ep, greeter, client_command):
+    """Run a sharedMemApp server here (``server_cmd``: its argv and environment) while the peer
+    ``greeter`` (CID 4's guest peer, or the host peer) runs the client ``client_command``; check
+    the server's texts and status, and the client's: status 0, nothing on stderr, three readings
+    of the time, in order (the region crossed the boundary)."""
+    argv, env = server_cmd
     gate_or_fail()
-    argv, env = command([built["sharedMemApp"], "-s"], env)
     server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = server.stdout.readline()       # printed once "HOST TIME" is registered
