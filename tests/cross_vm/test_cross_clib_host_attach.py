@@ -93,16 +93,17 @@ def test_a_c_attacher_on_the_host_reads_a_large_python_region_made_here(core, gu
 
 def test_a_region_nobody_serves_is_not_found_through_the_vmm(core, guest_runtime, control):
     """A region id of this guest that was served and no longer is: the line-driven attacher gets
-    NOT_FOUND (as with the fake VMM's closed connection, tests/test_clib_hybrid_mirror.py); the
-    SDK's client, given that handle by name, its text for a failed query."""
+    NOT_FOUND (as with the fake VMM's closed connection, tests/test_clib_hybrid_mirror.py). The
+    SDK's client, its handle registered by name, never gets that far: the host's daemon probes
+    the guest's port through the VMM at the lookup and drops the dead entry."""
     with SharedRegion.create(APP_SIZE, runtime=guest_runtime) as region:
         gone = region.handle
     status, out, err = host_c_client(control, b"c-attach %d %d %d 0 8" % (BED_CID, gone.resource, APP_SIZE))
     assert (status, out.splitlines(), err) == (
         0, ["0", "%d %d 1" % (C.VMCI_ERROR_NOT_FOUND, APP_SIZE), "unmapped", str(C.VMCI_ERROR_NOT_FOUND)], "")
-    with registered_as_host_time(gone, guest_runtime):
-        result = host_c_client(control, b"c-sharedmem-client")
-    assert result == (0, "", "Failed to query size of shared memory region.\n")
+    assert ds_client.register_status(sharedmem_app.SERVICE_NAME, gone, guest_runtime) == C.VMCI_SUCCESS
+    assert host_c_client(control, b"c-sharedmem-client") == (0, "", "Failed to lookup in discovery service.\n")
+    assert ds_client.unregister_status(sharedmem_app.SERVICE_NAME, guest_runtime) == C.VMCI_ERROR_NOT_FOUND
 
 
 def test_python_sharedmem_app_server_here_c_client_on_the_host(core, rundir, control):
