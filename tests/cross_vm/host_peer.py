@@ -156,8 +156,7 @@ def build_c_app(build_dir, name, source=None):
 
 def build_c_client(build_dir, name):
     """``build_c_app``'s answer for a host C client (``"sharedMemApp"``, or ``"shm_probe"``:
-    test_clib_shm's probe), with tests/c/no_vsock_shim.c built too and preloaded: its records go
-    to ``<build_dir>/<name>.vsock.log``, which the environment additions name."""
+    test_clib_shm's probe), with tests/c/no_vsock_shim.c built too and preloaded."""
     source = None
     if name == "shm_probe":
         sys.path.insert(0, TESTS)
@@ -170,26 +169,28 @@ def build_c_client(build_dir, name):
     shim = os.path.join(build_dir, "no_vsock_shim.so")
     subprocess.run(clib.find_compiler() + ["-shared", "-fPIC", os.path.join(TESTS, "c", "no_vsock_shim.c"),
                                            "-o", shim, "-ldl"], check=True, capture_output=True, timeout=300)
-    return argv, dict(extra, LD_PRELOAD=shim, NO_VSOCK_LOG=os.path.join(build_dir, name + ".vsock.log"))
+    return argv, dict(extra, LD_PRELOAD=shim)
 
 
 def run_c_client(argv, extra, stdin=b""):
     """Run a host C client of ``build_c_client`` to its end, killed after ``CLIENT_WAIT``
     seconds: ``b"<status>\\n<stdout>\\0<stderr>"``, or ``b"failed: <reason>"`` when it timed out or
-    its shim recorded an AF_VSOCK attempt."""
-    log = extra["NO_VSOCK_LOG"]
-    if os.path.exists(log):
-        os.unlink(log)
+    its shim recorded an AF_VSOCK attempt (in a file of this run's own)."""
+    fd, log = tempfile.mkstemp(prefix="no_vsock.", suffix=".log", dir=os.path.dirname(extra["LD_PRELOAD"]))
+    os.close(fd)
     try:
-        out = subprocess.run(argv, env=child_env(**extra), input=stdin, capture_output=True,
+        out = subprocess.run(argv, env=child_env(NO_VSOCK_LOG=log, **extra), input=stdin, capture_output=True,
                              timeout=CLIENT_WAIT)
     except subprocess.TimeoutExpired:
-        return b"failed: %s killed after %d s" % (os.path.basename(argv[-1]).encode(), CLIENT_WAIT)
-    if os.path.exists(log):
+        out = None
+    finally:
         with open(log, "rb") as f:
             records = f.read()
-        if records:
-            return b"failed: AF_VSOCK touched: " + records
+        os.unlink(log)
+    if records:
+        return b"failed: AF_VSOCK touched: " + records
+    if out is None:
+        return b"failed: %s killed after %d s" % (os.path.basename(argv[-1]).encode(), CLIENT_WAIT)
     return b"%d\n%s\0%s" % (out.returncode, out.stdout[:OUTPUT_MAX], out.stderr[:OUTPUT_MAX])
 
 
