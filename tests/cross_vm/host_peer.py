@@ -29,6 +29,18 @@ core, at ``HOST_RIDS[core]`` in context 2 (reached by every guest), each on its 
   ``.host`` path, checks that, writes ``b"attacher"`` at 64 and detaches; answers
   ``b"shared <rid> <its status> <its stderr>"``. The region lives until this process ends;
 * ``b"peek <rid> <offset> <n>"``: answers ``n`` bytes of that region's copy here at ``offset``;
+* ``b"c-sharedmem-client"``: runs the SDK's sharedMemApp client in C here (tests/c/sharedMemApp.c,
+  built as ``start c-sharedmem-app`` builds it, on the C library's hybrid transport): it looks
+  ``"HOST TIME"`` up (a guest registers its region's handle there), attaches through the VMM and
+  prints three readings; answers ``b"<status>\\n<stdout>\\0<stderr>"``;
+* ``b"c-attach <cid> <rid> <size> <offset> <n>"``: runs a line-driven C attacher here
+  (test_clib_shm's probe, on the same library and transport): ``init``, ``attach <cid> <rid>
+  <size>``, ``read <cid> <rid> <offset> <n>``, ``detach <cid> <rid>``; answers like
+  ``c-sharedmem-client``, one stdout line per command (``<code> <size> <failed>``, ``[<text>]``
+  or ``unmapped``, ``<code>``).
+  Both C clients run under tests/c/no_vsock_shim.c (no AF_VSOCK socket can be made; any attempt
+  is recorded) and are killed after ``CLIENT_WAIT`` seconds; the answer is ``b"failed: <reason>"``
+  when one could not be built, timed out, or touched AF_VSOCK;
 * ``b"stop-vmm <cid>"``, ``b"relay <cid> <rid> <payload>"``: with ``cross.py run
   --vmm-per-guest``, see the end of this file;
 * anything else: echoed to its sender as ``payload + b" from <context>:<resource>"`` (the
@@ -75,6 +87,10 @@ OUTPUT_MAX = 16384
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(vsockcompat.__file__)))
 #: Bytes of a region ``share`` creates.
 SHARE_SIZE = 4096
+#: Seconds a C client of ``c-sharedmem-client`` or ``c-attach`` may run before it is killed
+#: (sharedMemApp's client reads for 3 s; a handshake the VMM never answers costs 10 s).
+CLIENT_WAIT = 30.0
+TESTS = os.path.join(REPO, "tests")
 #: The second host program of ``share`` (argument: the region's resource id).
 SHARER = r"""
 import sys
@@ -124,25 +140,66 @@ def start_daemon(settings, log):
     raise RuntimeError("the discovery daemon did not answer (status %s)" % proc.returncode)
 
 
-def build_c_app(build_dir, name):
-    """libvmci.so.0 and the SDK sample ``name`` (tests/c/<name>.c) built into ``build_dir``:
-    ``(argv, environment additions)`` to run it with its output line-buffered. Raises
-    ``clib.BuildError``, ``OSError`` or ``subprocess.SubprocessError``."""
+def build_c_app(build_dir, name, source=None):
+    """libvmci.so.0 and the SDK sample ``name`` (tests/c/<name>.c, or the file ``source``) built
+    into ``build_dir``: ``(argv, environment additions)`` to run it with its output
+    line-buffered. Raises ``clib.BuildError``, ``OSError`` or ``subprocess.SubprocessError``."""
     src_dir = os.path.join(REPO, "src")
     lib_dir = os.path.join(build_dir, "lib")
     clib.build_libvmci(lib_dir, src_dir=src_dir)
     cc = clib.find_compiler()
     exe = os.path.join(build_dir, name)
-    subprocess.run(cc + ["-I", src_dir, os.path.join(REPO, "tests", "c", name + ".c"), "-o", exe,
+    subprocess.run(cc + ["-I", src_dir, source or os.path.join(TESTS, "c", name + ".c"), "-o", exe,
                          "-L", lib_dir, "-lvmci", "-pthread"], check=True, capture_output=True, timeout=300)
     return ["stdbuf", "-oL", exe], {"LD_LIBRARY_PATH": lib_dir}
+
+
+def build_c_client(build_dir, name):
+    """``build_c_app``'s answer for a host C client (``"sharedMemApp"``, or ``"shm_probe"``:
+    test_clib_shm's probe), with tests/c/no_vsock_shim.c built too and preloaded."""
+    source = None
+    if name == "shm_probe":
+        sys.path.insert(0, TESTS)
+        from test_clib_shm import PROBE_SOURCE
+        source = os.path.join(build_dir, "shm_probe.c")
+        os.makedirs(build_dir, exist_ok=True)
+        with open(source, "w") as f:
+            f.write(PROBE_SOURCE)
+    argv, extra = build_c_app(build_dir, name, source)
+    shim = os.path.join(build_dir, "no_vsock_shim.so")
+    subprocess.run(clib.find_compiler() + ["-shared", "-fPIC", os.path.join(TESTS, "c", "no_vsock_shim.c"),
+                                           "-o", shim, "-ldl"], check=True, capture_output=True, timeout=300)
+    return argv, dict(extra, LD_PRELOAD=shim)
+
+
+def run_c_client(argv, extra, stdin=b""):
+    """Run a host C client of ``build_c_client`` to its end, killed after ``CLIENT_WAIT``
+    seconds: ``b"<status>\\n<stdout>\\0<stderr>"``, or ``b"failed: <reason>"`` when it timed out or
+    its shim recorded an AF_VSOCK attempt (in a file of this run's own)."""
+    fd, log = tempfile.mkstemp(prefix="no_vsock.", suffix=".log", dir=os.path.dirname(extra["LD_PRELOAD"]))
+    os.close(fd)
+    try:
+        out = subprocess.run(argv, env=child_env(NO_VSOCK_LOG=log, **extra), input=stdin, capture_output=True,
+                             timeout=CLIENT_WAIT)
+    except subprocess.TimeoutExpired:
+        out = None
+    finally:
+        with open(log, "rb") as f:
+            records = f.read()
+        os.unlink(log)
+    if records:
+        return b"failed: AF_VSOCK touched: " + records
+    if out is None:
+        return b"failed: %s killed after %d s" % (os.path.basename(argv[-1]).encode(), CLIENT_WAIT)
+    return b"%d\n%s\0%s" % (out.returncode, out.stdout[:OUTPUT_MAX], out.stderr[:OUTPUT_MAX])
 
 
 class Samples:
     """The one SDK sample server at a time that the guest's ``start`` runs here, and the regions
     of ``share``."""
 
-    def __init__(self):
+    def __init__(self, build_dir=None):
+        self.build_dir = build_dir  # where the C clients are built (default: the runtime directory)
         self.lock = threading.Lock()
         self.proc = None
         self.first = b""
@@ -163,6 +220,18 @@ class Samples:
         with self.lock:
             region = self.regions.get(rid)
         return b"failed: no region" if region is None else bytes(region.buffer[offset:offset + n])
+
+    def c_client(self, name, args, stdin=b""):
+        """A host C client (``build_c_client``'s ``name``) run with ``args``: see ``run_c_client``."""
+        with self.lock:
+            try:
+                if name not in self.c_apps:
+                    self.c_apps[name] = build_c_client(
+                        self.build_dir or os.path.join(os.environ["VSOCKCOMPAT_RUNDIR"], "cc"), name)
+            except (clib.BuildError, OSError, subprocess.SubprocessError) as exc:
+                return b"failed: cannot build %s: %r" % (name.encode(), exc)
+            argv, extra = self.c_apps[name]
+        return run_c_client(argv + args, extra, stdin)
 
     def start(self, app, core):
         if app not in APPS or core not in HOST_RIDS:
@@ -230,6 +299,13 @@ def answer(ep, dg, runtime, samples, guest_cid):
         return samples.share(runtime, runtime.core.NAME)
     if words[0] == b"peek" and len(words) == 4:
         return samples.peek(*map(int, words[1:]))
+    if dg.payload == b"c-sharedmem-client":
+        return samples.c_client("sharedMemApp", ["-c"])
+    if words[0] == b"c-attach" and len(words) == 6:
+        cid, rid, size, offset, n = map(int, words[1:])
+        script = "init\nattach %d %d %d\nread %d %d %d %d\ndetach %d %d\nquit\n" % (
+            cid, rid, size, cid, rid, offset, n, cid, rid)
+        return samples.c_client("shm_probe", [], script.encode())
     return dg.payload + b" from %d:%d" % (dg.src.context, dg.src.resource)
 
 

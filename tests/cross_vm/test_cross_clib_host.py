@@ -2,8 +2,9 @@
 sharedMemApp in C (tests/c/) on libvmci.so.0's hybrid transport (src/vsc_hybrid.c; the region
 mirrored through the VMM, src/vsc_mirror*.c), started by ``host_peer.py`` (``start
 c-datagram-app``, ``start c-sharedmem-app``), find the discovery daemon there and answer Python
-clients in this guest (vsock, stream mode), which find them by name alone. Inside the cross
-bed's guest only (gate: ``conftest.py``)."""
+clients in this guest (vsock, stream mode), which find them by name alone. The other way round,
+C attachers on the machine reaching regions created in this guest: test_cross_clib_host_attach.py.
+Inside the cross bed's guest only (gate: ``conftest.py``)."""
 import pytest
 
 from .test_cross_datagram import guest_runtime  # noqa: F401  (a fixture)

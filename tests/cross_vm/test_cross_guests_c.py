@@ -123,21 +123,34 @@ def sibling_result(reply):
 
 def serve_shared_mem_app_here(c_programs, ep, greeter, client_command):
     """Run the C sharedMemApp server here while CID 4 (``greeter``) runs the client
-    ``client_command``; check the server's texts and status, and the client's: status 0, nothing
-    on stderr, three readings of the time, in order (the region crossed both guests)."""
+    ``client_command``; see ``shared_mem_app_server_here``."""
     built, env = c_programs
+    shared_mem_app_server_here(command([built["sharedMemApp"], "-s"], env), ep, greeter, client_command)
+
+
+def shared_mem_app_server_here(server_cmd, ep, greeter, client_command):
+    """Run a sharedMemApp server here (``server_cmd``: its argv and environment) while the peer
+    ``greeter`` (CID 4's guest peer, or the host peer) runs the client ``client_command``; check
+    the server's texts and status, and the client's: status 0, nothing on stderr, three readings
+    of the time, in order (the region crossed the boundary). The client starts once the server
+    wrote its first reading (its ``0.`` on stderr, a second after): the SDK's server announces
+    itself before that write, and a client quick enough to attach in between reads zeros first."""
+    argv, env = server_cmd
     gate_or_fail()
-    argv, env = command([built["sharedMemApp"], "-s"], env)
     server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = server.stdout.readline()       # printed once "HOST TIME" is registered
-        if first != "Running shared memory server for 10 seconds.\n":
+        # One write of "0." (unbuffered in C, flushed in Python); read past the text layer, as
+        # communicate() reads the rest.
+        written = os.read(server.stderr.fileno(), 2).decode() if first else ""
+        if (first, written) != ("Running shared memory server for 10 seconds.\n", "0."):
             rest, server_err = server.communicate(timeout=WAIT)
             pytest.fail("the server did not start: status %s, stdout %r, stderr %r"
-                        % (server.returncode, first + rest, server_err), pytrace=False)
+                        % (server.returncode, first + rest, written + server_err), pytrace=False)
         ep.send(greeter, client_command)
         status, out, err = sibling_result(ep.recv(timeout=WAIT))
         rest, server_err = server.communicate(timeout=WAIT)
+        server_err = written + server_err
     finally:
         if server.poll() is None:
             server.kill()
