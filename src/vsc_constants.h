@@ -176,7 +176,6 @@
 #define VSC_VERDICT_DENIED                    1
 #define VSC_UNBOUNDED_ACCOUNT_LIMIT           0x4000000000000000ull
 #define VSC_VSOCK_DG_LINK_BUFFER              139263
-#define VSC_VSOCK_DG_LISTEN_BUFFER            139271
 #define VSC_SIBLING_PIECE                     2048
 #define VSC_HYBRID_HANDSHAKE_TIMEOUT_MS       5000
 #define VSC_HYBRID_MAX_REPLY                  32

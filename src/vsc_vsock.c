@@ -162,7 +162,8 @@ int vsc_vsock_bind_rid(int fd, uint32_t resource, uint32_t *rid)
 }
 
 /* The kernel buffer of a SEQPACKET endpoint's connections (constants.py, VSOCK_DG_LINK_BUFFER):
- * the listener's connections inherit it, with the hello's room until the hello is read. */
+ * the listener's connections inherit it. Never shrunk on a connection: packets already in
+ * flight for the larger buffer would be dropped by the kernel. */
 static int set_buffer(int fd, unsigned long long size)
 {
     return setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, &size, sizeof size);
@@ -187,7 +188,7 @@ int vsc_vsock_bind(const vsc_local *t, uint32_t resource, vsc_bound *out)
         close(fd);
         return rc;
     }
-    if (t->vsock_mode == VSC_VSOCK_SEQPACKET && set_buffer(fd, VSC_VSOCK_DG_LISTEN_BUFFER) != 0) {
+    if (t->vsock_mode == VSC_VSOCK_SEQPACKET && set_buffer(fd, VSC_VSOCK_DG_LINK_BUFFER) != 0) {
         close(fd);
         return VMCI_ERROR_GENERIC;
     }
@@ -301,7 +302,6 @@ int vsc_vsock_accept(const vsc_local *t, int fd, vsc_handle self, vsc_handle *sr
     src->context = context;
     src->resource = rid;
     if (!stream) {
-        (void)set_buffer(fd, VSC_VSOCK_DG_LINK_BUFFER); /* a sender gone: nothing to bound */
         *rx_fd = fd;
         return 0;
     }

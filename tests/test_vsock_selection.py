@@ -15,8 +15,7 @@ import threading
 import pytest
 
 from vsockcompat._settings import Settings
-from vsockcompat.constants import (AF_VSOCK, DG_HEADER_FORMAT, SO_VM_SOCKETS_BUFFER_SIZE, VMCI_MAX_DG_PAYLOAD_SIZE,
-                                   VSOCK_DG_LINK_BUFFER)
+from vsockcompat.constants import DG_HEADER_FORMAT, VMCI_MAX_DG_PAYLOAD_SIZE
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.handles import VMCIHandle
 from vsockcompat.runtime import Runtime
@@ -103,16 +102,10 @@ def test_vsock_without_a_local_cid_is_unavailable(vsock_refused, monkeypatch, co
 # identify(): the hello, checked over an AF_UNIX SEQPACKET pair standing in for a connection.
 
 class FakeConn:
-    """An accepted connection: a SEQPACKET socket whose peer address is a vsock (cid, port);
-    the AF_VSOCK options set on it are kept in ``options`` (AF_UNIX has none of them)."""
+    """An accepted connection: a SEQPACKET socket whose peer address is a vsock (cid, port)."""
 
     def __init__(self, sock, peer):
         self._sock, self._peer = sock, peer
-        self.options = {}
-
-    def setsockopt(self, level, name, value):
-        assert level == AF_VSOCK
-        self.options[name] = value
 
     def getpeername(self):
         return self._peer
@@ -154,12 +147,9 @@ def test_identify_takes_the_context_from_the_kernel_and_the_rid_from_the_hello(
     client, server = pair
     client.send(HELLO.pack(MAGIC, 4321))
     client.send(b"a datagram frame stays queued")
-    conn = FakeConn(server, (peer_cid, 99999))
-    peer = transport.identify(conn, VMCIHandle(7, 1024))
+    peer = transport.identify(FakeConn(server, (peer_cid, 99999)), VMCIHandle(7, 1024))
     assert peer.handle == VMCIHandle(expected_cid, 4321)
     assert server.recv(100) == b"a datagram frame stays queued"
-    # the hello read, its room goes back: the link's buffer is the SDK's bound less one byte
-    assert conn.options == {SO_VM_SOCKETS_BUFFER_SIZE: VSOCK_DG_LINK_BUFFER}
 
 
 @pytest.mark.parametrize("hello", [
@@ -169,9 +159,7 @@ def test_identify_takes_the_context_from_the_kernel_and_the_rid_from_the_hello(
 def test_identify_refuses_a_bad_hello(transport, pair, hello):
     client, server = pair
     client.send(hello)
-    conn = FakeConn(server, (1, 5000))
-    assert transport.identify(conn, VMCIHandle(7, 1024)) is None
-    assert conn.options == {}  # a refused connection keeps the listener's buffer until closed
+    assert transport.identify(FakeConn(server, (1, 5000)), VMCIHandle(7, 1024)) is None
 
 
 def test_identify_refuses_a_silent_connection(transport, pair):

@@ -259,10 +259,10 @@ UNBOUNDED_ACCOUNT_LIMIT = 1 << 62
 #: The kernel buffer (``SO_VM_SOCKETS_BUFFER_SIZE``) of a datagram endpoint's vsock SEQPACKET
 #: connections: a sender's datagrams queued there (24-byte header and payload each, as the SDK
 #: counts them) stay below ``VMCI_MAX_DATAGRAM_QUEUE_SIZE``, the kernel refusing the one that
-#: would reach it. The listener gives its connections ``HELLO_SIZE`` bytes more, for the hello
-#: queued before them; the receiver takes them back once it has read the hello.
+#: would reach it; until the receiver has read the link's hello, the hello's ``HELLO_SIZE``
+#: bytes take their room too (the buffer never shrinks under a sender: the kernel would drop
+#: packets already in flight).
 VSOCK_DG_LINK_BUFFER = VMCI_MAX_DATAGRAM_QUEUE_SIZE - 1
-VSOCK_DG_LISTEN_BUFFER = VSOCK_DG_LINK_BUFFER + HELLO_SIZE
 #: Bytes per ``send()`` on a stream between two sibling guests (both CIDs above 2, distinct):
 #: vhost-device-vsock drops a packet bigger than one ~4 KiB guest receive buffer
 #: (transport/pieces.py says why; src/vsc_link.c cuts the C library's writes the same way).

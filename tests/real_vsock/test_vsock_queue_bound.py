@@ -2,10 +2,11 @@
 
 An endpoint's connections get a kernel buffer of ``VSOCK_DG_LINK_BUFFER`` bytes
 (``VMCI_MAX_DATAGRAM_QUEUE_SIZE - 1``), and a link's frame is the SDK's datagram (24-byte
-header and payload), so a sender's datagrams queued for a receiver that does not read stay below
-139,264 bytes exactly as the SDK counts them: one that brings the total to 139,263 is taken, one
-that would reach 139,264 gets ``VMCI_ERROR_NO_RESOURCES`` (and seals the link,
-``test_direct_vsock.py``). Per sending link: several senders each have the bound. Receivers of
+header and payload), so once the receiver has read the link's hello, a sender's datagrams
+queued for a receiver that reads nothing more stay below 139,264 bytes exactly as the SDK
+counts them: one that brings the total to 139,263 is taken, one that would reach 139,264 gets
+``VMCI_ERROR_NO_RESOURCES`` (and seals the link, ``test_direct_vsock.py``). Before the hello is
+read its 8 bytes count too. Per sending link: several senders each have the bound. Receivers of
 both Python cores and the C library's (``tests/c/vsock_probe.c``). Behind the gate of
 ``conftest.py`` (marker ``vsock``).
 
@@ -15,8 +16,8 @@ import tempfile
 
 import pytest
 
-from vsockcompat.constants import (VMCI_DG_HEADERSIZE, VMCI_MAX_DATAGRAM_QUEUE_SIZE, VMCI_MAX_DG_SIZE,
-                                   VSOCK_DG_LINK_BUFFER)
+from vsockcompat.constants import (HELLO_SIZE, VMCI_DG_HEADERSIZE, VMCI_MAX_DATAGRAM_QUEUE_SIZE,
+                                   VMCI_MAX_DG_SIZE, VSOCK_DG_LINK_BUFFER)
 from vsockcompat.datagram import DatagramEndpoint
 from vsockcompat.errors import NoResources
 from vsockcompat.run import command
@@ -41,23 +42,25 @@ def test_the_link_buffer_is_one_byte_below_the_sdk_bound():
     assert VSOCK_DG_LINK_BUFFER == VMCI_MAX_DATAGRAM_QUEUE_SIZE - 1 == 139263
 
 
-def frames(last):
+def frames(last, warm):
     """Two datagram sizes (with the header) totalling 139,263 bytes (``last`` 1: the SDK takes
-    both) or 139,264 (``last`` 0: it refuses the second)."""
-    return VMCI_MAX_DG_SIZE, VMCI_MAX_DATAGRAM_QUEUE_SIZE - last - VMCI_MAX_DG_SIZE
+    both) or 139,264 (``last`` 0: it refuses the second), less the hello's bytes while the
+    receiver has not read it (not ``warm``)."""
+    hello = 0 if warm else HELLO_SIZE
+    return VMCI_MAX_DG_SIZE, VMCI_MAX_DATAGRAM_QUEUE_SIZE - last - hello - VMCI_MAX_DG_SIZE
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["hello-unread", "hello-read"])
 @pytest.mark.parametrize("last", [1, 0], ids=["below", "reaching"])
 def test_datagrams_queue_up_to_one_byte_below_the_bound(pair, last, warm):
     """Two datagrams totalling 139,263 bytes are taken and a third is refused; two totalling
-    139,264: the second is refused. The receiver then gets exactly the ones taken. Whether or
-    not the receiver has read the link's hello yet (``warm``: one datagram received first)."""
+    139,264: the second is refused. The receiver then gets exactly the datagrams taken. With the
+    link's hello read (``warm``: one datagram received first), else 8 bytes less."""
     a, b = pair
     if warm:
         a.send(b.handle, b"first")
         assert b.recv(timeout=WAIT).payload == b"first"
-    first, second = frames(last)
+    first, second = frames(last, warm)
     a.send(b.handle, payload(first, 1))
     if last:
         a.send(b.handle, payload(second, 2))
@@ -89,7 +92,7 @@ def test_the_c_library_receiver_has_the_bound(core, rundir, progs, last, warm): 
                 if warm:
                     a.send(dst, data[:5])
                     assert probe.ask("recv") == ["5"] + mine
-                first, second = (size - VMCI_DG_HEADERSIZE for size in frames(last))
+                first, second = (size - VMCI_DG_HEADERSIZE for size in frames(last, warm))
                 a.send(dst, data[:first])
                 taken = [first]
                 if last:

@@ -126,11 +126,13 @@ counts what it produced, the receiver's only what it consumed. The bound is the 
 sender that finds the receiving connection full gets ``EAGAIN`` -> ``VMCI_ERROR_NO_RESOURCES``
 at once (sealing a SEQPACKET link, above). In SEQPACKET mode an endpoint's listener sets its
 connections' kernel buffer (``SO_VM_SOCKETS_BUFFER_SIZE``, which the kernel also grants the
-sender as credit) to ``VSOCK_DG_LINK_BUFFER`` = ``VMCI_MAX_DATAGRAM_QUEUE_SIZE - 1`` bytes, plus
-the hello's 8 until ``identify`` has read it and takes them back. A message is the SDK's
-datagram, header included, so a sender's datagrams queued for the endpoint stay below the SDK's
-139,264 bytes, counted as the SDK counts them, and the datagram that would reach it is refused
-(``tests/real_vsock/test_vsock_queue_bound.py``). Unlike the SDK's and the local transport's
+sender as credit) to ``VSOCK_DG_LINK_BUFFER`` = ``VMCI_MAX_DATAGRAM_QUEUE_SIZE - 1`` bytes. A
+message is the SDK's datagram, header included, so once the receiver has read the link's hello
+(its first receive after the sender connected) a sender's datagrams queued for the endpoint
+stay below the SDK's 139,264 bytes, counted as the SDK counts them, and the datagram that would
+reach it is refused (``tests/real_vsock/test_vsock_queue_bound.py``); before, the hello's 8
+bytes count too. The buffer is never shrunk on a connection: a sender may already have packets
+in flight for the larger buffer, and the kernel would drop them. Unlike the SDK's and the local transport's
 bound, it is per sending link, not per endpoint (each of several senders has it), and after a
 refusal the sealed link refuses everything until the receiver has drained it. In stream mode the
 bound is the link's AF_UNIX pair and connection (``net.core.wmem_default`` and 256 KiB).
@@ -164,7 +166,6 @@ from ..constants import (
     VMCI_RESERVED_RESOURCE_ID_MAX,
     VMCI_WELL_KNOWN_CONTEXT_ID,
     VSOCK_DG_LINK_BUFFER,
-    VSOCK_DG_LISTEN_BUFFER,
     SO_VM_SOCKETS_BUFFER_SIZE,
 )
 from ..errors import DstUnreachable, DuplicateEntry, InvalidResource, NoAccess, NoResources
@@ -341,7 +342,7 @@ class VsockTransport(DgramMode, StreamLinks, Transport):
             else:
                 rid = self._bind_auto(sock)
             if self.mode == "seqpacket":    # accepted connections inherit it
-                sock.setsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, VSOCK_DG_LISTEN_BUFFER)
+                sock.setsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, VSOCK_DG_LINK_BUFFER)
             sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
             if self.mode == "stream":
@@ -466,10 +467,6 @@ class VsockTransport(DgramMode, StreamLinks, Transport):
         context = self._peer_context(cid, hello[0])
         if context is None:
             return None
-        try:   # the hello's room back: the sender's datagrams now have the SDK's bound
-            conn.setsockopt(AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, VSOCK_DG_LINK_BUFFER)
-        except OSError:
-            pass   # a sender already gone; else its bound stays HELLO_SIZE bytes looser
         return Peer(VMCIHandle(context, hello[1]), 0, None)  # pid 0, uid None: not known across kernels
 
     def tell(self, conn, denied: bool) -> None:
